@@ -1,0 +1,56 @@
+# The whole set-up is `make test` (or `make demo`, `make bench`): each installs what is
+# missing, builds the extension fastlaplace._C, then runs.
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+NVCC ?= nvcc
+# nvcc may be a wrapper script: ask it where its toolkit lives.
+CUDA_HOME ?= $(shell $(NVCC) --dryrun -c -x cu /dev/null 2>&1 | sed -n 's/^#\$$ TOP=//p' | head -1)
+CUDA_ARCHS ?= 80 90
+CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
+CUDA_OBJECTS := $(patsubst csrc/cuda/%.cu,build/nvcc-check/%.o,$(CUDA_SOURCES))
+CPP_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h)
+
+.PHONY: test demo bench deps build cuda-compile-check gpu-check lint clean
+
+# torch first, from the CPU wheel (never a CUDA build on a CPU machine), then the rest.
+deps:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==$(TORCH_VERSION)"
+	@$(PYTHON) -c "import setuptools, wheel, ninja, packaging" 2>/dev/null || \
+		$(PYTHON) -m pip install -q "setuptools>=64" wheel ninja packaging
+
+build/.installed: deps $(CPP_SOURCES) setup.py pyproject.toml
+	$(PYTHON) -m pip install -q --no-build-isolation -e ".[test]"
+	@mkdir -p build && touch $@
+
+build: build/.installed
+
+# Every CUDA file must compile even where no GPU (and no CUDA torch) exists.
+cuda-compile-check: $(CUDA_OBJECTS)
+
+build/nvcc-check/%.o: csrc/cuda/%.cu csrc/ops.h | deps
+	@mkdir -p $(dir $@)
+	$(NVCC) -c -std=c++20 --expt-relaxed-constexpr -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
+		$(foreach a,$(CUDA_ARCHS),-gencode=arch=compute_$(a),code=sm_$(a)) -Xcompiler -fPIC \
+		$(shell $(PYTHON) -c "import sysconfig, torch.utils.cpp_extension as c; \
+			print(' '.join('-I' + p for p in c.include_paths() + [sysconfig.get_paths()['include']]))") \
+		-I$(CUDA_HOME)/include -Icsrc $< -o $@
+
+lint: build
+	$(PYTHON) -m ruff check fastlaplace tests benchmarks setup.py
+	$(PYTHON) -m ruff format --check fastlaplace tests benchmarks setup.py
+
+test: build cuda-compile-check lint
+	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) -m pytest -q tests
+
+bench: build
+	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) benchmarks/bench_ops.py
+
+# On the GPU machine (torch with CUDA, no internet): build the CUDA extension, run the
+# GPU tests and the GPU benchmarks; results land in benchmarks/results/.
+gpu-check:
+	FASTLAPLACE_FORCE_CUDA=1 $(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) -m pytest -q tests
+	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) benchmarks/bench_ops.py --device cuda
+
+clean:
+	rm -rf build fastlaplace/_C*.so *.egg-info

@@ -1,0 +1,503 @@
+"""Typed wrappers of the ``torch.ops.fastlaplace`` operators.
+
+Every wrapper validates its arguments (errors name the argument and the layer index),
+then calls the compiled operator. When the extension ``fastlaplace._C`` is missing, the
+pure-PyTorch versions of :mod:`fastlaplace.reference` serve instead, with a warning;
+``FASTLAPLACE_REQUIRE_EXT=1`` turns that fallback into an ImportError (CI sets it).
+
+Fake (meta) implementations are registered here so the operators trace under
+``torch.compile``; ``kron_logdet`` is differentiable in ``scale`` and ``delta``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fastlaplace import reference
+
+__all__ = [
+    "batched_eigh",
+    "build_info",
+    "conv_input_factor_",
+    "diag_ggn",
+    "extension_loaded",
+    "factor_accumulate_",
+    "kron_logdet",
+    "kron_predictive_variance",
+    "kron_solve",
+]
+
+
+def _load_extension() -> bool:
+    try:
+        from fastlaplace import _C  # noqa: F401  (loading registers the operators)
+    except ImportError as error:
+        if os.environ.get("FASTLAPLACE_REQUIRE_EXT") == "1":
+            raise ImportError(
+                "FASTLAPLACE_REQUIRE_EXT=1 but the compiled extension fastlaplace._C "
+                f"could not be loaded ({error}); build it with "
+                "`pip install --no-build-isolation -e .`"
+            ) from error
+        warnings.warn(
+            f"fastlaplace._C is not available ({error}); using the slow pure-PyTorch "
+            "reference operators",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+_EXTENSION = _load_extension()
+
+
+def extension_loaded() -> bool:
+    """Whether the compiled operators (not the Python reference) serve these wrappers."""
+    return _EXTENSION
+
+
+def build_info() -> str:
+    """Devices the extension was compiled for: ``"cpu"`` or ``"cpu,cuda"``; ``"python"`` without it."""
+    return torch.ops.fastlaplace.build_info() if _EXTENSION else "python"
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_lengths(**lists: Sequence) -> int:
+    lengths = {name: len(value) for name, value in lists.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"one entry per layer is needed in each list, got lengths {lengths}")
+    return next(iter(lengths.values()))
+
+
+def _check_tensor(t: object, name: str, dims: Sequence[int] | int | None = None) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    allowed = (dims,) if isinstance(dims, int) else dims
+    if allowed is not None and t.dim() not in allowed:
+        raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} dimensions, got shape {tuple(t.shape)}")
+    return t
+
+
+def _check_accumulator(t: Tensor, name: str) -> None:
+    if t.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
+
+
+def _check_device(tensors: Sequence[Tensor | None], names: Sequence[str]) -> None:
+    present = [(t, n) for t, n in zip(tensors, names, strict=True) if t is not None]
+    device = present[0][0].device
+    for t, name in present:
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but {present[0][1]} is on {device}")
+
+
+def _check_square(t: Tensor, size: int, name: str) -> None:
+    if t.shape != (size, size):
+        raise ValueError(f"{name} must have shape ({size}, {size}), got {tuple(t.shape)}")
+
+
+def _check_per_layer(t: object, count: int, name: str, nonnegative: bool) -> Tensor:
+    _check_tensor(t, name, 1)
+    if t.shape[0] != count:
+        raise ValueError(f"{name} must have one entry per layer ({count}), got shape {tuple(t.shape)}")
+    if nonnegative and not torch.compiler.is_compiling() and bool((t < 0).any() or t.isnan().any()):
+        raise ValueError(f"{name} must be non-negative, got {t.tolist()}")
+    return t
+
+
+def _check_eigenpairs(
+    eigvecs_a: Sequence[Tensor],
+    eigvals_a: Sequence[Tensor],
+    eigvecs_g: Sequence[Tensor],
+    eigvals_g: Sequence[Tensor],
+    scale: Tensor,
+    delta: Tensor,
+) -> int:
+    count = _check_lengths(eigvecs_a=eigvecs_a, eigvals_a=eigvals_a, eigvecs_g=eigvecs_g, eigvals_g=eigvals_g)
+    for i in range(count):
+        for side, vecs, vals in (("a", eigvecs_a, eigvals_a), ("g", eigvecs_g, eigvals_g)):
+            q = _check_tensor(vecs[i], f"eigvecs_{side}[{i}]", 2)
+            lam = _check_tensor(vals[i], f"eigvals_{side}[{i}]", 1)
+            _check_accumulator(q, f"eigvecs_{side}[{i}]")
+            _check_square(q, lam.shape[0], f"eigvecs_{side}[{i}]")
+            if lam.dtype != q.dtype:
+                raise TypeError(f"eigvals_{side}[{i}] is {lam.dtype} but eigvecs_{side}[{i}] is {q.dtype}")
+        if eigvecs_g[i].dtype != eigvecs_a[i].dtype:
+            raise TypeError(f"eigvecs_g[{i}] is {eigvecs_g[i].dtype} but eigvecs_a[{i}] is {eigvecs_a[i].dtype}")
+    _check_per_layer(scale, count, "scale", nonnegative=True)
+    _check_per_layer(delta, count, "delta", nonnegative=True)
+    return count
+
+
+# ----------------------------------------------------------------------------- operators
+
+
+def factor_accumulate_(
+    factors: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    append_ones: Sequence[bool],
+    alpha: float = 1.0,
+    beta: float = 1.0,
+) -> None:
+    """In place, for every layer i: ``F_i <- beta F_i + alpha [X_i, 1]ᵀ [X_i, 1]``.
+
+    The bias column is implicit (no concatenated copy) and only one triangle of each
+    Gram matrix is multiplied.
+
+    Args:
+        factors: L contiguous float32/float64 tensors ``(d_i + b_i, d_i + b_i)``.
+        inputs: L tensors ``(N_i, d_i)`` of any floating dtype (bf16/fp16 are
+            accumulated in the factor's dtype).
+        append_ones: b_i, whether layer i has a bias.
+        alpha: scale of the new Gram matrix.
+        beta: decay of the old factor; 0 ignores its old content.
+    """
+    count = _check_lengths(factors=factors, inputs=inputs, append_ones=append_ones)
+    if count == 0:
+        return
+    for i in range(count):
+        f = _check_tensor(factors[i], f"factors[{i}]", 2)
+        x = _check_tensor(inputs[i], f"inputs[{i}]", 2)
+        _check_accumulator(f, f"factors[{i}]")
+        if not f.is_contiguous():
+            raise ValueError(f"factors[{i}] must be contiguous (it is written in place)")
+        _check_square(f, x.shape[1] + bool(append_ones[i]), f"factors[{i}]")
+        _check_device([f, x], [f"factors[{i}]", f"inputs[{i}]"])
+    _check_device(list(factors), [f"factors[{i}]" for i in range(count)])
+    impl = torch.ops.fastlaplace.factor_accumulate_ if _EXTENSION else reference.factor_accumulate_
+    impl(list(factors), list(inputs), [bool(b) for b in append_ones], float(alpha), float(beta))
+
+
+def _pair(value: int | Sequence[int], name: str) -> list[int]:
+    pair = [value, value] if isinstance(value, int) else list(value)
+    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
+        raise ValueError(f"{name} must be an int or two ints, got {value!r}")
+    return pair
+
+
+def conv_input_factor_(
+    factor: Tensor,
+    input: Tensor,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    append_ones: bool = False,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+) -> None:
+    """In place: ``F <- beta F + alpha Σ_{n,p} u_{n,p} u_{n,p}ᵀ`` over Conv2d patches.
+
+    The patches (implicit im2col) are unfolded a few images at a time, never for the
+    whole batch.
+
+    Args:
+        factor: contiguous float32/float64 ``(C*kh*kw + append_ones,)*2``.
+        input: ``(N, C, H, W)`` images.
+        kernel_size, stride, padding, dilation: as for ``torch.nn.Conv2d`` (groups=1,
+            zero padding).
+        append_ones: whether the convolution has a bias.
+        alpha, beta: as in :func:`factor_accumulate_`.
+    """
+    _check_tensor(factor, "factor", 2)
+    _check_tensor(input, "input", 4)
+    _check_accumulator(factor, "factor")
+    if not factor.is_contiguous():
+        raise ValueError("factor must be contiguous (it is written in place)")
+    _check_device([factor, input], ["factor", "input"])
+    kernel, strides, pads, dils = (
+        _pair(kernel_size, "kernel_size"),
+        _pair(stride, "stride"),
+        _pair(padding, "padding"),
+        _pair(dilation, "dilation"),
+    )
+    if min(kernel + strides + dils) < 1 or min(pads) < 0:
+        raise ValueError(
+            f"kernel_size, stride and dilation must be >= 1 and padding >= 0, got "
+            f"kernel_size={kernel}, stride={strides}, padding={pads}, dilation={dils}"
+        )
+    for axis in range(2):
+        span = dils[axis] * (kernel[axis] - 1) + 1
+        if input.shape[2 + axis] + 2 * pads[axis] < span:
+            raise ValueError(
+                f"input of spatial size {tuple(input.shape[2:])} is smaller than the "
+                f"kernel's span {span} along dimension {2 + axis} (padding {pads[axis]})"
+            )
+    _check_square(factor, input.shape[1] * kernel[0] * kernel[1] + bool(append_ones), "factor")
+    impl = torch.ops.fastlaplace.conv_input_factor_ if _EXTENSION else reference.conv_input_factor_
+    impl(factor, input, kernel, strides, pads, dils, bool(append_ones), float(alpha), float(beta))
+
+
+def diag_ggn(
+    inputs: Sequence[Tensor], output_grads: Sequence[Tensor], append_ones: Sequence[bool]
+) -> list[Tensor]:
+    """Diagonal GGN ``Σ_n Σ_k (g_nk ∘ g_nk)(a_n ∘ a_n)ᵀ`` of Linear-like layers.
+
+    Args:
+        inputs: L tensors ``(N, d_in)``.
+        output_grads: L tensors ``(N, K, d_out)`` or ``(N, d_out)``.
+        append_ones: whether layer i has a bias.
+
+    Returns:
+        L tensors ``(d_out, d_in + b_i)``, float64 for float64 inputs else float32;
+        the bias diagonal is the last column.
+    """
+    count = _check_lengths(inputs=inputs, output_grads=output_grads, append_ones=append_ones)
+    if count == 0:
+        return []
+    for i in range(count):
+        a = _check_tensor(inputs[i], f"inputs[{i}]", 2)
+        g = _check_tensor(output_grads[i], f"output_grads[{i}]", (2, 3))
+        if g.shape[0] != a.shape[0]:
+            raise ValueError(
+                f"output_grads[{i}] has {g.shape[0]} samples but inputs[{i}] has {a.shape[0]}"
+            )
+        _check_device([a, g], [f"inputs[{i}]", f"output_grads[{i}]"])
+    _check_device(list(inputs), [f"inputs[{i}]" for i in range(count)])
+    impl = torch.ops.fastlaplace.diag_ggn if _EXTENSION else reference.diag_ggn
+    return impl(list(inputs), list(output_grads), [bool(b) for b in append_ones])
+
+
+def batched_eigh(matrices: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """Eigenpairs of symmetric matrices of mixed sizes in one call.
+
+    Args:
+        matrices: L float32/float64 tensors ``(d_i, d_i)``; lower triangles are read.
+
+    Returns:
+        ``(eigenvalues, eigenvectors)``: L tensors ``(d_i,)`` ascending and L tensors
+        ``(d_i, d_i)`` with eigenvectors as columns.
+
+    Raises:
+        RuntimeError: if an eigendecomposition fails to converge (NaN/Inf input).
+    """
+    if len(matrices) == 0:
+        return [], []
+    for i, m in enumerate(matrices):
+        _check_tensor(m, f"matrices[{i}]", 2)
+        _check_accumulator(m, f"matrices[{i}]")
+        _check_square(m, m.shape[0], f"matrices[{i}]")
+    _check_device(list(matrices), [f"matrices[{i}]" for i in range(len(matrices))])
+    impl = torch.ops.fastlaplace.batched_eigh if _EXTENSION else reference.batched_eigh
+    values, vectors = impl(list(matrices))
+    return list(values), list(vectors)
+
+
+def kron_solve(
+    eigvecs_a: Sequence[Tensor],
+    eigvals_a: Sequence[Tensor],
+    eigvecs_g: Sequence[Tensor],
+    eigvals_g: Sequence[Tensor],
+    rhs: Sequence[Tensor],
+    scale: Tensor,
+    delta: Tensor,
+    exponent: float = -1.0,
+) -> list[Tensor]:
+    """``P_i^exponent V_i`` per layer with ``P_i = s_i kron(G_i, A_i) + δ_i I``, exactly.
+
+    ``P^p V = Q_G [(Q_Gᵀ V Q_A) ⊘ (s μ_j λ_i + δ)^-p] Q_Aᵀ`` with clamped eigenvalues.
+
+    Args:
+        eigvecs_a, eigvals_a: A_i's eigenpairs ``(d_A, d_A)``, ``(d_A,)``.
+        eigvecs_g, eigvals_g: G_i's eigenpairs ``(d_G, d_G)``, ``(d_G,)``.
+        rhs: L tensors ``(*, d_G, d_A)`` (leading dimensions are a batch).
+        scale: ``(L,)`` non-negative factor scales s_i.
+        delta: ``(L,)`` non-negative prior precisions δ_i.
+        exponent: power of P (-1 solves, -0.5 for sampling).
+
+    Returns:
+        L tensors shaped like ``rhs`` in the eigenvectors' dtype.
+    """
+    count = _check_eigenpairs(eigvecs_a, eigvals_a, eigvecs_g, eigvals_g, scale, delta)
+    _check_lengths(eigvecs_a=eigvecs_a, rhs=rhs)
+    if count == 0:
+        return []
+    for i, v in enumerate(rhs):
+        _check_tensor(v, f"rhs[{i}]")
+        expected = (eigvals_g[i].shape[0], eigvals_a[i].shape[0])
+        if v.dim() < 2 or tuple(v.shape[-2:]) != expected:
+            raise ValueError(f"rhs[{i}] must have shape (*, {expected[0]}, {expected[1]}), got {tuple(v.shape)}")
+    _check_device(
+        [*eigvecs_a, *eigvals_a, *eigvecs_g, *eigvals_g, *rhs, scale, delta],
+        [f"{n}[{i}]" for n in ("eigvecs_a", "eigvals_a", "eigvecs_g", "eigvals_g", "rhs") for i in range(count)]
+        + ["scale", "delta"],
+    )
+    impl = torch.ops.fastlaplace.kron_solve if _EXTENSION else reference.kron_solve
+    return impl(list(eigvecs_a), list(eigvals_a), list(eigvecs_g), list(eigvals_g), list(rhs), scale, delta, float(exponent))
+
+
+def kron_logdet(
+    eigvals_a: Sequence[Tensor], eigvals_g: Sequence[Tensor], scale: Tensor, delta: Tensor
+) -> Tensor:
+    """Per-layer ``log det P_l = Σ_ij log(s_l μ_j λ_i + δ_l)``; differentiable in scale and delta.
+
+    Args:
+        eigvals_a: L tensors ``(d_A,)``; eigvals_g: L tensors ``(d_G,)``.
+        scale, delta: ``(L,)`` non-negative.
+
+    Returns:
+        ``(L,)`` tensor in the eigenvalues' dtype.
+    """
+    count = _check_lengths(eigvals_a=eigvals_a, eigvals_g=eigvals_g)
+    for i in range(count):
+        for side, vals in (("a", eigvals_a), ("g", eigvals_g)):
+            _check_tensor(vals[i], f"eigvals_{side}[{i}]", 1)
+            _check_accumulator(vals[i], f"eigvals_{side}[{i}]")
+        if eigvals_a[i].dtype != eigvals_g[i].dtype:
+            raise TypeError(f"eigvals_a[{i}] is {eigvals_a[i].dtype} but eigvals_g[{i}] is {eigvals_g[i].dtype}")
+    _check_per_layer(scale, count, "scale", nonnegative=True)
+    _check_per_layer(delta, count, "delta", nonnegative=True)
+    _check_device(
+        [*eigvals_a, *eigvals_g, scale, delta],
+        [f"eigvals_{s}[{i}]" for s in "ag" for i in range(count)] + ["scale", "delta"],
+    )
+    impl = torch.ops.fastlaplace.kron_logdet if _EXTENSION else reference.kron_logdet
+    return impl(list(eigvals_a), list(eigvals_g), scale, delta)
+
+
+def kron_predictive_variance(
+    inputs: Sequence[Tensor],
+    output_jacobians: Sequence[Tensor | None],
+    eigvecs_a: Sequence[Tensor],
+    eigvals_a: Sequence[Tensor],
+    eigvecs_g: Sequence[Tensor],
+    eigvals_g: Sequence[Tensor],
+    scale: Tensor,
+    delta: Tensor,
+    append_ones: Sequence[bool],
+    full_covariance: bool = False,
+) -> Tensor:
+    """GLM predictive (co)variance ``Σ_l J_l P_l⁻¹ J_lᵀ`` without any ``C x #params`` Jacobian.
+
+    Args:
+        inputs: L tensors ``(N, d_in)``, the inputs of each Kron layer.
+        output_jacobians: L tensors ``(N, C, d_G)``: the output's Jacobian w.r.t. the
+            layer's pre-activation; None for a last layer (identity, ``d_G = C``).
+        eigvecs_a, eigvals_a, eigvecs_g, eigvals_g, scale, delta: as in :func:`kron_solve`.
+        append_ones: whether layer l has a bias.
+        full_covariance: ``(N, C, C)`` covariances if True, else ``(N, C)`` variances.
+
+    Returns:
+        ``(N, C, C)`` or ``(N, C)`` in the eigenvectors' dtype.
+    """
+    count = _check_eigenpairs(eigvecs_a, eigvals_a, eigvecs_g, eigvals_g, scale, delta)
+    _check_lengths(eigvecs_a=eigvecs_a, inputs=inputs, output_jacobians=output_jacobians, append_ones=append_ones)
+    if count == 0:
+        raise ValueError("kron_predictive_variance needs at least one layer")
+    samples, outputs = None, None
+    for i in range(count):
+        a = _check_tensor(inputs[i], f"inputs[{i}]", 2)
+        d_a = a.shape[1] + bool(append_ones[i])
+        if d_a != eigvals_a[i].shape[0]:
+            raise ValueError(
+                f"inputs[{i}] has width {a.shape[1]} (+{int(bool(append_ones[i]))} bias) but "
+                f"eigvals_a[{i}] has {eigvals_a[i].shape[0]} entries"
+            )
+        jac = output_jacobians[i]
+        d_g = eigvals_g[i].shape[0]
+        if jac is None:
+            layer_outputs = d_g
+        else:
+            _check_tensor(jac, f"output_jacobians[{i}]", 3)
+            if jac.shape[0] != a.shape[0] or jac.shape[2] != d_g:
+                raise ValueError(
+                    f"output_jacobians[{i}] must have shape ({a.shape[0]}, C, {d_g}), got {tuple(jac.shape)}"
+                )
+            layer_outputs = jac.shape[1]
+        samples = a.shape[0] if samples is None else samples
+        outputs = layer_outputs if outputs is None else outputs
+        if a.shape[0] != samples or layer_outputs != outputs:
+            raise ValueError(
+                f"layer {i} gives {a.shape[0]} samples x {layer_outputs} outputs but layer 0 "
+                f"gives {samples} x {outputs}"
+            )
+    tensors = [*inputs, *output_jacobians, *eigvecs_a, scale, delta]
+    names = [f"inputs[{i}]" for i in range(count)] + [f"output_jacobians[{i}]" for i in range(count)]
+    _check_device(tensors, names + [f"eigvecs_a[{i}]" for i in range(count)] + ["scale", "delta"])
+    impl = torch.ops.fastlaplace.kron_predictive_variance if _EXTENSION else reference.kron_predictive_variance
+    return impl(
+        list(inputs),
+        list(output_jacobians),
+        list(eigvecs_a),
+        list(eigvals_a),
+        list(eigvecs_g),
+        list(eigvals_g),
+        scale,
+        delta,
+        [bool(b) for b in append_ones],
+        bool(full_covariance),
+    )
+
+
+# ----------------------------------------------------------------------------- fake kernels and autograd
+
+if _EXTENSION:
+
+    @torch.library.register_fake("fastlaplace::factor_accumulate_")
+    def _factor_accumulate_fake(factors, inputs, append_ones, alpha=1.0, beta=1.0):
+        return None
+
+    @torch.library.register_fake("fastlaplace::conv_input_factor_")
+    def _conv_input_factor_fake(factor, input, kernel_size, stride, padding, dilation, append_ones, alpha=1.0, beta=1.0):
+        return None
+
+    @torch.library.register_fake("fastlaplace::diag_ggn")
+    def _diag_ggn_fake(inputs, output_grads, append_ones):
+        return [
+            a.new_empty(
+                (g.shape[-1], a.shape[1] + int(ones)), dtype=reference.accumulation_dtype(a.dtype)
+            )
+            for a, g, ones in zip(inputs, output_grads, append_ones, strict=True)
+        ]
+
+    @torch.library.register_fake("fastlaplace::batched_eigh")
+    def _batched_eigh_fake(matrices):
+        return [m.new_empty(m.shape[:1]) for m in matrices], [m.new_empty(m.shape) for m in matrices]
+
+    @torch.library.register_fake("fastlaplace::kron_solve")
+    def _kron_solve_fake(eigvecs_a, eigvals_a, eigvecs_g, eigvals_g, rhs, scale, delta, exponent=-1.0):
+        return [v.new_empty(v.shape, dtype=qa.dtype) for v, qa in zip(rhs, eigvecs_a, strict=True)]
+
+    @torch.library.register_fake("fastlaplace::kron_logdet")
+    def _kron_logdet_fake(eigvals_a, eigvals_g, scale, delta):
+        return scale.new_empty((len(eigvals_a),), dtype=eigvals_a[0].dtype)
+
+    @torch.library.register_fake("fastlaplace::kron_predictive_variance")
+    def _kron_predictive_variance_fake(
+        inputs, output_jacobians, eigvecs_a, eigvals_a, eigvecs_g, eigvals_g, scale, delta, append_ones, full_covariance
+    ):
+        jac = output_jacobians[0]
+        outputs = eigvals_g[0].shape[0] if jac is None else jac.shape[1]
+        shape = (inputs[0].shape[0], outputs, outputs) if full_covariance else (inputs[0].shape[0], outputs)
+        return inputs[0].new_empty(shape, dtype=eigvecs_a[0].dtype)
+
+    def _kron_logdet_setup(ctx, inputs, output):
+        eigvals_a, eigvals_g, scale, delta = inputs
+        ctx.save_for_backward(scale, delta, *eigvals_a, *eigvals_g)
+        ctx.layers = len(eigvals_a)
+
+    def _kron_logdet_backward(ctx, grad):
+        scale, delta, *eigvals = ctx.saved_tensors
+        grad_scale, grad_delta = [], []
+        for i in range(ctx.layers):
+            la, lg = eigvals[i].clamp_min(0), eigvals[ctx.layers + i].clamp_min(0)
+            products = torch.outer(lg, la)
+            inverse = (scale[i] * products + delta[i]).reciprocal()
+            grad_delta.append(inverse.sum())
+            grad_scale.append((products * inverse).sum())
+        grad_scale = grad * torch.stack(grad_scale).to(scale.dtype)
+        grad_delta = grad * torch.stack(grad_delta).to(delta.dtype)
+        return None, None, grad_scale, grad_delta
+
+    torch.library.register_autograd(
+        "fastlaplace::kron_logdet", _kron_logdet_backward, setup_context=_kron_logdet_setup
+    )

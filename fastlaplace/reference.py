@@ -1,0 +1,236 @@
+"""Pure-PyTorch versions of every fastlaplace operator: the test oracle.
+
+Each function here has the same arguments and the same result as the operator of the
+same name in :mod:`fastlaplace.ops`, written as plainly as possible. They are slow and
+allocate freely; they exist to be obviously right.
+
+Conventions (see DESIGN.md):
+
+* A Linear-like layer has an input ``a`` of width ``d_in`` and an output of width
+  ``d_out``. With ``append_ones`` the input gets a constant 1 appended, so the
+  Kronecker factor ``A`` is ``(d_in + 1) x (d_in + 1)``.
+* The weight matrix ``[W | b]`` of shape ``(d_out, d_A)`` is vectorised row-major.
+  In that order the curvature ``H = A ⊗ G`` of DESIGN.md is the dense matrix
+  ``torch.kron(G, A)`` and a vector is a ``(d_G, d_A)`` matrix ``V``.
+* Posterior precision of one layer: ``P = s * kron(G, A) + delta * I`` with a scale
+  ``s`` (data normalisation / temperature) and a prior precision ``delta`` per layer.
+  Eigenvalues of the factors are clamped at 0 before use.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype in which curvature of inputs of ``dtype`` is accumulated: float64 stays, all else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _with_ones(x: Tensor, append_ones: bool) -> Tensor:
+    if not append_ones:
+        return x
+    return torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], dim=-1)
+
+
+def factor_accumulate_(
+    factors: list[Tensor],
+    inputs: list[Tensor],
+    append_ones: list[bool],
+    alpha: float = 1.0,
+    beta: float = 1.0,
+) -> None:
+    """In place, for every layer i: ``F_i <- beta F_i + alpha X_iᵀ X_i``.
+
+    Args:
+        factors: L tensors ``(d_i + append_ones[i], d_i + append_ones[i])``, float32 or
+            float64, contiguous; updated in place. With ``beta == 0`` their old content
+            is ignored (NaN included), as in BLAS.
+        inputs: L tensors ``(N_i, d_i)`` of any floating dtype; converted to the
+            factor's dtype before the product.
+        append_ones: whether layer i's input gets a constant 1 column (bias).
+        alpha: scale of the new Gram matrix.
+        beta: decay of the old factor (``beta < 1``: exponential moving average).
+    """
+    for factor, x, ones in zip(factors, inputs, append_ones, strict=True):
+        xf = _with_ones(x.to(factor.dtype), ones)
+        gram = xf.T @ xf
+        if beta == 0:
+            factor.copy_(alpha * gram)
+        else:
+            factor.mul_(beta).add_(gram, alpha=alpha)
+
+
+def conv_input_factor_(
+    factor: Tensor,
+    input: Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    append_ones: bool,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+) -> None:
+    """In place: ``F <- beta F + alpha Σ_{n,p} u_{n,p} u_{n,p}ᵀ`` for a Conv2d input.
+
+    ``u_{n,p}`` is the patch of image n that output position p sees (length
+    ``C*kh*kw``, in the order of ``weight.flatten(1)``), with a 1 appended when
+    ``append_ones``.
+
+    Args:
+        factor: ``(C*kh*kw + append_ones,)*2`` float32/float64, updated in place.
+        input: ``(N, C, H, W)`` images, any floating dtype.
+        kernel_size, stride, padding, dilation: as for ``torch.nn.Conv2d`` (2 ints
+            each, zero padding, groups = 1).
+        append_ones: bias of the convolution.
+        alpha, beta: as in :func:`factor_accumulate_`.
+    """
+    patches = torch.nn.functional.unfold(
+        input.to(factor.dtype), kernel_size, dilation=dilation, padding=padding, stride=stride
+    )  # (N, C*kh*kw, L)
+    rows = _with_ones(patches.transpose(1, 2).reshape(-1, patches.shape[1]), append_ones)
+    factor_accumulate_([factor], [rows], [False], alpha, beta)
+
+
+def diag_ggn(
+    inputs: list[Tensor], output_grads: list[Tensor], append_ones: list[bool]
+) -> list[Tensor]:
+    """Diagonal of the GGN of Linear-like layers from inputs and output gradients.
+
+    ``diag_i = Σ_n Σ_k (g_{n,k} ∘ g_{n,k}) (a_n ∘ a_n)ᵀ``: exact for layers applied once
+    per sample, where the per-sample gradient is the outer product ``g aᵀ``.
+
+    Args:
+        inputs: L tensors ``(N, d_in)``.
+        output_grads: L tensors ``(N, K, d_out)`` (K loss-Hessian square-root columns
+            or sampled gradients) or ``(N, d_out)`` (K = 1).
+        append_ones: bias per layer (its diagonal is the last column).
+
+    Returns:
+        L tensors ``(d_out, d_in + append_ones)`` in the accumulation dtype.
+    """
+    result = []
+    for a, g, ones in zip(inputs, output_grads, append_ones, strict=True):
+        dtype = accumulation_dtype(a.dtype)
+        af = _with_ones(a.to(dtype), ones)
+        gf = g.to(dtype)
+        g_squared = gf.square() if gf.dim() == 2 else gf.square().sum(dim=1)
+        result.append(g_squared.T @ af.square())
+    return result
+
+
+def batched_eigh(matrices: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """Eigenpairs of symmetric matrices of mixed sizes (lower triangles are read).
+
+    Args:
+        matrices: L tensors ``(d_i, d_i)``, float32 or float64.
+
+    Returns:
+        (eigenvalues, eigenvectors): L tensors ``(d_i,)`` ascending and L tensors
+        ``(d_i, d_i)`` whose columns are the eigenvectors.
+    """
+    pairs = [torch.linalg.eigh(m) for m in matrices]
+    return [p.eigenvalues for p in pairs], [p.eigenvectors for p in pairs]
+
+
+def damped_eigenvalues(
+    eigvals_a: Tensor, eigvals_g: Tensor, scale: Tensor, delta: Tensor
+) -> Tensor:
+    """``(d_G, d_A)`` matrix of ``s μ_j λ_i + δ`` with both spectra clamped at 0."""
+    return scale * torch.outer(eigvals_g.clamp_min(0), eigvals_a.clamp_min(0)) + delta
+
+
+def kron_solve(
+    eigvecs_a: list[Tensor],
+    eigvals_a: list[Tensor],
+    eigvecs_g: list[Tensor],
+    eigvals_g: list[Tensor],
+    rhs: list[Tensor],
+    scale: Tensor,
+    delta: Tensor,
+    exponent: float = -1.0,
+) -> list[Tensor]:
+    """``P_i^exponent V_i`` for every layer, P_i = s_i kron(G_i, A_i) + δ_i I.
+
+    ``exponent = -1`` solves, ``-0.5`` applies the inverse square root (sampling).
+
+    Args:
+        eigvecs_a, eigvals_a: eigenpairs of A_i, ``(d_A, d_A)`` and ``(d_A,)``.
+        eigvecs_g, eigvals_g: eigenpairs of G_i, ``(d_G, d_G)`` and ``(d_G,)``.
+        rhs: L tensors ``(*, d_G, d_A)``; leading dimensions are a batch.
+        scale: ``(L,)`` factor scale s_i.
+        delta: ``(L,)`` prior precision δ_i.
+        exponent: power of P.
+
+    Returns:
+        L tensors shaped like ``rhs``.
+    """
+    out = []
+    for i, v in enumerate(rhs):
+        qa, qg = eigvecs_a[i], eigvecs_g[i]
+        d = damped_eigenvalues(eigvals_a[i], eigvals_g[i], scale[i], delta[i])
+        rotated = qg.T @ v.to(qa.dtype) @ qa
+        out.append(qg @ (rotated * d.pow(exponent)) @ qa.T)
+    return out
+
+
+def kron_logdet(
+    eigvals_a: list[Tensor], eigvals_g: list[Tensor], scale: Tensor, delta: Tensor
+) -> Tensor:
+    """``(L,)`` log-determinants ``Σ_ij log(s_l μ_j λ_i + δ_l)`` of each layer's P."""
+    return torch.stack(
+        [
+            damped_eigenvalues(la, lg, scale[i], delta[i]).log().sum()
+            for i, (la, lg) in enumerate(zip(eigvals_a, eigvals_g, strict=True))
+        ]
+    )
+
+
+def kron_predictive_variance(
+    inputs: list[Tensor],
+    output_jacobians: list[Tensor | None],
+    eigvecs_a: list[Tensor],
+    eigvals_a: list[Tensor],
+    eigvecs_g: list[Tensor],
+    eigvals_g: list[Tensor],
+    scale: Tensor,
+    delta: Tensor,
+    append_ones: list[bool],
+    full_covariance: bool,
+) -> Tensor:
+    """GLM predictive (co)variance ``Σ_l J_l P_l⁻¹ J_lᵀ`` without forming ``J_l``.
+
+    Layer l maps input ``a`` to pre-activation ``z = W â``; the network output's
+    Jacobian w.r.t. ``z`` is ``B`` (C x d_G), so ``J_l = B ⊗ âᵀ`` and
+    ``J P⁻¹ Jᵀ = Σ_ij (Q_Aᵀ â)_i² (B Q_G)_{:,j} (B Q_G)_{:,j}ᵀ / (s μ_j λ_i + δ)``.
+
+    Args:
+        inputs: L tensors ``(N, d_in)``.
+        output_jacobians: L tensors ``(N, C, d_G)``, or None for the last layer
+            (B = I, d_G = C).
+        eigvecs_a, eigvals_a, eigvecs_g, eigvals_g, scale, delta: as in :func:`kron_solve`.
+        append_ones: bias per layer.
+        full_covariance: return ``(N, C, C)`` covariances, else ``(N, C)`` variances.
+
+    Returns:
+        ``(N, C, C)`` or ``(N, C)`` in the eigenvectors' dtype.
+    """
+    total = None
+    for i, a in enumerate(inputs):
+        qa, qg = eigvecs_a[i], eigvecs_g[i]
+        a_rot = _with_ones(a.to(qa.dtype), append_ones[i]) @ qa  # (N, d_A)
+        d = damped_eigenvalues(eigvals_a[i], eigvals_g[i], scale[i], delta[i])
+        weights = a_rot.square() @ d.reciprocal().T  # (N, d_G)
+        jac = output_jacobians[i]
+        if jac is None:
+            b_rot = qg.expand(a.shape[0], -1, -1)  # (N, C, d_G)
+        else:
+            b_rot = jac.to(qa.dtype) @ qg
+        if full_covariance:
+            term = torch.einsum("ncj,nj,nej->nce", b_rot, weights, b_rot)
+        else:
+            term = torch.einsum("ncj,nj->nc", b_rot.square(), weights)
+        total = term if total is None else total + term
+    return total
