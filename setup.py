@@ -24,7 +24,7 @@ if force_cuda and torch.version.cuda is None:
     sys.exit("FASTLAPLACE_FORCE_CUDA=1 but the installed torch has no CUDA")
 
 sources = ["csrc/registration.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
-cxx_flags = ["-O3", "-DPy_LIMITED_API=0x03090000"]
+cxx_flags = ["-O3"]
 if with_cuda:
     # Without a visible GPU torch cannot detect the architecture to build for.
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")

@@ -6,6 +6,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <string>
+
 namespace fastlaplace {
 
 // Curvature is accumulated in float64 for float64 data and in float32 for
@@ -14,13 +16,19 @@ inline at::ScalarType accumulation_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-inline void check_factor_dtype(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
-              name, " must be float32 or float64, got ", t.scalar_type());
+// Errors name the argument and, for per-layer lists, the layer: "factors[2] ...".
+inline std::string argument_name(const char* name, int64_t index) {
+  return index < 0 ? std::string(name) : std::string(name) + "[" + std::to_string(index) + "]";
 }
 
-inline void check_floating(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name,
+inline void check_factor_dtype(const at::Tensor& t, const char* name, int64_t index = -1) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+              argument_name(name, index), " must be float32 or float64, got ",
+              t.scalar_type());
+}
+
+inline void check_floating(const at::Tensor& t, const char* name, int64_t index = -1) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), argument_name(name, index),
               " must be a floating-point tensor, got ", t.scalar_type());
 }
 
@@ -32,6 +40,6 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& ref,
 
 // Largest block edge used when a symmetric Gram matrix is accumulated block by
 // block (only blocks on or above the diagonal are multiplied).
-constexpr int64_t kGramBlock = 256;
+constexpr int64_t kGramBlock = 160;
 
 }  // namespace fastlaplace

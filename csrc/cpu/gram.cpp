@@ -1,0 +1,126 @@
+#include "gram.h"
+
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/sum.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../ops.h"
+
+namespace fastlaplace {
+namespace {
+
+// Rows converted to the accumulation dtype at a time (bounds the extra memory of
+// bf16 / fp16 inputs to this many rows).
+constexpr int64_t kConvertRows = 4096;
+constexpr int64_t kAlign = 32;
+
+// out[rows, cols] (+)= alpha x[:, rows]^T x[:, cols], and its mirror when the block
+// lies above the diagonal.
+void accumulate_block(const at::Tensor& out, const at::Tensor& x, int64_t row_begin,
+                      int64_t row_end, int64_t col_begin, int64_t col_end, double alpha,
+                      double beta) {
+  at::Tensor block = out.slice(0, row_begin, row_end).slice(1, col_begin, col_end);
+  if (beta == 0) block.zero_();  // the product must not see old NaN
+  block.addmm_(x.slice(1, row_begin, row_end).t(), x.slice(1, col_begin, col_end), beta,
+               alpha);
+  if (row_begin != col_begin) {
+    out.slice(0, col_begin, col_end).slice(1, row_begin, row_end).copy_(block.t());
+  }
+}
+
+// The ones column: its row is the column sums of x, its corner the row count.
+void accumulate_ones_column(const at::Tensor& out, const at::Tensor& x, double alpha,
+                            double beta) {
+  const int64_t d = x.size(1);
+  const at::Tensor sums = x.sum(0);
+  at::Tensor row = out.select(0, d).slice(0, 0, d);
+  if (beta == 0) {
+    row.copy_(sums).mul_(alpha);
+  } else {
+    row.mul_(beta).add_(sums, alpha);
+  }
+  out.select(1, d).slice(0, 0, d).copy_(row);
+  at::Tensor corner = out.select(0, d).select(0, d);
+  const double old_corner = beta == 0 ? 0.0 : beta * corner.item<double>();
+  corner.fill_(old_corner + alpha * static_cast<double>(x.size(0)));
+}
+
+struct Block {
+  int64_t layer, row_begin, row_end, col_begin, col_end;
+  double cost;
+};
+
+// The upper triangle of [begin, end)^2 as blocks: recursive halving gives two
+// triangles and one square off-diagonal block, so all but the smallest diagonal
+// blocks are square GEMMs, and about half the flops of x^T x are spent.
+void split_triangle(int64_t layer, int64_t begin, int64_t end, int64_t rows,
+                    std::vector<Block>& blocks) {
+  const int64_t size = end - begin;
+  if (size <= kGramBlock) {
+    blocks.push_back({layer, begin, end, begin, end, double(size) * size * (rows + 1)});
+    return;
+  }
+  const int64_t middle = begin + (size / 2 + kAlign - 1) / kAlign * kAlign;
+  blocks.push_back({layer, begin, middle, middle, end,
+                    double(middle - begin) * (end - middle) * (rows + 1)});
+  split_triangle(layer, begin, middle, rows, blocks);
+  split_triangle(layer, middle, end, rows, blocks);
+}
+
+// Blocks of every layer, spread over the threads by longest-first greedy packing:
+// one parallel region for the whole step, single-threaded GEMMs inside it.
+void accumulate_blocks(at::TensorList outs, const std::vector<at::Tensor>& xs,
+                       double alpha, double beta) {
+  std::vector<Block> blocks;
+  for (int64_t layer = 0; layer < static_cast<int64_t>(xs.size()); ++layer) {
+    split_triangle(layer, 0, xs[layer].size(1), xs[layer].size(0), blocks);
+  }
+  std::sort(blocks.begin(), blocks.end(),
+            [](const Block& a, const Block& b) { return a.cost > b.cost; });
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<std::vector<Block>> buckets(threads);
+  std::vector<double> load(threads, 0.0);
+  for (const Block& b : blocks) {
+    const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
+    buckets[t].push_back(b);
+    load[t] += b.cost;
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) {
+      for (const Block& b : buckets[t]) {
+        accumulate_block(outs[b.layer], xs[b.layer], b.row_begin, b.row_end, b.col_begin,
+                         b.col_end, alpha, beta);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void accumulate_grams(at::TensorList outs, at::TensorList xs,
+                       const std::vector<bool>& append_ones, double alpha, double beta) {
+  int64_t rows = 0;
+  for (const at::Tensor& x : xs) rows = std::max(rows, x.size(0));
+  for (int64_t start = 0; start == 0 || start < rows; start += kConvertRows) {
+    const double chunk_beta = start == 0 ? beta : 1.0;
+    std::vector<at::Tensor> chunk_outs, chunk_xs;
+    for (size_t i = 0; i < xs.size(); ++i) {
+      // Inputs already in their factor's dtype are used whole, in the first pass;
+      // the others are converted a chunk of rows at a time.
+      const bool convert = xs[i].scalar_type() != outs[i].scalar_type();
+      const int64_t length = convert ? std::min(kConvertRows, xs[i].size(0) - start)
+                                     : (start == 0 ? xs[i].size(0) : 0);
+      if (start > 0 && length <= 0) continue;
+      chunk_outs.push_back(outs[i]);
+      chunk_xs.push_back(xs[i].narrow(0, start, length).to(outs[i].scalar_type()));
+      if (append_ones[i]) accumulate_ones_column(outs[i], chunk_xs.back(), alpha, chunk_beta);
+    }
+    accumulate_blocks(chunk_outs, chunk_xs, alpha, chunk_beta);
+  }
+}
+
+}  // namespace fastlaplace

@@ -1,0 +1,91 @@
+// CPU kernel of fastlaplace::kron_predictive_variance: sum_l J_l P_l^-1 J_l^T with
+// J_l = B_l (x) a^T never formed. Per layer and sample the weight of eigen-direction j
+// is w_nj = sum_i (Q_A^T a_n)_i^2 / (s mu_j lambda_i + delta); then
+// cov_n = (B_n Q_G) diag(w_n) (B_n Q_G)^T.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "kron_eigen.h"
+
+namespace fastlaplace {
+namespace {
+
+at::Tensor layer_variance(const at::Tensor& a, const std::optional<at::Tensor>& jacobian,
+                          const at::Tensor& qa, const at::Tensor& la, const at::Tensor& qg,
+                          const at::Tensor& lg, const at::Tensor& scale,
+                          const at::Tensor& delta, bool append_ones, bool full_covariance) {
+  const int64_t d_in = a.size(1);
+  const at::Tensor a_cast = a.to(qa.scalar_type());
+  // (N, d_A): rotated inputs; the ones column contributes the last row of Q_A.
+  const at::Tensor a_rot = append_ones
+                               ? at::addmm(qa.select(0, d_in), a_cast, qa.slice(0, 0, d_in))
+                               : at::mm(a_cast, qa);
+  const at::Tensor inverse = damped_eigenvalues(la, lg, scale, delta).reciprocal_();
+  const at::Tensor weights = at::mm(a_rot.square(), inverse.t());  // (N, d_G)
+  if (!jacobian.has_value()) {  // last layer: B = I
+    if (!full_covariance) return at::mm(weights, qg.square().t());
+    return at::matmul(qg.unsqueeze(0).mul(weights.unsqueeze(1)), qg.t());
+  }
+  const at::Tensor b_rot = at::matmul(jacobian->to(qa.scalar_type()), qg);  // (N, C, d_G)
+  if (!full_covariance) return at::bmm(b_rot.square(), weights.unsqueeze(2)).squeeze(2);
+  return at::bmm(b_rot.mul(weights.unsqueeze(1)), b_rot.transpose(1, 2));
+}
+
+at::Tensor kron_predictive_variance_cpu(
+    at::TensorList inputs, const c10::List<std::optional<at::Tensor>>& output_jacobians,
+    at::TensorList eigvecs_a, at::TensorList eigvals_a, at::TensorList eigvecs_g,
+    at::TensorList eigvals_g, const at::Tensor& scale, const at::Tensor& delta,
+    c10::List<bool> append_ones, bool full_covariance) {
+  const int64_t layers = static_cast<int64_t>(inputs.size());
+  TORCH_CHECK(layers > 0, "kron_predictive_variance needs at least one layer");
+  TORCH_CHECK(static_cast<int64_t>(output_jacobians.size()) == layers &&
+                  static_cast<int64_t>(eigvecs_a.size()) == layers &&
+                  static_cast<int64_t>(eigvals_a.size()) == layers &&
+                  static_cast<int64_t>(eigvecs_g.size()) == layers &&
+                  static_cast<int64_t>(eigvals_g.size()) == layers &&
+                  static_cast<int64_t>(append_ones.size()) == layers,
+              "kron_predictive_variance: every list needs one entry per layer");
+  check_per_layer(scale, layers, "scale");
+  check_per_layer(delta, layers, "delta");
+  at::Tensor total;
+  for (int64_t i = 0; i < layers; ++i) {
+    const at::Tensor& a = inputs[i];
+    const std::optional<at::Tensor> jacobian = output_jacobians.get(i);
+    check_eigenpair(eigvecs_a[i], eigvals_a[i], "eigvecs_a", "eigvals_a", i);
+    check_eigenpair(eigvecs_g[i], eigvals_g[i], "eigvecs_g", "eigvals_g", i);
+    check_floating(a, "inputs", i);
+    TORCH_CHECK(a.dim() == 2 && a.size(1) + (append_ones[i] ? 1 : 0) == eigvals_a[i].size(0),
+                "inputs[", i, "] must be (N, ", eigvals_a[i].size(0) - (append_ones[i] ? 1 : 0),
+                "), got ", a.sizes());
+    if (jacobian.has_value()) {
+      TORCH_CHECK(jacobian->dim() == 3 && jacobian->size(0) == a.size(0) &&
+                      jacobian->size(2) == eigvals_g[i].size(0),
+                  "output_jacobians[", i, "] must be (", a.size(0), ", C, ",
+                  eigvals_g[i].size(0), "), got ", jacobian->sizes());
+    }
+    at::Tensor term =
+        layer_variance(a, jacobian, eigvecs_a[i], eigvals_a[i], eigvecs_g[i], eigvals_g[i],
+                       scale[i], delta[i], append_ones[i], full_covariance);
+    if (total.defined()) {
+      TORCH_CHECK(term.sizes() == total.sizes(), "layer ", i, " gives a (co)variance of shape ",
+                  term.sizes(), " but layer 0 gives ", total.sizes());
+      total.add_(term);
+    } else {
+      total = term;
+    }
+  }
+  return total;
+}
+
+}  // namespace
+}  // namespace fastlaplace
+
+TORCH_LIBRARY_IMPL(fastlaplace, CPU, m) {
+  m.impl("kron_predictive_variance", &fastlaplace::kron_predictive_variance_cpu);
+}
