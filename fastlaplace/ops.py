@@ -44,8 +44,7 @@ def _load_extension() -> bool:
                 "`pip install --no-build-isolation -e .`"
             ) from error
         warnings.warn(
-            f"fastlaplace._C is not available ({error}); using the slow pure-PyTorch "
-            "reference operators",
+            f"fastlaplace._C is not available ({error}); using the slow pure-PyTorch reference operators",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -150,8 +149,9 @@ def factor_accumulate_(
 ) -> None:
     """In place, for every layer i: ``F_i <- beta F_i + alpha [X_i, 1]ᵀ [X_i, 1]``.
 
-    The bias column is implicit (no concatenated copy) and only one triangle of each
-    Gram matrix is multiplied.
+    The bias column is implicit (no concatenated copy) and only the blocks on and above
+    the diagonal of each Gram matrix are multiplied. Factors are symmetric: as with BLAS
+    ``syrk`` only their upper triangle is read, and the result is exactly symmetric.
 
     Args:
         factors: L contiguous float32/float64 tensors ``(d_i + b_i, d_i + b_i)``.
@@ -198,15 +198,19 @@ def conv_input_factor_(
     """In place: ``F <- beta F + alpha Σ_{n,p} u_{n,p} u_{n,p}ᵀ`` over Conv2d patches.
 
     The patches (implicit im2col) are unfolded a few images at a time, never for the
-    whole batch.
+    whole batch. As in :func:`factor_accumulate_`, only the upper triangle of the
+    (symmetric) factor is read.
 
     Args:
         factor: contiguous float32/float64 ``(C*kh*kw + append_ones,)*2``.
         input: ``(N, C, H, W)`` images.
-        kernel_size, stride, padding, dilation: as for ``torch.nn.Conv2d`` (groups=1,
-            zero padding).
+        kernel_size: kernel height and width (an int for both), as for ``torch.nn.Conv2d``.
+        stride: as for ``torch.nn.Conv2d``.
+        padding: zero padding, as for ``torch.nn.Conv2d`` (groups=1 only).
+        dilation: as for ``torch.nn.Conv2d``.
         append_ones: whether the convolution has a bias.
-        alpha, beta: as in :func:`factor_accumulate_`.
+        alpha: scale of the new patch Gram matrix.
+        beta: decay of the old factor; 0 ignores its old content.
     """
     _check_tensor(factor, "factor", 2)
     _check_tensor(input, "input", 4)
@@ -237,9 +241,7 @@ def conv_input_factor_(
     impl(factor, input, kernel, strides, pads, dils, bool(append_ones), float(alpha), float(beta))
 
 
-def diag_ggn(
-    inputs: Sequence[Tensor], output_grads: Sequence[Tensor], append_ones: Sequence[bool]
-) -> list[Tensor]:
+def diag_ggn(inputs: Sequence[Tensor], output_grads: Sequence[Tensor], append_ones: Sequence[bool]) -> list[Tensor]:
     """Diagonal GGN ``Σ_n Σ_k (g_nk ∘ g_nk)(a_n ∘ a_n)ᵀ`` of Linear-like layers.
 
     Args:
@@ -258,9 +260,7 @@ def diag_ggn(
         a = _check_tensor(inputs[i], f"inputs[{i}]", 2)
         g = _check_tensor(output_grads[i], f"output_grads[{i}]", (2, 3))
         if g.shape[0] != a.shape[0]:
-            raise ValueError(
-                f"output_grads[{i}] has {g.shape[0]} samples but inputs[{i}] has {a.shape[0]}"
-            )
+            raise ValueError(f"output_grads[{i}] has {g.shape[0]} samples but inputs[{i}] has {a.shape[0]}")
         _check_device([a, g], [f"inputs[{i}]", f"output_grads[{i}]"])
     _check_device(list(inputs), [f"inputs[{i}]" for i in range(count)])
     impl = torch.ops.fastlaplace.diag_ggn if _EXTENSION else reference.diag_ggn
@@ -307,8 +307,10 @@ def kron_solve(
     ``P^p V = Q_G [(Q_Gᵀ V Q_A) ⊘ (s μ_j λ_i + δ)^-p] Q_Aᵀ`` with clamped eigenvalues.
 
     Args:
-        eigvecs_a, eigvals_a: A_i's eigenpairs ``(d_A, d_A)``, ``(d_A,)``.
-        eigvecs_g, eigvals_g: G_i's eigenpairs ``(d_G, d_G)``, ``(d_G,)``.
+        eigvecs_a: L eigenvector matrices ``(d_A, d_A)`` of the input factors A_i.
+        eigvals_a: L eigenvalue vectors ``(d_A,)`` of A_i.
+        eigvecs_g: L eigenvector matrices ``(d_G, d_G)`` of the output factors G_i.
+        eigvals_g: L eigenvalue vectors ``(d_G,)`` of G_i.
         rhs: L tensors ``(*, d_G, d_A)`` (leading dimensions are a batch).
         scale: ``(L,)`` non-negative factor scales s_i.
         delta: ``(L,)`` non-negative prior precisions δ_i.
@@ -332,17 +334,19 @@ def kron_solve(
         + ["scale", "delta"],
     )
     impl = torch.ops.fastlaplace.kron_solve if _EXTENSION else reference.kron_solve
-    return impl(list(eigvecs_a), list(eigvals_a), list(eigvecs_g), list(eigvals_g), list(rhs), scale, delta, float(exponent))
+    return impl(
+        list(eigvecs_a), list(eigvals_a), list(eigvecs_g), list(eigvals_g), list(rhs), scale, delta, float(exponent)
+    )
 
 
-def kron_logdet(
-    eigvals_a: Sequence[Tensor], eigvals_g: Sequence[Tensor], scale: Tensor, delta: Tensor
-) -> Tensor:
+def kron_logdet(eigvals_a: Sequence[Tensor], eigvals_g: Sequence[Tensor], scale: Tensor, delta: Tensor) -> Tensor:
     """Per-layer ``log det P_l = Σ_ij log(s_l μ_j λ_i + δ_l)``; differentiable in scale and delta.
 
     Args:
-        eigvals_a: L tensors ``(d_A,)``; eigvals_g: L tensors ``(d_G,)``.
-        scale, delta: ``(L,)`` non-negative.
+        eigvals_a: L eigenvalue vectors ``(d_A,)`` of the input factors.
+        eigvals_g: L eigenvalue vectors ``(d_G,)`` of the output factors.
+        scale: ``(L,)`` non-negative factor scales s_l.
+        delta: ``(L,)`` non-negative prior precisions δ_l.
 
     Returns:
         ``(L,)`` tensor in the eigenvalues' dtype.
@@ -382,7 +386,12 @@ def kron_predictive_variance(
         inputs: L tensors ``(N, d_in)``, the inputs of each Kron layer.
         output_jacobians: L tensors ``(N, C, d_G)``: the output's Jacobian w.r.t. the
             layer's pre-activation; None for a last layer (identity, ``d_G = C``).
-        eigvecs_a, eigvals_a, eigvecs_g, eigvals_g, scale, delta: as in :func:`kron_solve`.
+        eigvecs_a: L eigenvector matrices ``(d_A, d_A)`` of the input factors.
+        eigvals_a: L eigenvalue vectors ``(d_A,)``.
+        eigvecs_g: L eigenvector matrices ``(d_G, d_G)`` of the output factors.
+        eigvals_g: L eigenvalue vectors ``(d_G,)``.
+        scale: ``(L,)`` factor scales.
+        delta: ``(L,)`` prior precisions.
         append_ones: whether layer l has a bias.
         full_covariance: ``(N, C, C)`` covariances if True, else ``(N, C)`` variances.
 
@@ -447,15 +456,15 @@ if _EXTENSION:
         return None
 
     @torch.library.register_fake("fastlaplace::conv_input_factor_")
-    def _conv_input_factor_fake(factor, input, kernel_size, stride, padding, dilation, append_ones, alpha=1.0, beta=1.0):
+    def _conv_input_factor_fake(
+        factor, input, kernel_size, stride, padding, dilation, append_ones, alpha=1.0, beta=1.0
+    ):
         return None
 
     @torch.library.register_fake("fastlaplace::diag_ggn")
     def _diag_ggn_fake(inputs, output_grads, append_ones):
         return [
-            a.new_empty(
-                (g.shape[-1], a.shape[1] + int(ones)), dtype=reference.accumulation_dtype(a.dtype)
-            )
+            a.new_empty((g.shape[-1], a.shape[1] + int(ones)), dtype=reference.accumulation_dtype(a.dtype))
             for a, g, ones in zip(inputs, output_grads, append_ones, strict=True)
         ]
 
@@ -498,6 +507,4 @@ if _EXTENSION:
         grad_delta = grad * torch.stack(grad_delta).to(delta.dtype)
         return None, None, grad_scale, grad_delta
 
-    torch.library.register_autograd(
-        "fastlaplace::kron_logdet", _kron_logdet_backward, setup_context=_kron_logdet_setup
-    )
+    torch.library.register_autograd("fastlaplace::kron_logdet", _kron_logdet_backward, setup_context=_kron_logdet_setup)

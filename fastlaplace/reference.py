@@ -44,8 +44,8 @@ def factor_accumulate_(
     """In place, for every layer i: ``F_i <- beta F_i + alpha X_iᵀ X_i``.
 
     Args:
-        factors: L tensors ``(d_i + append_ones[i], d_i + append_ones[i])``, float32 or
-            float64, contiguous; updated in place. With ``beta == 0`` their old content
+        factors: L symmetric tensors ``(d_i + append_ones[i], d_i + append_ones[i])``,
+            float32 or float64, contiguous; updated in place. With ``beta == 0`` their old content
             is ignored (NaN included), as in BLAS.
         inputs: L tensors ``(N_i, d_i)`` of any floating dtype; converted to the
             factor's dtype before the product.
@@ -82,10 +82,13 @@ def conv_input_factor_(
     Args:
         factor: ``(C*kh*kw + append_ones,)*2`` float32/float64, updated in place.
         input: ``(N, C, H, W)`` images, any floating dtype.
-        kernel_size, stride, padding, dilation: as for ``torch.nn.Conv2d`` (2 ints
-            each, zero padding, groups = 1).
+        kernel_size: 2 ints, as for ``torch.nn.Conv2d``.
+        stride: 2 ints, as for ``torch.nn.Conv2d``.
+        padding: 2 ints of zero padding (groups = 1).
+        dilation: 2 ints, as for ``torch.nn.Conv2d``.
         append_ones: bias of the convolution.
-        alpha, beta: as in :func:`factor_accumulate_`.
+        alpha: scale of the new patch Gram matrix.
+        beta: decay of the old factor.
     """
     patches = torch.nn.functional.unfold(
         input.to(factor.dtype), kernel_size, dilation=dilation, padding=padding, stride=stride
@@ -94,9 +97,7 @@ def conv_input_factor_(
     factor_accumulate_([factor], [rows], [False], alpha, beta)
 
 
-def diag_ggn(
-    inputs: list[Tensor], output_grads: list[Tensor], append_ones: list[bool]
-) -> list[Tensor]:
+def diag_ggn(inputs: list[Tensor], output_grads: list[Tensor], append_ones: list[bool]) -> list[Tensor]:
     """Diagonal of the GGN of Linear-like layers from inputs and output gradients.
 
     ``diag_i = Σ_n Σ_k (g_{n,k} ∘ g_{n,k}) (a_n ∘ a_n)ᵀ``: exact for layers applied once
@@ -135,9 +136,7 @@ def batched_eigh(matrices: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
     return [p.eigenvalues for p in pairs], [p.eigenvectors for p in pairs]
 
 
-def damped_eigenvalues(
-    eigvals_a: Tensor, eigvals_g: Tensor, scale: Tensor, delta: Tensor
-) -> Tensor:
+def damped_eigenvalues(eigvals_a: Tensor, eigvals_g: Tensor, scale: Tensor, delta: Tensor) -> Tensor:
     """``(d_G, d_A)`` matrix of ``s μ_j λ_i + δ`` with both spectra clamped at 0."""
     return scale * torch.outer(eigvals_g.clamp_min(0), eigvals_a.clamp_min(0)) + delta
 
@@ -157,8 +156,10 @@ def kron_solve(
     ``exponent = -1`` solves, ``-0.5`` applies the inverse square root (sampling).
 
     Args:
-        eigvecs_a, eigvals_a: eigenpairs of A_i, ``(d_A, d_A)`` and ``(d_A,)``.
-        eigvecs_g, eigvals_g: eigenpairs of G_i, ``(d_G, d_G)`` and ``(d_G,)``.
+        eigvecs_a: L eigenvector matrices ``(d_A, d_A)`` of the input factors A_i.
+        eigvals_a: L eigenvalue vectors ``(d_A,)`` of A_i.
+        eigvecs_g: L eigenvector matrices ``(d_G, d_G)`` of the output factors G_i.
+        eigvals_g: L eigenvalue vectors ``(d_G,)`` of G_i.
         rhs: L tensors ``(*, d_G, d_A)``; leading dimensions are a batch.
         scale: ``(L,)`` factor scale s_i.
         delta: ``(L,)`` prior precision δ_i.
@@ -176,9 +177,7 @@ def kron_solve(
     return out
 
 
-def kron_logdet(
-    eigvals_a: list[Tensor], eigvals_g: list[Tensor], scale: Tensor, delta: Tensor
-) -> Tensor:
+def kron_logdet(eigvals_a: list[Tensor], eigvals_g: list[Tensor], scale: Tensor, delta: Tensor) -> Tensor:
     """``(L,)`` log-determinants ``Σ_ij log(s_l μ_j λ_i + δ_l)`` of each layer's P."""
     return torch.stack(
         [
@@ -210,7 +209,12 @@ def kron_predictive_variance(
         inputs: L tensors ``(N, d_in)``.
         output_jacobians: L tensors ``(N, C, d_G)``, or None for the last layer
             (B = I, d_G = C).
-        eigvecs_a, eigvals_a, eigvecs_g, eigvals_g, scale, delta: as in :func:`kron_solve`.
+        eigvecs_a: L eigenvector matrices ``(d_A, d_A)`` of the input factors.
+        eigvals_a: L eigenvalue vectors ``(d_A,)``.
+        eigvecs_g: L eigenvector matrices ``(d_G, d_G)`` of the output factors.
+        eigvals_g: L eigenvalue vectors ``(d_G,)``.
+        scale: ``(L,)`` factor scales.
+        delta: ``(L,)`` prior precisions.
         append_ones: bias per layer.
         full_covariance: return ``(N, C, C)`` covariances, else ``(N, C)`` variances.
 
