@@ -470,7 +470,8 @@ if _EXTENSION:
 
     @torch.library.register_fake("fastlaplace::batched_eigh")
     def _batched_eigh_fake(matrices):
-        return [m.new_empty(m.shape[:1]) for m in matrices], [m.new_empty(m.shape) for m in matrices]
+        # LAPACK and cuSOLVER return the eigenvectors column-major.
+        return [m.new_empty(m.shape[:1]) for m in matrices], [m.new_empty(m.shape).mT for m in matrices]
 
     @torch.library.register_fake("fastlaplace::kron_solve")
     def _kron_solve_fake(eigvecs_a, eigvals_a, eigvecs_g, eigvals_g, rhs, scale, delta, exponent=-1.0):
@@ -505,6 +506,6 @@ if _EXTENSION:
             grad_scale.append((products * inverse).sum())
         grad_scale = grad * torch.stack(grad_scale).to(scale.dtype)
         grad_delta = grad * torch.stack(grad_delta).to(delta.dtype)
-        return None, None, grad_scale, grad_delta
+        return [None] * ctx.layers, [None] * ctx.layers, grad_scale, grad_delta
 
     torch.library.register_autograd("fastlaplace::kron_logdet", _kron_logdet_backward, setup_context=_kron_logdet_setup)

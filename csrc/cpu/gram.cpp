@@ -1,6 +1,7 @@
 #include "gram.h"
 
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/triu.h>
 #include <ATen/ops/sum.h>
 
 #include <ATen/Parallel.h>
@@ -29,6 +30,10 @@ void accumulate_block(const at::Tensor& out, const at::Tensor& x, int64_t row_be
                alpha);
   if (row_begin != col_begin) {
     out.slice(0, col_begin, col_end).slice(1, row_begin, row_end).copy_(block.t());
+  } else {
+    // A GEMM rounds (i, j) and (j, i) differently: keep the upper half and mirror it.
+    const at::Tensor strict_upper = block.triu(1);
+    block.triu_().add_(strict_upper.t());
   }
 }
 

@@ -1,0 +1,66 @@
+"""Shared fixtures: devices, dtypes, tolerances and random test data."""
+
+import os
+
+import pytest
+import torch
+from hypothesis import settings
+
+import fastlaplace.ops as ops
+
+settings.register_profile("fastlaplace", deadline=None, max_examples=25, derandomize=True)
+settings.load_profile("fastlaplace")
+
+CUDA_REASON = "CUDA is not available"
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)),
+]
+INPUT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+FACTOR_DTYPES = [torch.float32, torch.float64]
+PRIME_SIZES = [1, 2, 3, 5, 7, 13]
+
+
+def requires_extension() -> None:
+    """Skip (with the reason) when the compiled ops are absent; CI forbids that state."""
+    if not ops.extension_loaded():
+        assert os.environ.get("FASTLAPLACE_REQUIRE_EXT") != "1"
+        pytest.skip("compiled extension fastlaplace._C is not built")
+
+
+def assert_matches_float64(result, exact, rounded=None, k: float = 8.0) -> None:
+    """Compare to the float64 ground truth ``exact``.
+
+    The allowed error is k times the error that the reference itself makes in the result's
+    precision (``rounded``: the reference evaluated in that precision), and never less than
+    64 units of that precision's rounding at the result's scale.
+    """
+    eps = torch.finfo(result.dtype).eps
+    exact = exact.double().cpu()
+    result = result.double().cpu()
+    own_error = 0.0 if rounded is None else (rounded.double().cpu() - exact).abs().max().item()
+    scale = exact.abs().max().item() if exact.numel() else 0.0
+    tolerance = max(k * own_error, 64 * eps * max(1.0, scale))
+    error = (result - exact).abs().max().item() if exact.numel() else 0.0
+    assert result.shape == exact.shape
+    assert error <= tolerance, f"max error {error:.3e} exceeds {tolerance:.3e} (reference's own error {own_error:.3e})"
+
+
+def random_spd(size: int, rank: int | None = None, dtype=torch.float64, generator=None) -> torch.Tensor:
+    """Symmetric positive (semi-)definite matrix of the given rank (full by default)."""
+    factor = torch.randn(size, size if rank is None else rank, dtype=dtype, generator=generator)
+    return factor @ factor.T / max(1, factor.shape[1])
+
+
+def eigen_layer(d_a: int, d_g: int, dtype=torch.float64, generator=None, rank_a=None):
+    """Eigenpairs (Q_A, λ, Q_G, μ) and the factors (A, G) of one random Kron layer."""
+    a = random_spd(d_a, rank_a, dtype, generator)
+    g = random_spd(d_g, None, dtype, generator)
+    la, qa = torch.linalg.eigh(a)
+    lg, qg = torch.linalg.eigh(g)
+    return qa, la, qg, lg, a, g
+
+
+@pytest.fixture
+def generator():
+    return torch.Generator().manual_seed(1234)

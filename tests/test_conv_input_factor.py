@@ -1,0 +1,126 @@
+"""conv_input_factor_: the Kronecker input factor of a Conv2d over all patches."""
+
+import pytest
+import torch
+from conftest import DEVICES, INPUT_DTYPES, assert_matches_float64, random_spd, requires_extension
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastlaplace.ops as ops
+import fastlaplace.reference as reference
+
+
+def explicit_patches(x, kernel, stride, padding, dilation):
+    """(N * positions, C*kh*kw) patches by plain loops over output positions."""
+    padded = torch.nn.functional.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    n, _, height, width = padded.shape
+    rows = []
+    for image in range(n):
+        for top in range(0, height - dilation[0] * (kernel[0] - 1), stride[0]):
+            for left in range(0, width - dilation[1] * (kernel[1] - 1), stride[1]):
+                window = padded[
+                    image,
+                    :,
+                    top : top + dilation[0] * (kernel[0] - 1) + 1 : dilation[0],
+                    left : left + dilation[1] * (kernel[1] - 1) + 1 : dilation[1],
+                ]
+                rows.append(window.reshape(-1))
+    return torch.stack(rows)
+
+
+def test_patch_order_is_the_order_of_conv_weights(generator):
+    conv = torch.nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), dtype=torch.float64)
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64, generator=generator)
+    patches = explicit_patches(x, (3, 2), (2, 1), (1, 0), (1, 2))
+    out = conv(x)
+    from_patches = patches @ conv.weight.flatten(1).T + conv.bias
+    torch.testing.assert_close(from_patches, out.permute(0, 2, 3, 1).reshape(-1, 4))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", INPUT_DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_explicit_patches(device, dtype, bias, generator):
+    kernel, stride, padding, dilation = (3, 2), (2, 1), (1, 0), (1, 2)
+    x = torch.randn(3, 2, 7, 6, generator=generator).to(dtype)
+    factor_dtype = reference.accumulation_dtype(dtype)
+    old = random_spd(2 * 3 * 2 + bias, generator=generator).to(factor_dtype)
+    u = explicit_patches(x.double(), kernel, stride, padding, dilation)
+    if bias:
+        u = torch.cat([u, u.new_ones(u.shape[0], 1)], 1)
+    exact = 0.5 * old.double() + 2.0 * u.T @ u
+    rounded = old.clone()
+    reference.conv_input_factor_(rounded, x, kernel, stride, padding, dilation, bias, 2.0, 0.5)
+    result = old.to(device)
+    ops.conv_input_factor_(result, x.to(device), kernel, stride, padding, dilation, bias, 2.0, 0.5)
+    assert_matches_float64(result, exact, rounded)
+
+
+def test_large_batch_is_unfolded_in_chunks_and_still_exact(generator):
+    # 40 images of 16x32x32 with a 3x3 kernel unfold to 40 * 4.7 MB: several chunks.
+    x = torch.randn(40, 16, 32, 32, dtype=torch.float64, generator=generator)
+    result = torch.zeros(16 * 9 + 1, 16 * 9 + 1, dtype=torch.float64)
+    ops.conv_input_factor_(result, x, 3, 1, 1, 1, True)
+    expected = torch.zeros_like(result)
+    reference.conv_input_factor_(expected, x, [3, 3], [1, 1], [1, 1], [1, 1], True)
+    torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-9)
+
+
+@given(
+    channels=st.sampled_from([1, 2, 3]),
+    size=st.tuples(st.sampled_from([1, 3, 5, 7]), st.sampled_from([2, 5])),
+    kernel=st.tuples(st.sampled_from([1, 2, 3]), st.sampled_from([1, 3])),
+    stride=st.sampled_from([1, 2, 3]),
+    padding=st.sampled_from([0, 1, 2]),
+    dilation=st.sampled_from([1, 2]),
+    bias=st.booleans(),
+    beta=st.sampled_from([0.0, 1.0]),
+    channels_last=st.booleans(),
+)
+def test_property_odd_shapes(channels, size, kernel, stride, padding, dilation, bias, beta, channels_last):
+    span = [dilation * (k - 1) + 1 for k in kernel]
+    if any(s + 2 * padding < w for s, w in zip(size, span)):
+        return
+    x = torch.randn(2, channels, *size, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    before = x.clone()
+    features = channels * kernel[0] * kernel[1] + bias
+    result = random_spd(features) if beta else torch.full((features, features), float("nan"), dtype=torch.float64)
+    expected = result.clone()
+    reference.conv_input_factor_(
+        expected, x, list(kernel), [stride] * 2, [padding] * 2, [dilation] * 2, bias, 1.0, beta
+    )
+    ops.conv_input_factor_(result, x, kernel, stride, padding, dilation, bias, 1.0, beta)
+    torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(x, before)
+
+
+def test_opcheck():
+    requires_extension()
+    factor = random_spd(2 * 4 + 1).float()
+    x = torch.randn(2, 2, 5, 4)
+    torch.library.opcheck(
+        torch.ops.fastlaplace.conv_input_factor_.default, (factor, x, [2, 2], [1, 1], [0, 0], [1, 1], True, 1.0, 0.5)
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"kernel_size": 9}, ValueError, "smaller than the kernel's span"),
+        ({"kernel_size": (3, 3, 3)}, ValueError, "kernel_size must be an int or two ints"),
+        ({"kernel_size": 3, "stride": 0}, ValueError, "stride and dilation must be >= 1"),
+        ({"kernel_size": 3, "padding": -1}, ValueError, "padding >= 0"),
+        ({"kernel_size": 2}, ValueError, r"factor must have shape \(9, 9\)"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, error, message):
+    factor = torch.zeros(2 * 9 + 1, 2 * 9 + 1)
+    with pytest.raises(error, match=message):
+        ops.conv_input_factor_(factor, torch.randn(1, 2, 5, 5), append_ones=True, **kwargs)
+
+
+def test_input_must_be_images():
+    with pytest.raises(ValueError, match="input must have 4 dimensions"):
+        ops.conv_input_factor_(torch.zeros(9, 9), torch.randn(2, 5, 5), 3)
