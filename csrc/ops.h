@@ -3,10 +3,14 @@
 // implementation with TORCH_LIBRARY_IMPL(fastlaplace, <CPU|CUDA>, m).
 #pragma once
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
 #include <string>
+#include <tuple>
+#include <vector>
 
 namespace fastlaplace {
 
@@ -41,5 +45,32 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& ref,
 // Largest block edge used when a symmetric Gram matrix is accumulated block by
 // block (only blocks on or above the diagonal are multiplied).
 constexpr int64_t kGramBlock = 160;
+
+// ATen-composed implementations (csrc/cpu/*.cpp). They serve the CPU and, until
+// fused CUDA kernels replace them, the CUDA dispatch key too: on a GPU their GEMMs and
+// eigensolvers are cuBLAS / cuSOLVER calls and their host threading is off.
+void factor_accumulate_aten(at::TensorList factors, at::TensorList inputs,
+                            c10::List<bool> append_ones, double alpha, double beta);
+void conv_input_factor_aten(const at::Tensor& factor, const at::Tensor& input,
+                            at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation,
+                            bool append_ones, double alpha, double beta);
+std::vector<at::Tensor> diag_ggn_aten(at::TensorList inputs, at::TensorList output_grads,
+                                      c10::List<bool> append_ones);
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> batched_eigh_aten(
+    at::TensorList matrices);
+std::vector<at::Tensor> kron_solve_aten(at::TensorList eigvecs_a, at::TensorList eigvals_a,
+                                        at::TensorList eigvecs_g, at::TensorList eigvals_g,
+                                        at::TensorList rhs, const at::Tensor& scale,
+                                        const at::Tensor& delta, double exponent);
+at::Tensor kron_predictive_variance_aten(
+    at::TensorList inputs, const c10::List<std::optional<at::Tensor>>& output_jacobians,
+    at::TensorList eigvecs_a, at::TensorList eigvals_a, at::TensorList eigvecs_g,
+    at::TensorList eigvals_g, const at::Tensor& scale, const at::Tensor& delta,
+    c10::List<bool> append_ones, bool full_covariance);
+
+// Host threads for work spread over the CPU; a GPU's work stays on the caller's thread
+// (and so on its current stream).
+int64_t host_threads(const at::Tensor& t);
 
 }  // namespace fastlaplace

@@ -19,7 +19,9 @@ namespace {
 // From this size on a matrix's own decomposition is worth several threads.
 constexpr int64_t kThreadedEighSize = 512;
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> batched_eigh_cpu(
+}  // namespace
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> batched_eigh_aten(
     at::TensorList matrices) {
   const int64_t count = static_cast<int64_t>(matrices.size());
   std::vector<int64_t> small, large;
@@ -41,7 +43,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> batched_eigh_cpu(
   // Largest first, dealt round-robin: each thread gets a similar share of the work.
   std::sort(small.begin(), small.end(),
             [&](int64_t a, int64_t b) { return matrices[a].size(0) > matrices[b].size(0); });
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t threads = count > 0 ? host_threads(matrices[0]) : 1;
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       for (size_t j = t; j < small.size(); j += threads) decompose(small[j]);
@@ -50,9 +52,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> batched_eigh_cpu(
   return {values, vectors};
 }
 
-}  // namespace
 }  // namespace fastlaplace
 
 TORCH_LIBRARY_IMPL(fastlaplace, CPU, m) {
-  m.impl("batched_eigh", &fastlaplace::batched_eigh_cpu);
+  m.impl("batched_eigh", &fastlaplace::batched_eigh_aten);
 }

@@ -18,7 +18,9 @@ namespace {
 // batch is kh*kw times the input.
 constexpr int64_t kPatchBytes = 8 << 20;
 
-void conv_input_factor_cpu(const at::Tensor& factor, const at::Tensor& input,
+}  // namespace
+
+void conv_input_factor_aten(const at::Tensor& factor, const at::Tensor& input,
                            at::IntArrayRef kernel_size, at::IntArrayRef stride,
                            at::IntArrayRef padding, at::IntArrayRef dilation,
                            bool append_ones, double alpha, double beta) {
@@ -52,9 +54,8 @@ void conv_input_factor_cpu(const at::Tensor& factor, const at::Tensor& input,
   }
 }
 
-}  // namespace
 }  // namespace fastlaplace
 
 TORCH_LIBRARY_IMPL(fastlaplace, CPU, m) {
-  m.impl("conv_input_factor_", &fastlaplace::conv_input_factor_cpu);
+  m.impl("conv_input_factor_", &fastlaplace::conv_input_factor_aten);
 }

@@ -32,7 +32,9 @@ at::Tensor layer_diag_ggn(const at::Tensor& a, const at::Tensor& g, bool append_
   return out;
 }
 
-std::vector<at::Tensor> diag_ggn_cpu(at::TensorList inputs, at::TensorList output_grads,
+}  // namespace
+
+std::vector<at::Tensor> diag_ggn_aten(at::TensorList inputs, at::TensorList output_grads,
                                      c10::List<bool> append_ones) {
   TORCH_CHECK(inputs.size() == output_grads.size() && inputs.size() == append_ones.size(),
               "diag_ggn: inputs, output_grads and append_ones need one entry per layer");
@@ -51,7 +53,6 @@ std::vector<at::Tensor> diag_ggn_cpu(at::TensorList inputs, at::TensorList outpu
   return result;
 }
 
-}  // namespace
 }  // namespace fastlaplace
 
-TORCH_LIBRARY_IMPL(fastlaplace, CPU, m) { m.impl("diag_ggn", &fastlaplace::diag_ggn_cpu); }
+TORCH_LIBRARY_IMPL(fastlaplace, CPU, m) { m.impl("diag_ggn", &fastlaplace::diag_ggn_aten); }

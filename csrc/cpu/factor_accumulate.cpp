@@ -9,9 +9,8 @@
 #include "gram.h"
 
 namespace fastlaplace {
-namespace {
 
-void factor_accumulate_cpu(at::TensorList factors, at::TensorList inputs,
+void factor_accumulate_aten(at::TensorList factors, at::TensorList inputs,
                            c10::List<bool> append_ones, double alpha, double beta) {
   TORCH_CHECK(factors.size() == inputs.size() && inputs.size() == append_ones.size(),
               "factor_accumulate_: factors, inputs and append_ones need one entry per "
@@ -30,9 +29,8 @@ void factor_accumulate_cpu(at::TensorList factors, at::TensorList inputs,
   accumulate_grams(factors, inputs, append_ones.vec(), alpha, beta);
 }
 
-}  // namespace
 }  // namespace fastlaplace
 
 TORCH_LIBRARY_IMPL(fastlaplace, CPU, m) {
-  m.impl("factor_accumulate_", &fastlaplace::factor_accumulate_cpu);
+  m.impl("factor_accumulate_", &fastlaplace::factor_accumulate_aten);
 }

@@ -86,7 +86,7 @@ void accumulate_blocks(at::TensorList outs, const std::vector<at::Tensor>& xs,
   }
   std::sort(blocks.begin(), blocks.end(),
             [](const Block& a, const Block& b) { return a.cost > b.cost; });
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t threads = host_threads(outs[0]);
   std::vector<std::vector<Block>> buckets(threads);
   std::vector<double> load(threads, 0.0);
   for (const Block& b : blocks) {
@@ -106,10 +106,17 @@ void accumulate_blocks(at::TensorList outs, const std::vector<at::Tensor>& xs,
 
 }  // namespace
 
+int64_t host_threads(const at::Tensor& t) {
+  return t.is_cpu() ? std::max<int64_t>(1, at::get_num_threads()) : 1;
+}
+
 void accumulate_grams(at::TensorList outs, at::TensorList xs,
                        const std::vector<bool>& append_ones, double alpha, double beta) {
+  // Rows still to convert after the first pass, which takes every same-dtype input whole.
   int64_t rows = 0;
-  for (const at::Tensor& x : xs) rows = std::max(rows, x.size(0));
+  for (size_t i = 0; i < xs.size(); ++i) {
+    if (xs[i].scalar_type() != outs[i].scalar_type()) rows = std::max(rows, xs[i].size(0));
+  }
   for (int64_t start = 0; start == 0 || start < rows; start += kConvertRows) {
     const double chunk_beta = start == 0 ? beta : 1.0;
     std::vector<at::Tensor> chunk_outs, chunk_xs;

@@ -37,7 +37,9 @@ at::Tensor layer_variance(const at::Tensor& a, const std::optional<at::Tensor>& 
   return at::bmm(b_rot.mul(weights.unsqueeze(1)), b_rot.transpose(1, 2));
 }
 
-at::Tensor kron_predictive_variance_cpu(
+}  // namespace
+
+at::Tensor kron_predictive_variance_aten(
     at::TensorList inputs, const c10::List<std::optional<at::Tensor>>& output_jacobians,
     at::TensorList eigvecs_a, at::TensorList eigvals_a, at::TensorList eigvecs_g,
     at::TensorList eigvals_g, const at::Tensor& scale, const at::Tensor& delta,
@@ -83,9 +85,8 @@ at::Tensor kron_predictive_variance_cpu(
   return total;
 }
 
-}  // namespace
 }  // namespace fastlaplace
 
 TORCH_LIBRARY_IMPL(fastlaplace, CPU, m) {
-  m.impl("kron_predictive_variance", &fastlaplace::kron_predictive_variance_cpu);
+  m.impl("kron_predictive_variance", &fastlaplace::kron_predictive_variance_aten);
 }

@@ -9,9 +9,8 @@
 #include "kron_eigen.h"
 
 namespace fastlaplace {
-namespace {
 
-std::vector<at::Tensor> kron_solve_cpu(at::TensorList eigvecs_a, at::TensorList eigvals_a,
+std::vector<at::Tensor> kron_solve_aten(at::TensorList eigvecs_a, at::TensorList eigvals_a,
                                        at::TensorList eigvecs_g, at::TensorList eigvals_g,
                                        at::TensorList rhs, const at::Tensor& scale,
                                        const at::Tensor& delta, double exponent) {
@@ -42,7 +41,6 @@ std::vector<at::Tensor> kron_solve_cpu(at::TensorList eigvecs_a, at::TensorList 
   return result;
 }
 
-}  // namespace
 }  // namespace fastlaplace
 
-TORCH_LIBRARY_IMPL(fastlaplace, CPU, m) { m.impl("kron_solve", &fastlaplace::kron_solve_cpu); }
+TORCH_LIBRARY_IMPL(fastlaplace, CPU, m) { m.impl("kron_solve", &fastlaplace::kron_solve_aten); }
