@@ -1,0 +1,551 @@
+"""Each fastlaplace operator side by side with the plain PyTorch code a user would write.
+
+Run ``make bench`` (CPU), ``make gpu-check`` (CUDA) or directly
+``python benchmarks/bench_ops.py [--device cuda] [--quick] [--threads 2] [--out DIR]``.
+``--quick`` shrinks every size for a smoke run of a few seconds.
+
+The operators are called through :mod:`fastlaplace.ops` of the checkout this file sits
+in. Without the compiled extension those wrappers fall back to the slow pure-PyTorch
+reference; the backend that served them is printed and recorded with every result.
+
+Time: both sides get the same inputs in the same process. One untimed-for-the-result
+call of each side warms up (and its results are compared: ``max_rel_diff``), then the
+repetitions alternate, fastlaplace first on even and the baseline first on odd rounds,
+so machine noise hits both alike; the reported times are medians. The number of rounds
+fits a time budget per case (at least 5). On CUDA every call is bracketed by
+``torch.cuda.synchronize()``; CPU runs use ``--threads`` intra-op threads.
+
+Peak memory (MiB above what was in use just before the call, outputs included):
+
+* CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``,
+  in the benchmark process after the timing.
+* CPU: the resident set in a fresh process per case and side, forked from a server that
+  has only imported this module (``multiprocessing`` "forkserver"). The process fixes
+  glibc's malloc thresholds so that freed blocks over 128 KiB go back to the OS, builds
+  the inputs, calls the side once as a warm-up (thread pools, BLAS buffers and other
+  one-time allocations are not the op's), resets the high-water mark ``VmHWM`` by
+  writing 5 to ``/proc/self/clear_refs``, reads ``VmRSS``, calls the side once more and
+  reports ``VmHWM - VmRSS``. Linux only.
+
+Results: ``<out>/ops_<device>.json`` (one record per case) and ``<out>/ops_<device>.md``
+(the table, also printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not another install
+import fastlaplace  # noqa: E402
+import fastlaplace.ops as ops  # noqa: E402
+
+MIN_REPEATS, MAX_REPEATS = 5, 40
+SECONDS_PER_CASE = {False: 6.0, True: 0.3}  # timing budget per case, by --quick
+OUTPUT_GRAD_COLUMNS = 10  # K of the diagonal GGN
+DELTA = (1.0, 0.5, 2.0)  # prior precision per MLP layer
+LAST = slice(2, 3)  # the MLP's last layer
+MAX_REL_DIFF = 1e-3  # fastlaplace and baseline results further apart than this are flagged
+
+
+@dataclass
+class Pair:
+    """The two sides of one case, closed over the same inputs; each returns comparable results."""
+
+    variant: str
+    fast: Callable[[], object]
+    baseline: Callable[[], object]
+
+
+@dataclass(frozen=True)
+class Bench:
+    """One row of the table: an operator, what its baseline runs, and how to build both."""
+
+    case: str
+    baseline: str
+    make: Callable[[str, bool], Pair]
+    min_speedup: float | None = None
+    max_peak_fraction: float | None = None
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def mlp(quick: bool) -> tuple[list[int], list[int], int]:
+    """Input widths, output widths and batch size of the 784-512-512-10 MLP (a quarter with --quick)."""
+    if quick:
+        return [196, 128, 128], [128, 128, 10], 128
+    return [784, 512, 512], [512, 512, 10], 1024
+
+
+def cat_ones(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
+
+
+def spd(n: int, device: str) -> torch.Tensor:
+    m = torch.randn(n, n + 8, device=device)
+    return m @ m.T / n
+
+
+@dataclass
+class KronLayers:
+    """Eigenpairs of the A and G factors of the MLP's layers, with per-layer scale and delta."""
+
+    qa: list[torch.Tensor]
+    la: list[torch.Tensor]
+    qg: list[torch.Tensor]
+    lg: list[torch.Tensor]
+    scale: torch.Tensor
+    delta: torch.Tensor
+
+    def eigenpairs(self, layers: slice = slice(None)) -> list[list[torch.Tensor]]:
+        """The arguments eigvecs_a, eigvals_a, eigvecs_g, eigvals_g of the ops, for some layers."""
+        return [self.qa[layers], self.la[layers], self.qg[layers], self.lg[layers]]
+
+    def damped(self, i: int) -> torch.Tensor:
+        """The (d_G, d_A) eigenvalues of layer i's posterior precision, as a user computes them."""
+        return torch.outer(self.lg[i], self.la[i]) * self.scale[i] + self.delta[i]
+
+
+def kron_layers(device: str, quick: bool) -> KronLayers:
+    d_in, d_out, _ = mlp(quick)
+    a = [torch.linalg.eigh(spd(d + 1, device)) for d in d_in]
+    g = [torch.linalg.eigh(spd(d, device)) for d in d_out]
+    return KronLayers(
+        qa=[e.eigenvectors for e in a],
+        la=[e.eigenvalues for e in a],
+        qg=[e.eigenvectors for e in g],
+        lg=[e.eigenvalues for e in g],
+        scale=torch.ones(3, device=device),
+        delta=torch.tensor(DELTA, device=device),
+    )
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+def factor_accumulation(dtype: torch.dtype) -> Callable[[str, bool], Pair]:
+    def make(device: str, quick: bool) -> Pair:
+        d_in, d_out, n = mlp(quick)
+        widths, bias = d_in + d_out, [True] * 3 + [False] * 3
+        xs = [torch.randn(n, d, device=device, dtype=dtype) for d in widths]
+        fast_factors = [torch.zeros(d + b, d + b, device=device) for d, b in zip(widths, bias, strict=True)]
+        base_factors = [f.clone() for f in fast_factors]
+        alpha, beta = 1.0, 1.0  # a fit step: sum over batches
+
+        def fast():
+            ops.factor_accumulate_(fast_factors, xs, bias, alpha=alpha, beta=beta)
+            return fast_factors
+
+        def baseline():
+            for f, x, b in zip(base_factors, xs, bias, strict=True):
+                x1 = cat_ones(x.float()) if b else x.float()
+                f.mul_(beta).add_(x1.T @ x1, alpha=alpha)
+            return base_factors
+
+        dims = "-".join(map(str, d_in + d_out[-1:]))
+        return Pair(f"MLP {dims} (6 factors), N={n}, {str(dtype)[6:]} in", fast, baseline)
+
+    return make
+
+
+def conv_input_factor(device: str, quick: bool) -> Pair:
+    n, c, size = (8, 16, 16) if quick else (64, 32, 32)
+    x = torch.randn(n, c, size, size, device=device)
+    fast_factor = torch.zeros(c * 9 + 1, c * 9 + 1, device=device)
+    base_factor = fast_factor.clone()
+
+    def fast():
+        ops.conv_input_factor_(fast_factor, x, 3, stride=1, padding=1, append_ones=True)
+        return fast_factor
+
+    def baseline():
+        u = torch.nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, c * 9)
+        u = cat_ones(u)
+        return base_factor.add_(u.T @ u)
+
+    return Pair(f"Conv2d input {n}x{c}x{size}x{size}, 3x3, stride 1, pad 1, bias", fast, baseline)
+
+
+def diag_ggn_inputs(device: str, quick: bool, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    d_in, d_out, _ = mlp(quick)
+    a = [torch.randn(n, d, device=device) for d in d_in]
+    g = [torch.randn(n, OUTPUT_GRAD_COLUMNS, d, device=device) for d in d_out]
+    return a, g
+
+
+def diag_ggn(device: str, quick: bool) -> Pair:
+    n = mlp(quick)[2]
+    a, g = diag_ggn_inputs(device, quick, n)
+
+    def baseline():
+        return [(gi**2).sum(1).T @ cat_ones(ai) ** 2 for ai, gi in zip(a, g, strict=True)]
+
+    return Pair(f"MLP's 3 layers, N={n}, K={OUTPUT_GRAD_COLUMNS}", lambda: ops.diag_ggn(a, g, [True] * 3), baseline)
+
+
+def diag_ggn_per_sample(device: str, quick: bool) -> Pair:
+    # The per-sample gradients take N*K*d_out*(d_in+1) floats: 16 GiB at N=1024, hence a small N.
+    n = 4 if quick else 32
+    a, g = diag_ggn_inputs(device, quick, n)
+
+    def baseline():
+        per_sample = [torch.einsum("nko,ni->nkoi", gi, cat_ones(ai)) for ai, gi in zip(a, g, strict=True)]
+        return [grads.square().sum((0, 1)) for grads in per_sample]
+
+    return Pair(f"MLP's 3 layers, N={n}, K={OUTPUT_GRAD_COLUMNS}", lambda: ops.diag_ggn(a, g, [True] * 3), baseline)
+
+
+def eigh_of(sizes: list[int], device: str) -> tuple[Callable[[], object], Callable[[], object]]:
+    matrices = [spd(s, device) for s in sizes]
+    return (
+        lambda: ops.batched_eigh(matrices)[0],
+        lambda: [torch.linalg.eigh(m).eigenvalues for m in matrices],
+    )
+
+
+def eigh_mlp(device: str, quick: bool) -> Pair:
+    d_in, d_out, _ = mlp(quick)
+    sizes = [d + 1 for d in d_in] + d_out
+    return Pair(f"the MLP's 6 factors {sizes}", *eigh_of(sizes, device))
+
+
+def eigh_many_small(device: str, quick: bool) -> Pair:
+    small, large = (20, 2) if quick else (200, 20)
+    return Pair(f"{small} of 64x64 + {large} of 200x200", *eigh_of([64] * small + [200] * large, device))
+
+
+def kron_solve(device: str, quick: bool) -> Pair:
+    k = kron_layers(device, quick)
+    rhs = [torch.randn(g.shape[0], a.shape[0], device=device) for a, g in zip(k.qa, k.qg, strict=True)]
+
+    def baseline():
+        return [k.qg[i] @ ((k.qg[i].T @ v @ k.qa[i]) / k.damped(i)) @ k.qa[i].T for i, v in enumerate(rhs)]
+
+    def fast():
+        return ops.kron_solve(*k.eigenpairs(), rhs, k.scale, k.delta)
+
+    shapes = ", ".join(f"{tuple(v.shape)}" for v in rhs)
+    return Pair(f"MLP's 3 layers, V of {shapes}", fast, baseline)
+
+
+def kron_logdet(device: str, quick: bool) -> Pair:
+    k = kron_layers(device, quick)
+
+    def baseline():
+        return torch.stack([torch.log(k.damped(i)).sum() for i in range(3)])
+
+    return Pair("MLP's 3 layers", lambda: ops.kron_logdet(k.la, k.lg, k.scale, k.delta), baseline)
+
+
+def predictive_eigenbasis(k: KronLayers, layers: list[int], inputs: list, jacobians: list) -> torch.Tensor:
+    """Σ_l J_l P_l⁻¹ J_lᵀ (diagonal) in plain torch: rotate, square, divide, contract."""
+    total = 0
+    for i, a, jac in zip(layers, inputs, jacobians, strict=True):
+        weights = (cat_ones(a) @ k.qa[i]).square() @ (1 / k.damped(i)).T  # (N, d_G)
+        if jac is None:
+            total = total + weights @ k.qg[i].square().T
+        else:
+            total = total + torch.einsum("ncj,nj->nc", (jac @ k.qg[i]).square(), weights)
+    return total
+
+
+def predictive_samples(quick: bool) -> int:
+    return 64 if quick else 256
+
+
+def predictive_last_layer(device: str, quick: bool) -> tuple[KronLayers, torch.Tensor, int]:
+    k = kron_layers(device, quick)
+    n = predictive_samples(quick)
+    return k, torch.randn(n, k.qa[2].shape[0] - 1, device=device), n
+
+
+def predictive_last_layer_eigenbasis(device: str, quick: bool) -> Pair:
+    k, a, _ = predictive_last_layer(device, quick)
+
+    def fast():
+        return ops.kron_predictive_variance([a], [None], *k.eigenpairs(LAST), k.scale[LAST], k.delta[LAST], [True])
+
+    variant = f"last layer, inputs {tuple(a.shape)}, C={k.qg[2].shape[0]}, bias"
+    return Pair(variant, fast, lambda: predictive_eigenbasis(k, [2], [a], [None]))
+
+
+def predictive_last_layer_dense(device: str, quick: bool) -> Pair:
+    k, a, n = predictive_last_layer(device, quick)
+    classes, d_a = k.qg[2].shape[0], k.qa[2].shape[0]
+
+    def fast():
+        return ops.kron_predictive_variance([a], [None], *k.eigenpairs(LAST), k.scale[LAST], k.delta[LAST], [True])
+
+    def baseline():
+        eye = torch.eye(classes, device=device)
+        # Rows of J_n = I_C ⊗ [a_n, 1]ᵀ, each as a (C, d_A) matrix: (N*C, C, d_A).
+        jac = torch.einsum("cj,ni->ncji", eye, cat_ones(a)).reshape(n * classes, classes, d_a)
+        solved = k.qg[2] @ ((k.qg[2].T @ jac @ k.qa[2]) / k.damped(2)) @ k.qa[2].T  # P⁻¹ Jᵀ
+        return (jac * solved).sum((1, 2)).reshape(n, classes)
+
+    return Pair(f"last layer, J of {n * classes}x{classes * d_a}", fast, baseline)
+
+
+def predictive_all_layers(device: str, quick: bool) -> Pair:
+    k = kron_layers(device, quick)
+    n, classes = predictive_samples(quick), k.qg[2].shape[0]
+    inputs = [torch.randn(n, q.shape[0] - 1, device=device) for q in k.qa]
+    jacobians = [torch.randn(n, classes, q.shape[0], device=device) for q in k.qg]
+
+    def fast():
+        return ops.kron_predictive_variance(inputs, jacobians, *k.eigenpairs(), k.scale, k.delta, [True] * 3)
+
+    variant = f"MLP's 3 layers, N={n}, B of (N, {classes}, d_out) per layer"
+    return Pair(variant, fast, lambda: predictive_eigenbasis(k, [0, 1, 2], inputs, jacobians))
+
+
+BENCHES = [
+    Bench("factor_accumulate_", "loop: cat ones, F.mul_(β).add_(x1ᵀx1)", factor_accumulation(torch.float32), 1.5),
+    Bench("factor_accumulate_", "loop: x.float(), then the same", factor_accumulation(torch.bfloat16), 1.5),
+    Bench("conv_input_factor_", "F.unfold, cat ones, F.add_(uᵀu)", conv_input_factor, max_peak_fraction=0.25),
+    Bench("diag_ggn", "(g²).sum(1)ᵀ @ [a, 1]² per layer", diag_ggn),
+    Bench("diag_ggn", "per-sample gradients: einsum, square, sum", diag_ggn_per_sample),
+    Bench("batched_eigh", "loop of torch.linalg.eigh", eigh_mlp),
+    Bench("batched_eigh", "loop of torch.linalg.eigh", eigh_many_small),
+    Bench("kron_solve", "Qg @ ((Qgᵀ V Qa) / (outer(lg, la) s + δ)) @ Qaᵀ per layer", kron_solve),
+    Bench("kron_logdet", "log(outer(lg, la) s + δ).sum() per layer", kron_logdet),
+    Bench("kron_predictive_variance", "eigenbasis in torch: rotate, square, divide", predictive_last_layer_eigenbasis),
+    Bench("kron_predictive_variance", "dense J, then J (P⁻¹ Jᵀ) via the Kron solve", predictive_last_layer_dense),
+    Bench("kron_predictive_variance", "eigenbasis in torch: rotate, square, divide, einsum", predictive_all_layers),
+]
+
+
+def make_pair(index: int, device: str, quick: bool) -> Pair:
+    torch.manual_seed(index)
+    return BENCHES[index].make(device, quick)
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device: str) -> tuple[float, object]:
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return time.perf_counter() - start, result
+
+
+def tensors(result: object) -> list[torch.Tensor]:
+    if isinstance(result, torch.Tensor):
+        return [result]
+    return [t for item in result for t in tensors(item)]
+
+
+def max_rel_diff(result: object, expected: object) -> float:
+    """Largest |difference| relative to the largest |expected| entry, over every tensor."""
+    pairs = zip(tensors(result), tensors(expected), strict=True)
+    return max(((x.double() - y.double()).abs().max() / y.double().abs().max()).item() for x, y in pairs)
+
+
+def time_pair(pair: Pair, device: str, budget: float) -> tuple[float, float, int, float]:
+    """Median seconds of each side, the number of rounds, and how far their warm-up results differ."""
+    (first_fast, result_fast), (first_base, result_base) = timed(pair.fast, device), timed(pair.baseline, device)
+    diff = max_rel_diff(result_fast, result_base)
+    rounds = min(MAX_REPEATS, max(MIN_REPEATS, int(budget / (first_fast + first_base))))
+    times: dict[Callable, list[float]] = {pair.fast: [], pair.baseline: []}
+    for r in range(rounds):
+        for fn in (pair.fast, pair.baseline) if r % 2 == 0 else (pair.baseline, pair.fast):
+            times[fn].append(timed(fn, device)[0])
+    return statistics.median(times[pair.fast]), statistics.median(times[pair.baseline]), rounds, diff
+
+
+def status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} is not in /proc/self/status")
+
+
+def peak_mib(fn: Callable[[], object], device: str) -> float:
+    """Memory one call of fn needs above what is in use before it (see the module docstring)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = status_kib("VmRSS")
+    fn()
+    return (status_kib("VmHWM") - before) / 1024
+
+
+def peak_in_child(index: int, side: str, quick: bool, threads: int, conn) -> None:
+    """Body of the fresh process that measures one side of one CPU case."""
+    libc = ctypes.CDLL(None)
+    for option in (-1, -3):  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD: fixed, so freed memory is returned
+        libc.mallopt(option, 128 * 1024)
+    torch.set_num_threads(threads)
+    fn = getattr(make_pair(index, "cpu", quick), side)
+    fn()
+    gc.collect()
+    conn.send(peak_mib(fn, "cpu"))
+
+
+def cpu_peak_mib(index: int, side: str, quick: bool, threads: int) -> float:
+    context = multiprocessing.get_context("forkserver")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=peak_in_child, args=(index, side, quick, threads, sender))
+    child.start()
+    sender.close()
+    try:
+        return receiver.recv()
+    except EOFError:
+        child.join()
+        raise RuntimeError(f"the memory probe of case {index} ({side}) died with exit code {child.exitcode}") from None
+    finally:
+        child.join()
+
+
+def target_note(bench: Bench, speedup: float, peak_fraction: float) -> tuple[str | None, bool | None]:
+    if bench.min_speedup is not None:
+        return f"speed-up ≥ {bench.min_speedup}×", speedup >= bench.min_speedup
+    if bench.max_peak_fraction is not None:
+        return f"peak ≤ {bench.max_peak_fraction:g} of the baseline's", peak_fraction <= bench.max_peak_fraction
+    return None, None
+
+
+def machine_info(device: str) -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+    }
+
+
+def run_bench(index: int, args: argparse.Namespace, common: dict) -> dict:
+    bench = BENCHES[index]
+    pair = make_pair(index, args.device, args.quick)
+    seconds_fast, seconds_base, rounds, diff = time_pair(pair, args.device, SECONDS_PER_CASE[args.quick])
+    variant = pair.variant
+    if args.device == "cuda":
+        peaks = [peak_mib(pair.fast, "cuda"), peak_mib(pair.baseline, "cuda")]
+    else:
+        del pair
+        peaks = [cpu_peak_mib(index, side, args.quick, args.threads) for side in ("fast", "baseline")]
+    speedup = seconds_base / seconds_fast
+    target, met = target_note(bench, speedup, peaks[0] / max(peaks[1], 1e-9))
+    return {
+        "case": bench.case,
+        "variant": variant,
+        "baseline": bench.baseline,
+        "seconds_fastlaplace": seconds_fast,
+        "seconds_baseline": seconds_base,
+        "speedup": speedup,
+        "peak_mib_fastlaplace": peaks[0],
+        "peak_mib_baseline": peaks[1],
+        "rounds": rounds,
+        "max_rel_diff": diff,
+        "target": target,
+        "target_met": met,
+        **common,
+    }
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def milliseconds(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g} ms" if seconds < 10 else f"{seconds:.3g} s"
+
+
+def markdown(records: list[dict], command: str) -> str:
+    meta, machine = records[0], records[0]["machine"]
+    where = machine["gpu"] or f"{machine['processor']}, {machine['cpu_count']} cores, {meta['threads']} threads"
+    lines = [
+        f"fastlaplace operators vs plain PyTorch on {where}; torch {meta['torch']}; "
+        f"operators served by **{meta['backend']}**; `{command}`",
+        "",
+        "| case | fastlaplace | torch baseline | speed-up | peak MiB fastlaplace | peak MiB baseline |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        lines.append(
+            f"| {r['case']}: {r['variant']} — vs {r['baseline']} | {milliseconds(r['seconds_fastlaplace'])} | "
+            f"{milliseconds(r['seconds_baseline'])} | {r['speedup']:.2f}× | {r['peak_mib_fastlaplace']:.1f} | "
+            f"{r['peak_mib_baseline']:.1f} |"
+        )
+    lines.append("")
+    for r in records:
+        if r["target"] is not None:
+            verdict = "met" if r["target_met"] else "NOT met"
+            lines.append(f"- Target for {r['case']} ({r['variant']}): {r['target']}: {verdict}.")
+        if r["max_rel_diff"] > MAX_REL_DIFF:
+            difference = f"max relative difference {r['max_rel_diff']:.1e}"
+            lines.append(f"- fastlaplace and baseline results differ: {r['case']} ({r['variant']}), {difference}.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--quick", action="store_true", help="much smaller sizes: a smoke run")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    # Only torch: the server imports by name from its own sys.path, which could find another fastlaplace.
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["torch"])
+    backend = ops.build_info()
+    print(f"fastlaplace from {Path(fastlaplace.__file__).parent}, operators served by: {backend}", flush=True)
+    if not ops.extension_loaded():
+        print("WARNING: the compiled extension is not loaded; timing the pure-PyTorch reference", flush=True)
+    common = {
+        "device": args.device,
+        "quick": args.quick,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "backend": backend,
+        "extension_loaded": ops.extension_loaded(),
+        "machine": machine_info(args.device),
+    }
+    records = []
+    for index in range(len(BENCHES)):
+        record = run_bench(index, args, common)
+        records.append(record)
+        print(
+            f"{record['case']:>24s} {record['speedup']:6.2f}x  {record['variant']}  "
+            f"({milliseconds(record['seconds_fastlaplace'])} vs {milliseconds(record['seconds_baseline'])}, "
+            f"{record['rounds']} rounds, max rel diff {record['max_rel_diff']:.1e})",
+            flush=True,
+        )
+    command = " ".join(["python benchmarks/bench_ops.py", *sys.argv[1:]])
+    table = markdown(records, command)
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = args.out / f"ops_{args.device}.json", args.out / f"ops_{args.device}.md"
+    json_path.write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n")
+    md_path.write_text(table)
+    print("\n" + table)
+    print(f"wrote {json_path} and {md_path}")
+
+
+if __name__ == "__main__":
+    main()
