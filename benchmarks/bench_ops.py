@@ -8,27 +8,34 @@ The operators are called through :mod:`fastlaplace.ops` of the checkout this fil
 in. Without the compiled extension those wrappers fall back to the slow pure-PyTorch
 reference; the backend that served them is printed and recorded with every result.
 
-Time: both sides get the same inputs in the same process. One untimed-for-the-result
-call of each side warms up (and its results are compared: ``max_rel_diff``), then the
-repetitions alternate, fastlaplace first on even and the baseline first on odd rounds,
-so machine noise hits both alike; the reported times are medians. The number of rounds
-fits a time budget per case (at least 5). On CUDA every call is bracketed by
-``torch.cuda.synchronize()``; CPU runs use ``--threads`` intra-op threads.
+Time: both sides get the same inputs in the same process. A first call of each side is
+the warm-up: their results are compared (``max_rel_diff``, flagged above 1e-3) and their
+durations only set the number of rounds (a time budget per case, at least 5). Then the
+rounds alternate, fastlaplace first on even and the baseline first on odd rounds, so
+machine noise hits both alike. Reported: the median of each side (all rounds are in the
+JSON) and the speed-up, baseline time / fastlaplace time. On CUDA every call is bracketed
+by ``torch.cuda.synchronize()``; CPU runs use ``--threads`` intra-op threads. The
+1-minute load average as each case begins is recorded too: on a shared machine it tells
+whether other work competed for the cores.
 
 Peak memory (MiB above what was in use just before the call, outputs included):
 
 * CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``,
   in the benchmark process after the timing.
-* CPU: the resident set in a fresh process per case and side, forked from a server that
-  has only imported this module (``multiprocessing`` "forkserver"). The process fixes
-  glibc's malloc thresholds so that freed blocks over 128 KiB go back to the OS, builds
-  the inputs, calls the side once as a warm-up (thread pools, BLAS buffers and other
-  one-time allocations are not the op's), resets the high-water mark ``VmHWM`` by
-  writing 5 to ``/proc/self/clear_refs``, reads ``VmRSS``, calls the side once more and
-  reports ``VmHWM - VmRSS``. Linux only.
+* CPU: the resident set, in a fresh process per case and side, forked from a server
+  that has only imported torch (``multiprocessing`` "forkserver": no second import of
+  torch per process). The process fixes glibc's malloc thresholds so that freed blocks
+  over 128 KiB go back to the OS at once, builds the inputs, calls the side once as a
+  warm-up (thread pools, BLAS buffers and other one-time allocations are not the op's),
+  resets the high-water mark ``VmHWM`` to the current resident set by writing 5 to
+  ``/proc/self/clear_refs``, reads ``VmRSS``, calls the side once more and reports
+  ``VmHWM - VmRSS`` (resolution about 0.5 MiB). Linux only. Unlike
+  ``getrusage().ru_maxrss``, which cannot be reset, this is not hidden by a higher peak
+  while the inputs were made; unlike ``torch.profiler``, it also sees memory that does
+  not come from torch's allocator (BLAS, LAPACK, the kernels' own buffers).
 
 Results: ``<out>/ops_<device>.json`` (one record per case) and ``<out>/ops_<device>.md``
-(the table, also printed).
+(the table, also printed); ``ops_<device>_quick.*`` with ``--quick``.
 """
 
 from __future__ import annotations
@@ -157,7 +164,7 @@ def factor_accumulation(dtype: torch.dtype) -> Callable[[str, bool], Pair]:
             return base_factors
 
         dims = "-".join(map(str, d_in + d_out[-1:]))
-        return Pair(f"MLP {dims} (6 factors), N={n}, {str(dtype)[6:]} in", fast, baseline)
+        return Pair(f"MLP {dims} (6 factors), N={n}, {str(dtype)[6:]} in, β=α=1", fast, baseline)
 
     return make
 
@@ -197,16 +204,20 @@ def diag_ggn(device: str, quick: bool) -> Pair:
     return Pair(f"MLP's 3 layers, N={n}, K={OUTPUT_GRAD_COLUMNS}", lambda: ops.diag_ggn(a, g, [True] * 3), baseline)
 
 
+def squared_per_sample_gradients(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("nko,ni->nkoi", g, cat_ones(a)).square().sum((0, 1))
+
+
 def diag_ggn_per_sample(device: str, quick: bool) -> Pair:
     # The per-sample gradients take N*K*d_out*(d_in+1) floats: 16 GiB at N=1024, hence a small N.
     n = 4 if quick else 32
     a, g = diag_ggn_inputs(device, quick, n)
 
     def baseline():
-        per_sample = [torch.einsum("nko,ni->nkoi", gi, cat_ones(ai)) for ai, gi in zip(a, g, strict=True)]
-        return [grads.square().sum((0, 1)) for grads in per_sample]
+        return [squared_per_sample_gradients(ai, gi) for ai, gi in zip(a, g, strict=True)]
 
-    return Pair(f"MLP's 3 layers, N={n}, K={OUTPUT_GRAD_COLUMNS}", lambda: ops.diag_ggn(a, g, [True] * 3), baseline)
+    variant = f"MLP's 3 layers, N={n} (per-sample tensors), K={OUTPUT_GRAD_COLUMNS}"
+    return Pair(variant, lambda: ops.diag_ggn(a, g, [True] * 3), baseline)
 
 
 def eigh_of(sizes: list[int], device: str) -> tuple[Callable[[], object], Callable[[], object]]:
@@ -324,7 +335,7 @@ BENCHES = [
     Bench("kron_solve", "Qg @ ((Qgᵀ V Qa) / (outer(lg, la) s + δ)) @ Qaᵀ per layer", kron_solve),
     Bench("kron_logdet", "log(outer(lg, la) s + δ).sum() per layer", kron_logdet),
     Bench("kron_predictive_variance", "eigenbasis in torch: rotate, square, divide", predictive_last_layer_eigenbasis),
-    Bench("kron_predictive_variance", "dense J, then J (P⁻¹ Jᵀ) via the Kron solve", predictive_last_layer_dense),
+    Bench("kron_predictive_variance", "dense J, then J (P⁻¹ Jᵀ) by the torch Kron solve", predictive_last_layer_dense),
     Bench("kron_predictive_variance", "eigenbasis in torch: rotate, square, divide, einsum", predictive_all_layers),
 ]
 
@@ -362,8 +373,8 @@ def max_rel_diff(result: object, expected: object) -> float:
     return max(((x.double() - y.double()).abs().max() / y.double().abs().max()).item() for x, y in pairs)
 
 
-def time_pair(pair: Pair, device: str, budget: float) -> tuple[float, float, int, float]:
-    """Median seconds of each side, the number of rounds, and how far their warm-up results differ."""
+def time_pair(pair: Pair, device: str, budget: float) -> tuple[list[float], list[float], float]:
+    """Seconds of each side per round, and how far their warm-up results differ."""
     (first_fast, result_fast), (first_base, result_base) = timed(pair.fast, device), timed(pair.baseline, device)
     diff = max_rel_diff(result_fast, result_base)
     rounds = min(MAX_REPEATS, max(MIN_REPEATS, int(budget / (first_fast + first_base))))
@@ -371,7 +382,7 @@ def time_pair(pair: Pair, device: str, budget: float) -> tuple[float, float, int
     for r in range(rounds):
         for fn in (pair.fast, pair.baseline) if r % 2 == 0 else (pair.baseline, pair.fast):
             times[fn].append(timed(fn, device)[0])
-    return statistics.median(times[pair.fast]), statistics.median(times[pair.baseline]), rounds, diff
+    return times[pair.fast], times[pair.baseline], diff
 
 
 def status_kib(field: str) -> int:
@@ -393,7 +404,7 @@ def peak_mib(fn: Callable[[], object], device: str) -> float:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     before = status_kib("VmRSS")
     fn()
-    return (status_kib("VmHWM") - before) / 1024
+    return max(0.0, (status_kib("VmHWM") - before) / 1024)  # the kernel's RSS counters lag by a few pages
 
 
 def peak_in_child(index: int, side: str, quick: bool, threads: int, conn) -> None:
@@ -415,12 +426,13 @@ def cpu_peak_mib(index: int, side: str, quick: bool, threads: int) -> float:
     child.start()
     sender.close()
     try:
-        return receiver.recv()
+        peak = receiver.recv()
     except EOFError:
-        child.join()
-        raise RuntimeError(f"the memory probe of case {index} ({side}) died with exit code {child.exitcode}") from None
-    finally:
-        child.join()
+        peak = None
+    child.join()
+    if peak is None:
+        raise RuntimeError(f"the memory probe of case {index} ({side}) died with exit code {child.exitcode}")
+    return peak
 
 
 def target_note(bench: Bench, speedup: float, peak_fraction: float) -> tuple[str | None, bool | None]:
@@ -443,8 +455,10 @@ def machine_info(device: str) -> dict:
 
 def run_bench(index: int, args: argparse.Namespace, common: dict) -> dict:
     bench = BENCHES[index]
+    load_average = os.getloadavg()[0]
     pair = make_pair(index, args.device, args.quick)
-    seconds_fast, seconds_base, rounds, diff = time_pair(pair, args.device, SECONDS_PER_CASE[args.quick])
+    times_fast, times_base, diff = time_pair(pair, args.device, SECONDS_PER_CASE[args.quick])
+    seconds_fast, seconds_base = statistics.median(times_fast), statistics.median(times_base)
     variant = pair.variant
     if args.device == "cuda":
         peaks = [peak_mib(pair.fast, "cuda"), peak_mib(pair.baseline, "cuda")]
@@ -462,10 +476,12 @@ def run_bench(index: int, args: argparse.Namespace, common: dict) -> dict:
         "speedup": speedup,
         "peak_mib_fastlaplace": peaks[0],
         "peak_mib_baseline": peaks[1],
-        "rounds": rounds,
         "max_rel_diff": diff,
         "target": target,
         "target_met": met,
+        "times_fastlaplace": times_fast,
+        "times_baseline": times_base,
+        "load_average": load_average,
         **common,
     }
 
@@ -473,24 +489,28 @@ def run_bench(index: int, args: argparse.Namespace, common: dict) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
-def milliseconds(seconds: float) -> str:
-    return f"{seconds * 1e3:.3g} ms" if seconds < 10 else f"{seconds:.3g} s"
+def duration(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
 
 
 def markdown(records: list[dict], command: str) -> str:
     meta, machine = records[0], records[0]["machine"]
     where = machine["gpu"] or f"{machine['processor']}, {machine['cpu_count']} cores, {meta['threads']} threads"
+    loads = [r["load_average"] for r in records]
     lines = [
         f"fastlaplace operators vs plain PyTorch on {where}; torch {meta['torch']}; "
         f"operators served by **{meta['backend']}**; `{command}`",
+        "",
+        f"1-minute load average as each case began: {min(loads):.1f} to {max(loads):.1f} (this run's own "
+        f"threads count; well above {meta['threads']} means other work competed for the cores).",
         "",
         "| case | fastlaplace | torch baseline | speed-up | peak MiB fastlaplace | peak MiB baseline |",
         "|---|---|---|---|---|---|",
     ]
     for r in records:
         lines.append(
-            f"| {r['case']}: {r['variant']} — vs {r['baseline']} | {milliseconds(r['seconds_fastlaplace'])} | "
-            f"{milliseconds(r['seconds_baseline'])} | {r['speedup']:.2f}× | {r['peak_mib_fastlaplace']:.1f} | "
+            f"| {r['case']}: {r['variant']} — vs {r['baseline']} | {duration(r['seconds_fastlaplace'])} | "
+            f"{duration(r['seconds_baseline'])} | {r['speedup']:.2f}× | {r['peak_mib_fastlaplace']:.1f} | "
             f"{r['peak_mib_baseline']:.1f} |"
         )
     lines.append("")
@@ -514,6 +534,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     # Only torch: the server imports by name from its own sys.path, which could find another fastlaplace.
     multiprocessing.get_context("forkserver").set_forkserver_preload(["torch"])
+    # Each memory probe imports fastlaplace again: say once, here, which backend serves the ops.
+    os.environ["PYTHONWARNINGS"] = "ignore:fastlaplace._C is not available:RuntimeWarning"
     backend = ops.build_info()
     print(f"fastlaplace from {Path(fastlaplace.__file__).parent}, operators served by: {backend}", flush=True)
     if not ops.extension_loaded():
@@ -533,14 +555,15 @@ def main() -> None:
         records.append(record)
         print(
             f"{record['case']:>24s} {record['speedup']:6.2f}x  {record['variant']}  "
-            f"({milliseconds(record['seconds_fastlaplace'])} vs {milliseconds(record['seconds_baseline'])}, "
-            f"{record['rounds']} rounds, max rel diff {record['max_rel_diff']:.1e})",
+            f"({duration(record['seconds_fastlaplace'])} vs {duration(record['seconds_baseline'])}, "
+            f"{len(record['times_baseline'])} rounds, max rel diff {record['max_rel_diff']:.1e})",
             flush=True,
         )
     command = " ".join(["python benchmarks/bench_ops.py", *sys.argv[1:]])
     table = markdown(records, command)
     args.out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = args.out / f"ops_{args.device}.json", args.out / f"ops_{args.device}.md"
+    stem = f"ops_{args.device}_quick" if args.quick else f"ops_{args.device}"
+    json_path, md_path = args.out / f"{stem}.json", args.out / f"{stem}.md"
     json_path.write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n")
     md_path.write_text(table)
     print("\n" + table)
