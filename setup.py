@@ -24,7 +24,10 @@ if force_cuda and torch.version.cuda is None:
     sys.exit("FASTLAPLACE_FORCE_CUDA=1 but the installed torch has no CUDA")
 
 sources = ["csrc/registration.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
-cxx_flags = ["-O3"]
+# at::parallel_for / parallel_reduce are inline OpenMP regions: without -fopenmp they
+# silently run on one thread. The OpenMP runtime is the one torch already loaded.
+cxx_flags = ["-O3", "-fopenmp"]
+link_flags = ["-fopenmp"]
 if with_cuda:
     # Without a visible GPU torch cannot detect the architecture to build for.
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -36,10 +39,17 @@ if with_cuda:
             "cxx": [*cxx_flags, "-DFASTLAPLACE_WITH_CUDA"],
             "nvcc": ["-O3", "--expt-relaxed-constexpr", "-DFASTLAPLACE_WITH_CUDA"],
         },
+        extra_link_args=link_flags,
         py_limited_api=True,
     )
 else:
-    extension = CppExtension("fastlaplace._C", sources, extra_compile_args={"cxx": cxx_flags}, py_limited_api=True)
+    extension = CppExtension(
+        "fastlaplace._C",
+        sources,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
+        py_limited_api=True,
+    )
 
 setup(
     ext_modules=[extension],
