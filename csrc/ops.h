@@ -44,7 +44,7 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& ref,
 
 // Largest block edge used when a symmetric Gram matrix is accumulated block by
 // block (only blocks on or above the diagonal are multiplied).
-constexpr int64_t kGramBlock = 160;
+constexpr int64_t kGramBlock = 96;
 
 // ATen-composed implementations (csrc/cpu/*.cpp). They serve the CPU and, until
 // fused CUDA kernels replace them, the CUDA dispatch key too: on a GPU their GEMMs and

@@ -144,3 +144,13 @@ def test_compiled_op_checks_shapes_itself():
     requires_extension()
     with pytest.raises(RuntimeError, match=r"factors\[0\] must be \(4, 4\)"):
         torch.ops.fastlaplace.factor_accumulate_([torch.zeros(3, 3)], [torch.randn(2, 3)], [True], 1.0, 1.0)
+
+
+def test_bf16_rows_converted_in_several_chunks_add_up(generator):
+    # 1500 bf16 columns are converted 699 rows at a time (4 MiB of float32): 2 chunks here.
+    x = torch.randn(700, 1500, generator=generator).to(torch.bfloat16)
+    old = random_spd(1501, generator=generator).float()
+    result, expected = old.clone(), old.clone()
+    ops.factor_accumulate_([result], [x], [True], 0.5, 0.25)
+    reference.factor_accumulate_([expected], [x], [True], 0.5, 0.25)
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-3)

@@ -14,10 +14,15 @@
 namespace fastlaplace {
 namespace {
 
-// Rows converted to the accumulation dtype at a time (bounds the extra memory of
-// bf16 / fp16 inputs to this many rows).
-constexpr int64_t kConvertRows = 4096;
+// An input in another dtype than its factor is converted a chunk of rows at a time:
+// about this many bytes, but at least kMinConvertRows rows so that the GEMMs stay
+// efficient.
+constexpr int64_t kConvertBytes = 4 << 20;
+constexpr int64_t kMinConvertRows = 256;
 constexpr int64_t kAlign = 32;
+// Largest thread load, relative to an even share, at which blocks are still spread
+// over the threads rather than multiplied in turn with threaded GEMMs.
+constexpr double kMaxImbalance = 1.15;
 
 // out[rows, cols] (+)= alpha x[:, rows]^T x[:, cols], and its mirror when the block
 // lies above the diagonal.
@@ -84,15 +89,27 @@ void accumulate_blocks(at::TensorList outs, const std::vector<at::Tensor>& xs,
   for (int64_t layer = 0; layer < static_cast<int64_t>(xs.size()); ++layer) {
     split_triangle(layer, 0, xs[layer].size(1), xs[layer].size(0), blocks);
   }
+  if (blocks.empty()) return;
   std::sort(blocks.begin(), blocks.end(),
             [](const Block& a, const Block& b) { return a.cost > b.cost; });
   const int64_t threads = host_threads(outs[0]);
   std::vector<std::vector<Block>> buckets(threads);
   std::vector<double> load(threads, 0.0);
+  double total = 0.0;
   for (const Block& b : blocks) {
     const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
     buckets[t].push_back(b);
     load[t] += b.cost;
+    total += b.cost;
+  }
+  // Too few blocks to share out evenly: multiply them one after the other, each GEMM
+  // with all the threads.
+  if (*std::max_element(load.begin(), load.end()) > kMaxImbalance * total / threads) {
+    for (const Block& b : blocks) {
+      accumulate_block(outs[b.layer], xs[b.layer], b.row_begin, b.row_end, b.col_begin,
+                       b.col_end, alpha, beta);
+    }
+    return;
   }
   at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
     for (int64_t t = first; t < last; ++t) {
@@ -112,26 +129,29 @@ int64_t host_threads(const at::Tensor& t) {
 
 void accumulate_grams(at::TensorList outs, at::TensorList xs,
                        const std::vector<bool>& append_ones, double alpha, double beta) {
-  // Rows still to convert after the first pass, which takes every same-dtype input whole.
-  int64_t rows = 0;
+  // Inputs already in their factor's dtype: every layer's blocks in one parallel region.
+  std::vector<at::Tensor> same_outs, same_xs;
   for (size_t i = 0; i < xs.size(); ++i) {
-    if (xs[i].scalar_type() != outs[i].scalar_type()) rows = std::max(rows, xs[i].size(0));
+    if (xs[i].scalar_type() != outs[i].scalar_type()) continue;
+    same_outs.push_back(outs[i]);
+    same_xs.push_back(xs[i]);
+    if (append_ones[i]) accumulate_ones_column(outs[i], xs[i], alpha, beta);
   }
-  for (int64_t start = 0; start == 0 || start < rows; start += kConvertRows) {
-    const double chunk_beta = start == 0 ? beta : 1.0;
-    std::vector<at::Tensor> chunk_outs, chunk_xs;
-    for (size_t i = 0; i < xs.size(); ++i) {
-      // Inputs already in their factor's dtype are used whole, in the first pass;
-      // the others are converted a chunk of rows at a time.
-      const bool convert = xs[i].scalar_type() != outs[i].scalar_type();
-      const int64_t length = convert ? std::min(kConvertRows, xs[i].size(0) - start)
-                                     : (start == 0 ? xs[i].size(0) : 0);
-      if (start > 0 && length <= 0) continue;
-      chunk_outs.push_back(outs[i]);
-      chunk_xs.push_back(xs[i].narrow(0, start, length).to(outs[i].scalar_type()));
-      if (append_ones[i]) accumulate_ones_column(outs[i], chunk_xs.back(), alpha, chunk_beta);
+  accumulate_blocks(same_outs, same_xs, alpha, beta);
+  // The others one layer at a time, converted a chunk of rows at a time.
+  for (size_t i = 0; i < xs.size(); ++i) {
+    if (xs[i].scalar_type() == outs[i].scalar_type()) continue;
+    const int64_t n = xs[i].size(0);
+    const int64_t chunk_rows = std::max(
+        kMinConvertRows,
+        kConvertBytes / std::max<int64_t>(1, xs[i].size(1) * outs[i].element_size()));
+    for (int64_t start = 0; start == 0 || start < n; start += chunk_rows) {
+      const at::Tensor chunk =
+          xs[i].narrow(0, start, std::min(chunk_rows, n - start)).to(outs[i].scalar_type());
+      const double chunk_beta = start == 0 ? beta : 1.0;
+      if (append_ones[i]) accumulate_ones_column(outs[i], chunk, alpha, chunk_beta);
+      accumulate_blocks({outs[i]}, {chunk}, alpha, chunk_beta);
     }
-    accumulate_blocks(chunk_outs, chunk_xs, alpha, chunk_beta);
   }
 }
 

@@ -12,8 +12,8 @@ namespace fastlaplace {
 //
 // outs[i]: (d_i + append_ones[i])^2 in the accumulation dtype, symmetric (as with
 // BLAS syrk only the upper triangle is read, and the result is exactly symmetric).
-// xs[i]: (n_i, d_i), any floating dtype; converted a chunk of rows at a time, never
-// whole. Only the block-rows on and above the diagonal are multiplied (about half the
+// xs[i]: (n_i, d_i), any floating dtype; converted about 4 MiB of rows at a time,
+// never whole. Only the block-rows on and above the diagonal are multiplied (about half the
 // flops of x^T x); all layers' blocks share one parallel region. The ones column is
 // never materialised: its row is the column sums, its corner the row count.
 // beta == 0 ignores the old content (NaN included), as BLAS does.
