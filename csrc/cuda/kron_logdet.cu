@@ -1,8 +1,10 @@
 // CUDA kernel of fastlaplace::kron_logdet: log det P_l = sum_ij log(s mu_j lambda_i + delta)
 // per layer, one grid-stride pass over the (d_G, d_A) grid with no temporary of its
-// size; block sums are added in float64.
+// size. Each block writes its float64 partial sum to its own slot, and the slots are
+// summed afterwards: no atomics, so the result does not change from run to run.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -24,7 +26,7 @@ __global__ void kron_logdet_kernel(const scalar_t* __restrict__ eigvals_a, int64
                                    const scalar_t* __restrict__ eigvals_g, int64_t size_g,
                                    const scalar_t* __restrict__ scale,
                                    const scalar_t* __restrict__ delta, int64_t layer,
-                                   double* __restrict__ out) {
+                                   double* __restrict__ block_sums) {
   __shared__ double partial[kThreads];
   const double s = static_cast<double>(scale[layer]);
   const double d = static_cast<double>(delta[layer]);
@@ -32,8 +34,11 @@ __global__ void kron_logdet_kernel(const scalar_t* __restrict__ eigvals_a, int64
   const int64_t total = size_a * size_g;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const double mu = fmax(static_cast<double>(eigvals_g[e / size_a]), 0.0);
-    const double lambda = fmax(static_cast<double>(eigvals_a[e % size_a]), 0.0);
+    // x < 0 ? 0 : x keeps NaN, as torch.clamp_min does (fmax would drop it).
+    const double g = static_cast<double>(eigvals_g[e / size_a]);
+    const double a = static_cast<double>(eigvals_a[e % size_a]);
+    const double mu = g < 0 ? 0.0 : g;
+    const double lambda = a < 0 ? 0.0 : a;
     sum += log(s * mu * lambda + d);
   }
   partial[threadIdx.x] = sum;
@@ -42,7 +47,7 @@ __global__ void kron_logdet_kernel(const scalar_t* __restrict__ eigvals_a, int64
     if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
     __syncthreads();
   }
-  if (threadIdx.x == 0) atomicAdd(out + layer, partial[0]);
+  if (threadIdx.x == 0) block_sums[blockIdx.x] = partial[0];
 }
 
 at::Tensor kron_logdet_cuda(at::TensorList eigvals_a, at::TensorList eigvals_g,
@@ -58,7 +63,9 @@ at::Tensor kron_logdet_cuda(at::TensorList eigvals_a, at::TensorList eigvals_g,
   check_factor_dtype(eigvals_a[0], "eigvals_a", 0);
   const at::Tensor scales = scale.to(dtype).contiguous();
   const at::Tensor deltas = delta.to(dtype).contiguous();
-  at::Tensor sums = at::zeros({layers}, eigvals_a[0].options().dtype(at::kDouble));
+  // One row of block partial sums per layer; unused slots stay 0.
+  at::Tensor block_sums =
+      at::zeros({layers, kMaxBlocks}, eigvals_a[0].options().dtype(at::kDouble));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   for (int64_t i = 0; i < layers; ++i) {
     TORCH_CHECK(eigvals_a[i].dim() == 1 && eigvals_g[i].dim() == 1 &&
@@ -75,11 +82,11 @@ at::Tensor kron_logdet_cuda(at::TensorList eigvals_a, at::TensorList eigvals_g,
       kron_logdet_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
           la.data_ptr<scalar_t>(), la.numel(), lg.data_ptr<scalar_t>(), lg.numel(),
           scales.data_ptr<scalar_t>(), deltas.data_ptr<scalar_t>(), i,
-          sums.data_ptr<double>());
+          block_sums[i].data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  return sums.to(dtype);
+  return block_sums.sum(1).to(dtype);
 }
 
 }  // namespace
