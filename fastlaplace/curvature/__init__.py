@@ -1,0 +1,22 @@
+"""What a model's layers contribute to the curvature of the loss.
+
+:func:`layer_statistics` runs one batch and returns, for every supported layer, its
+inputs and the output gradients whose outer products make up the GGN (exact), the
+Monte-Carlo Fisher or the empirical Fisher. :class:`KronCurvature` and
+:class:`DiagCurvature` accumulate them over batches with the fused operators.
+"""
+
+from fastlaplace.curvature.accumulate import DiagCurvature, KronCurvature
+from fastlaplace.curvature.loss import LIKELIHOODS, MODES, output_gradient_columns
+from fastlaplace.curvature.statistics import LayerStatistics, layer_statistics, supported_layers
+
+__all__ = [
+    "LIKELIHOODS",
+    "MODES",
+    "DiagCurvature",
+    "KronCurvature",
+    "LayerStatistics",
+    "layer_statistics",
+    "output_gradient_columns",
+    "supported_layers",
+]

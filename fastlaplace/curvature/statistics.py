@@ -1,0 +1,125 @@
+"""One batch through the model: each supported layer's inputs and output gradients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fastlaplace.curvature.loss import output_gradient_columns
+
+SUPPORTED_LAYERS = (nn.Linear,)
+
+
+@dataclass
+class LayerStatistics:
+    """What one layer contributes for one batch.
+
+    Attributes:
+        name: the layer's name in ``model.named_modules()``.
+        module: the layer.
+        inputs: ``(N, d_in)`` its inputs (detached).
+        output_grads: ``(N, K, d_out)`` the curvature columns backpropagated to its
+            pre-activation (detached).
+    """
+
+    name: str
+    module: nn.Module
+    inputs: Tensor
+    output_grads: Tensor
+
+    @property
+    def has_bias(self) -> bool:
+        """Whether the layer has a trainable bias (the factor gets a ones column)."""
+        return self.module.bias is not None and self.module.bias.requires_grad
+
+
+def supported_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers with trainable parameters, all of a supported type, in model order.
+
+    Raises:
+        ValueError: if a module with trainable parameters is not supported, or if the
+            model has no trainable supported layer.
+    """
+    layers = []
+    for name, module in model.named_modules():
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        if not isinstance(module, SUPPORTED_LAYERS):
+            kinds = ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
+            raise ValueError(
+                f"layer {name!r} ({type(module).__name__}) has trainable parameters but is not "
+                f"supported; supported layers: {kinds} (set requires_grad=False to leave it out)"
+            )
+        layers.append((name, module))
+    if not layers:
+        raise ValueError("the model has no trainable layer of a supported type (nn.Linear)")
+    return layers
+
+
+def layer_statistics(
+    model: nn.Module,
+    x: Tensor,
+    target: Tensor,
+    likelihood: str,
+    mode: str = "ggn",
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, list[LayerStatistics]]:
+    """Run one batch and collect every supported layer's inputs and output gradients.
+
+    The K curvature columns of :func:`output_gradient_columns` are backpropagated in one
+    batched backward pass (``is_grads_batched``), so a layer's GGN contribution is
+    ``Σ_n Σ_k (g_nk g_nkᵀ) ⊗ (a_n a_nᵀ)`` in the row-major ``[W | b]`` order.
+
+    Args:
+        model: the network; its output must be ``(N, C)``.
+        x: ``(N, ...)`` a batch of inputs.
+        target: the batch's targets (see :func:`output_gradient_columns`).
+        likelihood: ``"classification"`` or ``"regression"``.
+        mode: ``"ggn"``, ``"mc"`` or ``"ef"``.
+        generator: random source for ``mode="mc"``.
+
+    Returns:
+        ``(output, statistics)``: the detached ``(N, C)`` output and one entry per layer.
+
+    Raises:
+        ValueError: on an unsupported layer, a layer input that is not ``(N, d_in)``, or
+            NaN / Inf in the output or in a layer's output gradients (the layer is named).
+    """
+    layers = supported_layers(model)
+    captured: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def capture(name):
+        def hook(module, inputs, output):
+            captured[name] = (inputs[0], output)
+
+        return hook
+
+    handles = [module.register_forward_hook(capture(name)) for name, module in layers]
+    try:
+        with torch.enable_grad():
+            output = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not torch.isfinite(output).all():
+        raise ValueError("the model's output contains NaN or Inf")
+    for name, _ in layers:
+        a = captured[name][0]
+        if a.dim() != 2:
+            raise ValueError(
+                f"layer {name!r} got an input of shape {tuple(a.shape)}; only (N, d_in) inputs are supported"
+            )
+    columns = output_gradient_columns(output, target, likelihood, mode, generator)  # (N, C, K)
+    pre_activations = [captured[name][1] for name, _ in layers]
+    grads = torch.autograd.grad(
+        output, pre_activations, grad_outputs=columns.permute(2, 0, 1).contiguous(), is_grads_batched=True
+    )
+    statistics = []
+    for (name, module), grad in zip(layers, grads, strict=True):
+        if not torch.isfinite(grad).all():
+            raise ValueError(f"the output gradients of layer {name!r} contain NaN or Inf")
+        inputs = captured[name][0].detach()
+        statistics.append(LayerStatistics(name, module, inputs, grad.detach().transpose(0, 1)))
+    return output.detach(), statistics

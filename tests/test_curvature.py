@@ -1,0 +1,195 @@
+"""Layer statistics and their accumulation against the dense GGN / Fisher of tiny networks."""
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+
+from fastlaplace.curvature import DiagCurvature, KronCurvature, layer_statistics, output_gradient_columns
+
+
+def tiny_mlp(bias: bool, classes: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4, bias=bias), nn.Tanh(), nn.Linear(4, classes, bias=bias)).double()
+
+
+def augmented_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(N, C, P) Jacobian of the outputs w.r.t. every layer's row-major [W | b], layers in order."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    jac = vmap(jacrev(lambda p, xi: functional_call(model, p, (xi,))), in_dims=(None, 0))(params, x)
+    blocks = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            w = jac[f"{name}.weight"]  # (N, C, d_out, d_in)
+            if module.bias is not None:
+                w = torch.cat([w, jac[f"{name}.bias"].unsqueeze(-1)], dim=-1)
+            blocks.append(w.flatten(2))
+    return torch.cat(blocks, dim=-1)
+
+
+def output_hessians(model: nn.Module, x: torch.Tensor, likelihood: str) -> torch.Tensor:
+    """(N, C, C) Hessians of the per-sample loss w.r.t. the outputs."""
+    out = model(x).detach()
+    if likelihood == "regression":
+        return torch.eye(out.shape[1], dtype=out.dtype).expand(out.shape[0], -1, -1)
+    p = out.softmax(-1)
+    return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+
+
+def dense_ggn(model, x, likelihood):
+    jac = augmented_jacobian(model, x)
+    return torch.einsum("ncp,ncd,ndq->pq", jac, output_hessians(model, x, likelihood), jac)
+
+
+def layer_sizes(model):
+    return [m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in model if isinstance(m, nn.Linear)]
+
+
+def targets(likelihood, n, classes=3, generator=None):
+    if likelihood == "classification":
+        return torch.randint(0, classes, (n,), generator=generator)
+    return torch.randn(n, classes, dtype=torch.float64, generator=generator)
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_curvature_columns_square_to_the_loss_hessian(likelihood):
+    model = tiny_mlp(True)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    columns = output_gradient_columns(model(x), targets(likelihood, 5), likelihood, "ggn")
+    torch.testing.assert_close(columns @ columns.transpose(1, 2), output_hessians(model, x, likelihood))
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_diagonal_equals_dense_ggn_diagonal_over_batches(likelihood, bias, generator):
+    model = tiny_mlp(bias)
+    x = torch.randn(7, 3, dtype=torch.float64, generator=generator)
+    y = targets(likelihood, 7, generator=generator)
+    diag = DiagCurvature()
+    for rows in (slice(0, 4), slice(4, 7)):
+        diag.update(layer_statistics(model, x[rows], y[rows], likelihood)[1])
+    assert diag.num_data == 7
+    got = torch.cat([d.flatten() for d in diag.diagonals])
+    torch.testing.assert_close(got, dense_ggn(model, x, likelihood).diagonal())
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_kron_is_exact_for_one_datum(likelihood, bias, generator):
+    model = tiny_mlp(bias)
+    x = torch.randn(1, 3, dtype=torch.float64, generator=generator)
+    kron = KronCurvature()
+    kron.update(layer_statistics(model, x, targets(likelihood, 1, generator=generator), likelihood)[1])
+    dense = dense_ggn(model, x, likelihood)
+    start = 0
+    for a, g, size in zip(kron.input_factors, kron.output_factors, layer_sizes(model)):
+        block = dense[start : start + size, start : start + size]
+        torch.testing.assert_close(torch.kron(g, a) / kron.num_data, block)
+        start += size
+
+
+def test_kron_factors_add_up_over_batches(generator):
+    model = tiny_mlp(True)
+    x = torch.randn(9, 3, dtype=torch.float64, generator=generator)
+    y = targets("classification", 9, generator=generator)
+    whole, split = KronCurvature(), KronCurvature()
+    whole.update(layer_statistics(model, x, y, "classification")[1])
+    for rows in (slice(0, 2), slice(2, 9)):
+        split.update(layer_statistics(model, x[rows], y[rows], "classification")[1])
+    for a, b in zip(whole.input_factors + whole.output_factors, split.input_factors + split.output_factors):
+        torch.testing.assert_close(a, b)
+    assert whole.num_data == split.num_data == 9
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_empirical_fisher_is_the_outer_product_of_the_loss_gradient(likelihood, generator):
+    model = tiny_mlp(True)
+    x = torch.randn(1, 3, dtype=torch.float64, generator=generator)
+    y = targets(likelihood, 1, generator=generator)
+    kron = KronCurvature()
+    kron.update(layer_statistics(model, x, y, likelihood, mode="ef")[1])
+    out = model(x)
+    if likelihood == "classification":
+        loss = nn.functional.cross_entropy(out, y, reduction="sum")
+    else:
+        loss = 0.5 * (out - y).square().sum()
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    for i, (a, g) in enumerate(zip(kron.input_factors, kron.output_factors)):
+        flat = torch.cat([grads[2 * i], grads[2 * i + 1].unsqueeze(-1)], dim=-1).flatten()  # row-major [W | b]
+        torch.testing.assert_close(torch.kron(g, a), torch.outer(flat, flat))
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_monte_carlo_fisher_is_unbiased_for_the_ggn(likelihood):
+    model = tiny_mlp(True)
+    generator = torch.Generator().manual_seed(7)
+    datum = torch.randn(1, 3, dtype=torch.float64, generator=generator)
+    draws = 20000
+    diag = DiagCurvature()
+    x = datum.expand(draws, -1)
+    diag.update(layer_statistics(model, x, targets(likelihood, draws), likelihood, "mc", generator)[1])
+    estimate = torch.cat([d.flatten() for d in diag.diagonals]) / draws
+    exact = dense_ggn(model, datum, likelihood).diagonal()
+    torch.testing.assert_close(estimate, exact, rtol=0.05, atol=1e-3 * exact.abs().max().item())
+
+
+def test_unsupported_layer_with_parameters_is_named():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double()
+    with pytest.raises(ValueError, match=r"layer '1' \(BatchNorm1d\) has trainable parameters but is not supported"):
+        layer_statistics(
+            model, torch.randn(5, 3, dtype=torch.float64), torch.zeros(5, dtype=torch.long), "classification"
+        )
+
+
+def test_frozen_unsupported_layer_is_left_out():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)).double()
+    model[1].requires_grad_(False)
+    _, stats = layer_statistics(
+        model, torch.randn(5, 3, dtype=torch.float64), torch.zeros(5, dtype=torch.long), "classification"
+    )
+    assert [s.name for s in stats] == ["0", "2"]
+
+
+def test_model_without_supported_layer_is_refused():
+    with pytest.raises(ValueError, match="no trainable layer of a supported type"):
+        layer_statistics(
+            nn.Sequential(nn.Tanh()), torch.randn(2, 3), torch.zeros(2, dtype=torch.long), "classification"
+        )
+
+
+def test_non_finite_output_is_refused():
+    model = tiny_mlp(True)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    x[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="output contains NaN or Inf"):
+        layer_statistics(model, x, torch.zeros(2, dtype=torch.long), "classification")
+
+
+class SqrtOfZero(nn.Module):
+    def forward(self, z):
+        return (z * 0.0).sqrt() + z.tanh()  # finite output, but d sqrt(0 z)/dz = inf * 0 = NaN
+
+
+def test_non_finite_gradient_names_the_layer():
+    model = nn.Sequential(nn.Linear(3, 4), SqrtOfZero(), nn.Linear(4, 2)).double()
+    with pytest.raises(ValueError, match="output gradients of layer '0' contain NaN or Inf"):
+        layer_statistics(
+            model, torch.randn(2, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.long), "classification"
+        )
+
+
+@pytest.mark.parametrize(
+    ("likelihood", "mode", "message"),
+    [("classifcation", "ggn", "likelihood must be one of"), ("regression", "fisher", "mode must be one of")],
+)
+def test_options_are_validated(likelihood, mode, message):
+    with pytest.raises(ValueError, match=message):
+        output_gradient_columns(torch.zeros(2, 3), torch.zeros(2, 3), likelihood, mode)
+
+
+def test_sequence_inputs_are_refused_with_the_layer_name():
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    with pytest.raises(ValueError, match=r"layer '0' got an input of shape \(2, 5, 3\)"):
+        layer_statistics(
+            model, torch.randn(2, 5, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.long), "classification"
+        )
