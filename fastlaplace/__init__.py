@@ -1,10 +1,13 @@
 """fastlaplace: fast Laplace approximations for PyTorch.
 
-The curvature operators live in :mod:`fastlaplace.ops` (compiled C++/CUDA kernels,
-with their pure-PyTorch oracle in :mod:`fastlaplace.reference`).
+``Laplace(model, likelihood, subset_of_weights, hessian_structure)`` builds a posterior
+(:mod:`fastlaplace.posterior`) from the curvature of :mod:`fastlaplace.curvature`; the
+heavy steps are the compiled operators of :mod:`fastlaplace.ops` (their pure-PyTorch
+oracle is :mod:`fastlaplace.reference`).
 """
 
 from fastlaplace import ops
+from fastlaplace.laplace import Laplace
 
-__all__ = ["ops"]
+__all__ = ["Laplace", "ops"]
 __version__ = "0.1.0"

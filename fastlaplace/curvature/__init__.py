@@ -8,7 +8,13 @@ Monte-Carlo Fisher or the empirical Fisher. :class:`KronCurvature` and
 
 from fastlaplace.curvature.accumulate import DiagCurvature, KronCurvature
 from fastlaplace.curvature.loss import LIKELIHOODS, MODES, output_gradient_columns
-from fastlaplace.curvature.statistics import LayerStatistics, layer_statistics, supported_layers
+from fastlaplace.curvature.statistics import (
+    LayerStatistics,
+    last_layer,
+    layer_statistics,
+    output_jacobians,
+    supported_layers,
+)
 
 __all__ = [
     "LIKELIHOODS",
@@ -16,7 +22,9 @@ __all__ = [
     "DiagCurvature",
     "KronCurvature",
     "LayerStatistics",
+    "last_layer",
     "layer_statistics",
     "output_gradient_columns",
+    "output_jacobians",
     "supported_layers",
 ]

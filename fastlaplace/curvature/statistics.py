@@ -58,36 +58,27 @@ def supported_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return layers
 
 
-def layer_statistics(
-    model: nn.Module,
-    x: Tensor,
-    target: Tensor,
-    likelihood: str,
-    mode: str = "ggn",
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, list[LayerStatistics]]:
-    """Run one batch and collect every supported layer's inputs and output gradients.
+def last_layer(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's last module, which must be an nn.Linear producing the output."""
+    name, module = list(model.named_modules())[-1]
+    if not isinstance(module, SUPPORTED_LAYERS):
+        raise ValueError(f"the last module {name!r} is a {type(module).__name__}, not an nn.Linear")
+    return [(name, module)]
 
-    The K curvature columns of :func:`output_gradient_columns` are backpropagated in one
-    batched backward pass (``is_grads_batched``), so a layer's GGN contribution is
-    ``Σ_n Σ_k (g_nk g_nkᵀ) ⊗ (a_n a_nᵀ)`` in the row-major ``[W | b]`` order.
 
-    Args:
-        model: the network; its output must be ``(N, C)``.
-        x: ``(N, ...)`` a batch of inputs.
-        target: the batch's targets (see :func:`output_gradient_columns`).
-        likelihood: ``"classification"`` or ``"regression"``.
-        mode: ``"ggn"``, ``"mc"`` or ``"ef"``.
-        generator: random source for ``mode="mc"``.
+Layers = list[tuple[str, nn.Module]]
 
-    Returns:
-        ``(output, statistics)``: the detached ``(N, C)`` output and one entry per layer.
 
-    Raises:
-        ValueError: on an unsupported layer, a layer input that is not ``(N, d_in)``, or
-            NaN / Inf in the output or in a layer's output gradients (the layer is named).
+def _backpropagate_columns(
+    model: nn.Module, x: Tensor, make_columns, layers: Layers | None
+) -> tuple[Tensor, Layers, list[Tensor], list[Tensor]]:
+    """Forward x, then backpropagate ``make_columns(output)`` (N, C, K) to the layers.
+
+    Returns the detached output, the layers (all supported ones by default), their
+    detached inputs ``(N, d_in)`` and the backpropagated columns ``(N, K, d_out)`` at
+    their pre-activations.
     """
-    layers = supported_layers(model)
+    layers = supported_layers(model) if layers is None else layers
     captured: dict[str, tuple[Tensor, Tensor]] = {}
 
     def capture(name):
@@ -111,15 +102,68 @@ def layer_statistics(
             raise ValueError(
                 f"layer {name!r} got an input of shape {tuple(a.shape)}; only (N, d_in) inputs are supported"
             )
-    columns = output_gradient_columns(output, target, likelihood, mode, generator)  # (N, C, K)
+    columns = make_columns(output)  # (N, C, K)
     pre_activations = [captured[name][1] for name, _ in layers]
     grads = torch.autograd.grad(
         output, pre_activations, grad_outputs=columns.permute(2, 0, 1).contiguous(), is_grads_batched=True
     )
-    statistics = []
-    for (name, module), grad in zip(layers, grads, strict=True):
+    for (name, _), grad in zip(layers, grads, strict=True):
         if not torch.isfinite(grad).all():
             raise ValueError(f"the output gradients of layer {name!r} contain NaN or Inf")
-        inputs = captured[name][0].detach()
-        statistics.append(LayerStatistics(name, module, inputs, grad.detach().transpose(0, 1)))
-    return output.detach(), statistics
+    inputs = [captured[name][0].detach() for name, _ in layers]
+    return output.detach(), layers, inputs, [g.detach().transpose(0, 1) for g in grads]
+
+
+def layer_statistics(
+    model: nn.Module,
+    x: Tensor,
+    target: Tensor,
+    likelihood: str,
+    mode: str = "ggn",
+    generator: torch.Generator | None = None,
+    layers: Layers | None = None,
+) -> tuple[Tensor, list[LayerStatistics]]:
+    """Run one batch and collect every supported layer's inputs and output gradients.
+
+    The K curvature columns of :func:`output_gradient_columns` are backpropagated in one
+    batched backward pass (``is_grads_batched``), so a layer's GGN contribution is
+    ``Σ_n Σ_k (g_nk g_nkᵀ) ⊗ (a_n a_nᵀ)`` in the row-major ``[W | b]`` order.
+
+    Args:
+        model: the network; its output must be ``(N, C)``.
+        x: ``(N, ...)`` a batch of inputs.
+        target: the batch's targets (see :func:`output_gradient_columns`).
+        likelihood: ``"classification"`` or ``"regression"``.
+        mode: ``"ggn"``, ``"mc"`` or ``"ef"``.
+        generator: random source for ``mode="mc"``.
+        layers: the ``(name, module)`` layers to collect; all supported ones by default.
+
+    Returns:
+        ``(output, statistics)``: the detached ``(N, C)`` output and one entry per layer.
+
+    Raises:
+        ValueError: on an unsupported layer, a layer input that is not ``(N, d_in)``, or
+            NaN / Inf in the output or in a layer's output gradients (the layer is named).
+    """
+    output, layers, inputs, grads = _backpropagate_columns(
+        model, x, lambda out: output_gradient_columns(out, target, likelihood, mode, generator), layers
+    )
+    stats = [LayerStatistics(n, m, a, g) for (n, m), a, g in zip(layers, inputs, grads, strict=True)]
+    return output, stats
+
+
+def output_jacobians(model: nn.Module, x: Tensor, layers: Layers | None = None) -> tuple[Tensor, list[LayerStatistics]]:
+    """Every layer's input and the Jacobian ``B`` of the output w.r.t. its pre-activation.
+
+    ``layers`` as in :func:`layer_statistics`.
+
+    Returns:
+        ``(output, statistics)`` with ``statistics[l].output_grads`` of shape
+        ``(N, C, d_out)``: row c is the gradient of output c (one batched backward).
+    """
+
+    def identity(out):
+        return torch.eye(out.shape[1], dtype=out.dtype, device=out.device).expand(out.shape[0], -1, -1)
+
+    output, layers, inputs, grads = _backpropagate_columns(model, x, identity, layers)
+    return output, [LayerStatistics(n, m, a, g) for (n, m), a, g in zip(layers, inputs, grads, strict=True)]

@@ -1,0 +1,74 @@
+"""The ``Laplace(...)`` factory with laplace-torch's arguments, validated in one place."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+
+from torch import nn
+
+from fastlaplace.posterior import BaseLaplace, DiagLaplace, KronLaplace
+
+SUBSETS_OF_WEIGHTS = ("all", "last_layer", "subnetwork")
+HESSIAN_STRUCTURES = ("diag", "kron", "full", "lowrank")
+OPTIONS = ("sigma_noise", "prior_precision", "prior_mean", "temperature", "curvature_mode")
+POSTERIORS = {
+    ("all", "kron"): KronLaplace,
+    ("all", "diag"): DiagLaplace,
+    ("last_layer", "kron"): functools.partial(KronLaplace, last_layer_only=True),
+    ("last_layer", "diag"): functools.partial(DiagLaplace, last_layer_only=True),
+}
+
+
+def _closest(name: str, choices) -> str:
+    match = difflib.get_close_matches(name, choices, n=1)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def Laplace(  # noqa: N802 (the name laplace-torch users call)
+    model: nn.Module,
+    likelihood: str,
+    subset_of_weights: str = "last_layer",
+    hessian_structure: str = "kron",
+    **options,
+) -> BaseLaplace:
+    """A Laplace posterior of ``model`` with laplace-torch's arguments.
+
+    Args:
+        model: the trained network; its output must be ``(N, C)``.
+        likelihood: ``"classification"`` or ``"regression"``.
+        subset_of_weights: ``"all"`` or ``"last_layer"`` (``"subnetwork"`` is not built yet).
+        hessian_structure: ``"kron"`` or ``"diag"`` (``"full"`` and ``"lowrank"`` are not
+            built yet).
+        **options: ``sigma_noise``, ``prior_precision`` (scalar or one per layer),
+            ``prior_mean``, ``temperature``, ``curvature_mode`` (``"ggn"``, ``"mc"``, ``"ef"``).
+
+    Returns:
+        The posterior; call ``fit(loader)`` next.
+
+    Raises:
+        TypeError: for an unknown option (the closest valid one is named).
+        ValueError: for an unknown or not yet available value.
+    """
+    for name in options:
+        if name not in OPTIONS:
+            known = ("subset_of_weights", "hessian_structure", *OPTIONS)
+            raise TypeError(f"Laplace() got an unexpected argument {name!r}{_closest(name, known)}")
+    if subset_of_weights not in SUBSETS_OF_WEIGHTS:
+        raise ValueError(
+            f"subset_of_weights must be one of {SUBSETS_OF_WEIGHTS}, got {subset_of_weights!r}"
+            f"{_closest(subset_of_weights, SUBSETS_OF_WEIGHTS)}"
+        )
+    if hessian_structure not in HESSIAN_STRUCTURES:
+        raise ValueError(
+            f"hessian_structure must be one of {HESSIAN_STRUCTURES}, got {hessian_structure!r}"
+            f"{_closest(hessian_structure, HESSIAN_STRUCTURES)}"
+        )
+    posterior = POSTERIORS.get((subset_of_weights, hessian_structure))
+    if posterior is None:
+        available = ", ".join(f"{s}/{h}" for s, h in POSTERIORS)
+        raise ValueError(
+            f"subset_of_weights={subset_of_weights!r} with hessian_structure={hessian_structure!r} "
+            f"is not available yet; available: {available}"
+        )
+    return posterior(model, likelihood, **options)

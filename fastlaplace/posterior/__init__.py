@@ -1,0 +1,7 @@
+"""Laplace posteriors over the Linear layers of a model: Kronecker-factored and diagonal."""
+
+from fastlaplace.posterior.base import BaseLaplace
+from fastlaplace.posterior.diag import DiagLaplace
+from fastlaplace.posterior.kron import KronLaplace
+
+__all__ = ["BaseLaplace", "DiagLaplace", "KronLaplace"]

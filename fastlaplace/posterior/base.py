@@ -1,0 +1,250 @@
+"""What every Laplace posterior shares: fitting, marginal likelihood, predictives."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from fastlaplace.curvature import LIKELIHOODS, MODES, last_layer, layer_statistics, output_jacobians, supported_layers
+
+
+class BaseLaplace(ABC):
+    """A Gaussian posterior N(θ*, P⁻¹) over the weights ``[W | b]`` of a model's Linear layers.
+
+    With ``last_layer_only`` the posterior covers the last layer alone (the model's last
+    module must be the nn.Linear that produces the output); the rest stays at θ*.
+
+    ``P = H / (σ² T) + δ`` with H the curvature (GGN or Fisher) of the summed loss over
+    the data (cross-entropy, or ½‖f − y‖² for regression), σ the observation noise
+    (regression only), T the temperature and δ the prior precision (a scalar or one per
+    layer). Subclasses define the structure of H.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str,
+        sigma_noise: float | Tensor = 1.0,
+        prior_precision: float | Tensor = 1.0,
+        prior_mean: float = 0.0,
+        temperature: float = 1.0,
+        curvature_mode: str = "ggn",
+        last_layer_only: bool = False,
+    ) -> None:
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        if curvature_mode not in MODES:
+            raise ValueError(f"curvature_mode must be one of {MODES}, got {curvature_mode!r}")
+        if likelihood == "classification" and float(sigma_noise) != 1.0:
+            raise ValueError("sigma_noise must be 1 for classification")
+        if float(sigma_noise) <= 0 or temperature <= 0:
+            raise ValueError(f"sigma_noise and temperature must be positive, got {sigma_noise} and {temperature}")
+        self.model = model
+        self.likelihood = likelihood
+        self.curvature_mode = curvature_mode
+        self.last_layer_only = last_layer_only
+        self.layers = last_layer(model) if last_layer_only else supported_layers(model)
+        reference = self.layers[0][1].weight
+        self.dtype, self.device = reference.dtype, reference.device
+        self.sigma_noise = torch.as_tensor(float(sigma_noise), dtype=self.dtype, device=self.device)
+        self.temperature = float(temperature)
+        self.prior_mean = float(prior_mean)
+        self.prior_precision = prior_precision
+        self.loss = 0.0
+        self.num_data = 0
+        self.num_outputs = 0
+        self._fitted = False
+
+    # ------------------------------------------------------------------ parameters
+
+    @property
+    def prior_precision(self) -> Tensor:
+        """``(L,)`` prior precision per layer (a scalar is broadcast)."""
+        return self._prior_precision
+
+    @prior_precision.setter
+    def prior_precision(self, value: float | Tensor) -> None:
+        value = torch.as_tensor(value, dtype=self.dtype, device=self.device).detach().clone()
+        count = len(self.layers)
+        if value.dim() == 0:
+            value = value.expand(count).clone()
+        if value.shape != (count,):
+            raise ValueError(
+                f"prior_precision must be a scalar or have one entry per layer ({count}), got {tuple(value.shape)}"
+            )
+        if not bool((value >= 0).all()):
+            raise ValueError(f"prior_precision must be non-negative, got {value.tolist()}")
+        self._prior_precision = value
+
+    def layer_weights(self) -> list[Tensor]:
+        """Each layer's ``[W | b]`` as a ``(d_out, d_in + bias)`` matrix (detached)."""
+        weights = []
+        for _, module in self.layers:
+            w = module.weight.detach()
+            if module.bias is not None and module.bias.requires_grad:
+                w = torch.cat([w, module.bias.detach().unsqueeze(-1)], dim=-1)
+            weights.append(w)
+        return weights
+
+    def layer_sizes(self) -> list[int]:
+        """Number of parameters of each layer."""
+        return [w.numel() for w in self.layer_weights()]
+
+    # ------------------------------------------------------------------ fitting
+
+    def fit(self, loader: Iterable, override: bool = True) -> None:
+        """Accumulate the curvature over a loader of ``(x, y)`` batches.
+
+        Args:
+            loader: iterable of ``(x, y)`` pairs.
+            override: start afresh (True) or add the data to what was fitted before.
+        """
+        if override or not self._fitted:
+            self._reset_curvature()
+            self.loss, self.num_data = 0.0, 0
+        batches = 0
+        for x, y in loader:
+            x, y = x.to(self.device), y.to(self.device)
+            self._check_targets(y, x.shape[0])
+            output, stats = layer_statistics(self.model, x, y, self.likelihood, self.curvature_mode, layers=self.layers)
+            self._update_curvature(stats)
+            self.loss += float(self._summed_loss(output, y))
+            self.num_data += x.shape[0]
+            self.num_outputs = output.shape[1]
+            batches += 1
+        if batches == 0:
+            raise ValueError("the loader yielded no batch: nothing to fit")
+        self._fitted = True
+
+    def _check_targets(self, y: Tensor, n: int) -> None:
+        if self.likelihood == "classification":
+            if y.dim() != 1 or y.shape[0] != n or y.is_floating_point():
+                raise ValueError(f"classification targets must be ({n},) class indices, got {tuple(y.shape)} {y.dtype}")
+        elif y.dim() != 2 or y.shape[0] != n:
+            raise ValueError(f"regression targets must be ({n}, C), got shape {tuple(y.shape)}")
+
+    def _summed_loss(self, output: Tensor, y: Tensor) -> Tensor:
+        if self.likelihood == "classification":
+            if y.min() < 0 or y.max() >= output.shape[1]:
+                raise ValueError(
+                    f"class labels must lie in [0, {output.shape[1]}), got [{int(y.min())}, {int(y.max())}]"
+                )
+            return nn.functional.cross_entropy(output, y, reduction="sum")
+        return 0.5 * (output - y).square().sum()
+
+    def _require_fit(self) -> None:
+        if not self._fitted:
+            raise RuntimeError("call fit(loader) before using the posterior")
+
+    # ------------------------------------------------------------------ marginal likelihood
+
+    def _curvature_scale(self, sigma_noise: Tensor) -> Tensor:
+        """The factor 1 / (σ² T) in front of H."""
+        return 1.0 / (sigma_noise.square() * self.temperature)
+
+    def log_likelihood(self, sigma_noise: Tensor | None = None) -> Tensor:
+        """The log-likelihood log p(D | θ*) at the fitted weights, tempered by T."""
+        self._require_fit()
+        sigma = self.sigma_noise if sigma_noise is None else sigma_noise
+        value = -self._curvature_scale(sigma) * self.loss
+        if self.likelihood == "regression":
+            value = value - self.num_data * self.num_outputs * torch.log(sigma * math.sqrt(2 * math.pi))
+        return value
+
+    def scatter(self, prior_precision: Tensor) -> Tensor:
+        """``Σ_l δ_l ‖θ_l − μ_0‖²``."""
+        squares = torch.stack([(w - self.prior_mean).square().sum() for w in self.layer_weights()])
+        return (prior_precision * squares).sum()
+
+    def log_det_prior(self, prior_precision: Tensor) -> Tensor:
+        """The log-determinant of the prior precision."""
+        sizes = torch.tensor(self.layer_sizes(), dtype=self.dtype, device=self.device)
+        return (sizes * prior_precision.log()).sum()
+
+    def log_marginal_likelihood(
+        self, prior_precision: Tensor | None = None, sigma_noise: Tensor | None = None
+    ) -> Tensor:
+        """Laplace evidence ``log p(D|θ*) − ½ (log det P − log det P0 + (θ*−μ0)ᵀP0(θ*−μ0))``.
+
+        Differentiable in ``prior_precision`` (scalar or ``(L,)``) and ``sigma_noise``.
+        """
+        self._require_fit()
+        delta = self.prior_precision if prior_precision is None else prior_precision
+        delta = delta.expand(len(self.layers)) if delta.dim() == 0 else delta
+        sigma = self.sigma_noise if sigma_noise is None else sigma_noise
+        log_det_ratio = self.log_det_posterior(delta, sigma) - self.log_det_prior(delta)
+        return self.log_likelihood(sigma) - 0.5 * (log_det_ratio + self.scatter(delta))
+
+    def optimize_prior_precision(self, method: str = "marglik", n_steps: int = 100, lr: float = 0.1) -> None:
+        """Set the prior precision (its shape kept: per layer) by maximising the evidence with Adam on log δ."""
+        if method != "marglik":
+            raise ValueError(f"method must be 'marglik', got {method!r}")
+        self._require_fit()
+        log_delta = self.prior_precision.clamp_min(1e-12).log().clone().requires_grad_(True)
+        optimiser = torch.optim.Adam([log_delta], lr=lr)
+        for _ in range(n_steps):
+            optimiser.zero_grad()
+            (-self.log_marginal_likelihood(log_delta.exp())).backward()
+            optimiser.step()
+        self.prior_precision = log_delta.detach().exp()
+
+    # ------------------------------------------------------------------ predictive
+
+    def functional_variance(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(f(x; θ*), J P⁻¹ Jᵀ)``: the ``(N, C)`` mean and ``(N, C, C)`` covariance of the GLM."""
+        self._require_fit()
+        output, stats = output_jacobians(self.model, x.to(self.device), self.layers)
+        return output, self._jacobian_covariance(stats)
+
+    def __call__(self, x: Tensor, pred_type: str = "glm", link_approx: str = "probit", n_samples: int = 100):
+        """Predictive: class probabilities (classification) or ``(mean, variance)`` (regression)."""
+        if pred_type != "glm":
+            raise ValueError(f"pred_type must be 'glm', got {pred_type!r}")
+        mean, cov = self.functional_variance(x)
+        if self.likelihood == "regression":
+            return mean, cov + self.sigma_noise.square() * torch.eye(
+                mean.shape[1], dtype=mean.dtype, device=mean.device
+            )
+        variance = cov.diagonal(dim1=1, dim2=2)
+        if link_approx == "probit":
+            return torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * variance), dim=-1)
+        if link_approx == "mc":
+            draws = torch.distributions.MultivariateNormal(mean, cov + 1e-10 * torch.eye(mean.shape[1])).sample(
+                (n_samples,)
+            )
+            return torch.softmax(draws, dim=-1).mean(0)
+        raise ValueError(f"link_approx must be 'probit' or 'mc', got {link_approx!r}")
+
+    def predict(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Regression: predictive mean and standard deviation ``(N, C)`` each (σ included)."""
+        if self.likelihood != "regression":
+            raise ValueError("predict(x) returns (mean, std) for regression; use la(x) for class probabilities")
+        mean, cov = self(x)
+        return mean, cov.diagonal(dim1=1, dim2=2).sqrt()
+
+    def predictive_entropy(self, x: Tensor) -> Tensor:
+        """``(N,)`` entropy of the probit predictive (an out-of-distribution score)."""
+        if self.likelihood != "classification":
+            raise ValueError("predictive_entropy is defined for classification")
+        probs = self(x)
+        return -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+
+    # ------------------------------------------------------------------ structure-specific
+
+    @abstractmethod
+    def _reset_curvature(self) -> None: ...
+
+    @abstractmethod
+    def _update_curvature(self, stats) -> None: ...
+
+    @abstractmethod
+    def log_det_posterior(self, prior_precision: Tensor, sigma_noise: Tensor) -> Tensor:
+        """The log-determinant of P for a prior precision ``(L,)`` and a noise."""
+
+    @abstractmethod
+    def _jacobian_covariance(self, stats) -> Tensor:
+        """``(N, C, C)`` ``Σ_l J_l P_l⁻¹ J_lᵀ`` from each layer's inputs and output Jacobians."""

@@ -1,0 +1,44 @@
+"""Diagonal Laplace posterior."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastlaplace.curvature import DiagCurvature
+from fastlaplace.posterior.base import BaseLaplace
+
+
+class DiagLaplace(BaseLaplace):
+    """``P = diag(H) / (σ² T) + δ``: each ``[W | b]`` entry independent."""
+
+    def _reset_curvature(self) -> None:
+        self.curvature = DiagCurvature()
+
+    def _update_curvature(self, stats) -> None:
+        self.curvature.update(stats)
+
+    def posterior_precision(
+        self, prior_precision: Tensor | None = None, sigma_noise: Tensor | None = None
+    ) -> list[Tensor]:
+        """Per layer, the ``(d_out, d_in + bias)`` diagonal of P."""
+        self._require_fit()
+        delta = self.prior_precision if prior_precision is None else prior_precision
+        scale = self._curvature_scale(self.sigma_noise if sigma_noise is None else sigma_noise)
+        return [scale * d + delta[i] for i, d in enumerate(self.curvature.diagonals)]
+
+    def log_det_posterior(self, prior_precision: Tensor, sigma_noise: Tensor) -> Tensor:
+        """The log-determinant Σ log P."""
+        return torch.stack([p.log().sum() for p in self.posterior_precision(prior_precision, sigma_noise)]).sum()
+
+    def _jacobian_covariance(self, stats) -> Tensor:
+        # J_l[c, (o, i)] = B[c, o] â_i, so J P⁻¹ Jᵀ = B diag(w) Bᵀ with w_no = Σ_i â_ni² / P_oi.
+        total = 0
+        for s, precision in zip(stats, self.posterior_precision(), strict=True):
+            a = s.inputs.to(precision.dtype)
+            if s.has_bias:
+                a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+            weights = a.square() @ precision.reciprocal().T  # (N, d_out)
+            b = s.output_grads.to(precision.dtype)  # (N, C, d_out)
+            total = total + (b * weights.unsqueeze(1)) @ b.transpose(1, 2)
+        return total

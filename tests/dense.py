@@ -1,0 +1,48 @@
+"""Dense brute-force quantities of tiny networks, the ground truth of the posterior tests."""
+
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+
+
+def tiny_mlp(bias: bool, classes: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4, bias=bias), nn.Tanh(), nn.Linear(4, classes, bias=bias)).double()
+
+
+def augmented_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(N, C, P) Jacobian of the outputs w.r.t. every layer's row-major [W | b], layers in order."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    jac = vmap(jacrev(lambda p, xi: functional_call(model, p, (xi,))), in_dims=(None, 0))(params, x)
+    blocks = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            w = jac[f"{name}.weight"]  # (N, C, d_out, d_in)
+            if module.bias is not None:
+                w = torch.cat([w, jac[f"{name}.bias"].unsqueeze(-1)], dim=-1)
+            blocks.append(w.flatten(2))
+    return torch.cat(blocks, dim=-1)
+
+
+def output_hessians(model: nn.Module, x: torch.Tensor, likelihood: str) -> torch.Tensor:
+    """(N, C, C) Hessians of the per-sample loss w.r.t. the outputs."""
+    out = model(x).detach()
+    if likelihood == "regression":
+        return torch.eye(out.shape[1], dtype=out.dtype).expand(out.shape[0], -1, -1)
+    p = out.softmax(-1)
+    return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+
+
+def dense_ggn(model, x, likelihood):
+    jac = augmented_jacobian(model, x)
+    return torch.einsum("ncp,ncd,ndq->pq", jac, output_hessians(model, x, likelihood), jac)
+
+
+def layer_sizes(model):
+    return [m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in model if isinstance(m, nn.Linear)]
+
+
+def targets(likelihood, n, classes=3, generator=None):
+    if likelihood == "classification":
+        return torch.randint(0, classes, (n,), generator=generator)
+    return torch.randn(n, classes, dtype=torch.float64, generator=generator)

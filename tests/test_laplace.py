@@ -1,0 +1,205 @@
+"""Laplace posteriors against dense brute force on tiny networks."""
+
+import math
+
+import pytest
+import torch
+from dense import augmented_jacobian, dense_ggn, layer_sizes, targets, tiny_mlp
+from torch import nn
+
+from fastlaplace import Laplace
+
+
+def loader(x, y, batch=3):
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, x.shape[0], batch)]
+
+
+def augmented_weights(model):
+    parts = []
+    for module in model:
+        if isinstance(module, nn.Linear):
+            w = module.weight.detach()
+            if module.bias is not None:
+                w = torch.cat([w, module.bias.detach().unsqueeze(-1)], dim=-1)
+            parts.append(w.flatten())
+    return torch.cat(parts)
+
+
+def dense_posterior(model, x, y, likelihood, structure, sigma, temperature, delta_per_layer):
+    """Dense P, log-likelihood and per-parameter prior precision of the same posterior."""
+    ggn = dense_ggn(model, x, likelihood)
+    sizes = layer_sizes(model)
+    delta = torch.cat([torch.full((n,), d, dtype=torch.float64) for n, d in zip(sizes, delta_per_layer)])
+    if structure == "diag":
+        curvature = torch.diag(ggn.diagonal())
+    else:  # Kron is exact for one datum: the dense block diagonal of the GGN
+        curvature = torch.block_diag(*[b[:, start : start + b.shape[0]] for b, start in _blocks(ggn, sizes)])
+    precision = curvature / (sigma**2 * temperature) + torch.diag(delta)
+    out = model(x).detach()
+    if likelihood == "classification":
+        log_lik = -nn.functional.cross_entropy(out, y, reduction="sum") / temperature
+    else:
+        log_lik = -0.5 * (out - y).square().sum() / (sigma**2 * temperature)
+        log_lik = log_lik - out.numel() * math.log(sigma * math.sqrt(2 * math.pi))
+    return precision, log_lik, delta
+
+
+def _blocks(matrix, sizes):
+    start = 0
+    for n in sizes:
+        yield matrix[start : start + n], start
+        start += n
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_marglik_and_glm_covariance_equal_dense(likelihood, structure, generator):
+    model = tiny_mlp(True)
+    n = 7 if structure == "diag" else 1  # Kron is exact for a single datum
+    x = torch.randn(n, 3, dtype=torch.float64, generator=generator)
+    y = targets(likelihood, n, generator=generator)
+    sigma = 0.7 if likelihood == "regression" else 1.0
+    delta = [0.5, 2.0]
+    la = Laplace(
+        model,
+        likelihood,
+        subset_of_weights="all",
+        hessian_structure=structure,
+        sigma_noise=sigma,
+        temperature=1.3,
+        prior_precision=torch.tensor(delta),
+    )
+    la.fit(loader(x, y))
+    precision, log_lik, delta_full = dense_posterior(model, x, y, likelihood, structure, sigma, 1.3, delta)
+    theta = augmented_weights(model)
+    expected = log_lik - 0.5 * (torch.logdet(precision) - delta_full.log().sum() + (delta_full * theta.square()).sum())
+    torch.testing.assert_close(la.log_marginal_likelihood(), expected)
+    x_test = torch.randn(4, 3, dtype=torch.float64, generator=generator)
+    jac = augmented_jacobian(model, x_test)
+    mean, cov = la.functional_variance(x_test)
+    torch.testing.assert_close(cov, jac @ torch.linalg.solve(precision, jac.transpose(1, 2)))
+    torch.testing.assert_close(mean, model(x_test).detach())
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_last_layer_posterior_equals_dense_over_the_last_layer(structure, generator):
+    model = tiny_mlp(True)
+    x = torch.randn(6, 3, dtype=torch.float64, generator=generator)
+    y = targets("classification", 6, generator=generator)
+    la = Laplace(
+        model, "classification", subset_of_weights="last_layer", hessian_structure=structure, prior_precision=0.8
+    )
+    la.fit(loader(x, y))
+    features = torch.cat([torch.tanh(model[0](x)), torch.ones(6, 1, dtype=torch.float64)], 1).detach()
+    if structure == "kron":
+        a, g = la.curvature.input_factors[0], la.curvature.output_factors[0]
+        curvature = torch.kron(g, a) / 6
+    else:
+        ggn = dense_ggn(model, x, "classification")
+        size = layer_sizes(model)[1]
+        curvature = torch.diag(ggn.diagonal()[-size:])
+    precision = curvature + 0.8 * torch.eye(curvature.shape[0], dtype=torch.float64)
+    x_test = torch.randn(3, 3, dtype=torch.float64, generator=generator)
+    phi = torch.cat([torch.tanh(model[0](x_test)), torch.ones(3, 1, dtype=torch.float64)], 1).detach()
+    jac = torch.stack([torch.kron(torch.eye(3, dtype=torch.float64), p.unsqueeze(0)) for p in phi])  # (N, C, C*d_A)
+    _, cov = la.functional_variance(x_test)
+    torch.testing.assert_close(cov, jac @ torch.linalg.solve(precision, jac.transpose(1, 2)))
+    assert features.shape == (6, 5)
+
+
+def test_prior_optimisation_reaches_a_stationary_point_of_the_evidence(generator):
+    model = tiny_mlp(True)
+    x = torch.randn(20, 3, dtype=torch.float64, generator=generator)
+    y = targets("classification", 20, generator=generator)
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron", prior_precision=1.0)
+    la.fit(loader(x, y, 8))
+    before = la.log_marginal_likelihood().item()
+    la.optimize_prior_precision(n_steps=300, lr=0.1)
+    after = la.log_marginal_likelihood().item()
+    assert after > before
+    delta = la.prior_precision.clone().requires_grad_(True)
+    (gradient,) = torch.autograd.grad(la.log_marginal_likelihood(delta), delta)
+    assert gradient.abs().max() * delta.detach().abs().max() < 1e-2, "d evidence / d log δ should vanish at the optimum"
+
+
+def test_regression_predict_and_classification_entropy(generator):
+    model = tiny_mlp(True, classes=2)
+    x = torch.randn(10, 3, dtype=torch.float64, generator=generator)
+    y = torch.randn(10, 2, dtype=torch.float64, generator=generator)
+    la = Laplace(model, "regression", subset_of_weights="all", hessian_structure="diag", sigma_noise=0.3)
+    la.fit(loader(x, y))
+    mean, std = la.predict(x)
+    _, cov = la.functional_variance(x)
+    torch.testing.assert_close(std, (cov.diagonal(dim1=1, dim2=2) + 0.09).sqrt())
+    torch.testing.assert_close(mean, model(x).detach())
+    classifier = tiny_mlp(True)
+    labels = targets("classification", 10, generator=generator)
+    lc = Laplace(classifier, "classification", subset_of_weights="all", hessian_structure="kron")
+    lc.fit(loader(x, labels))
+    probs = lc(x)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(10, dtype=torch.float64))
+    entropy = lc.predictive_entropy(x)
+    torch.testing.assert_close(entropy, -(probs * probs.log()).sum(-1))
+    map_probs = classifier(x).detach().softmax(-1)
+    map_entropy = -(map_probs * map_probs.log()).sum(-1)
+    assert torch.all(entropy >= map_entropy - 1e-12), "the probit predictive is less confident than the MAP"
+
+
+def test_fit_without_override_adds_data(generator):
+    model = tiny_mlp(True)
+    x = torch.randn(8, 3, dtype=torch.float64, generator=generator)
+    y = targets("classification", 8, generator=generator)
+    whole = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
+    whole.fit(loader(x, y))
+    parts = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
+    parts.fit(loader(x[:5], y[:5]))
+    parts.fit(loader(x[5:], y[5:]), override=False)
+    torch.testing.assert_close(parts.log_marginal_likelihood(), whole.log_marginal_likelihood())
+
+
+def test_misspelt_argument_names_the_closest():
+    with pytest.raises(TypeError, match="did you mean 'subset_of_weights'"):
+        Laplace(tiny_mlp(True), "classification", subset_ofweights="all")
+    with pytest.raises(ValueError, match="did you mean 'kron'"):
+        Laplace(tiny_mlp(True), "classification", hessian_structure="kronn")
+
+
+def test_unavailable_combination_says_what_is_available():
+    with pytest.raises(ValueError, match="hessian_structure='full' is not available yet; available: all/kron"):
+        Laplace(tiny_mlp(True), "classification", subset_of_weights="all", hessian_structure="full")
+
+
+@pytest.mark.parametrize(
+    ("make_data", "message"),
+    [
+        (lambda: [], "the loader yielded no batch"),
+        (
+            lambda: [(torch.randn(2, 3, dtype=torch.float64), torch.tensor([0, 5]))],
+            r"class labels must lie in \[0, 3\)",
+        ),
+        (
+            lambda: [(torch.randn(2, 3, dtype=torch.float64), torch.zeros(2, 3))],
+            r"classification targets must be \(2,\)",
+        ),
+    ],
+)
+def test_bad_data_is_refused(make_data, message):
+    la = Laplace(tiny_mlp(True), "classification", subset_of_weights="all", hessian_structure="kron")
+    with pytest.raises(ValueError, match=message):
+        la.fit(make_data())
+
+
+def test_regression_targets_of_the_wrong_shape_are_refused():
+    la = Laplace(tiny_mlp(True), "regression", subset_of_weights="all", hessian_structure="diag")
+    with pytest.raises(ValueError, match=r"regression targets must be \(2, C\)"):
+        la.fit([(torch.randn(2, 3, dtype=torch.float64), torch.randn(2))])
+
+
+def test_predict_before_fit_and_negative_prior_are_refused():
+    la = Laplace(tiny_mlp(True), "classification", subset_of_weights="all", hessian_structure="kron")
+    with pytest.raises(RuntimeError, match=r"call fit\(loader\) before"):
+        la(torch.randn(2, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="prior_precision must be non-negative"):
+        la.prior_precision = -1.0
+    with pytest.raises(ValueError, match="sigma_noise must be 1 for classification"):
+        Laplace(tiny_mlp(True), "classification", sigma_noise=2.0)
