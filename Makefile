@@ -12,11 +12,14 @@ CPP_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h)
 
 .PHONY: test demo bench deps build cuda-compile-check gpu-check lint clean
 
-# torch first, from the CPU wheel (never a CUDA build on a CPU machine), then the rest.
+# torch first, from the CPU wheel (never a CUDA build on a CPU machine), then the rest;
+# laplace-torch (test-only) without its requirements, which would pull a CUDA torch.
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==$(TORCH_VERSION)"
 	@$(PYTHON) -c "import setuptools, wheel, ninja, packaging" 2>/dev/null || \
 		$(PYTHON) -m pip install -q "setuptools>=64" wheel ninja packaging
+	@$(PYTHON) -c "import laplace" 2>/dev/null || \
+		$(PYTHON) -m pip install -q --no-deps -r requirements-compare.txt
 
 build/.installed: deps $(CPP_SOURCES) setup.py pyproject.toml
 	$(PYTHON) -m pip install -q --no-build-isolation -e ".[test]"
