@@ -46,4 +46,5 @@ def test_marglik_and_glm_covariance_agree(likelihood, subset, structure):
     torch.testing.assert_close(mean, reference_mean.detach())
     torch.testing.assert_close(cov, reference_cov.detach())
     if likelihood == "classification":
-        torch.testing.assert_close(ours(x, link_approx="probit"), reference(x, link_approx="probit").detach())
+        for link in ("probit", "bridge", "bridge_norm"):
+            torch.testing.assert_close(ours(x, link_approx=link), reference(x, link_approx=link).detach())

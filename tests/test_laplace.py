@@ -203,3 +203,68 @@ def test_predict_before_fit_and_negative_prior_are_refused():
         la.prior_precision = -1.0
     with pytest.raises(ValueError, match="sigma_noise must be 1 for classification"):
         Laplace(tiny_mlp(True), "classification", sigma_noise=2.0)
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_samples_have_the_posterior_mean_and_covariance(structure, generator):
+    model = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 2)).double()
+    x = torch.randn(1, 2, dtype=torch.float64, generator=generator)
+    y = targets("classification", 1, classes=2, generator=generator)
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure=structure, prior_precision=0.7)
+    la.fit([(x, y)])
+    precision, _, _ = dense_posterior(model, x, y, "classification", structure, 1.0, 1.0, [0.7, 0.7])
+    draws = la.sample(40000, generator=torch.Generator().manual_seed(3))
+    # named_parameters() order: W then b per layer; the dense posterior is in [W | b] row-major order.
+    order = torch.cat([torch.tensor([0, 1, 3, 4, 2, 5]), torch.tensor([0, 1, 3, 4, 2, 5]) + 6])
+    permutation = torch.empty_like(order)
+    permutation[order] = torch.arange(12)
+    in_dense_order = draws[:, permutation]
+    theta = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.testing.assert_close(draws.mean(0), theta, atol=0.03, rtol=0)
+    covariance = torch.cov(in_dense_order.T)
+    expected = torch.linalg.inv(precision)
+    assert (covariance - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_mc_link_and_sampled_network_match_their_definitions(generator):
+    model = tiny_mlp(True)
+    x = torch.randn(8, 3, dtype=torch.float64, generator=generator)
+    y = targets("classification", 8, generator=generator)
+    la = Laplace(model, "classification", subset_of_weights="last_layer", hessian_structure="kron", prior_precision=2.0)
+    la.fit(loader(x, y))
+    mean, cov = la.functional_variance(x[:2])
+    logits = torch.distributions.MultivariateNormal(mean, cov).sample((40000,))
+    expected = logits.softmax(-1).mean(0)
+    torch.testing.assert_close(la(x[:2], link_approx="mc", n_samples=40000), expected, atol=5e-3, rtol=0)
+    # The last layer enters the output linearly: the sampled network is the GLM in distribution.
+    torch.testing.assert_close(la(x[:2], pred_type="nn", n_samples=40000), expected, atol=5e-3, rtol=0)
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_state_dict_round_trip_and_mismatch(structure, generator):
+    model = tiny_mlp(True)
+    x = torch.randn(8, 3, dtype=torch.float64, generator=generator)
+    y = targets("classification", 8, generator=generator)
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure=structure)
+    la.fit(loader(x, y))
+    la.optimize_prior_precision(n_steps=20)
+    restored = Laplace(model, "classification", subset_of_weights="all", hessian_structure=structure)
+    restored.load_state_dict(la.state_dict())
+    torch.testing.assert_close(restored.log_marginal_likelihood(), la.log_marginal_likelihood())
+    torch.testing.assert_close(restored(x), la(x))
+    other = Laplace(tiny_mlp(True, classes=2), "classification", subset_of_weights="all", hessian_structure=structure)
+    with pytest.raises(ValueError, match="the state was saved for layers"):
+        other.load_state_dict(la.state_dict())
+    wrong = "kron" if structure == "diag" else "diag"
+    with pytest.raises(ValueError, match="not a"):
+        Laplace(model, "classification", subset_of_weights="all", hessian_structure=wrong).load_state_dict(
+            la.state_dict()
+        )
+
+
+def test_progress_bar_on_request(generator, capsys):
+    model = tiny_mlp(True)
+    x = torch.randn(4, 3, dtype=torch.float64, generator=generator)
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
+    la.fit(loader(x, targets("classification", 4, generator=generator)), progress_bar=True)
+    assert "fitting the Laplace curvature" in capsys.readouterr().err

@@ -8,8 +8,38 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
 
 from fastlaplace.curvature import LIKELIHOODS, MODES, last_layer, layer_statistics, output_jacobians, supported_layers
+
+
+def laplace_bridge(mean: Tensor, cov: Tensor, normalise: bool = False) -> Tensor:
+    """Class probabilities of the Dirichlet that the Laplace bridge matches to N(mean, cov).
+
+    The softmax ignores a common shift of the logits, so the Gaussian is first conditioned
+    on their sum being 0; the bridge then uses its diagonal:
+    ``α_k = (1 − 2/K + e^{μ_k} Σ_l e^{−μ_l} / K²) / σ_k²``. With ``normalise`` the
+    logits are rescaled so that the mean variance is ``2/K`` first.
+
+    Args:
+        mean: ``(N, K)`` logit means.
+        cov: ``(N, K, K)`` logit covariances.
+        normalise: the ``"bridge_norm"`` variant.
+
+    Returns:
+        ``(N, K)`` probabilities, the Dirichlet's mean.
+    """
+    row_sums = cov.sum(-1)  # Σ 1, (N, K)
+    total = row_sums.sum(-1, keepdim=True)  # 1ᵀ Σ 1
+    mean = mean - row_sums * mean.sum(-1, keepdim=True) / total
+    variance = cov.diagonal(dim1=1, dim2=2) - row_sums.square() / total
+    classes = mean.shape[-1]
+    if normalise:
+        level = variance.mean(-1, keepdim=True) / math.sqrt(classes / 2)
+        mean, variance = mean / level.sqrt(), variance / level
+    alpha = (1 - 2 / classes + mean.exp() * (-mean).exp().sum(-1, keepdim=True) / classes**2) / variance
+    return alpha / alpha.sum(-1, keepdim=True)
 
 
 class BaseLaplace(ABC):
@@ -94,20 +124,52 @@ class BaseLaplace(ABC):
         """Number of parameters of each layer."""
         return [w.numel() for w in self.layer_weights()]
 
+    def _layer_parameters(self) -> list[Tensor]:
+        """The posterior's parameters in ``named_parameters()`` order (weight, then bias, per layer)."""
+        params = []
+        for _, module in self.layers:
+            params.append(module.weight)
+            if module.bias is not None and module.bias.requires_grad:
+                params.append(module.bias)
+        return params
+
+    def _to_parameter_order(self, augmented: list[Tensor]) -> Tensor:
+        """``(*, P)``: per layer ``(*, d_out, d_A)`` matrices ``[W | b]`` flattened as W, then b."""
+        parts = []
+        for (_, module), matrix in zip(self.layers, augmented, strict=True):
+            d_in = module.weight.shape[1]
+            parts.append(matrix[..., :d_in].flatten(-2))
+            if matrix.shape[-1] > d_in:
+                parts.append(matrix[..., d_in])
+        return torch.cat(parts, dim=-1)
+
+    @abstractmethod
+    def _sample_deviations(self, n_samples: int, generator: torch.Generator | None) -> list[Tensor]:
+        """Per layer ``(n, d_out, d_A)`` draws from N(0, P_l⁻¹)."""
+
+    def sample(self, n_samples: int = 100, generator: torch.Generator | None = None) -> Tensor:
+        """``(n_samples, P)`` draws of the posterior's parameters, in ``named_parameters()`` order."""
+        self._require_fit()
+        deviations = self._sample_deviations(n_samples, generator)
+        return self._to_parameter_order([w + d for w, d in zip(self.layer_weights(), deviations, strict=True)])
+
     # ------------------------------------------------------------------ fitting
 
-    def fit(self, loader: Iterable, override: bool = True) -> None:
+    def fit(self, loader: Iterable, override: bool = True, progress_bar: bool | None = None) -> None:
         """Accumulate the curvature over a loader of ``(x, y)`` batches.
 
         Args:
             loader: iterable of ``(x, y)`` pairs.
             override: start afresh (True) or add the data to what was fitted before.
+            progress_bar: show a tqdm bar; by default when the loader has 50 batches or more.
         """
         if override or not self._fitted:
             self._reset_curvature()
             self.loss, self.num_data = 0.0, 0
+        if progress_bar is None:
+            progress_bar = hasattr(loader, "__len__") and len(loader) >= 50
         batches = 0
-        for x, y in loader:
+        for x, y in tqdm(loader, desc="fitting the Laplace curvature", disable=not progress_bar):
             x, y = x.to(self.device), y.to(self.device)
             self._check_targets(y, x.shape[0])
             output, stats = layer_statistics(self.model, x, y, self.likelihood, self.curvature_mode, layers=self.layers)
@@ -200,10 +262,35 @@ class BaseLaplace(ABC):
         output, stats = output_jacobians(self.model, x.to(self.device), self.layers)
         return output, self._jacobian_covariance(stats)
 
-    def __call__(self, x: Tensor, pred_type: str = "glm", link_approx: str = "probit", n_samples: int = 100):
-        """Predictive: class probabilities (classification) or ``(mean, variance)`` (regression)."""
+    def __call__(
+        self,
+        x: Tensor,
+        pred_type: str = "glm",
+        link_approx: str = "probit",
+        n_samples: int = 100,
+        generator: torch.Generator | None = None,
+    ):
+        """The predictive, with laplace-torch's meaning of the arguments.
+
+        Args:
+            x: ``(N, ...)`` inputs.
+            pred_type: ``"glm"`` (linearised network) or ``"nn"`` (the network with sampled
+                weights, averaged).
+            link_approx: for a classification GLM, ``"probit"``, ``"bridge"`` /
+                ``"bridge_norm"`` (Laplace bridge, plain or variance-normalised) or ``"mc"``
+                (sampled logits).
+            n_samples: samples of ``"mc"`` and ``"nn"``.
+            generator: random source of the samples.
+
+        Returns:
+            Classification: ``(N, C)`` class probabilities. Regression: ``(N, C)`` mean and
+            ``(N, C, C)`` covariance (σ² included) for the GLM, or mean and per-output
+            variance for ``"nn"``.
+        """
+        if pred_type == "nn":
+            return self._sampled_network_predictive(x, n_samples, generator)
         if pred_type != "glm":
-            raise ValueError(f"pred_type must be 'glm', got {pred_type!r}")
+            raise ValueError(f"pred_type must be 'glm' or 'nn', got {pred_type!r}")
         mean, cov = self.functional_variance(x)
         if self.likelihood == "regression":
             return mean, cov + self.sigma_noise.square() * torch.eye(
@@ -212,12 +299,28 @@ class BaseLaplace(ABC):
         variance = cov.diagonal(dim1=1, dim2=2)
         if link_approx == "probit":
             return torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * variance), dim=-1)
+        if link_approx in ("bridge", "bridge_norm"):
+            return laplace_bridge(mean, cov, normalise=link_approx == "bridge_norm")
         if link_approx == "mc":
-            draws = torch.distributions.MultivariateNormal(mean, cov + 1e-10 * torch.eye(mean.shape[1])).sample(
-                (n_samples,)
-            )
-            return torch.softmax(draws, dim=-1).mean(0)
-        raise ValueError(f"link_approx must be 'probit' or 'mc', got {link_approx!r}")
+            jitter = 1e-10 * torch.eye(mean.shape[1], dtype=mean.dtype, device=mean.device)
+            root = torch.linalg.cholesky(cov + jitter)
+            noise = torch.randn((n_samples, *mean.shape), dtype=mean.dtype, device=mean.device, generator=generator)
+            return torch.softmax(mean + (root @ noise.unsqueeze(-1)).squeeze(-1), dim=-1).mean(0)
+        raise ValueError(f"link_approx must be 'probit', 'bridge', 'bridge_norm' or 'mc', got {link_approx!r}")
+
+    def _sampled_network_predictive(self, x: Tensor, n_samples: int, generator: torch.Generator | None):
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        keys = [names[id(p)] for p in self._layer_parameters()]
+        outputs = []
+        with torch.no_grad():
+            for draw in self.sample(n_samples, generator):
+                values = torch.split(draw, [p.numel() for p in self._layer_parameters()])
+                params = {k: v.view_as(p) for k, v, p in zip(keys, values, self._layer_parameters(), strict=True)}
+                outputs.append(functional_call(self.model, params, (x.to(self.device),)))
+        outputs = torch.stack(outputs)
+        if self.likelihood == "classification":
+            return outputs.softmax(-1).mean(0)
+        return outputs.mean(0), outputs.var(0) + self.sigma_noise.square()
 
     def predict(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Regression: predictive mean and standard deviation ``(N, C)`` each (σ included)."""
@@ -233,7 +336,51 @@ class BaseLaplace(ABC):
         probs = self(x)
         return -(probs * probs.clamp_min(1e-30).log()).sum(-1)
 
+    # ------------------------------------------------------------------ saving
+
+    def state_dict(self) -> dict:
+        """Everything fit() and the prior tuning produced, to restore on the same model."""
+        self._require_fit()
+        return {
+            "likelihood": self.likelihood,
+            "structure": type(self).__name__,
+            "layers": [(name, tuple(w.shape)) for (name, _), w in zip(self.layers, self.layer_weights(), strict=True)],
+            "num_data": self.num_data,
+            "num_outputs": self.num_outputs,
+            "loss": self.loss,
+            "prior_precision": self.prior_precision.clone(),
+            "sigma_noise": self.sigma_noise.clone(),
+            "temperature": self.temperature,
+            "curvature": [t.clone() for t in self._curvature_tensors()],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a state_dict(); it must come from the same structure and layers."""
+        layers = [(name, tuple(w.shape)) for (name, _), w in zip(self.layers, self.layer_weights(), strict=True)]
+        if state["structure"] != type(self).__name__ or state["likelihood"] != self.likelihood:
+            raise ValueError(
+                f"the state is a {state['structure']} for {state['likelihood']}, "
+                f"not a {type(self).__name__} for {self.likelihood}"
+            )
+        if [(n, tuple(s)) for n, s in state["layers"]] != layers:
+            raise ValueError(f"the state was saved for layers {state['layers']}, this model has {layers}")
+        self._reset_curvature()
+        self._restore_curvature([t.to(self.device) for t in state["curvature"]], state["num_data"])
+        self.num_data, self.num_outputs, self.loss = state["num_data"], state["num_outputs"], state["loss"]
+        self.prior_precision = state["prior_precision"]
+        self.sigma_noise = state["sigma_noise"].to(self.device)
+        self.temperature = state["temperature"]
+        self._fitted = True
+
     # ------------------------------------------------------------------ structure-specific
+
+    @abstractmethod
+    def _curvature_tensors(self) -> list[Tensor]:
+        """The accumulated curvature, as a list of tensors."""
+
+    @abstractmethod
+    def _restore_curvature(self, tensors: list[Tensor], num_data: int) -> None:
+        """Inverse of ``_curvature_tensors``."""
 
     @abstractmethod
     def _reset_curvature(self) -> None: ...

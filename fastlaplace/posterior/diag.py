@@ -42,3 +42,17 @@ class DiagLaplace(BaseLaplace):
             b = s.output_grads.to(precision.dtype)  # (N, C, d_out)
             total = total + (b * weights.unsqueeze(1)) @ b.transpose(1, 2)
         return total
+
+    def _sample_deviations(self, n_samples: int, generator: torch.Generator | None) -> list[Tensor]:
+        return [
+            torch.randn((n_samples, *p.shape), dtype=p.dtype, device=p.device, generator=generator) * p.rsqrt()
+            for p in self.posterior_precision()
+        ]
+
+    def _curvature_tensors(self) -> list[Tensor]:
+        return self.curvature.diagonals
+
+    def _restore_curvature(self, tensors: list[Tensor], num_data: int) -> None:
+        self.curvature.names = [name for name, _ in self.layers]
+        self.curvature.diagonals = tensors
+        self.curvature.num_data = num_data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from fastlaplace import ops
@@ -54,3 +55,20 @@ class KronLaplace(BaseLaplace):
             [s.has_bias for s in stats],
             full_covariance=True,
         )
+
+    def _sample_deviations(self, n_samples: int, generator: torch.Generator | None) -> list[Tensor]:
+        qa, la, qg, lg = self.eigendecomposition()
+        noise = [
+            torch.randn((n_samples, g.shape[0], a.shape[0]), dtype=a.dtype, device=a.device, generator=generator)
+            for a, g in zip(qa, qg, strict=True)
+        ]
+        return ops.kron_solve(qa, la, qg, lg, noise, self._scale(self.sigma_noise), self.prior_precision, -0.5)
+
+    def _curvature_tensors(self) -> list[Tensor]:
+        return self.curvature.input_factors + self.curvature.output_factors
+
+    def _restore_curvature(self, tensors: list[Tensor], num_data: int) -> None:
+        count = len(self.layers)
+        self.curvature.names = [name for name, _ in self.layers]
+        self.curvature.input_factors, self.curvature.output_factors = tensors[:count], tensors[count:]
+        self.curvature.num_data = num_data
