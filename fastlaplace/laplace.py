@@ -7,7 +7,7 @@ import functools
 
 from torch import nn
 
-from fastlaplace.posterior import BaseLaplace, DiagLaplace, KronLaplace
+from fastlaplace.posterior import BaseLaplace, DiagLaplace, FullLaplace, KronLaplace
 
 SUBSETS_OF_WEIGHTS = ("all", "last_layer", "subnetwork")
 HESSIAN_STRUCTURES = ("diag", "kron", "full", "lowrank")
@@ -17,6 +17,8 @@ POSTERIORS = {
     ("all", "diag"): DiagLaplace,
     ("last_layer", "kron"): functools.partial(KronLaplace, last_layer_only=True),
     ("last_layer", "diag"): functools.partial(DiagLaplace, last_layer_only=True),
+    ("all", "full"): FullLaplace,
+    ("last_layer", "full"): functools.partial(FullLaplace, last_layer_only=True),
 }
 
 
@@ -38,8 +40,8 @@ def Laplace(  # noqa: N802 (the name laplace-torch users call)
         model: the trained network; its output must be ``(N, C)``.
         likelihood: ``"classification"`` or ``"regression"``.
         subset_of_weights: ``"all"`` or ``"last_layer"`` (``"subnetwork"`` is not built yet).
-        hessian_structure: ``"kron"`` or ``"diag"`` (``"full"`` and ``"lowrank"`` are not
-            built yet).
+        hessian_structure: ``"kron"``, ``"diag"`` or ``"full"`` (``"lowrank"`` is not built
+            yet).
         **options: ``sigma_noise``, ``prior_precision`` (scalar or one per layer),
             ``prior_mean``, ``temperature``, ``curvature_mode`` (``"ggn"``, ``"mc"``, ``"ef"``).
 

@@ -2,7 +2,7 @@
 
 laplace-torch's Kron treats a bias as a block of its own, while fastlaplace appends a
 ones column to the layer input (DESIGN.md); the Kron comparison therefore uses bias-free
-layers, the diagonal one biases too.
+layers, the diagonal and full ones biases too.
 """
 
 import warnings
@@ -26,9 +26,9 @@ def model_and_data(likelihood: str, bias: bool):
 
 @pytest.mark.parametrize("likelihood", ["classification", "regression"])
 @pytest.mark.parametrize("subset", ["all", "last_layer"])
-@pytest.mark.parametrize("structure", ["kron", "diag"])
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
 def test_marglik_and_glm_covariance_agree(likelihood, subset, structure):
-    model, loader = model_and_data(likelihood, bias=structure == "diag")
+    model, loader = model_and_data(likelihood, bias=structure != "kron")
     sigma = 1.0 if likelihood == "classification" else 0.7
     options = {"sigma_noise": sigma, "prior_precision": 0.9, "temperature": 1.2}
     with warnings.catch_warnings():

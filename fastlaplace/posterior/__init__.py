@@ -1,7 +1,8 @@
-"""Laplace posteriors over the Linear layers of a model: Kronecker-factored and diagonal."""
+"""Laplace posteriors over the Linear layers of a model: Kronecker-factored, diagonal, full."""
 
 from fastlaplace.posterior.base import BaseLaplace
 from fastlaplace.posterior.diag import DiagLaplace
+from fastlaplace.posterior.full import FullLaplace
 from fastlaplace.posterior.kron import KronLaplace
 
-__all__ = ["BaseLaplace", "DiagLaplace", "KronLaplace"]
+__all__ = ["BaseLaplace", "DiagLaplace", "FullLaplace", "KronLaplace"]
