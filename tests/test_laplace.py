@@ -270,3 +270,28 @@ def test_progress_bar_on_request(generator, capsys):
     la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
     la.fit(loader(x, targets("classification", 4, generator=generator)), progress_bar=True)
     assert "fitting the Laplace curvature" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_gridsearch_picks_the_prior_with_the_lowest_validation_nll(likelihood, generator):
+    model = tiny_mlp(True)
+    x = torch.randn(12, 3, dtype=torch.float64, generator=generator)
+    y = targets(likelihood, 12, generator=generator)
+    la = Laplace(model, likelihood, subset_of_weights="all", hessian_structure="kron")
+    la.fit(loader(x[:8], y[:8]))
+    grid = [1e-3, 0.3, 30.0]
+    nll = []
+    for delta in grid:
+        la.prior_precision = delta
+        if likelihood == "classification":
+            nll.append(-la(x[8:]).gather(1, y[8:].unsqueeze(1)).log().sum().item())
+        else:
+            mean, cov = la(x[8:])
+            var = cov.diagonal(dim1=1, dim2=2)
+            nll.append(-torch.distributions.Normal(mean, var.sqrt()).log_prob(y[8:]).sum().item())
+    la.optimize_prior_precision(method="gridsearch", val_loader=loader(x[8:], y[8:]), grid=grid)
+    assert la.prior_precision.unique().item() == grid[nll.index(min(nll))]
+    with pytest.raises(ValueError, match="needs a val_loader"):
+        la.optimize_prior_precision(method="gridsearch")
+    with pytest.raises(ValueError, match="method must be 'marglik' or 'gridsearch'"):
+        la.optimize_prior_precision(method="cv")
