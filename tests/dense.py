@@ -13,11 +13,11 @@ def tiny_mlp(bias: bool, classes: int = 3) -> nn.Module:
 def augmented_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(N, C, P) Jacobian of the outputs w.r.t. every layer's row-major [W | b], layers in order."""
     params = {k: v.detach() for k, v in model.named_parameters()}
-    jac = vmap(jacrev(lambda p, xi: functional_call(model, p, (xi,))), in_dims=(None, 0))(params, x)
+    jac = vmap(jacrev(lambda p, xi: functional_call(model, p, (xi.unsqueeze(0),))[0]), in_dims=(None, 0))(params, x)
     blocks = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            w = jac[f"{name}.weight"]  # (N, C, d_out, d_in)
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            w = jac[f"{name}.weight"].flatten(3)  # (N, C, d_out, d_in) with d_in = C*kh*kw for Conv2d
             if module.bias is not None:
                 w = torch.cat([w, jac[f"{name}.bias"].unsqueeze(-1)], dim=-1)
             blocks.append(w.flatten(2))
@@ -39,10 +39,21 @@ def dense_ggn(model, x, likelihood):
 
 
 def layer_sizes(model):
-    return [m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in model if isinstance(m, nn.Linear)]
+    return [
+        m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+        for m in model
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+    ]
 
 
 def targets(likelihood, n, classes=3, generator=None):
     if likelihood == "classification":
         return torch.randint(0, classes, (n,), generator=generator)
     return torch.randn(n, classes, dtype=torch.float64, generator=generator)
+
+
+def tiny_cnn(image: int, classes: int = 3) -> nn.Module:
+    """Conv2d(2 -> 3, 3x3) then Tanh, Flatten and a Linear head, for (N, 2, image, image) inputs."""
+    torch.manual_seed(0)
+    side = image - 2
+    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * side * side, classes)).double()

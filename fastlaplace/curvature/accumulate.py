@@ -16,13 +16,16 @@ class KronCurvature:
     """K-FAC factors ``A_l = Σ_n â_n â_nᵀ`` and ``G_l = Σ_n Σ_k g_nk g_nkᵀ`` per layer.
 
     With N data seen, layer l's GGN block (row-major ``[W | b]`` order) is approximated
-    by ``kron(G_l, A_l) / N``: exact for a single datum.
+    by ``kron(G_l, A_l) / (N L_l)``: exact for a single datum of a Linear layer. A Conv2d
+    counts every one of its L_l output locations as a sample for both factors (KFC,
+    Grosse & Martens 2016, "expand"); ``L_l = 1`` for Linear.
     """
 
     def __init__(self) -> None:
         self.names: list[str] = []
         self.input_factors: list[Tensor] = []
         self.output_factors: list[Tensor] = []
+        self.locations: list[int] = []
         self.num_data = 0
 
     def update(self, statistics: Sequence[LayerStatistics]) -> None:
@@ -31,21 +34,28 @@ class KronCurvature:
             self._allocate(statistics)
         elif [s.name for s in statistics] != self.names:
             raise ValueError(f"layers {[s.name for s in statistics]} differ from the first batch's {self.names}")
-        grads = [s.output_grads.reshape(-1, s.output_grads.shape[-1]) for s in statistics]
+        grads = [s.location_grads().reshape(-1, s.location_grads().shape[-1]) for s in statistics]
+        linear = [i for i, s in enumerate(statistics) if not s.is_conv]
         ops.factor_accumulate_(
-            self.input_factors + self.output_factors,
-            [s.inputs for s in statistics] + grads,
-            [s.has_bias for s in statistics] + [False] * len(statistics),
+            [self.input_factors[i] for i in linear] + self.output_factors,
+            [statistics[i].inputs for i in linear] + grads,
+            [statistics[i].has_bias for i in linear] + [False] * len(statistics),
         )
+        for factor, s in zip(self.input_factors, statistics, strict=True):
+            if s.is_conv:
+                m = s.module
+                ops.conv_input_factor_(factor, s.inputs, m.kernel_size, m.stride, m.padding, m.dilation, s.has_bias)
         self.num_data += statistics[0].inputs.shape[0]
 
     def _allocate(self, statistics: Sequence[LayerStatistics]) -> None:
         self.names = [s.name for s in statistics]
+        self.locations = [s.locations for s in statistics]
         for s in statistics:
             options = {"dtype": accumulation_dtype(s.inputs.dtype), "device": s.inputs.device}
-            d_a = s.inputs.shape[1] + s.has_bias
+            d_a = s.module.weight[0].numel() + s.has_bias
             self.input_factors.append(torch.zeros(d_a, d_a, **options))
-            self.output_factors.append(torch.zeros(s.output_grads.shape[-1], s.output_grads.shape[-1], **options))
+            d_g = s.module.weight.shape[0]
+            self.output_factors.append(torch.zeros(d_g, d_g, **options))
 
 
 class DiagCurvature:
@@ -57,10 +67,8 @@ class DiagCurvature:
         self.num_data = 0
 
     def update(self, statistics: Sequence[LayerStatistics]) -> None:
-        """Add one batch with the fused diagonal-GGN operator."""
-        batch = ops.diag_ggn(
-            [s.inputs for s in statistics], [s.output_grads for s in statistics], [s.has_bias for s in statistics]
-        )
+        """Add one batch: the fused diagonal-GGN operator for Linear layers, per-sample gradients for Conv2d."""
+        batch = [self._layer_diagonal(s) for s in statistics]
         if not self.names:
             self.names, self.diagonals = [s.name for s in statistics], batch
         elif [s.name for s in statistics] != self.names:
@@ -69,3 +77,11 @@ class DiagCurvature:
             for total, part in zip(self.diagonals, batch, strict=True):
                 total.add_(part)
         self.num_data += statistics[0].inputs.shape[0]
+
+    @staticmethod
+    def _layer_diagonal(s: LayerStatistics) -> Tensor:
+        if not s.is_conv:
+            return ops.diag_ggn([s.inputs], [s.output_grads], [s.has_bias])[0]
+        # A location's weights are shared across locations: square the summed gradient.
+        squares = s.weight_gradients().to(accumulation_dtype(s.inputs.dtype)).square().sum((0, 1))
+        return squares.view(s.module.weight.shape[0], -1)

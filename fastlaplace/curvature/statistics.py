@@ -9,19 +9,23 @@ from torch import Tensor, nn
 
 from fastlaplace.curvature.loss import output_gradient_columns
 
-SUPPORTED_LAYERS = (nn.Linear,)
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
 
 
 @dataclass
 class LayerStatistics:
     """What one layer contributes for one batch.
 
+    A Conv2d is a Linear layer applied at every output location to the patch that
+    location sees (``weight.flatten(1)`` order), so both kinds expose the same
+    per-location view through :meth:`patches` and :meth:`location_grads`.
+
     Attributes:
         name: the layer's name in ``model.named_modules()``.
         module: the layer.
-        inputs: ``(N, d_in)`` its inputs (detached).
-        output_grads: ``(N, K, d_out)`` the curvature columns backpropagated to its
-            pre-activation (detached).
+        inputs: its inputs (detached): ``(N, d_in)`` for Linear, ``(N, C, H, W)`` for Conv2d.
+        output_grads: the curvature columns backpropagated to its pre-activation
+            (detached): ``(N, K, d_out)`` for Linear, ``(N, K, C_out, H', W')`` for Conv2d.
     """
 
     name: str
@@ -33,6 +37,39 @@ class LayerStatistics:
     def has_bias(self) -> bool:
         """Whether the layer has a trainable bias (the factor gets a ones column)."""
         return self.module.bias is not None and self.module.bias.requires_grad
+
+    @property
+    def is_conv(self) -> bool:
+        """Whether the layer is a Conv2d."""
+        return isinstance(self.module, nn.Conv2d)
+
+    @property
+    def locations(self) -> int:
+        """Output locations per sample (1 for Linear)."""
+        return self.output_grads[0, 0, 0].numel() if self.is_conv else 1
+
+    def patches(self) -> Tensor:
+        """``(N, L, d_A)`` the input each output location sees, with the ones column of a bias."""
+        if self.is_conv:
+            m = self.module
+            u = nn.functional.unfold(self.inputs, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)
+        else:
+            u = self.inputs.unsqueeze(1)
+        if self.has_bias:
+            u = torch.cat([u, u.new_ones(*u.shape[:2], 1)], dim=-1)
+        return u
+
+    def location_grads(self) -> Tensor:
+        """``(N, K, L, d_out)`` the backpropagated columns at every output location."""
+        if self.is_conv:
+            return self.output_grads.flatten(3).transpose(2, 3)
+        return self.output_grads.unsqueeze(2)
+
+    def weight_gradients(self) -> Tensor:
+        """``(N, K, d_out * d_A)``: each column as a gradient w.r.t. the row-major ``[W | b]``."""
+        return torch.einsum(
+            "nklo,nla->nkoa", self.location_grads(), self.patches().to(self.output_grads.dtype)
+        ).flatten(2)
 
 
 def supported_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -46,6 +83,13 @@ def supported_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if not any(p.requires_grad for p in module.parameters(recurse=False)):
             continue
+        if isinstance(module, nn.Conv2d) and (
+            module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)
+        ):
+            raise ValueError(
+                f"layer {name!r} (Conv2d) needs groups=1, padding_mode='zeros' and numeric padding; got "
+                f"groups={module.groups}, padding_mode={module.padding_mode!r}, padding={module.padding!r}"
+            )
         if not isinstance(module, SUPPORTED_LAYERS):
             kinds = ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
             raise ValueError(
@@ -54,14 +98,14 @@ def supported_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
             )
         layers.append((name, module))
     if not layers:
-        raise ValueError("the model has no trainable layer of a supported type (nn.Linear)")
+        raise ValueError("the model has no trainable layer of a supported type (nn.Linear, nn.Conv2d)")
     return layers
 
 
 def last_layer(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The model's last module, which must be an nn.Linear producing the output."""
     name, module = list(model.named_modules())[-1]
-    if not isinstance(module, SUPPORTED_LAYERS):
+    if not isinstance(module, nn.Linear):
         raise ValueError(f"the last module {name!r} is a {type(module).__name__}, not an nn.Linear")
     return [(name, module)]
 
@@ -96,11 +140,12 @@ def _backpropagate_columns(
             handle.remove()
     if not torch.isfinite(output).all():
         raise ValueError("the model's output contains NaN or Inf")
-    for name, _ in layers:
+    for name, module in layers:
         a = captured[name][0]
-        if a.dim() != 2:
+        if a.dim() != (4 if isinstance(module, nn.Conv2d) else 2):
             raise ValueError(
-                f"layer {name!r} got an input of shape {tuple(a.shape)}; only (N, d_in) inputs are supported"
+                f"layer {name!r} got an input of shape {tuple(a.shape)}; only (N, d_in) inputs (Linear) "
+                "and (N, C, H, W) inputs (Conv2d) are supported"
             )
     columns = make_columns(output)  # (N, C, K)
     pre_activations = [captured[name][1] for name, _ in layers]

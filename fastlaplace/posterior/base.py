@@ -111,10 +111,10 @@ class BaseLaplace(ABC):
         self._prior_precision = value
 
     def layer_weights(self) -> list[Tensor]:
-        """Each layer's ``[W | b]`` as a ``(d_out, d_in + bias)`` matrix (detached)."""
+        """Each layer's ``[W | b]`` as a ``(d_out, d_in + bias)`` matrix (detached; d_in = C*kh*kw for Conv2d)."""
         weights = []
         for _, module in self.layers:
-            w = module.weight.detach()
+            w = module.weight.detach().flatten(1)  # a Conv2d kernel as (C_out, C*kh*kw)
             if module.bias is not None and module.bias.requires_grad:
                 w = torch.cat([w, module.bias.detach().unsqueeze(-1)], dim=-1)
             weights.append(w)
@@ -137,7 +137,7 @@ class BaseLaplace(ABC):
         """``(*, P)``: per layer ``(*, d_out, d_A)`` matrices ``[W | b]`` flattened as W, then b."""
         parts = []
         for (_, module), matrix in zip(self.layers, augmented, strict=True):
-            d_in = module.weight.shape[1]
+            d_in = module.weight[0].numel()
             parts.append(matrix[..., :d_in].flatten(-2))
             if matrix.shape[-1] > d_in:
                 parts.append(matrix[..., d_in])

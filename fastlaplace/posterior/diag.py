@@ -32,9 +32,14 @@ class DiagLaplace(BaseLaplace):
         return torch.stack([p.log().sum() for p in self.posterior_precision(prior_precision, sigma_noise)]).sum()
 
     def _jacobian_covariance(self, stats) -> Tensor:
-        # J_l[c, (o, i)] = B[c, o] â_i, so J P⁻¹ Jᵀ = B diag(w) Bᵀ with w_no = Σ_i â_ni² / P_oi.
+        # Linear: J_l[c, (o, i)] = B[c, o] â_i, so J P⁻¹ Jᵀ = B diag(w) Bᵀ with w_no = Σ_i â_ni² / P_oi.
+        # Conv2d: the Jacobian sums over locations and is formed for the layer.
         total = 0
         for s, precision in zip(stats, self.posterior_precision(), strict=True):
+            if s.is_conv:
+                jac = s.weight_gradients().to(precision.dtype)  # (N, C, P_l)
+                total = total + (jac / precision.flatten()) @ jac.transpose(1, 2)
+                continue
             a = s.inputs.to(precision.dtype)
             if s.has_bias:
                 a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)

@@ -15,13 +15,7 @@ def _weight_gradients(stats) -> Tensor:
 
     With the output Jacobians as columns this is the Jacobian ``J`` itself.
     """
-    blocks = []
-    for s in stats:
-        a = s.inputs
-        if s.has_bias:
-            a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
-        blocks.append(torch.einsum("nko,ni->nkoi", s.output_grads, a).flatten(2))
-    return torch.cat(blocks, dim=-1)
+    return torch.cat([s.weight_gradients() for s in stats], dim=-1)
 
 
 class FullLaplace(BaseLaplace):

@@ -32,8 +32,9 @@ class KronLaplace(BaseLaplace):
         return self._eigen
 
     def _scale(self, sigma_noise: Tensor) -> Tensor:
-        scale = self._curvature_scale(sigma_noise) / self.curvature.num_data
-        return scale.expand(len(self.layers)).to(self.dtype)
+        """``(L,)`` factor scales ``1 / (σ² T N L_l)``."""
+        locations = torch.tensor(self.curvature.locations, dtype=self.dtype, device=self.device)
+        return self._curvature_scale(sigma_noise) / (self.curvature.num_data * locations)
 
     def log_det_posterior(self, prior_precision: Tensor, sigma_noise: Tensor) -> Tensor:
         """Σ_l Σ_ij log(s μ_j λ_i + δ_l), differentiable in δ and σ."""
@@ -42,19 +43,40 @@ class KronLaplace(BaseLaplace):
 
     def _jacobian_covariance(self, stats) -> Tensor:
         qa, la, qg, lg = self.eigendecomposition()
-        return ops.kron_predictive_variance(
-            [s.inputs for s in stats],
-            # The last layer's output Jacobian is the identity: the operator's closed form.
-            [None if self.last_layer_only else s.output_grads for s in stats],
-            qa,
-            la,
-            qg,
-            lg,
-            self._scale(self.sigma_noise),
-            self.prior_precision,
-            [s.has_bias for s in stats],
-            full_covariance=True,
-        )
+        scale, delta = self._scale(self.sigma_noise), self.prior_precision
+        linear = [i for i, s in enumerate(stats) if not s.is_conv]
+        total = 0
+        if linear:
+            total = ops.kron_predictive_variance(
+                [stats[i].inputs for i in linear],
+                # The last layer's output Jacobian is the identity: the operator's closed form.
+                [None if self.last_layer_only else stats[i].output_grads for i in linear],
+                [qa[i] for i in linear],
+                [la[i] for i in linear],
+                [qg[i] for i in linear],
+                [lg[i] for i in linear],
+                scale[linear],
+                delta[linear],
+                [stats[i].has_bias for i in linear],
+                full_covariance=True,
+            )
+        for i, s in enumerate(stats):
+            if s.is_conv:
+                total = total + self._conv_covariance(s, qa[i], la[i], qg[i], lg[i], scale[i], delta[i])
+        return total
+
+    @staticmethod
+    def _conv_covariance(s, qa, la, qg, lg, scale, delta) -> Tensor:
+        """``J P⁻¹ Jᵀ`` of a Conv2d, whose Jacobian sums over locations: ``J = Σ_p B_p ⊗ u_pᵀ``.
+
+        In the eigenbasis ``J̃[c, j, i] = Σ_p (B_p Q_G)[c, j] (Q_Aᵀ u_p)[i]`` has the size of
+        the layer's Jacobian; it is formed one layer at a time.
+        """
+        b_rot = s.location_grads().to(qa.dtype) @ qg  # (N, C, L, d_G)
+        u_rot = s.patches().to(qa.dtype) @ qa  # (N, L, d_A)
+        rotated = torch.einsum("nclj,nli->ncji", b_rot, u_rot)
+        inverse = (scale * torch.outer(lg.clamp_min(0), la.clamp_min(0)) + delta).reciprocal()
+        return torch.einsum("ncji,ji,neji->nce", rotated, inverse, rotated)
 
     def _sample_deviations(self, n_samples: int, generator: torch.Generator | None) -> list[Tensor]:
         qa, la, qg, lg = self.eigendecomposition()
@@ -65,10 +87,13 @@ class KronLaplace(BaseLaplace):
         return ops.kron_solve(qa, la, qg, lg, noise, self._scale(self.sigma_noise), self.prior_precision, -0.5)
 
     def _curvature_tensors(self) -> list[Tensor]:
-        return self.curvature.input_factors + self.curvature.output_factors
+        locations = torch.tensor(self.curvature.locations)
+        return self.curvature.input_factors + self.curvature.output_factors + [locations]
 
     def _restore_curvature(self, tensors: list[Tensor], num_data: int) -> None:
         count = len(self.layers)
         self.curvature.names = [name for name, _ in self.layers]
-        self.curvature.input_factors, self.curvature.output_factors = tensors[:count], tensors[count:]
+        self.curvature.input_factors = tensors[:count]
+        self.curvature.output_factors = tensors[count : 2 * count]
+        self.curvature.locations = tensors[2 * count].tolist()
         self.curvature.num_data = num_data

@@ -1,0 +1,80 @@
+"""Conv2d layers in the curvature and the posteriors, against dense brute force."""
+
+import pytest
+import torch
+from dense import augmented_jacobian, dense_ggn, layer_sizes, targets, tiny_cnn
+from torch import nn
+
+from fastlaplace import Laplace
+from fastlaplace.curvature import DiagCurvature, layer_statistics
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_diagonal_of_a_cnn_equals_the_dense_ggn_diagonal(likelihood, generator):
+    model = tiny_cnn(5)
+    x = torch.randn(4, 2, 5, 5, dtype=torch.float64, generator=generator)
+    diag = DiagCurvature()
+    diag.update(layer_statistics(model, x, targets(likelihood, 4, generator=generator), likelihood)[1])
+    got = torch.cat([d.flatten() for d in diag.diagonals])
+    torch.testing.assert_close(got, dense_ggn(model, x, likelihood).diagonal())
+
+
+@pytest.mark.parametrize("structure", ["diag", "full"])
+def test_cnn_posterior_marglik_and_glm_equal_dense(structure, generator):
+    model = tiny_cnn(5)
+    x = torch.randn(6, 2, 5, 5, dtype=torch.float64, generator=generator)
+    y = targets("classification", 6, generator=generator)
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure=structure, prior_precision=1.5)
+    la.fit([(x[:3], y[:3]), (x[3:], y[3:])])
+    ggn = dense_ggn(model, x, "classification")
+    curvature = torch.diag(ggn.diagonal()) if structure == "diag" else ggn
+    precision = curvature + 1.5 * torch.eye(ggn.shape[0], dtype=torch.float64)
+    theta = torch.cat(
+        [torch.cat([m.weight.flatten(1), m.bias.unsqueeze(1)], 1).flatten() for m in model if hasattr(m, "weight")]
+    )
+    log_lik = -nn.functional.cross_entropy(model(x), y, reduction="sum").detach()
+    expected = log_lik - 0.5 * (
+        torch.logdet(precision) - ggn.shape[0] * torch.log(torch.tensor(1.5)) + 1.5 * theta @ theta
+    )
+    torch.testing.assert_close(la.log_marginal_likelihood(), expected.to(torch.float64))
+    x_test = torch.randn(3, 2, 5, 5, dtype=torch.float64, generator=generator)
+    jac = augmented_jacobian(model, x_test)
+    torch.testing.assert_close(
+        la.functional_variance(x_test)[1], jac @ torch.linalg.solve(precision, jac.transpose(1, 2))
+    )
+
+
+def test_kron_of_a_conv_with_one_output_location_is_exact_for_one_datum(generator):
+    model = tiny_cnn(3)  # a 3x3 kernel on a 3x3 image: a single output location
+    x = torch.randn(1, 2, 3, 3, dtype=torch.float64, generator=generator)
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
+    la.fit([(x, targets("classification", 1, generator=generator))])
+    dense = dense_ggn(model, x, "classification")
+    size = layer_sizes(model)[0]
+    conv_block = torch.kron(la.curvature.output_factors[0], la.curvature.input_factors[0])
+    torch.testing.assert_close(conv_block, dense[:size, :size])
+
+
+def test_kron_glm_covariance_of_a_cnn_equals_its_dense_form(generator):
+    model = tiny_cnn(5)
+    x = torch.randn(5, 2, 5, 5, dtype=torch.float64, generator=generator)
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron", prior_precision=0.5)
+    la.fit([(x, targets("classification", 5, generator=generator))])
+    c = la.curvature
+    blocks = [
+        torch.kron(g, a) / (c.num_data * locations)
+        for a, g, locations in zip(c.input_factors, c.output_factors, c.locations, strict=True)
+    ]
+    assert c.locations == [9, 1]
+    precision = torch.block_diag(*blocks) + 0.5 * torch.eye(sum(layer_sizes(model)), dtype=torch.float64)
+    x_test = torch.randn(2, 2, 5, 5, dtype=torch.float64, generator=generator)
+    jac = augmented_jacobian(model, x_test)
+    torch.testing.assert_close(
+        la.functional_variance(x_test)[1], jac @ torch.linalg.solve(precision, jac.transpose(1, 2))
+    )
+
+
+def test_grouped_convolution_is_refused_by_name():
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"layer '0' \(Conv2d\) needs groups=1"):
+        Laplace(model, "classification", subset_of_weights="all")
