@@ -11,7 +11,7 @@ from fastlaplace.posterior import BaseLaplace, DiagLaplace, FullLaplace, KronLap
 
 SUBSETS_OF_WEIGHTS = ("all", "last_layer", "subnetwork")
 HESSIAN_STRUCTURES = ("diag", "kron", "full", "lowrank")
-OPTIONS = ("sigma_noise", "prior_precision", "prior_mean", "temperature", "curvature_mode")
+OPTIONS = ("sigma_noise", "prior_precision", "prior_mean", "temperature", "curvature_mode", "kfac_approx")
 POSTERIORS = {
     ("all", "kron"): KronLaplace,
     ("all", "diag"): DiagLaplace,
@@ -43,7 +43,8 @@ def Laplace(  # noqa: N802 (the name laplace-torch users call)
         hessian_structure: ``"kron"``, ``"diag"`` or ``"full"`` (``"lowrank"`` is not built
             yet).
         **options: ``sigma_noise``, ``prior_precision`` (scalar or one per layer),
-            ``prior_mean``, ``temperature``, ``curvature_mode`` (``"ggn"``, ``"mc"``, ``"ef"``).
+            ``prior_mean``, ``temperature``, ``curvature_mode`` (``"ggn"``, ``"mc"``, ``"ef"``),
+            and for Kron ``kfac_approx`` (``"expand"`` or ``"reduce"``).
 
     Returns:
         The posterior; call ``fit(loader)`` next.
@@ -73,4 +74,6 @@ def Laplace(  # noqa: N802 (the name laplace-torch users call)
             f"subset_of_weights={subset_of_weights!r} with hessian_structure={hessian_structure!r} "
             f"is not available yet; available: {available}"
         )
+    if "kfac_approx" in options and hessian_structure != "kron":
+        raise TypeError("kfac_approx applies to hessian_structure='kron' only")
     return posterior(model, likelihood, **options)

@@ -144,9 +144,9 @@ def test_options_are_validated(likelihood, mode, message):
         output_gradient_columns(torch.zeros(2, 3), torch.zeros(2, 3), likelihood, mode)
 
 
-def test_sequence_inputs_are_refused_with_the_layer_name():
-    model = nn.Sequential(nn.Linear(3, 2)).double()
-    with pytest.raises(ValueError, match=r"layer '0' got an input of shape \(2, 5, 3\)"):
+def test_inputs_of_more_than_three_dimensions_are_refused_with_the_layer_name():
+    model = nn.Sequential(nn.Linear(3, 2), nn.Flatten()).double()
+    with pytest.raises(ValueError, match=r"layer '0' got an input of shape \(2, 4, 5, 3\)"):
         layer_statistics(
-            model, torch.randn(2, 5, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.long), "classification"
+            model, torch.randn(2, 4, 5, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.long), "classification"
         )

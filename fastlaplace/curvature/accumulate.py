@@ -16,12 +16,17 @@ class KronCurvature:
     """K-FAC factors ``A_l = Σ_n â_n â_nᵀ`` and ``G_l = Σ_n Σ_k g_nk g_nkᵀ`` per layer.
 
     With N data seen, layer l's GGN block (row-major ``[W | b]`` order) is approximated
-    by ``kron(G_l, A_l) / (N L_l)``: exact for a single datum of a Linear layer. A Conv2d
-    counts every one of its L_l output locations as a sample for both factors (KFC,
-    Grosse & Martens 2016, "expand"); ``L_l = 1`` for Linear.
+    by ``kron(G_l, A_l) / (N L_l)``: exact for a single datum of a Linear layer. A layer
+    applied at L_l locations (Conv2d output positions, sequence tokens) follows
+    ``kfac_approx``: ``"expand"`` counts every location as a sample for both factors (KFC,
+    Grosse & Martens 2016); ``"reduce"`` first averages the inputs and sums the output
+    gradients over the locations, and then ``L_l = 1``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, kfac_approx: str = "expand") -> None:
+        if kfac_approx not in ("expand", "reduce"):
+            raise ValueError(f"kfac_approx must be 'expand' or 'reduce', got {kfac_approx!r}")
+        self.kfac_approx = kfac_approx
         self.names: list[str] = []
         self.input_factors: list[Tensor] = []
         self.output_factors: list[Tensor] = []
@@ -34,22 +39,31 @@ class KronCurvature:
             self._allocate(statistics)
         elif [s.name for s in statistics] != self.names:
             raise ValueError(f"layers {[s.name for s in statistics]} differ from the first batch's {self.names}")
-        grads = [s.location_grads().reshape(-1, s.location_grads().shape[-1]) for s in statistics]
-        linear = [i for i, s in enumerate(statistics) if not s.is_conv]
-        ops.factor_accumulate_(
-            [self.input_factors[i] for i in linear] + self.output_factors,
-            [statistics[i].inputs for i in linear] + grads,
-            [statistics[i].has_bias for i in linear] + [False] * len(statistics),
-        )
-        for factor, s in zip(self.input_factors, statistics, strict=True):
-            if s.is_conv:
-                m = s.module
-                ops.conv_input_factor_(factor, s.inputs, m.kernel_size, m.stride, m.padding, m.dilation, s.has_bias)
+        rows_a, rows_g, ones, conv = [], [], [], []
+        for i, s in enumerate(statistics):
+            grads = s.location_grads()  # (N, K, L, d_out)
+            if self.kfac_approx == "reduce" and s.shares_weights:
+                rows_a.append(s.patches().mean(1))
+                ones.append(False)  # the averaged patches carry the ones column already
+                grads = grads.sum(2)
+            elif s.is_conv:
+                conv.append(i)  # input factor from the implicit-im2col operator
+            else:
+                rows_a.append(s.inputs.reshape(-1, s.inputs.shape[-1]))
+                ones.append(s.has_bias)
+            rows_g.append(grads.reshape(-1, grads.shape[-1]))
+        row_factors = [f for i, f in enumerate(self.input_factors) if i not in conv]
+        ops.factor_accumulate_(row_factors + self.output_factors, rows_a + rows_g, ones + [False] * len(rows_g))
+        for i in conv:
+            s, m = statistics[i], statistics[i].module
+            ops.conv_input_factor_(
+                self.input_factors[i], s.inputs, m.kernel_size, m.stride, m.padding, m.dilation, s.has_bias
+            )
         self.num_data += statistics[0].inputs.shape[0]
 
     def _allocate(self, statistics: Sequence[LayerStatistics]) -> None:
         self.names = [s.name for s in statistics]
-        self.locations = [s.locations for s in statistics]
+        self.locations = [1 if self.kfac_approx == "reduce" else s.locations for s in statistics]
         for s in statistics:
             options = {"dtype": accumulation_dtype(s.inputs.dtype), "device": s.inputs.device}
             d_a = s.module.weight[0].numel() + s.has_bias
@@ -80,7 +94,7 @@ class DiagCurvature:
 
     @staticmethod
     def _layer_diagonal(s: LayerStatistics) -> Tensor:
-        if not s.is_conv:
+        if not s.shares_weights:
             return ops.diag_ggn([s.inputs], [s.output_grads], [s.has_bias])[0]
         # A location's weights are shared across locations: square the summed gradient.
         squares = s.weight_gradients().to(accumulation_dtype(s.inputs.dtype)).square().sum((0, 1))

@@ -17,15 +17,18 @@ class LayerStatistics:
     """What one layer contributes for one batch.
 
     A Conv2d is a Linear layer applied at every output location to the patch that
-    location sees (``weight.flatten(1)`` order), so both kinds expose the same
-    per-location view through :meth:`patches` and :meth:`location_grads`.
+    location sees (``weight.flatten(1)`` order), and a Linear layer on a sequence is
+    applied at every token: all expose the same per-location view through
+    :meth:`patches` and :meth:`location_grads` (one location for a plain Linear).
 
     Attributes:
         name: the layer's name in ``model.named_modules()``.
         module: the layer.
-        inputs: its inputs (detached): ``(N, d_in)`` for Linear, ``(N, C, H, W)`` for Conv2d.
+        inputs: its inputs (detached): ``(N, d_in)`` or ``(N, T, d_in)`` for Linear,
+            ``(N, C, H, W)`` for Conv2d.
         output_grads: the curvature columns backpropagated to its pre-activation
-            (detached): ``(N, K, d_out)`` for Linear, ``(N, K, C_out, H', W')`` for Conv2d.
+            (detached): ``(N, K, d_out)`` or ``(N, K, T, d_out)`` for Linear,
+            ``(N, K, C_out, H', W')`` for Conv2d.
     """
 
     name: str
@@ -44,9 +47,16 @@ class LayerStatistics:
         return isinstance(self.module, nn.Conv2d)
 
     @property
+    def shares_weights(self) -> bool:
+        """Whether the weights are applied at several locations (Conv2d, or Linear on a sequence)."""
+        return self.is_conv or self.inputs.dim() == 3
+
+    @property
     def locations(self) -> int:
-        """Output locations per sample (1 for Linear)."""
-        return self.output_grads[0, 0, 0].numel() if self.is_conv else 1
+        """Output locations (or tokens) per sample; 1 for a Linear layer on vectors."""
+        if self.is_conv:
+            return self.output_grads[0, 0, 0].numel()
+        return self.inputs.shape[1] if self.inputs.dim() == 3 else 1
 
     def patches(self) -> Tensor:
         """``(N, L, d_A)`` the input each output location sees, with the ones column of a bias."""
@@ -54,7 +64,7 @@ class LayerStatistics:
             m = self.module
             u = nn.functional.unfold(self.inputs, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)
         else:
-            u = self.inputs.unsqueeze(1)
+            u = self.inputs if self.inputs.dim() == 3 else self.inputs.unsqueeze(1)
         if self.has_bias:
             u = torch.cat([u, u.new_ones(*u.shape[:2], 1)], dim=-1)
         return u
@@ -63,7 +73,7 @@ class LayerStatistics:
         """``(N, K, L, d_out)`` the backpropagated columns at every output location."""
         if self.is_conv:
             return self.output_grads.flatten(3).transpose(2, 3)
-        return self.output_grads.unsqueeze(2)
+        return self.output_grads if self.output_grads.dim() == 4 else self.output_grads.unsqueeze(2)
 
     def weight_gradients(self) -> Tensor:
         """``(N, K, d_out * d_A)``: each column as a gradient w.r.t. the row-major ``[W | b]``."""
@@ -142,10 +152,10 @@ def _backpropagate_columns(
         raise ValueError("the model's output contains NaN or Inf")
     for name, module in layers:
         a = captured[name][0]
-        if a.dim() != (4 if isinstance(module, nn.Conv2d) else 2):
+        if a.dim() not in ((4,) if isinstance(module, nn.Conv2d) else (2, 3)):
             raise ValueError(
-                f"layer {name!r} got an input of shape {tuple(a.shape)}; only (N, d_in) inputs (Linear) "
-                "and (N, C, H, W) inputs (Conv2d) are supported"
+                f"layer {name!r} got an input of shape {tuple(a.shape)}; only (N, d_in) or (N, T, d_in) "
+                "inputs (Linear) and (N, C, H, W) inputs (Conv2d) are supported"
             )
     columns = make_columns(output)  # (N, C, K)
     pre_activations = [captured[name][1] for name, _ in layers]

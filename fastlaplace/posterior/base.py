@@ -88,6 +88,7 @@ class BaseLaplace(ABC):
         self.num_data = 0
         self.num_outputs = 0
         self._fitted = False
+        self._reset_curvature()
 
     # ------------------------------------------------------------------ parameters
 

@@ -33,10 +33,10 @@ class DiagLaplace(BaseLaplace):
 
     def _jacobian_covariance(self, stats) -> Tensor:
         # Linear: J_l[c, (o, i)] = B[c, o] â_i, so J P⁻¹ Jᵀ = B diag(w) Bᵀ with w_no = Σ_i â_ni² / P_oi.
-        # Conv2d: the Jacobian sums over locations and is formed for the layer.
+        # Conv2d or sequence: the Jacobian sums over locations and is formed for the layer.
         total = 0
         for s, precision in zip(stats, self.posterior_precision(), strict=True):
-            if s.is_conv:
+            if s.shares_weights:
                 jac = s.weight_gradients().to(precision.dtype)  # (N, C, P_l)
                 total = total + (jac / precision.flatten()) @ jac.transpose(1, 2)
                 continue

@@ -11,10 +11,18 @@ from fastlaplace.posterior.base import BaseLaplace
 
 
 class KronLaplace(BaseLaplace):
-    """``P_l = kron(G_l, A_l) / (N σ² T) + δ_l I`` per layer, used exactly in its eigenbasis."""
+    """``P_l = kron(G_l, A_l) / (N L_l σ² T) + δ_l I`` per layer, used exactly in its eigenbasis.
+
+    ``kfac_approx`` (``"expand"`` or ``"reduce"``) says how layers applied at several
+    locations (Conv2d, Linear on sequences) are factored; see :class:`KronCurvature`.
+    """
+
+    def __init__(self, *args, kfac_approx: str = "expand", **kwargs) -> None:
+        self.kfac_approx = kfac_approx
+        super().__init__(*args, **kwargs)
 
     def _reset_curvature(self) -> None:
-        self.curvature = KronCurvature()
+        self.curvature = KronCurvature(self.kfac_approx)
         self._eigen = None
 
     def _update_curvature(self, stats) -> None:
@@ -44,7 +52,7 @@ class KronLaplace(BaseLaplace):
     def _jacobian_covariance(self, stats) -> Tensor:
         qa, la, qg, lg = self.eigendecomposition()
         scale, delta = self._scale(self.sigma_noise), self.prior_precision
-        linear = [i for i, s in enumerate(stats) if not s.is_conv]
+        linear = [i for i, s in enumerate(stats) if not s.shares_weights]
         total = 0
         if linear:
             total = ops.kron_predictive_variance(
@@ -61,13 +69,13 @@ class KronLaplace(BaseLaplace):
                 full_covariance=True,
             )
         for i, s in enumerate(stats):
-            if s.is_conv:
-                total = total + self._conv_covariance(s, qa[i], la[i], qg[i], lg[i], scale[i], delta[i])
+            if s.shares_weights:
+                total = total + self._shared_weight_covariance(s, qa[i], la[i], qg[i], lg[i], scale[i], delta[i])
         return total
 
     @staticmethod
-    def _conv_covariance(s, qa, la, qg, lg, scale, delta) -> Tensor:
-        """``J P⁻¹ Jᵀ`` of a Conv2d, whose Jacobian sums over locations: ``J = Σ_p B_p ⊗ u_pᵀ``.
+    def _shared_weight_covariance(s, qa, la, qg, lg, scale, delta) -> Tensor:
+        """``J P⁻¹ Jᵀ`` of a layer applied at several locations: ``J = Σ_p B_p ⊗ u_pᵀ``.
 
         In the eigenbasis ``J̃[c, j, i] = Σ_p (B_p Q_G)[c, j] (Q_Aᵀ u_p)[i]`` has the size of
         the layer's Jacobian; it is formed one layer at a time.
