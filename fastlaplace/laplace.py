@@ -11,7 +11,15 @@ from fastlaplace.posterior import BaseLaplace, DiagLaplace, FullLaplace, KronLap
 
 SUBSETS_OF_WEIGHTS = ("all", "last_layer", "subnetwork")
 HESSIAN_STRUCTURES = ("diag", "kron", "full", "lowrank")
-OPTIONS = ("sigma_noise", "prior_precision", "prior_mean", "temperature", "curvature_mode", "kfac_approx")
+OPTIONS = (
+    "sigma_noise",
+    "prior_precision",
+    "prior_mean",
+    "temperature",
+    "curvature_mode",
+    "kfac_approx",
+    "dict_key_y",
+)
 POSTERIORS = {
     ("all", "kron"): KronLaplace,
     ("all", "diag"): DiagLaplace,
@@ -44,7 +52,8 @@ def Laplace(  # noqa: N802 (the name laplace-torch users call)
             yet).
         **options: ``sigma_noise``, ``prior_precision`` (scalar or one per layer),
             ``prior_mean``, ``temperature``, ``curvature_mode`` (``"ggn"``, ``"mc"``, ``"ef"``),
-            and for Kron ``kfac_approx`` (``"expand"`` or ``"reduce"``).
+            ``dict_key_y`` (the targets' key in dict batches, default ``"labels"``), and for
+            Kron ``kfac_approx`` (``"expand"`` or ``"reduce"``).
 
     Returns:
         The posterior; call ``fit(loader)`` next.

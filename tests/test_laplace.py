@@ -295,3 +295,28 @@ def test_gridsearch_picks_the_prior_with_the_lowest_validation_nll(likelihood, g
         la.optimize_prior_precision(method="gridsearch")
     with pytest.raises(ValueError, match="method must be 'marglik' or 'gridsearch'"):
         la.optimize_prior_precision(method="cv")
+
+
+class DictModel(nn.Module):
+    """A HuggingFace-style model: takes the whole batch dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_mlp(True)
+
+    def forward(self, batch):
+        return self.net(batch["features"])
+
+
+def test_dict_batches_give_the_posterior_of_pair_batches(generator):
+    x = torch.randn(6, 3, dtype=torch.float64, generator=generator)
+    y = targets("classification", 6, generator=generator)
+    model = DictModel()
+    from_dicts = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
+    from_dicts.fit([{"features": x[:4], "labels": y[:4]}, {"features": x[4:], "labels": y[4:]}])
+    from_pairs = Laplace(model.net, "classification", subset_of_weights="all", hessian_structure="kron")
+    from_pairs.fit(loader(x, y, 4))
+    torch.testing.assert_close(from_dicts.log_marginal_likelihood(), from_pairs.log_marginal_likelihood())
+    torch.testing.assert_close(from_dicts({"features": x}), from_pairs(x))
+    with pytest.raises(ValueError, match="dict_key_y='labels'"):
+        from_dicts.fit([{"features": x, "target": y}])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -64,6 +64,7 @@ class BaseLaplace(ABC):
         temperature: float = 1.0,
         curvature_mode: str = "ggn",
         last_layer_only: bool = False,
+        dict_key_y: str = "labels",
     ) -> None:
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
@@ -77,6 +78,7 @@ class BaseLaplace(ABC):
         self.likelihood = likelihood
         self.curvature_mode = curvature_mode
         self.last_layer_only = last_layer_only
+        self.dict_key_y = dict_key_y
         self.layers = last_layer(model) if last_layer_only else supported_layers(model)
         reference = self.layers[0][1].weight
         self.dtype, self.device = reference.dtype, reference.device
@@ -170,18 +172,34 @@ class BaseLaplace(ABC):
         if progress_bar is None:
             progress_bar = hasattr(loader, "__len__") and len(loader) >= 50
         batches = 0
-        for x, y in tqdm(loader, desc="fitting the Laplace curvature", disable=not progress_bar):
-            x, y = x.to(self.device), y.to(self.device)
-            self._check_targets(y, x.shape[0])
+        for batch in tqdm(loader, desc="fitting the Laplace curvature", disable=not progress_bar):
+            x, y = self._split_batch(batch)
+            self._check_targets(y, y.shape[0] if isinstance(x, Mapping) else x.shape[0])
             output, stats = layer_statistics(self.model, x, y, self.likelihood, self.curvature_mode, layers=self.layers)
             self._update_curvature(stats)
             self.loss += float(self._summed_loss(output, y))
-            self.num_data += x.shape[0]
+            self.num_data += y.shape[0]
             self.num_outputs = output.shape[1]
             batches += 1
         if batches == 0:
             raise ValueError("the loader yielded no batch: nothing to fit")
         self._fitted = True
+
+    def _to_device(self, x: Tensor | Mapping) -> Tensor | Mapping:
+        if isinstance(x, Mapping):
+            return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in x.items()}
+        return x.to(self.device)
+
+    def _split_batch(self, batch) -> tuple[Tensor | Mapping, Tensor]:
+        """``(x, y)`` of a batch: a pair, or a dict (HuggingFace style) passed whole to the model."""
+        if isinstance(batch, Mapping):
+            if self.dict_key_y not in batch:
+                raise ValueError(
+                    f"a dict batch needs the targets under dict_key_y={self.dict_key_y!r}; keys: {list(batch)}"
+                )
+            return self._to_device(batch), batch[self.dict_key_y].to(self.device)
+        x, y = batch
+        return self._to_device(x), y.to(self.device)
 
     def _check_targets(self, y: Tensor, n: int) -> None:
         if self.likelihood == "classification":
@@ -308,7 +326,7 @@ class BaseLaplace(ABC):
     def functional_variance(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(f(x; θ*), J P⁻¹ Jᵀ)``: the ``(N, C)`` mean and ``(N, C, C)`` covariance of the GLM."""
         self._require_fit()
-        output, stats = output_jacobians(self.model, x.to(self.device), self.layers)
+        output, stats = output_jacobians(self.model, self._to_device(x), self.layers)
         return output, self._jacobian_covariance(stats)
 
     def __call__(
@@ -365,7 +383,7 @@ class BaseLaplace(ABC):
             for draw in self.sample(n_samples, generator):
                 values = torch.split(draw, [p.numel() for p in self._layer_parameters()])
                 params = {k: v.view_as(p) for k, v, p in zip(keys, values, self._layer_parameters(), strict=True)}
-                outputs.append(functional_call(self.model, params, (x.to(self.device),)))
+                outputs.append(functional_call(self.model, params, (self._to_device(x),)))
         outputs = torch.stack(outputs)
         if self.likelihood == "classification":
             return outputs.softmax(-1).mean(0)
