@@ -320,3 +320,16 @@ def test_dict_batches_give_the_posterior_of_pair_batches(generator):
     torch.testing.assert_close(from_dicts({"features": x}), from_pairs(x))
     with pytest.raises(ValueError, match="dict_key_y='labels'"):
         from_dicts.fit([{"features": x, "target": y}])
+
+
+def test_classification_predict_gives_probit_probabilities_and_sampled_spread(generator):
+    model = tiny_mlp(True)
+    x = torch.randn(5, 3, dtype=torch.float64, generator=generator)
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron", prior_precision=0.5)
+    la.fit(loader(x, targets("classification", 5, generator=generator)))
+    probs, std = la.predict(x[:2], n_samples=40000, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(probs, la(x[:2]))
+    mean, cov = la.functional_variance(x[:2])
+    draws = torch.distributions.MultivariateNormal(mean, cov).sample((40000,)).softmax(-1)
+    torch.testing.assert_close(std, draws.std(0), atol=3e-3, rtol=0)
+    assert torch.all(std > 0)

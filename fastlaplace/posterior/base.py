@@ -14,6 +14,14 @@ from tqdm.auto import tqdm
 from fastlaplace.curvature import LIKELIHOODS, MODES, last_layer, layer_statistics, output_jacobians, supported_layers
 
 
+def _sampled_softmax(mean: Tensor, cov: Tensor, n_samples: int, generator: torch.Generator | None) -> Tensor:
+    """``(n_samples, N, C)`` softmax of logits drawn from N(mean, cov)."""
+    jitter = 1e-10 * torch.eye(mean.shape[1], dtype=mean.dtype, device=mean.device)
+    root = torch.linalg.cholesky(cov + jitter)
+    noise = torch.randn((n_samples, *mean.shape), dtype=mean.dtype, device=mean.device, generator=generator)
+    return torch.softmax(mean + (root @ noise.unsqueeze(-1)).squeeze(-1), dim=-1)
+
+
 def laplace_bridge(mean: Tensor, cov: Tensor, normalise: bool = False) -> Tensor:
     """Class probabilities of the Dirichlet that the Laplace bridge matches to N(mean, cov).
 
@@ -369,10 +377,7 @@ class BaseLaplace(ABC):
         if link_approx in ("bridge", "bridge_norm"):
             return laplace_bridge(mean, cov, normalise=link_approx == "bridge_norm")
         if link_approx == "mc":
-            jitter = 1e-10 * torch.eye(mean.shape[1], dtype=mean.dtype, device=mean.device)
-            root = torch.linalg.cholesky(cov + jitter)
-            noise = torch.randn((n_samples, *mean.shape), dtype=mean.dtype, device=mean.device, generator=generator)
-            return torch.softmax(mean + (root @ noise.unsqueeze(-1)).squeeze(-1), dim=-1).mean(0)
+            return _sampled_softmax(mean, cov, n_samples, generator).mean(0)
         raise ValueError(f"link_approx must be 'probit', 'bridge', 'bridge_norm' or 'mc', got {link_approx!r}")
 
     def _sampled_network_predictive(self, x: Tensor, n_samples: int, generator: torch.Generator | None):
@@ -389,12 +394,20 @@ class BaseLaplace(ABC):
             return outputs.softmax(-1).mean(0)
         return outputs.mean(0), outputs.var(0) + self.sigma_noise.square()
 
-    def predict(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Regression: predictive mean and standard deviation ``(N, C)`` each (σ included)."""
-        if self.likelihood != "regression":
-            raise ValueError("predict(x) returns (mean, std) for regression; use la(x) for class probabilities")
-        mean, cov = self(x)
-        return mean, cov.diagonal(dim1=1, dim2=2).sqrt()
+    def predict(
+        self, x: Tensor, n_samples: int = 100, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Predictive mean and standard deviation, ``(N, C)`` each.
+
+        Regression: the GLM's mean and its standard deviation, σ included. Classification:
+        the probit class probabilities, and the standard deviation of the softmax over
+        ``n_samples`` logits drawn from the GLM.
+        """
+        if self.likelihood == "regression":
+            mean, cov = self(x)
+            return mean, cov.diagonal(dim1=1, dim2=2).sqrt()
+        mean, cov = self.functional_variance(x)
+        return self(x), _sampled_softmax(mean, cov, n_samples, generator).std(0)
 
     def predictive_entropy(self, x: Tensor) -> Tensor:
         """``(N,)`` entropy of the probit predictive (an out-of-distribution score)."""
