@@ -333,3 +333,43 @@ def test_classification_predict_gives_probit_probabilities_and_sampled_spread(ge
     draws = torch.distributions.MultivariateNormal(mean, cov).sample((40000,)).softmax(-1)
     torch.testing.assert_close(std, draws.std(0), atol=3e-3, rtol=0)
     assert torch.all(std > 0)
+
+
+@pytest.mark.parametrize("structure", ["diag", "full"])
+def test_prior_precision_per_parameter_equals_dense(structure, generator):
+    model = tiny_mlp(True)
+    x = torch.randn(7, 3, dtype=torch.float64, generator=generator)
+    y = targets("classification", 7, generator=generator)
+    params = sum(p.numel() for p in model.parameters())
+    delta_named_order = torch.rand(params, dtype=torch.float64, generator=generator) + 0.1
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure=structure)
+    la.fit(loader(x, y))
+    ggn = dense_ggn(model, x, "classification")
+    curvature = torch.diag(ggn.diagonal()) if structure == "diag" else ggn
+    # named_parameters() order (W then b per layer) to the dense [W | b] row-major order
+    w0, b0, w1, b1 = delta_named_order.split([12, 4, 12, 3])
+    delta = torch.cat(
+        [torch.cat([w0.view(4, 3), b0[:, None]], 1).flatten(), torch.cat([w1.view(3, 4), b1[:, None]], 1).flatten()]
+    )
+    precision = curvature + torch.diag(delta)
+    out = model(x).detach()
+    theta = augmented_weights(model)
+    expected = -nn.functional.cross_entropy(out, y, reduction="sum") - 0.5 * (
+        torch.logdet(precision) - delta.log().sum() + (delta * theta.square()).sum()
+    )
+    torch.testing.assert_close(la.log_marginal_likelihood(delta_named_order), expected)
+    la.prior_precision = delta_named_order
+    x_test = torch.randn(2, 3, dtype=torch.float64, generator=generator)
+    jac = augmented_jacobian(model, x_test)
+    torch.testing.assert_close(
+        la.functional_variance(x_test)[1], jac @ torch.linalg.solve(precision, jac.transpose(1, 2))
+    )
+    before = la.log_marginal_likelihood().item()
+    la.optimize_prior_precision(n_steps=50)
+    assert la.prior_precision.shape == (params,) and la.log_marginal_likelihood().item() > before
+
+
+def test_kron_refuses_a_prior_per_parameter():
+    la = Laplace(tiny_mlp(True), "classification", subset_of_weights="all", hessian_structure="kron")
+    with pytest.raises(ValueError, match=r"one entry per layer \(2\), got shape \(31,\)"):
+        la.prior_precision = torch.ones(31, dtype=torch.float64)

@@ -102,24 +102,36 @@ class BaseLaplace(ABC):
 
     # ------------------------------------------------------------------ parameters
 
+    #: whether a prior precision per parameter is exact for this structure (Kron: no)
+    supports_prior_per_parameter = True
+
     @property
     def prior_precision(self) -> Tensor:
-        """``(L,)`` prior precision per layer (a scalar is broadcast)."""
+        """``(L,)`` prior precision per layer (a scalar is broadcast), or ``(P,)`` per parameter."""
         return self._prior_precision
 
     @prior_precision.setter
     def prior_precision(self, value: float | Tensor) -> None:
-        value = torch.as_tensor(value, dtype=self.dtype, device=self.device).detach().clone()
-        count = len(self.layers)
-        if value.dim() == 0:
-            value = value.expand(count).clone()
-        if value.shape != (count,):
-            raise ValueError(
-                f"prior_precision must be a scalar or have one entry per layer ({count}), got {tuple(value.shape)}"
+        self._prior_precision = self._checked_prior(torch.as_tensor(value, dtype=self.dtype, device=self.device))
+
+    def _checked_prior(self, value: Tensor) -> Tensor:
+        layers, parameters = len(self.layers), sum(self.layer_sizes())
+        value = value.expand(layers) if value.dim() == 0 else value
+        allowed = [(layers,)] + ([(parameters,)] if self.supports_prior_per_parameter else [])
+        if tuple(value.shape) not in allowed:
+            what = "one entry per layer" + (
+                f" ({layers}) or per parameter ({parameters})" if len(allowed) > 1 else f" ({layers})"
             )
-        if not bool((value >= 0).all()):
-            raise ValueError(f"prior_precision must be non-negative, got {value.tolist()}")
-        self._prior_precision = value
+            raise ValueError(f"prior_precision must be a scalar or have {what}, got shape {tuple(value.shape)}")
+        if not torch.compiler.is_compiling() and not bool((value.detach() >= 0).all()):
+            raise ValueError(f"prior_precision must be non-negative, got {value.detach().tolist()}")
+        return value.clone() if not value.requires_grad else value
+
+    def _prior_per_layer(self, delta: Tensor) -> list[Tensor]:
+        """Each layer's prior precision, broadcastable to its ``(d_out, d_A)`` ``[W | b]`` matrix."""
+        if delta.shape[0] == len(self.layers) and delta.shape[0] != sum(self.layer_sizes()):
+            return list(delta.unbind())
+        return self._from_parameter_order(delta)
 
     def layer_weights(self) -> list[Tensor]:
         """Each layer's ``[W | b]`` as a ``(d_out, d_in + bias)`` matrix (detached; d_in = C*kh*kw for Conv2d)."""
@@ -153,6 +165,20 @@ class BaseLaplace(ABC):
             if matrix.shape[-1] > d_in:
                 parts.append(matrix[..., d_in])
         return torch.cat(parts, dim=-1)
+
+    def _from_parameter_order(self, vector: Tensor) -> list[Tensor]:
+        """Inverse of :meth:`_to_parameter_order` for one ``(P,)`` vector."""
+        matrices = []
+        offset = 0
+        for _, module in self.layers:
+            d_out, d_in = module.weight.shape[0], module.weight[0].numel()
+            matrix = vector[offset : offset + d_out * d_in].view(d_out, d_in)
+            offset += d_out * d_in
+            if module.bias is not None and module.bias.requires_grad:
+                matrix = torch.cat([matrix, vector[offset : offset + d_out].unsqueeze(1)], dim=1)
+                offset += d_out
+            matrices.append(matrix)
+        return matrices
 
     @abstractmethod
     def _sample_deviations(self, n_samples: int, generator: torch.Generator | None) -> list[Tensor]:
@@ -245,25 +271,27 @@ class BaseLaplace(ABC):
         return value
 
     def scatter(self, prior_precision: Tensor) -> Tensor:
-        """``Σ_l δ_l ‖θ_l − μ_0‖²``."""
-        squares = torch.stack([(w - self.prior_mean).square().sum() for w in self.layer_weights()])
-        return (prior_precision * squares).sum()
+        """``(θ* − μ_0)ᵀ P_0 (θ* − μ_0)`` for a per-layer or per-parameter prior precision."""
+        deltas = self._prior_per_layer(prior_precision)
+        return sum(
+            (d * (w - self.prior_mean).square()).sum() for d, w in zip(deltas, self.layer_weights(), strict=True)
+        )
 
     def log_det_prior(self, prior_precision: Tensor) -> Tensor:
         """The log-determinant of the prior precision."""
-        sizes = torch.tensor(self.layer_sizes(), dtype=self.dtype, device=self.device)
-        return (sizes * prior_precision.log()).sum()
+        deltas = self._prior_per_layer(prior_precision)
+        return sum(d.log().expand_as(w).sum() for d, w in zip(deltas, self.layer_weights(), strict=True))
 
     def log_marginal_likelihood(
         self, prior_precision: Tensor | None = None, sigma_noise: Tensor | None = None
     ) -> Tensor:
         """Laplace evidence ``log p(D|θ*) − ½ (log det P − log det P0 + (θ*−μ0)ᵀP0(θ*−μ0))``.
 
-        Differentiable in ``prior_precision`` (scalar or ``(L,)``) and ``sigma_noise``.
+        Differentiable in ``prior_precision`` (scalar, ``(L,)`` or, except for Kron,
+        ``(P,)`` in ``named_parameters()`` order) and ``sigma_noise``.
         """
         self._require_fit()
-        delta = self.prior_precision if prior_precision is None else prior_precision
-        delta = delta.expand(len(self.layers)) if delta.dim() == 0 else delta
+        delta = self.prior_precision if prior_precision is None else self._checked_prior(prior_precision)
         sigma = self.sigma_noise if sigma_noise is None else sigma_noise
         log_det_ratio = self.log_det_posterior(delta, sigma) - self.log_det_prior(delta)
         return self.log_likelihood(sigma) - 0.5 * (log_det_ratio + self.scatter(delta))

@@ -25,7 +25,8 @@ class DiagLaplace(BaseLaplace):
         self._require_fit()
         delta = self.prior_precision if prior_precision is None else prior_precision
         scale = self._curvature_scale(self.sigma_noise if sigma_noise is None else sigma_noise)
-        return [scale * d + delta[i] for i, d in enumerate(self.curvature.diagonals)]
+        deltas = self._prior_per_layer(delta)
+        return [scale * d + delta_l for d, delta_l in zip(self.curvature.diagonals, deltas, strict=True)]
 
     def log_det_posterior(self, prior_precision: Tensor, sigma_noise: Tensor) -> Tensor:
         """The log-determinant Σ log P."""

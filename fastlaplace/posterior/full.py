@@ -37,8 +37,9 @@ class FullLaplace(BaseLaplace):
         """The dense ``(P, P)`` posterior precision in the layers' ``[W | b]`` row-major order."""
         self._require_fit()
         delta = self.prior_precision if prior_precision is None else prior_precision
-        sizes = torch.tensor(self.layer_sizes(), device=self.device)
-        per_parameter = torch.repeat_interleave(delta, sizes)
+        weights = self.layer_weights()
+        deltas = self._prior_per_layer(delta)
+        per_parameter = torch.cat([d.expand_as(w).flatten() for d, w in zip(deltas, weights, strict=True)])
         scale = self._curvature_scale(self.sigma_noise if sigma_noise is None else sigma_noise)
         return scale * self.hessian + torch.diag(per_parameter)
 

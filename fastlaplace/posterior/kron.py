@@ -17,6 +17,8 @@ class KronLaplace(BaseLaplace):
     locations (Conv2d, Linear on sequences) are factored; see :class:`KronCurvature`.
     """
 
+    supports_prior_per_parameter = False  # δ must be constant within a layer's eigenbasis
+
     def __init__(self, *args, kfac_approx: str = "expand", **kwargs) -> None:
         self.kfac_approx = kfac_approx
         super().__init__(*args, **kwargs)
