@@ -19,6 +19,7 @@ OPTIONS = (
     "curvature_mode",
     "kfac_approx",
     "dict_key_y",
+    "subnetwork_indices",
 )
 POSTERIORS = {
     ("all", "kron"): KronLaplace,
@@ -27,6 +28,7 @@ POSTERIORS = {
     ("last_layer", "diag"): functools.partial(DiagLaplace, last_layer_only=True),
     ("all", "full"): FullLaplace,
     ("last_layer", "full"): functools.partial(FullLaplace, last_layer_only=True),
+    ("subnetwork", "full"): FullLaplace,
 }
 
 
@@ -47,13 +49,15 @@ def Laplace(  # noqa: N802 (the name laplace-torch users call)
     Args:
         model: the trained network; its output must be ``(N, C)``.
         likelihood: ``"classification"`` or ``"regression"``.
-        subset_of_weights: ``"all"`` or ``"last_layer"`` (``"subnetwork"`` is not built yet).
+        subset_of_weights: ``"all"``, ``"last_layer"`` or ``"subnetwork"`` (with
+            ``hessian_structure="full"`` and ``subnetwork_indices``).
         hessian_structure: ``"kron"``, ``"diag"`` or ``"full"`` (``"lowrank"`` is not built
             yet).
         **options: ``sigma_noise``, ``prior_precision`` (scalar or one per layer),
             ``prior_mean``, ``temperature``, ``curvature_mode`` (``"ggn"``, ``"mc"``, ``"ef"``),
-            ``dict_key_y`` (the targets' key in dict batches, default ``"labels"``), and for
-            Kron ``kfac_approx`` (``"expand"`` or ``"reduce"``).
+            ``dict_key_y`` (the targets' key in dict batches, default ``"labels"``), for
+            Kron ``kfac_approx`` (``"expand"`` or ``"reduce"``), and for a subnetwork
+            ``subnetwork_indices`` (indices into the parameters in ``named_parameters()`` order).
 
     Returns:
         The posterior; call ``fit(loader)`` next.
@@ -83,6 +87,8 @@ def Laplace(  # noqa: N802 (the name laplace-torch users call)
             f"subset_of_weights={subset_of_weights!r} with hessian_structure={hessian_structure!r} "
             f"is not available yet; available: {available}"
         )
+    if (subset_of_weights == "subnetwork") != ("subnetwork_indices" in options):
+        raise TypeError("subnetwork_indices is needed with, and only with, subset_of_weights='subnetwork'")
     if "kfac_approx" in options and hessian_structure != "kron":
         raise TypeError("kfac_approx applies to hessian_structure='kron' only")
     return posterior(model, likelihood, **options)

@@ -48,3 +48,32 @@ def test_marglik_and_glm_covariance_agree(likelihood, subset, structure):
     if likelihood == "classification":
         for link in ("probit", "bridge", "bridge_norm"):
             torch.testing.assert_close(ours(x, link_approx=link), reference(x, link_approx=link).detach())
+
+
+def test_subnetwork_agrees():
+    model, loader = model_and_data("classification", bias=True)
+    chosen = torch.tensor([1, 4, 9, 21, 22, 40, 43])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = ReferenceLaplace(
+            model,
+            "classification",
+            subset_of_weights="subnetwork",
+            hessian_structure="full",
+            backend=BackPackGGN,
+            subnetwork_indices=chosen,
+            prior_precision=0.9,
+        )
+        reference.fit(loader)
+    ours = Laplace(
+        model,
+        "classification",
+        subset_of_weights="subnetwork",
+        hessian_structure="full",
+        subnetwork_indices=chosen,
+        prior_precision=0.9,
+    )
+    ours.fit(loader)
+    torch.testing.assert_close(ours.log_marginal_likelihood(), reference.log_marginal_likelihood().detach())
+    x = torch.randn(6, 3, dtype=torch.float64)
+    torch.testing.assert_close(ours.functional_variance(x)[1], reference._glm_predictive_distribution(x)[1].detach())

@@ -373,3 +373,55 @@ def test_kron_refuses_a_prior_per_parameter():
     la = Laplace(tiny_mlp(True), "classification", subset_of_weights="all", hessian_structure="kron")
     with pytest.raises(ValueError, match=r"one entry per layer \(2\), got shape \(31,\)"):
         la.prior_precision = torch.ones(31, dtype=torch.float64)
+
+
+def test_subnetwork_posterior_equals_the_dense_block_of_its_parameters(generator):
+    model = tiny_mlp(True)
+    x = torch.randn(7, 3, dtype=torch.float64, generator=generator)
+    y = targets("classification", 7, generator=generator)
+    chosen = torch.tensor([0, 5, 13, 15, 16, 29, 30])  # named_parameters() order: W0 (12), b0 (4), W1 (12), b1 (3)
+    la = Laplace(
+        model, "classification", subset_of_weights="subnetwork", hessian_structure="full", subnetwork_indices=chosen
+    )
+    la.fit(loader(x, y))
+    # the same parameters in the dense [W | b] row-major order
+    w0, b0, w1, b1 = torch.arange(31).split([12, 4, 12, 3])
+    order = torch.cat(
+        [torch.cat([w0.view(4, 3), b0[:, None]], 1).flatten(), torch.cat([w1.view(3, 4), b1[:, None]], 1).flatten()]
+    )
+    positions = torch.tensor([int((order == i).nonzero()) for i in chosen]).sort().values
+    ggn = dense_ggn(model, x, "classification")[positions][:, positions]
+    precision = ggn + torch.eye(7, dtype=torch.float64)
+    theta = augmented_weights(model)[positions]
+    log_lik = -nn.functional.cross_entropy(model(x), y, reduction="sum").detach()
+    expected = log_lik - 0.5 * (torch.logdet(precision) + theta @ theta)
+    torch.testing.assert_close(la.log_marginal_likelihood(), expected)
+    x_test = torch.randn(3, 3, dtype=torch.float64, generator=generator)
+    jac = augmented_jacobian(model, x_test)[:, :, positions]
+    torch.testing.assert_close(
+        la.functional_variance(x_test)[1], jac @ torch.linalg.solve(precision, jac.transpose(1, 2))
+    )
+    draws = la.sample(5, generator=generator)
+    unchosen = torch.ones(31, dtype=torch.bool)
+    unchosen[chosen] = False
+    theta_named = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert torch.equal(draws[:, unchosen], theta_named[unchosen].expand(5, -1))
+    with pytest.raises(TypeError, match="subnetwork_indices is needed with"):
+        Laplace(model, "classification", subset_of_weights="subnetwork", hessian_structure="full")
+    with pytest.raises(ValueError, match=r"subnetwork_indices must lie in \[0, 31\)"):
+        Laplace(
+            model, "classification", subset_of_weights="subnetwork", hessian_structure="full", subnetwork_indices=[40]
+        )
+
+
+def test_full_predictive_follows_a_changed_prior(generator):
+    model = tiny_mlp(True)
+    x = torch.randn(6, 3, dtype=torch.float64, generator=generator)
+    y = targets("classification", 6, generator=generator)
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="full", prior_precision=1.0)
+    la.fit(loader(x, y))
+    la(x)  # computes and caches the factorisation for prior 1
+    la.prior_precision = 5.0
+    fresh = Laplace(model, "classification", subset_of_weights="all", hessian_structure="full", prior_precision=5.0)
+    fresh.fit(loader(x, y))
+    torch.testing.assert_close(la(x), fresh(x))

@@ -19,34 +19,77 @@ def _weight_gradients(stats) -> Tensor:
 
 
 class FullLaplace(BaseLaplace):
-    """``P = H / (σ² T) + diag(δ)`` with the dense GGN (or Fisher) H over all covered weights."""
+    """``P = H / (σ² T) + diag(δ)`` with the dense GGN (or Fisher) H over all covered weights.
+
+    With ``subnetwork_indices`` (indices into the covered parameters in
+    ``named_parameters()`` order, as laplace-torch's) the posterior covers those
+    parameters alone; the others stay at θ*.
+    """
+
+    def __init__(self, *args, subnetwork_indices: Tensor | None = None, **kwargs) -> None:
+        self.subnetwork_indices = None if subnetwork_indices is None else torch.as_tensor(subnetwork_indices)
+        super().__init__(*args, **kwargs)
+        self._selected = None
+        if self.subnetwork_indices is not None:
+            total = sum(self.layer_sizes())
+            indices = self.subnetwork_indices.to(self.device).long()
+            if indices.dim() != 1 or indices.numel() == 0 or indices.unique().numel() != indices.numel():
+                raise ValueError("subnetwork_indices must be a non-empty 1-D tensor of distinct indices")
+            if int(indices.min()) < 0 or int(indices.max()) >= total:
+                raise ValueError(
+                    f"subnetwork_indices must lie in [0, {total}), got [{int(indices.min())}, {int(indices.max())}]"
+                )
+            # Positions in the [W | b] row-major order of the parameters chosen in named_parameters() order.
+            positions = torch.cat(
+                [m.flatten() for m in self._from_parameter_order(torch.arange(total, device=self.device))]
+            )
+            self._selected = torch.argsort(positions)[indices].sort().values
+
+    def _columns(self, gradients: Tensor) -> Tensor:
+        return gradients if self._selected is None else gradients[..., self._selected]
 
     def _reset_curvature(self) -> None:
         self.hessian: Tensor | None = None
         self._cholesky = None
 
     def _update_curvature(self, stats) -> None:
-        columns = _weight_gradients(stats).flatten(0, 1)  # (N*K, P)
+        columns = self._columns(_weight_gradients(stats)).flatten(0, 1)  # (N*K, P)
         if self.hessian is None:
             size = columns.shape[1]
             self.hessian = torch.zeros(size, size, dtype=accumulation_dtype(columns.dtype), device=columns.device)
         ops.factor_accumulate_([self.hessian], [columns], [False])
         self._cholesky = None
 
+    def _prior_vector(self, delta: Tensor) -> Tensor:
+        """The prior precision of every covered parameter, ``[W | b]`` row-major order."""
+        weights = self.layer_weights()
+        deltas = self._prior_per_layer(delta)
+        return self._columns(torch.cat([d.expand_as(w).flatten() for d, w in zip(deltas, weights, strict=True)]))
+
+    def _theta(self) -> Tensor:
+        return self._columns(torch.cat([w.flatten() for w in self.layer_weights()]))
+
+    def scatter(self, prior_precision: Tensor) -> Tensor:
+        """``(θ* − μ_0)ᵀ P_0 (θ* − μ_0)`` over the covered parameters."""
+        return (self._prior_vector(prior_precision) * (self._theta() - self.prior_mean).square()).sum()
+
+    def log_det_prior(self, prior_precision: Tensor) -> Tensor:
+        """The log-determinant of the prior precision of the covered parameters."""
+        return self._prior_vector(prior_precision).log().sum()
+
     def posterior_precision(self, prior_precision: Tensor | None = None, sigma_noise: Tensor | None = None) -> Tensor:
         """The dense ``(P, P)`` posterior precision in the layers' ``[W | b]`` row-major order."""
         self._require_fit()
         delta = self.prior_precision if prior_precision is None else prior_precision
-        weights = self.layer_weights()
-        deltas = self._prior_per_layer(delta)
-        per_parameter = torch.cat([d.expand_as(w).flatten() for d, w in zip(deltas, weights, strict=True)])
         scale = self._curvature_scale(self.sigma_noise if sigma_noise is None else sigma_noise)
-        return scale * self.hessian + torch.diag(per_parameter)
+        return scale * self.hessian + torch.diag(self._prior_vector(delta))
 
     def _factor(self) -> Tensor:
-        if self._cholesky is None:
-            self._cholesky = torch.linalg.cholesky(self.posterior_precision())
-        return self._cholesky
+        # Cached for the current prior, noise, temperature and data (each change makes a new key).
+        key = (self.prior_precision.data_ptr(), float(self.sigma_noise), self.temperature, self.num_data)
+        if self._cholesky is None or self._cholesky[0] != key:
+            self._cholesky = (key, torch.linalg.cholesky(self.posterior_precision()))
+        return self._cholesky[1]
 
     def log_det_posterior(self, prior_precision: Tensor, sigma_noise: Tensor) -> Tensor:
         """Twice the log of the Cholesky diagonal, differentiable in δ and σ."""
@@ -54,7 +97,7 @@ class FullLaplace(BaseLaplace):
         return 2 * factor.diagonal().log().sum()
 
     def _jacobian_covariance(self, stats) -> Tensor:
-        jac = _weight_gradients(stats).to(self.hessian.dtype)  # (N, C, P)
+        jac = self._columns(_weight_gradients(stats)).to(self.hessian.dtype)  # (N, C, P)
         factor = self._factor()
         half = torch.linalg.solve_triangular(factor, jac.transpose(1, 2), upper=False)  # L⁻¹ Jᵀ
         return half.transpose(1, 2) @ half
@@ -62,11 +105,13 @@ class FullLaplace(BaseLaplace):
     def _sample_deviations(self, n_samples: int, generator: torch.Generator | None) -> list[Tensor]:
         factor = self._factor()
         noise = torch.randn((factor.shape[0], n_samples), dtype=factor.dtype, device=factor.device, generator=generator)
-        deviations = torch.linalg.solve_triangular(factor.T, noise, upper=True).T  # covariance P⁻¹
-        shapes = [w.shape for w in self.layer_weights()]
+        covered = torch.linalg.solve_triangular(factor.T, noise, upper=True).T  # covariance P⁻¹
+        weights = self.layer_weights()
+        deviations = covered.new_zeros(n_samples, sum(w.numel() for w in weights))
+        deviations[:, slice(None) if self._selected is None else self._selected] = covered
         return [
-            d.reshape(n_samples, *shape)
-            for d, shape in zip(deviations.split(self.layer_sizes(), dim=1), shapes, strict=True)
+            d.reshape(n_samples, *w.shape)
+            for d, w in zip(deviations.split(self.layer_sizes(), dim=1), weights, strict=True)
         ]
 
     def _curvature_tensors(self) -> list[Tensor]:
