@@ -12,42 +12,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from fastlaplace.curvature import LIKELIHOODS, MODES, last_layer, layer_statistics, output_jacobians, supported_layers
-
-
-def _sampled_softmax(mean: Tensor, cov: Tensor, n_samples: int, generator: torch.Generator | None) -> Tensor:
-    """``(n_samples, N, C)`` softmax of logits drawn from N(mean, cov)."""
-    jitter = 1e-10 * torch.eye(mean.shape[1], dtype=mean.dtype, device=mean.device)
-    root = torch.linalg.cholesky(cov + jitter)
-    noise = torch.randn((n_samples, *mean.shape), dtype=mean.dtype, device=mean.device, generator=generator)
-    return torch.softmax(mean + (root @ noise.unsqueeze(-1)).squeeze(-1), dim=-1)
-
-
-def laplace_bridge(mean: Tensor, cov: Tensor, normalise: bool = False) -> Tensor:
-    """Class probabilities of the Dirichlet that the Laplace bridge matches to N(mean, cov).
-
-    The softmax ignores a common shift of the logits, so the Gaussian is first conditioned
-    on their sum being 0; the bridge then uses its diagonal:
-    ``α_k = (1 − 2/K + e^{μ_k} Σ_l e^{−μ_l} / K²) / σ_k²``. With ``normalise`` the
-    logits are rescaled so that the mean variance is ``2/K`` first.
-
-    Args:
-        mean: ``(N, K)`` logit means.
-        cov: ``(N, K, K)`` logit covariances.
-        normalise: the ``"bridge_norm"`` variant.
-
-    Returns:
-        ``(N, K)`` probabilities, the Dirichlet's mean.
-    """
-    row_sums = cov.sum(-1)  # Σ 1, (N, K)
-    total = row_sums.sum(-1, keepdim=True)  # 1ᵀ Σ 1
-    mean = mean - row_sums * mean.sum(-1, keepdim=True) / total
-    variance = cov.diagonal(dim1=1, dim2=2) - row_sums.square() / total
-    classes = mean.shape[-1]
-    if normalise:
-        level = variance.mean(-1, keepdim=True) / math.sqrt(classes / 2)
-        mean, variance = mean / level.sqrt(), variance / level
-    alpha = (1 - 2 / classes + mean.exp() * (-mean).exp().sum(-1, keepdim=True) / classes**2) / variance
-    return alpha / alpha.sum(-1, keepdim=True)
+from fastlaplace.predictive import laplace_bridge, probit, sampled_softmax
 
 
 class BaseLaplace(ABC):
@@ -58,8 +23,8 @@ class BaseLaplace(ABC):
 
     ``P = H / (σ² T) + δ`` with H the curvature (GGN or Fisher) of the summed loss over
     the data (cross-entropy, or ½‖f − y‖² for regression), σ the observation noise
-    (regression only), T the temperature and δ the prior precision (a scalar or one per
-    layer). Subclasses define the structure of H.
+    (regression only), T the temperature and δ the prior precision (a scalar, one per
+    layer or one per parameter). Subclasses define the structure of H.
     """
 
     def __init__(
@@ -399,13 +364,12 @@ class BaseLaplace(ABC):
             return mean, cov + self.sigma_noise.square() * torch.eye(
                 mean.shape[1], dtype=mean.dtype, device=mean.device
             )
-        variance = cov.diagonal(dim1=1, dim2=2)
         if link_approx == "probit":
-            return torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * variance), dim=-1)
+            return probit(mean, cov.diagonal(dim1=1, dim2=2))
         if link_approx in ("bridge", "bridge_norm"):
             return laplace_bridge(mean, cov, normalise=link_approx == "bridge_norm")
         if link_approx == "mc":
-            return _sampled_softmax(mean, cov, n_samples, generator).mean(0)
+            return sampled_softmax(mean, cov, n_samples, generator).mean(0)
         raise ValueError(f"link_approx must be 'probit', 'bridge', 'bridge_norm' or 'mc', got {link_approx!r}")
 
     def _sampled_network_predictive(self, x: Tensor, n_samples: int, generator: torch.Generator | None):
@@ -435,7 +399,7 @@ class BaseLaplace(ABC):
             mean, cov = self(x)
             return mean, cov.diagonal(dim1=1, dim2=2).sqrt()
         mean, cov = self.functional_variance(x)
-        return self(x), _sampled_softmax(mean, cov, n_samples, generator).std(0)
+        return self(x), sampled_softmax(mean, cov, n_samples, generator).std(0)
 
     def predictive_entropy(self, x: Tensor) -> Tensor:
         """``(N,)`` entropy of the probit predictive (an out-of-distribution score)."""
