@@ -63,6 +63,7 @@ class BaseLaplace(ABC):
         self.num_data = 0
         self.num_outputs = 0
         self._fitted = False
+        self._mean: list[Tensor] = []
         self._reset_curvature()
 
     # ------------------------------------------------------------------ parameters
@@ -99,18 +100,29 @@ class BaseLaplace(ABC):
         return self._from_parameter_order(delta)
 
     def layer_weights(self) -> list[Tensor]:
-        """Each layer's ``[W | b]`` as a ``(d_out, d_in + bias)`` matrix (detached; d_in = C*kh*kw for Conv2d)."""
+        """Each layer's ``[W | b]`` as a ``(d_out, d_in + bias)`` matrix (detached; d_in = C*kh*kw for Conv2d).
+
+        After fit() these are the weights the posterior was fitted at (θ*), kept as they were.
+        """
+        if self._fitted:
+            return self._mean
+        return self._current_weights()
+
+    def _current_weights(self) -> list[Tensor]:
         weights = []
         for _, module in self.layers:
             w = module.weight.detach().flatten(1)  # a Conv2d kernel as (C_out, C*kh*kw)
             if module.bias is not None and module.bias.requires_grad:
                 w = torch.cat([w, module.bias.detach().unsqueeze(-1)], dim=-1)
-            weights.append(w)
+            weights.append(w.clone())
         return weights
 
     def layer_sizes(self) -> list[int]:
         """Number of parameters of each layer."""
-        return [w.numel() for w in self.layer_weights()]
+        return [
+            m.weight.numel() + (m.bias.numel() if m.bias is not None and m.bias.requires_grad else 0)
+            for _, m in self.layers
+        ]
 
     def _layer_parameters(self) -> list[Tensor]:
         """The posterior's parameters in ``named_parameters()`` order (weight, then bias, per layer)."""
@@ -182,6 +194,7 @@ class BaseLaplace(ABC):
             batches += 1
         if batches == 0:
             raise ValueError("the loader yielded no batch: nothing to fit")
+        self._mean = self._current_weights()
         self._fitted = True
 
     def _to_device(self, x: Tensor | Mapping) -> Tensor | Mapping:
@@ -442,6 +455,7 @@ class BaseLaplace(ABC):
         self.prior_precision = state["prior_precision"]
         self.sigma_noise = state["sigma_noise"].to(self.device)
         self.temperature = state["temperature"]
+        self._mean = self._current_weights()
         self._fitted = True
 
     # ------------------------------------------------------------------ structure-specific
