@@ -180,13 +180,21 @@ class BaseLaplace(ABC):
         if override or not self._fitted:
             self._reset_curvature()
             self.loss, self.num_data = 0.0, 0
+        self._fit_pass(loader, progress_bar)
+        self._mean = self._current_weights()
+        self._fitted = True
+
+    def _fit_pass(self, loader: Iterable, progress_bar: bool | None, generator: torch.Generator | None = None) -> None:
+        """One pass over the loader: each batch's statistics go to ``_update_curvature``, its loss is added."""
         if progress_bar is None:
             progress_bar = hasattr(loader, "__len__") and len(loader) >= 50
         batches = 0
         for batch in tqdm(loader, desc="fitting the Laplace curvature", disable=not progress_bar):
             x, y = self._split_batch(batch)
             self._check_targets(y, y.shape[0] if isinstance(x, Mapping) else x.shape[0])
-            output, stats = layer_statistics(self.model, x, y, self.likelihood, self.curvature_mode, layers=self.layers)
+            output, stats = layer_statistics(
+                self.model, x, y, self.likelihood, self.curvature_mode, generator, layers=self.layers
+            )
             self._update_curvature(stats)
             self.loss += float(self._summed_loss(output, y))
             self.num_data += y.shape[0]
@@ -194,8 +202,6 @@ class BaseLaplace(ABC):
             batches += 1
         if batches == 0:
             raise ValueError("the loader yielded no batch: nothing to fit")
-        self._mean = self._current_weights()
-        self._fitted = True
 
     def _to_device(self, x: Tensor | Mapping) -> Tensor | Mapping:
         if isinstance(x, Mapping):
