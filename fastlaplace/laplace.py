@@ -7,7 +7,7 @@ import functools
 
 from torch import nn
 
-from fastlaplace.posterior import BaseLaplace, DiagLaplace, FullLaplace, KronLaplace
+from fastlaplace.posterior import BaseLaplace, DiagLaplace, FullLaplace, KronLaplace, LowRankLaplace
 
 SUBSETS_OF_WEIGHTS = ("all", "last_layer", "subnetwork")
 HESSIAN_STRUCTURES = ("diag", "kron", "full", "lowrank")
@@ -20,6 +20,7 @@ OPTIONS = (
     "kfac_approx",
     "dict_key_y",
     "subnetwork_indices",
+    "low_rank",
 )
 POSTERIORS = {
     ("all", "kron"): KronLaplace,
@@ -29,6 +30,8 @@ POSTERIORS = {
     ("all", "full"): FullLaplace,
     ("last_layer", "full"): functools.partial(FullLaplace, last_layer_only=True),
     ("subnetwork", "full"): FullLaplace,
+    ("all", "lowrank"): LowRankLaplace,
+    ("last_layer", "lowrank"): functools.partial(LowRankLaplace, last_layer_only=True),
 }
 
 
@@ -51,13 +54,13 @@ def Laplace(  # noqa: N802 (the name laplace-torch users call)
         likelihood: ``"classification"`` or ``"regression"``.
         subset_of_weights: ``"all"``, ``"last_layer"`` or ``"subnetwork"`` (with
             ``hessian_structure="full"`` and ``subnetwork_indices``).
-        hessian_structure: ``"kron"``, ``"diag"`` or ``"full"`` (``"lowrank"`` is not built
-            yet).
+        hessian_structure: ``"kron"``, ``"diag"``, ``"full"`` or ``"lowrank"``.
         **options: ``sigma_noise``, ``prior_precision`` (scalar or one per layer),
             ``prior_mean``, ``temperature``, ``curvature_mode`` (``"ggn"``, ``"mc"``, ``"ef"``),
             ``dict_key_y`` (the targets' key in dict batches, default ``"labels"``), for
             Kron ``kfac_approx`` (``"expand"`` or ``"reduce"``), and for a subnetwork
-            ``subnetwork_indices`` (indices into the parameters in ``named_parameters()`` order).
+            ``subnetwork_indices`` (indices into the parameters in ``named_parameters()`` order),
+            for low rank ``low_rank`` (eigenpairs kept, default 10).
 
     Returns:
         The posterior; call ``fit(loader)`` next.
@@ -91,4 +94,6 @@ def Laplace(  # noqa: N802 (the name laplace-torch users call)
         raise TypeError("subnetwork_indices is needed with, and only with, subset_of_weights='subnetwork'")
     if "kfac_approx" in options and hessian_structure != "kron":
         raise TypeError("kfac_approx applies to hessian_structure='kron' only")
+    if "low_rank" in options and hessian_structure != "lowrank":
+        raise TypeError("low_rank applies to hessian_structure='lowrank' only")
     return posterior(model, likelihood, **options)

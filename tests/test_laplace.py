@@ -167,8 +167,8 @@ def test_misspelt_argument_names_the_closest():
 
 
 def test_unavailable_combination_says_what_is_available():
-    with pytest.raises(ValueError, match="hessian_structure='lowrank' is not available yet; available: all/kron"):
-        Laplace(tiny_mlp(True), "classification", subset_of_weights="all", hessian_structure="lowrank")
+    with pytest.raises(ValueError, match="hessian_structure='kron' is not available yet; available: all/kron"):
+        Laplace(tiny_mlp(True), "classification", subset_of_weights="subnetwork", hessian_structure="kron")
 
 
 @pytest.mark.parametrize(

@@ -99,6 +99,11 @@ class BaseLaplace(ABC):
             return list(delta.unbind())
         return self._from_parameter_order(delta)
 
+    def _prior_diagonal(self, delta: Tensor) -> Tensor:
+        """``(P,)`` the prior precision of every parameter, in the layers' ``[W | b]`` row-major order."""
+        deltas = self._prior_per_layer(delta)
+        return torch.cat([d.expand_as(w).flatten() for d, w in zip(deltas, self.layer_weights(), strict=True)])
+
     def layer_weights(self) -> list[Tensor]:
         """Each layer's ``[W | b]`` as a ``(d_out, d_in + bias)`` matrix (detached; d_in = C*kh*kw for Conv2d).
 

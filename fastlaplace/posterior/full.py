@@ -62,9 +62,7 @@ class FullLaplace(BaseLaplace):
 
     def _prior_vector(self, delta: Tensor) -> Tensor:
         """The prior precision of every covered parameter, ``[W | b]`` row-major order."""
-        weights = self.layer_weights()
-        deltas = self._prior_per_layer(delta)
-        return self._columns(torch.cat([d.expand_as(w).flatten() for d, w in zip(deltas, weights, strict=True)]))
+        return self._columns(self._prior_diagonal(delta))
 
     def _theta(self) -> Tensor:
         return self._columns(torch.cat([w.flatten() for w in self.layer_weights()]))

@@ -1,0 +1,94 @@
+"""Products with the layers' Jacobians and the GGN of one batch, from its layer statistics.
+
+A layer's columns ``g_nk`` and inputs ``u_n`` (:class:`LayerStatistics`) define the
+per-sample "Jacobian" ``J_nk = Σ_p g_nkp ⊗ u_npᵀ`` w.r.t. its ``[W | b]`` (summed over the
+locations p a weight is applied at). With the output Jacobians as columns this is the
+network Jacobian; with the curvature columns, ``Σ_nk J_nkᵀ J_nk`` is the batch's GGN.
+None of the functions below forms ``J`` for a layer applied once per sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fastlaplace.curvature.statistics import LayerStatistics
+
+
+def jacobian_matmul(statistics: Sequence[LayerStatistics], directions: Sequence[Tensor]) -> Tensor:
+    """``Σ_l J_l V_l``: every column's directional derivative along each direction.
+
+    Args:
+        statistics: one entry per layer.
+        directions: per layer ``(j, d_out, d_A)``: j directions in ``[W | b]`` matrix form.
+
+    Returns:
+        ``(N, K, j)``.
+    """
+    total = 0
+    for s, v in zip(statistics, directions, strict=True):
+        grads, inputs = s.location_grads().to(v.dtype), s.patches().to(v.dtype)  # (N, K, L, o), (N, L, a)
+        moved = torch.einsum("joa,nla->nloj", v, inputs)
+        total = total + torch.einsum("nklo,nloj->nkj", grads, moved)
+    return total
+
+
+def jacobian_transpose_matmul(statistics: Sequence[LayerStatistics], coefficients: Tensor) -> list[Tensor]:
+    """``J_lᵀ c`` per layer: the columns combined with ``coefficients``, as gradients.
+
+    Args:
+        statistics: one entry per layer.
+        coefficients: ``(N, K, j)``.
+
+    Returns:
+        Per layer ``(j, d_out, d_A)``: ``Σ_nk c_nkj J_nk``.
+    """
+    result = []
+    for s in statistics:
+        grads = s.location_grads().to(coefficients.dtype)
+        inputs = s.patches().to(coefficients.dtype)
+        combined = torch.einsum("nkj,nklo->njlo", coefficients, grads)
+        result.append(torch.einsum("njlo,nla->joa", combined, inputs))
+    return result
+
+
+def ggn_matmul(statistics: Sequence[LayerStatistics], directions: Sequence[Tensor]) -> list[Tensor]:
+    """The batch's GGN (curvature columns) times directions: ``Σ_nk J_nkᵀ (J_nk V)``.
+
+    Args:
+        statistics: one entry per layer, with curvature columns as ``output_grads``.
+        directions: per layer ``(j, d_out, d_A)``.
+
+    Returns:
+        Per layer ``(j, d_out, d_A)``.
+    """
+    return jacobian_transpose_matmul(statistics, jacobian_matmul(statistics, directions))
+
+
+def jacobian_gram(statistics: Sequence[LayerStatistics], weights: Sequence[Tensor]) -> Tensor:
+    """``Σ_l J_l diag(w_l) J_lᵀ`` per sample.
+
+    For a layer applied once per sample ``J = B ⊗ uᵀ`` gives the closed form
+    ``B diag(Σ_a w_oa u_a²) Bᵀ``; layers applied at several locations form their
+    per-sample Jacobian, one layer at a time.
+
+    Args:
+        statistics: one entry per layer, with ``output_grads`` ``(N, C, d_out)``.
+        weights: per layer ``(d_out, d_A)`` (or broadcastable) non-negative weights.
+
+    Returns:
+        ``(N, C, C)``.
+    """
+    total = 0
+    for s, w in zip(statistics, weights, strict=True):
+        if s.shares_weights:
+            jac = s.weight_gradients().to(w.dtype)  # (N, C, d_out * d_A)
+            flat = w.broadcast_to(s.module.weight.shape[0], jac.shape[-1] // s.module.weight.shape[0]).flatten()
+            total = total + torch.einsum("ncp,p,nep->nce", jac, flat, jac)
+            continue
+        grads, inputs = s.output_grads.to(w.dtype), s.patches()[:, 0].to(w.dtype)  # (N, C, o), (N, a)
+        spread = inputs.square() @ w.broadcast_to(grads.shape[-1], inputs.shape[-1]).T  # (N, o)
+        total = total + torch.einsum("nco,no,neo->nce", grads, spread, grads)
+    return total
