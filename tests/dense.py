@@ -4,6 +4,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
+LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
+
 
 def tiny_mlp(bias: bool, classes: int = 3) -> nn.Module:
     torch.manual_seed(0)
@@ -16,9 +18,10 @@ def augmented_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     jac = vmap(jacrev(lambda p, xi: functional_call(model, p, (xi.unsqueeze(0),))[0]), in_dims=(None, 0))(params, x)
     blocks = []
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            w = jac[f"{name}.weight"].flatten(3)  # (N, C, d_out, d_in) with d_in = C*kh*kw for Conv2d
-            if module.bias is not None:
+        if isinstance(module, LAYERS):
+            w = jac[f"{name}.weight"]  # (N, C, d_out, d_in) with d_in = C*kh*kw for Conv2d, 1 for norms
+            w = w.reshape(*w.shape[:2], module.weight.shape[0], -1)
+            if getattr(module, "bias", None) is not None:
                 w = torch.cat([w, jac[f"{name}.bias"].unsqueeze(-1)], dim=-1)
             blocks.append(w.flatten(2))
     return torch.cat(blocks, dim=-1)
@@ -40,9 +43,9 @@ def dense_ggn(model, x, likelihood):
 
 def layer_sizes(model):
     return [
-        m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
-        for m in model
-        if isinstance(m, (nn.Linear, nn.Conv2d))
+        m.weight.numel() + (m.bias.numel() if getattr(m, "bias", None) is not None else 0)
+        for m in model.modules()
+        if isinstance(m, LAYERS)
     ]
 
 

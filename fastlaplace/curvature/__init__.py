@@ -14,6 +14,8 @@ from fastlaplace.curvature.statistics import (
     layer_statistics,
     output_jacobians,
     supported_layers,
+    trainable_bias,
+    weight_matrix,
 )
 
 __all__ = [
@@ -27,4 +29,6 @@ __all__ = [
     "output_gradient_columns",
     "output_jacobians",
     "supported_layers",
+    "trainable_bias",
+    "weight_matrix",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fastlaplace import ops
 from fastlaplace.curvature.statistics import LayerStatistics
@@ -94,8 +94,27 @@ class DiagCurvature:
 
     @staticmethod
     def _layer_diagonal(s: LayerStatistics) -> Tensor:
-        if not s.shares_weights:
+        if s.is_plain_linear:
             return ops.diag_ggn([s.inputs], [s.output_grads], [s.has_bias])[0]
-        # A location's weights are shared across locations: square the summed gradient.
-        squares = s.weight_gradients().to(accumulation_dtype(s.inputs.dtype)).square().sum((0, 1))
+        if isinstance(s.module, nn.Embedding):
+            return _embedding_diagonal(s)
+        # Weights shared across locations: square the summed gradient.
+        squares = s.weight_gradients().to(accumulation_dtype(s.output_grads.dtype)).square().sum((0, 1))
         return squares.view(s.module.weight.shape[0], -1)
+
+
+def _embedding_diagonal(s: LayerStatistics) -> Tensor:
+    """``(V, d)`` GGN diagonal of an embedding table without a ``(N, K, V, d)`` gradient.
+
+    A sample's gradient w.r.t. row v is the sum of its columns over the tokens equal to v:
+    sum per distinct (sample, token) pair, square, then add the pairs into their rows.
+    """
+    table = s.module.weight
+    ids = (s.inputs if s.inputs.dim() == 2 else s.inputs.unsqueeze(1)).long()
+    pair = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1) * table.shape[0] + ids
+    pairs, which = torch.unique(pair.flatten(), return_inverse=True)
+    grads = s.location_grads().to(accumulation_dtype(s.output_grads.dtype))  # (N, K, L, d)
+    summed = grads.new_zeros(grads.shape[1], pairs.numel(), grads.shape[-1])
+    summed.index_add_(1, which, grads.transpose(0, 1).flatten(1, 2))
+    diagonal = grads.new_zeros(table.shape)
+    return diagonal.index_add_(0, pairs % table.shape[0], summed.square().sum(0))

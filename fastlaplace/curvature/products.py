@@ -4,7 +4,9 @@ A layer's columns ``g_nk`` and inputs ``u_n`` (:class:`LayerStatistics`) define 
 per-sample "Jacobian" ``J_nk = Σ_p g_nkp ⊗ u_npᵀ`` w.r.t. its ``[W | b]`` (summed over the
 locations p a weight is applied at). With the output Jacobians as columns this is the
 network Jacobian; with the curvature columns, ``Σ_nk J_nkᵀ J_nk`` is the batch's GGN.
-None of the functions below forms ``J`` for a layer applied once per sample.
+None of the functions below forms ``J`` for a Linear layer applied once per sample; the
+layers without Kronecker factors (Embedding, LayerNorm, BatchNorm) use their per-sample
+gradients.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ def jacobian_matmul(statistics: Sequence[LayerStatistics], directions: Sequence[
     """
     total = 0
     for s, v in zip(statistics, directions, strict=True):
+        if not s.has_kron_factors:
+            total = total + s.weight_gradients().to(v.dtype) @ v.flatten(1).T
+            continue
         grads, inputs = s.location_grads().to(v.dtype), s.patches().to(v.dtype)  # (N, K, L, o), (N, L, a)
         moved = torch.einsum("joa,nla->nloj", v, inputs)
         total = total + torch.einsum("nklo,nloj->nkj", grads, moved)
@@ -47,6 +52,10 @@ def jacobian_transpose_matmul(statistics: Sequence[LayerStatistics], coefficient
     """
     result = []
     for s in statistics:
+        if not s.has_kron_factors:
+            jac = s.weight_gradients().to(coefficients.dtype)
+            result.append(torch.einsum("nkj,nkp->jp", coefficients, jac).unflatten(1, (s.module.weight.shape[0], -1)))
+            continue
         grads = s.location_grads().to(coefficients.dtype)
         inputs = s.patches().to(coefficients.dtype)
         combined = torch.einsum("nkj,nklo->njlo", coefficients, grads)
@@ -83,7 +92,7 @@ def jacobian_gram(statistics: Sequence[LayerStatistics], weights: Sequence[Tenso
     """
     total = 0
     for s, w in zip(statistics, weights, strict=True):
-        if s.shares_weights:
+        if not s.is_plain_linear:
             jac = s.weight_gradients().to(w.dtype)  # (N, C, d_out * d_A)
             flat = w.broadcast_to(s.module.weight.shape[0], jac.shape[-1] // s.module.weight.shape[0]).flatten()
             total = total + torch.einsum("ncp,p,nep->nce", jac, flat, jac)

@@ -9,7 +9,39 @@ from torch import Tensor, nn
 
 from fastlaplace.curvature.loss import output_gradient_columns
 
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
+#: layers with Kronecker factors (a weight applied to input vectors)
+KRON_LAYERS = (nn.Linear, nn.Conv2d)
+#: layers that scale and shift each feature of a normalised input
+AFFINE_LAYERS = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
+SUPPORTED_LAYERS = (*KRON_LAYERS, nn.Embedding, *AFFINE_LAYERS)
+#: the input dimensions each layer type accepts
+INPUT_DIMS = {
+    nn.Linear: (2, 3),
+    nn.Conv2d: (4,),
+    nn.Embedding: (1, 2),
+    nn.LayerNorm: (2, 3),
+    nn.BatchNorm1d: (2,),
+    nn.BatchNorm2d: (4,),
+}
+
+
+def trainable_bias(module: nn.Module) -> Tensor | None:
+    """The module's bias if it has one that requires grad (it then belongs to the posterior)."""
+    bias = getattr(module, "bias", None)
+    return bias if bias is not None and bias.requires_grad else None
+
+
+def weight_matrix(module: nn.Module) -> Tensor:
+    """The layer's parameters as one ``(d_out, d_A)`` matrix ``[W | b]`` (detached copy).
+
+    Linear: ``(d_out, d_in + 1)``; Conv2d: the kernel as ``(C_out, C_in kh kw)`` (+ bias);
+    Embedding: the table ``(V, d)``; LayerNorm / BatchNorm: ``(d, 2)`` rows ``[γ_o, β_o]``.
+    """
+    w = module.weight.detach().reshape(module.weight.shape[0], -1)
+    bias = trainable_bias(module)
+    if bias is not None:
+        w = torch.cat([w, bias.detach().unsqueeze(-1)], dim=-1)
+    return w.clone()
 
 
 @dataclass
@@ -20,15 +52,18 @@ class LayerStatistics:
     location sees (``weight.flatten(1)`` order), and a Linear layer on a sequence is
     applied at every token: all expose the same per-location view through
     :meth:`patches` and :meth:`location_grads` (one location for a plain Linear).
+    Embedding, LayerNorm and BatchNorm layers have no Kronecker view; they expose their
+    per-sample gradients (:meth:`weight_gradients`) in the layout of :func:`weight_matrix`.
 
     Attributes:
         name: the layer's name in ``model.named_modules()``.
         module: the layer.
-        inputs: its inputs (detached): ``(N, d_in)`` or ``(N, T, d_in)`` for Linear,
-            ``(N, C, H, W)`` for Conv2d.
-        output_grads: the curvature columns backpropagated to its pre-activation
-            (detached): ``(N, K, d_out)`` or ``(N, K, T, d_out)`` for Linear,
-            ``(N, K, C_out, H', W')`` for Conv2d.
+        inputs: its inputs (detached): ``(N, d_in)`` or ``(N, T, d_in)`` for Linear and
+            LayerNorm, ``(N, C, H, W)`` for Conv2d and BatchNorm2d, ``(N, C)`` for
+            BatchNorm1d, ``(N,)`` or ``(N, T)`` token ids for Embedding.
+        output_grads: the curvature columns backpropagated to its output (detached):
+            ``(N, K, d_out)`` or ``(N, K, T, d_out)``, ``(N, K, C_out, H', W')`` for
+            Conv2d and BatchNorm2d.
     """
 
     name: str
@@ -39,7 +74,7 @@ class LayerStatistics:
     @property
     def has_bias(self) -> bool:
         """Whether the layer has a trainable bias (the factor gets a ones column)."""
-        return self.module.bias is not None and self.module.bias.requires_grad
+        return trainable_bias(self.module) is not None
 
     @property
     def is_conv(self) -> bool:
@@ -47,16 +82,33 @@ class LayerStatistics:
         return isinstance(self.module, nn.Conv2d)
 
     @property
+    def has_kron_factors(self) -> bool:
+        """Whether the layer is a Linear or Conv2d (Kronecker-factored curvature)."""
+        return isinstance(self.module, KRON_LAYERS)
+
+    @property
+    def channels_first(self) -> bool:
+        """Whether outputs are ``(N, C, H, W)`` (Conv2d, BatchNorm2d)."""
+        return isinstance(self.module, (nn.Conv2d, nn.BatchNorm2d))
+
+    @property
     def shares_weights(self) -> bool:
-        """Whether the weights are applied at several locations (Conv2d, or Linear on a sequence)."""
-        return self.is_conv or self.inputs.dim() == 3
+        """Whether the weights are applied at several locations (images, tokens)."""
+        if self.channels_first:
+            return True
+        return self.inputs.dim() == (2 if isinstance(self.module, nn.Embedding) else 3)
+
+    @property
+    def is_plain_linear(self) -> bool:
+        """A Linear layer applied once per sample: the closed forms of the fused operators apply."""
+        return self.has_kron_factors and not self.shares_weights
 
     @property
     def locations(self) -> int:
-        """Output locations (or tokens) per sample; 1 for a Linear layer on vectors."""
-        if self.is_conv:
+        """Output locations (or tokens) per sample; 1 for a layer applied once per sample."""
+        if self.channels_first:
             return self.output_grads[0, 0, 0].numel()
-        return self.inputs.shape[1] if self.inputs.dim() == 3 else 1
+        return self.inputs.shape[1] if self.shares_weights else 1
 
     def patches(self) -> Tensor:
         """``(N, L, d_A)`` the input each output location sees, with the ones column of a bias."""
@@ -71,15 +123,39 @@ class LayerStatistics:
 
     def location_grads(self) -> Tensor:
         """``(N, K, L, d_out)`` the backpropagated columns at every output location."""
-        if self.is_conv:
+        if self.channels_first:
             return self.output_grads.flatten(3).transpose(2, 3)
         return self.output_grads if self.output_grads.dim() == 4 else self.output_grads.unsqueeze(2)
 
+    def normalised_inputs(self) -> Tensor:
+        """``(N, L, d)`` what a LayerNorm / BatchNorm scales by γ: its input, normalised as the layer did."""
+        m, x = self.module, self.inputs
+        if isinstance(m, nn.LayerNorm):
+            x = nn.functional.layer_norm(x, m.normalized_shape, eps=m.eps)
+            return x if x.dim() == 3 else x.unsqueeze(1)
+        batch_statistics = m.training or m.running_mean is None
+        x = nn.functional.batch_norm(
+            x,
+            None if batch_statistics else m.running_mean,
+            None if batch_statistics else m.running_var,
+            training=batch_statistics,
+            eps=m.eps,
+        )
+        return x.flatten(2).transpose(1, 2) if x.dim() == 4 else x.unsqueeze(1)
+
     def weight_gradients(self) -> Tensor:
-        """``(N, K, d_out * d_A)``: each column as a gradient w.r.t. the row-major ``[W | b]``."""
-        return torch.einsum(
-            "nklo,nla->nkoa", self.location_grads(), self.patches().to(self.output_grads.dtype)
-        ).flatten(2)
+        """``(N, K, d_out * d_A)``: each column as a gradient w.r.t. :func:`weight_matrix`, row-major."""
+        grads = self.location_grads()
+        if isinstance(self.module, nn.Embedding):
+            ids = self.inputs if self.inputs.dim() == 2 else self.inputs.unsqueeze(1)
+            one_hot = nn.functional.one_hot(ids.long(), self.module.num_embeddings).to(grads.dtype)
+            return torch.einsum("nklo,nlv->nkvo", grads, one_hot).flatten(2)
+        if isinstance(self.module, AFFINE_LAYERS):
+            parts = [torch.einsum("nklo,nlo->nko", grads, self.normalised_inputs().to(grads.dtype))]
+            if self.has_bias:
+                parts.append(grads.sum(2))
+            return torch.stack(parts, dim=-1).flatten(2)
+        return torch.einsum("nklo,nla->nkoa", grads, self.patches().to(self.output_grads.dtype)).flatten(2)
 
 
 def supported_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -106,10 +182,23 @@ def supported_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
                 f"layer {name!r} ({type(module).__name__}) has trainable parameters but is not "
                 f"supported; supported layers: {kinds} (set requires_grad=False to leave it out)"
             )
+        if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1:
+            raise ValueError(
+                f"layer {name!r} (LayerNorm) must normalise the last dimension only, got "
+                f"normalized_shape={tuple(module.normalized_shape)}"
+            )
+        if not module.weight.requires_grad:
+            raise ValueError(f"layer {name!r}: a trainable bias with a frozen weight is not supported")
         layers.append((name, module))
     if not layers:
-        raise ValueError("the model has no trainable layer of a supported type (nn.Linear, nn.Conv2d)")
+        kinds = ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
+        raise ValueError(f"the model has no trainable layer of a supported type ({kinds})")
     return layers
+
+
+def _supported_base(module: nn.Module) -> type:
+    """The supported type a (possibly subclassed) module is an instance of."""
+    return next(t for t in INPUT_DIMS if isinstance(module, t))
 
 
 def last_layer(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -152,10 +241,11 @@ def _backpropagate_columns(
         raise ValueError("the model's output contains NaN or Inf")
     for name, module in layers:
         a = captured[name][0]
-        if a.dim() not in ((4,) if isinstance(module, nn.Conv2d) else (2, 3)):
+        allowed = INPUT_DIMS[_supported_base(module)]
+        if a.dim() not in allowed:
             raise ValueError(
-                f"layer {name!r} got an input of shape {tuple(a.shape)}; only (N, d_in) or (N, T, d_in) "
-                "inputs (Linear) and (N, C, H, W) inputs (Conv2d) are supported"
+                f"layer {name!r} ({type(module).__name__}) got an input of shape {tuple(a.shape)}; "
+                f"it accepts inputs with {' or '.join(map(str, allowed))} dimensions (batch first)"
             )
     columns = make_columns(output)  # (N, C, K)
     pre_activations = [captured[name][1] for name, _ in layers]

@@ -11,12 +11,26 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from fastlaplace.curvature import LIKELIHOODS, MODES, last_layer, layer_statistics, output_jacobians, supported_layers
+from fastlaplace.curvature import (
+    LIKELIHOODS,
+    MODES,
+    last_layer,
+    layer_statistics,
+    output_jacobians,
+    supported_layers,
+    trainable_bias,
+    weight_matrix,
+)
 from fastlaplace.predictive import laplace_bridge, probit, sampled_softmax
 
 
+def _own_parameters(module: nn.Module) -> list[Tensor]:
+    bias = trainable_bias(module)
+    return [module.weight] if bias is None else [module.weight, bias]
+
+
 class BaseLaplace(ABC):
-    """A Gaussian posterior N(θ*, P⁻¹) over the weights ``[W | b]`` of a model's Linear layers.
+    """A Gaussian posterior N(θ*, P⁻¹) over the weights ``[W | b]`` of a model's supported layers.
 
     With ``last_layer_only`` the posterior covers the last layer alone (the model's last
     module must be the nn.Linear that produces the output); the rest stays at θ*.
@@ -114,29 +128,15 @@ class BaseLaplace(ABC):
         return self._current_weights()
 
     def _current_weights(self) -> list[Tensor]:
-        weights = []
-        for _, module in self.layers:
-            w = module.weight.detach().flatten(1)  # a Conv2d kernel as (C_out, C*kh*kw)
-            if module.bias is not None and module.bias.requires_grad:
-                w = torch.cat([w, module.bias.detach().unsqueeze(-1)], dim=-1)
-            weights.append(w.clone())
-        return weights
+        return [weight_matrix(module) for _, module in self.layers]
 
     def layer_sizes(self) -> list[int]:
         """Number of parameters of each layer."""
-        return [
-            m.weight.numel() + (m.bias.numel() if m.bias is not None and m.bias.requires_grad else 0)
-            for _, m in self.layers
-        ]
+        return [sum(p.numel() for p in _own_parameters(m)) for _, m in self.layers]
 
     def _layer_parameters(self) -> list[Tensor]:
         """The posterior's parameters in ``named_parameters()`` order (weight, then bias, per layer)."""
-        params = []
-        for _, module in self.layers:
-            params.append(module.weight)
-            if module.bias is not None and module.bias.requires_grad:
-                params.append(module.bias)
-        return params
+        return [p for _, module in self.layers for p in _own_parameters(module)]
 
     def _to_parameter_order(self, augmented: list[Tensor]) -> Tensor:
         """``(*, P)``: per layer ``(*, d_out, d_A)`` matrices ``[W | b]`` flattened as W, then b."""
@@ -156,7 +156,7 @@ class BaseLaplace(ABC):
             d_out, d_in = module.weight.shape[0], module.weight[0].numel()
             matrix = vector[offset : offset + d_out * d_in].view(d_out, d_in)
             offset += d_out * d_in
-            if module.bias is not None and module.bias.requires_grad:
+            if trainable_bias(module) is not None:
                 matrix = torch.cat([matrix, vector[offset : offset + d_out].unsqueeze(1)], dim=1)
                 offset += d_out
             matrices.append(matrix)

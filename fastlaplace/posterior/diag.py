@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from fastlaplace.curvature import DiagCurvature
+from fastlaplace.curvature.products import jacobian_gram
 from fastlaplace.posterior.base import BaseLaplace
 
 
@@ -33,21 +34,8 @@ class DiagLaplace(BaseLaplace):
         return torch.stack([p.log().sum() for p in self.posterior_precision(prior_precision, sigma_noise)]).sum()
 
     def _jacobian_covariance(self, stats) -> Tensor:
-        # Linear: J_l[c, (o, i)] = B[c, o] â_i, so J P⁻¹ Jᵀ = B diag(w) Bᵀ with w_no = Σ_i â_ni² / P_oi.
-        # Conv2d or sequence: the Jacobian sums over locations and is formed for the layer.
-        total = 0
-        for s, precision in zip(stats, self.posterior_precision(), strict=True):
-            if s.shares_weights:
-                jac = s.weight_gradients().to(precision.dtype)  # (N, C, P_l)
-                total = total + (jac / precision.flatten()) @ jac.transpose(1, 2)
-                continue
-            a = s.inputs.to(precision.dtype)
-            if s.has_bias:
-                a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
-            weights = a.square() @ precision.reciprocal().T  # (N, d_out)
-            b = s.output_grads.to(precision.dtype)  # (N, C, d_out)
-            total = total + (b * weights.unsqueeze(1)) @ b.transpose(1, 2)
-        return total
+        precisions = self.posterior_precision()
+        return jacobian_gram(stats, [p.reciprocal() for p in precisions])
 
     def _sample_deviations(self, n_samples: int, generator: torch.Generator | None) -> list[Tensor]:
         return [

@@ -6,7 +6,9 @@ import torch
 from torch import Tensor
 
 from fastlaplace import ops
-from fastlaplace.curvature import KronCurvature
+from fastlaplace.curvature import DiagCurvature, KronCurvature
+from fastlaplace.curvature.products import jacobian_gram
+from fastlaplace.curvature.statistics import KRON_LAYERS
 from fastlaplace.posterior.base import BaseLaplace
 
 
@@ -15,6 +17,8 @@ class KronLaplace(BaseLaplace):
 
     ``kfac_approx`` (``"expand"`` or ``"reduce"``) says how layers applied at several
     locations (Conv2d, Linear on sequences) are factored; see :class:`KronCurvature`.
+    Embedding, LayerNorm and BatchNorm layers have no Kronecker factors: their block of P
+    is diagonal, ``diag(H_l) / (σ² T) + δ_l`` with the exact GGN diagonal.
     """
 
     supports_prior_per_parameter = False  # δ must be constant within a layer's eigenbasis
@@ -22,57 +26,77 @@ class KronLaplace(BaseLaplace):
     def __init__(self, *args, kfac_approx: str = "expand", **kwargs) -> None:
         self.kfac_approx = kfac_approx
         super().__init__(*args, **kwargs)
+        self._kron = [i for i, (_, m) in enumerate(self.layers) if isinstance(m, KRON_LAYERS)]
+        self._diagonal = [i for i in range(len(self.layers)) if i not in self._kron]
 
     def _reset_curvature(self) -> None:
         self.curvature = KronCurvature(self.kfac_approx)
+        self.diagonal_curvature = DiagCurvature()
         self._eigen = None
 
     def _update_curvature(self, stats) -> None:
-        self.curvature.update(stats)
+        if self._kron:
+            self.curvature.update([stats[i] for i in self._kron])
+        if self._diagonal:
+            self.diagonal_curvature.update([stats[i] for i in self._diagonal])
         self._eigen = None
 
     def eigendecomposition(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-        """``(Q_A, λ_A, Q_G, λ_G)`` per layer, computed once per fit (one batched call)."""
+        """``(Q_A, λ_A, Q_G, λ_G)`` per Kronecker-factored layer, computed once per fit (one batched call)."""
         self._require_fit()
         if self._eigen is None:
             factors = self.curvature.input_factors + self.curvature.output_factors
-            values, vectors = ops.batched_eigh(factors)
-            count = len(self.layers)
+            values, vectors = ops.batched_eigh(factors) if factors else ([], [])
+            count = len(self._kron)
             self._eigen = (vectors[:count], values[:count], vectors[count:], values[count:])
         return self._eigen
 
     def _scale(self, sigma_noise: Tensor) -> Tensor:
-        """``(L,)`` factor scales ``1 / (σ² T N L_l)``."""
+        """``(L_kron,)`` factor scales ``1 / (σ² T N L_l)`` of the Kronecker-factored layers."""
         locations = torch.tensor(self.curvature.locations, dtype=self.dtype, device=self.device)
         return self._curvature_scale(sigma_noise) / (self.curvature.num_data * locations)
 
+    def _diagonal_precisions(self, prior_precision: Tensor, sigma_noise: Tensor) -> list[Tensor]:
+        scale = self._curvature_scale(sigma_noise)
+        return [
+            scale * h + prior_precision[i]
+            for i, h in zip(self._diagonal, self.diagonal_curvature.diagonals, strict=True)
+        ]
+
     def log_det_posterior(self, prior_precision: Tensor, sigma_noise: Tensor) -> Tensor:
-        """Σ_l Σ_ij log(s μ_j λ_i + δ_l), differentiable in δ and σ."""
-        _, la, _, lg = self.eigendecomposition()
-        return ops.kron_logdet(la, lg, self._scale(sigma_noise), prior_precision).sum()
+        """Σ_l Σ_ij log(s μ_j λ_i + δ_l) (+ Σ log of the diagonal blocks), differentiable in δ and σ."""
+        total = sum(p.log().sum() for p in self._diagonal_precisions(prior_precision, sigma_noise))
+        if self._kron:
+            _, la, _, lg = self.eigendecomposition()
+            total = total + ops.kron_logdet(la, lg, self._scale(sigma_noise), prior_precision[self._kron]).sum()
+        return total
 
     def _jacobian_covariance(self, stats) -> Tensor:
         qa, la, qg, lg = self.eigendecomposition()
-        scale, delta = self._scale(self.sigma_noise), self.prior_precision
-        linear = [i for i, s in enumerate(stats) if not s.shares_weights]
+        scale, delta = self._scale(self.sigma_noise), self.prior_precision[self._kron]
+        kron_stats = [stats[i] for i in self._kron]
+        linear = [i for i, s in enumerate(kron_stats) if s.is_plain_linear]
         total = 0
         if linear:
             total = ops.kron_predictive_variance(
-                [stats[i].inputs for i in linear],
+                [kron_stats[i].inputs for i in linear],
                 # The last layer's output Jacobian is the identity: the operator's closed form.
-                [None if self.last_layer_only else stats[i].output_grads for i in linear],
+                [None if self.last_layer_only else kron_stats[i].output_grads for i in linear],
                 [qa[i] for i in linear],
                 [la[i] for i in linear],
                 [qg[i] for i in linear],
                 [lg[i] for i in linear],
                 scale[linear],
                 delta[linear],
-                [stats[i].has_bias for i in linear],
+                [kron_stats[i].has_bias for i in linear],
                 full_covariance=True,
             )
-        for i, s in enumerate(stats):
-            if s.shares_weights:
+        for i, s in enumerate(kron_stats):
+            if not s.is_plain_linear:
                 total = total + self._shared_weight_covariance(s, qa[i], la[i], qg[i], lg[i], scale[i], delta[i])
+        if self._diagonal:
+            precisions = self._diagonal_precisions(self.prior_precision, self.sigma_noise)
+            total = total + jacobian_gram([stats[i] for i in self._diagonal], [p.reciprocal() for p in precisions])
         return total
 
     @staticmethod
@@ -89,21 +113,39 @@ class KronLaplace(BaseLaplace):
         return torch.einsum("ncji,ji,neji->nce", rotated, inverse, rotated)
 
     def _sample_deviations(self, n_samples: int, generator: torch.Generator | None) -> list[Tensor]:
-        qa, la, qg, lg = self.eigendecomposition()
-        noise = [
-            torch.randn((n_samples, g.shape[0], a.shape[0]), dtype=a.dtype, device=a.device, generator=generator)
-            for a, g in zip(qa, qg, strict=True)
-        ]
-        return ops.kron_solve(qa, la, qg, lg, noise, self._scale(self.sigma_noise), self.prior_precision, -0.5)
+        deviations: list[Tensor | None] = [None] * len(self.layers)
+        if self._kron:
+            qa, la, qg, lg = self.eigendecomposition()
+            noise = [
+                torch.randn((n_samples, g.shape[0], a.shape[0]), dtype=a.dtype, device=a.device, generator=generator)
+                for a, g in zip(qa, qg, strict=True)
+            ]
+            scale, delta = self._scale(self.sigma_noise), self.prior_precision[self._kron]
+            solved = ops.kron_solve(qa, la, qg, lg, noise, scale, delta, -0.5)
+            for i, d in zip(self._kron, solved, strict=True):
+                deviations[i] = d
+        for i, p in zip(self._diagonal, self._diagonal_precisions(self.prior_precision, self.sigma_noise), strict=True):
+            deviations[i] = (
+                torch.randn((n_samples, *p.shape), dtype=p.dtype, device=p.device, generator=generator) * p.rsqrt()
+            )
+        return deviations
 
     def _curvature_tensors(self) -> list[Tensor]:
         locations = torch.tensor(self.curvature.locations)
-        return self.curvature.input_factors + self.curvature.output_factors + [locations]
+        return [
+            *self.curvature.input_factors,
+            *self.curvature.output_factors,
+            locations,
+            *self.diagonal_curvature.diagonals,
+        ]
 
     def _restore_curvature(self, tensors: list[Tensor], num_data: int) -> None:
-        count = len(self.layers)
-        self.curvature.names = [name for name, _ in self.layers]
+        count = len(self._kron)
+        self.curvature.names = [self.layers[i][0] for i in self._kron]
         self.curvature.input_factors = tensors[:count]
         self.curvature.output_factors = tensors[count : 2 * count]
         self.curvature.locations = tensors[2 * count].tolist()
         self.curvature.num_data = num_data
+        self.diagonal_curvature.names = [self.layers[i][0] for i in self._diagonal]
+        self.diagonal_curvature.diagonals = tensors[2 * count + 1 :]
+        self.diagonal_curvature.num_data = num_data

@@ -1,0 +1,150 @@
+"""Embedding, LayerNorm and BatchNorm layers: exact for diag / full / low rank, diagonal blocks in Kron."""
+
+import pytest
+import torch
+from dense import augmented_jacobian, dense_ggn, layer_sizes, targets
+from torch import nn
+
+from fastlaplace import Laplace
+from fastlaplace.curvature import layer_statistics
+
+
+class MeanOverTokens(nn.Module):
+    def forward(self, x):
+        return x.mean(1)
+
+
+def token_model() -> nn.Module:
+    """Embedding -> LayerNorm -> Linear on every token -> mean -> Linear head."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Embedding(7, 4), nn.LayerNorm(4), nn.Linear(4, 4), nn.Tanh(), MeanOverTokens(), nn.Linear(4, 3)
+    ).double()
+    with torch.no_grad():  # away from the identity initialisation so every entry matters
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def batchnorm_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(), nn.Linear(27, 3)).double()
+    _set_batchnorm_state(model[1])
+    return model.eval()
+
+
+def batchnorm_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)).double()
+    _set_batchnorm_state(model[1])
+    return model.eval()
+
+
+def _set_batchnorm_state(norm):
+    with torch.no_grad():
+        norm.running_mean.uniform_(-0.5, 0.5)
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+
+
+def token_ids(n, generator):
+    return torch.randint(0, 7, (n, 5), generator=generator)  # 5 tokens of 7: repeats within a sample
+
+
+MODELS = {
+    "tokens": (token_model, token_ids),
+    "batchnorm_cnn": (batchnorm_cnn, lambda n, g: torch.randn(n, 2, 5, 5, dtype=torch.float64, generator=g)),
+    "batchnorm_mlp": (batchnorm_mlp, lambda n, g: torch.randn(n, 3, dtype=torch.float64, generator=g)),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("structure", ["diag", "full"])
+def test_exact_structures_equal_the_dense_ggn(name, structure, generator):
+    make_model, make_inputs = MODELS[name]
+    model = make_model()
+    x = make_inputs(4, generator)
+    y = targets("classification", 4, generator=generator)
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure=structure, prior_precision=0.7)
+    la.fit([(x[:2], y[:2]), (x[2:], y[2:])])
+    ggn = dense_ggn(model, x, "classification")
+    curvature = torch.diag(ggn.diagonal()) if structure == "diag" else ggn
+    precision = curvature + 0.7 * torch.eye(ggn.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(
+        la.log_det_posterior(la.prior_precision, la.sigma_noise) - la.log_det_prior(la.prior_precision),
+        torch.logdet(precision) - ggn.shape[0] * torch.log(torch.tensor(0.7, dtype=torch.float64)),
+    )
+    x_test = make_inputs(3, generator)
+    jac = augmented_jacobian(model, x_test)
+    torch.testing.assert_close(la.functional_variance(x_test)[1], jac @ torch.linalg.solve(precision, jac.mT))
+
+
+def test_full_rank_low_rank_posterior_with_embedding_and_layernorm(generator):
+    model = token_model()
+    x = token_ids(1, generator)
+    y = targets("classification", 1, generator=generator)
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="lowrank", low_rank=3)
+    la.fit([(x, y)])
+    ggn = dense_ggn(model, x, "classification")
+    precision = ggn + torch.eye(ggn.shape[0], dtype=torch.float64)
+    x_test = token_ids(2, generator)
+    jac = augmented_jacobian(model, x_test)
+    torch.testing.assert_close(la.functional_variance(x_test)[1], jac @ torch.linalg.solve(precision, jac.mT))
+
+
+def test_kron_uses_exact_diagonal_blocks_for_batchnorm(generator):
+    model = batchnorm_mlp()
+    x = torch.randn(1, 3, dtype=torch.float64, generator=generator)  # one datum: K-FAC exact for Linear layers
+    y = targets("classification", 1, generator=generator)
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron", prior_precision=0.5)
+    la.fit([(x, y)])
+    ggn = dense_ggn(model, x, "classification")
+    blocks, start = [], 0
+    for size, module in zip(layer_sizes(model), [model[0], model[1], model[3]], strict=True):
+        block = ggn[start : start + size, start : start + size]
+        blocks.append(torch.diag(block.diagonal()) if isinstance(module, nn.BatchNorm1d) else block)
+        start += size
+    precision = torch.block_diag(*blocks) + 0.5 * torch.eye(ggn.shape[0], dtype=torch.float64)
+    x_test = torch.randn(3, 3, dtype=torch.float64, generator=generator)
+    jac = augmented_jacobian(model, x_test)
+    torch.testing.assert_close(la.functional_variance(x_test)[1], jac @ torch.linalg.solve(precision, jac.mT))
+    expected = torch.logdet(precision) - ggn.shape[0] * torch.log(torch.tensor(0.5, dtype=torch.float64))
+    torch.testing.assert_close(
+        la.log_det_posterior(la.prior_precision, la.sigma_noise) - la.log_det_prior(la.prior_precision), expected
+    )
+    draws = la.sample(3, generator=torch.Generator().manual_seed(0))
+    assert draws.shape == (3, ggn.shape[0]) and torch.isfinite(draws).all()
+
+
+def test_kron_diagonal_blocks_of_a_transformer_are_the_ggn_diagonal(generator):
+    model = token_model()
+    x = token_ids(3, generator)
+    y = targets("classification", 3, generator=generator)
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
+    la.fit([(x, y)])
+    diagonal = dense_ggn(model, x, "classification").diagonal()
+    sizes = layer_sizes(model)
+    embedding, layer_norm = diagonal[: sizes[0]], diagonal[sizes[0] : sizes[0] + sizes[1]]
+    got = la.diagonal_curvature.diagonals
+    torch.testing.assert_close(got[0].flatten(), embedding)
+    torch.testing.assert_close(got[1].flatten(), layer_norm)
+    restored = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
+    restored.load_state_dict(la.state_dict())
+    torch.testing.assert_close(restored(x), la(x))
+
+
+def test_batchnorm_in_training_mode_uses_the_batch_statistics(generator):
+    model = batchnorm_mlp().train()
+    x = torch.randn(6, 3, dtype=torch.float64, generator=generator)
+    _, stats = layer_statistics(model, x, targets("classification", 6, generator=generator), "classification")
+    normalised = stats[1].normalised_inputs()[:, 0]
+    hidden = model[0](x).detach()
+    expected = (hidden - hidden.mean(0)) / (hidden.var(0, unbiased=False) + model[1].eps).sqrt()
+    torch.testing.assert_close(normalised, expected)
+
+
+def test_layernorm_over_several_dimensions_is_refused():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm((2, 4))).double()
+    with pytest.raises(ValueError, match=r"layer '1' \(LayerNorm\) must normalise the last dimension only"):
+        Laplace(model, "regression", subset_of_weights="all")
