@@ -104,8 +104,11 @@ def test_matches_float64_reference(device, dtype, input_dtype, generator):
     last_layer=st.booleans(),
     full=st.booleans(),
     transposed=st.booleans(),
+    jacobian_layout=st.sampled_from(["contiguous", "classes_inner", "classes_outer"]),
 )
-def test_property_odd_sizes_and_layouts(samples, d_in, d_g, classes, bias, last_layer, full, transposed):
+def test_property_odd_sizes_and_layouts(
+    samples, d_in, d_g, classes, bias, last_layer, full, transposed, jacobian_layout
+):
     if last_layer:
         d_g = classes
     qa, la, qg, lg, *_ = eigen_layer(d_in + bias, d_g)
@@ -114,7 +117,12 @@ def test_property_odd_sizes_and_layouts(samples, d_in, d_g, classes, bias, last_
         if transposed
         else torch.randn(samples, d_in, dtype=torch.float64)
     )
-    jac = None if last_layer else torch.randn(samples, d_g, classes, dtype=torch.float64).transpose(1, 2)
+    layouts = {  # (N, C, d_G) views of three storage orders; a batched backward gives the last
+        "contiguous": lambda: torch.randn(samples, classes, d_g, dtype=torch.float64),
+        "classes_inner": lambda: torch.randn(samples, d_g, classes, dtype=torch.float64).transpose(1, 2),
+        "classes_outer": lambda: torch.randn(classes, samples, d_g, dtype=torch.float64).transpose(0, 1),
+    }
+    jac = None if last_layer else layouts[jacobian_layout]()
     args = (
         [a],
         [jac],

@@ -16,6 +16,17 @@
 namespace fastlaplace {
 namespace {
 
+// (N, C, d_G) Jacobians times Q_G as one GEMM. Jacobians from a batched backward are
+// stored (C, N, d_G); a view in that order keeps the GEMM large instead of N small ones.
+at::Tensor rotate_jacobian(const at::Tensor& jacobian, const at::Tensor& qg) {
+  const int64_t n = jacobian.size(0), c = jacobian.size(1), d = jacobian.size(2);
+  const at::Tensor by_column = jacobian.transpose(0, 1);
+  if (!jacobian.is_contiguous() && by_column.is_contiguous()) {
+    return at::mm(by_column.reshape({c * n, d}), qg).view({c, n, d}).transpose(0, 1);
+  }
+  return at::mm(jacobian.reshape({n * c, d}), qg).view({n, c, d});
+}
+
 at::Tensor layer_variance(const at::Tensor& a, const std::optional<at::Tensor>& jacobian,
                           const at::Tensor& qa, const at::Tensor& la, const at::Tensor& qg,
                           const at::Tensor& lg, const at::Tensor& scale,
@@ -32,7 +43,7 @@ at::Tensor layer_variance(const at::Tensor& a, const std::optional<at::Tensor>& 
     if (!full_covariance) return at::mm(weights, qg.square().t());
     return at::matmul(qg.unsqueeze(0).mul(weights.unsqueeze(1)), qg.t());
   }
-  const at::Tensor b_rot = at::matmul(jacobian->to(qa.scalar_type()), qg);  // (N, C, d_G)
+  const at::Tensor b_rot = rotate_jacobian(jacobian->to(qa.scalar_type()), qg);  // (N, C, d_G)
   if (!full_covariance) return at::bmm(b_rot.square(), weights.unsqueeze(2)).squeeze(2);
   return at::bmm(b_rot.mul(weights.unsqueeze(1)), b_rot.transpose(1, 2));
 }
