@@ -21,6 +21,7 @@ OPTIONS = (
     "dict_key_y",
     "subnetwork_indices",
     "low_rank",
+    "curvature_dtype",
 )
 POSTERIORS = {
     ("all", "kron"): KronLaplace,
@@ -57,6 +58,8 @@ def Laplace(  # noqa: N802 (the name laplace-torch users call)
         hessian_structure: ``"kron"``, ``"diag"``, ``"full"`` or ``"lowrank"``.
         **options: ``sigma_noise``, ``prior_precision`` (scalar or one per layer),
             ``prior_mean``, ``temperature``, ``curvature_mode`` (``"ggn"``, ``"mc"``, ``"ef"``),
+            ``curvature_dtype`` (``torch.bfloat16`` / ``torch.float16``: the fit's matrix
+            products in that precision, factors still accumulated in fp32; default exact),
             ``dict_key_y`` (the targets' key in dict batches, default ``"labels"``), for
             Kron ``kfac_approx`` (``"expand"`` or ``"reduce"``), and for a subnetwork
             ``subnetwork_indices`` (indices into the parameters in ``named_parameters()`` order),

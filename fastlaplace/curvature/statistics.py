@@ -219,9 +219,13 @@ Layers = list[tuple[str, nn.Module]]
 
 
 def _backpropagate_columns(
-    model: nn.Module, x: Tensor, make_columns, layers: Layers | None
+    model: nn.Module, x: Tensor, make_columns, layers: Layers | None, compute_dtype: torch.dtype | None = None
 ) -> tuple[Tensor, Layers, list[Tensor], list[Tensor]]:
     """Forward x, then backpropagate ``make_columns(output)`` (N, C, K) to the layers.
+
+    With ``compute_dtype`` (bf16 / fp16) the forward and the batched backward run under
+    autocast, and one more forward without autograd gives the exact output the loss and
+    the columns are computed from.
 
     Returns the detached output, the layers (all supported ones by default), their
     detached inputs ``(N, d_in)`` and the backpropagated columns ``(N, K, d_out)`` at
@@ -237,13 +241,18 @@ def _backpropagate_columns(
         return hook
 
     handles = [module.register_forward_hook(capture(name)) for name, module in layers]
+    device = layers[0][1].weight.device.type
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.autocast(device, compute_dtype, enabled=compute_dtype is not None):
             output = model(x)
     finally:
         for handle in handles:
             handle.remove()
-    if not _all_finite(output):
+    exact_output = output
+    if compute_dtype is not None:
+        with torch.no_grad():
+            exact_output = model(x)
+    if not _all_finite(exact_output):
         raise ValueError("the model's output contains NaN or Inf")
     for name, module in layers:
         a = captured[name][0]
@@ -253,7 +262,7 @@ def _backpropagate_columns(
                 f"layer {name!r} ({type(module).__name__}) got an input of shape {tuple(a.shape)}; "
                 f"it accepts inputs with {' or '.join(map(str, allowed))} dimensions (batch first)"
             )
-    columns = make_columns(output)  # (N, C, K)
+    columns = make_columns(exact_output).to(output.dtype)  # (N, C, K)
     pre_activations = [captured[name][1] for name, _ in layers]
     grads = torch.autograd.grad(
         output, pre_activations, grad_outputs=columns.permute(2, 0, 1).contiguous(), is_grads_batched=True
@@ -262,7 +271,7 @@ def _backpropagate_columns(
         if not _all_finite(grad):
             raise ValueError(f"the output gradients of layer {name!r} contain NaN or Inf")
     inputs = [captured[name][0].detach() for name, _ in layers]
-    return output.detach(), layers, inputs, [g.detach().transpose(0, 1) for g in grads]
+    return exact_output.detach(), layers, inputs, [g.detach().transpose(0, 1) for g in grads]
 
 
 def layer_statistics(
@@ -273,6 +282,7 @@ def layer_statistics(
     mode: str = "ggn",
     generator: torch.Generator | None = None,
     layers: Layers | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, list[LayerStatistics]]:
     """Run one batch and collect every supported layer's inputs and output gradients.
 
@@ -288,6 +298,8 @@ def layer_statistics(
         mode: ``"ggn"``, ``"mc"`` or ``"ef"``.
         generator: random source for ``mode="mc"``.
         layers: the ``(name, module)`` layers to collect; all supported ones by default.
+        compute_dtype: ``torch.bfloat16`` or ``torch.float16`` to run the pass's matrix
+            products in that precision (autocast); the output stays exact.
 
     Returns:
         ``(output, statistics)``: the detached ``(N, C)`` output and one entry per layer.
@@ -297,7 +309,7 @@ def layer_statistics(
             NaN / Inf in the output or in a layer's output gradients (the layer is named).
     """
     output, layers, inputs, grads = _backpropagate_columns(
-        model, x, lambda out: output_gradient_columns(out, target, likelihood, mode, generator), layers
+        model, x, lambda out: output_gradient_columns(out, target, likelihood, mode, generator), layers, compute_dtype
     )
     stats = [LayerStatistics(n, m, a, g) for (n, m), a, g in zip(layers, inputs, grads, strict=True)]
     return output, stats

@@ -52,6 +52,7 @@ class BaseLaplace(ABC):
         curvature_mode: str = "ggn",
         last_layer_only: bool = False,
         dict_key_y: str = "labels",
+        curvature_dtype: torch.dtype | None = None,
     ) -> None:
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
@@ -61,8 +62,11 @@ class BaseLaplace(ABC):
             raise ValueError("sigma_noise must be 1 for classification")
         if float(sigma_noise) <= 0 or temperature <= 0:
             raise ValueError(f"sigma_noise and temperature must be positive, got {sigma_noise} and {temperature}")
+        if curvature_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"curvature_dtype must be None, torch.bfloat16 or torch.float16, got {curvature_dtype!r}")
         self.model = model
         self.likelihood = likelihood
+        self.curvature_dtype = curvature_dtype
         self.curvature_mode = curvature_mode
         self.last_layer_only = last_layer_only
         self.dict_key_y = dict_key_y
@@ -198,7 +202,7 @@ class BaseLaplace(ABC):
             x, y = self._split_batch(batch)
             self._check_targets(y, y.shape[0] if isinstance(x, Mapping) else x.shape[0])
             output, stats = layer_statistics(
-                self.model, x, y, self.likelihood, self.curvature_mode, generator, layers=self.layers
+                self.model, x, y, self.likelihood, self.curvature_mode, generator, self.layers, self.curvature_dtype
             )
             self._update_curvature(stats)
             self.loss += float(self._summed_loss(output, y))

@@ -30,7 +30,7 @@ class KronLaplace(BaseLaplace):
         self._diagonal = [i for i in range(len(self.layers)) if i not in self._kron]
 
     def _reset_curvature(self) -> None:
-        self.curvature = KronCurvature(self.kfac_approx)
+        self.curvature = KronCurvature(self.kfac_approx, low_precision_products=self.curvature_dtype is not None)
         self.diagonal_curvature = DiagCurvature()
         self._eigen = None
 
