@@ -7,7 +7,10 @@ batch of 256 for the predictives. Times are the fastest of a few repetitions aft
 warm-up; the ratios are measured side by side. laplace-torch (the test-only dependency,
 default backend) runs the same jobs on the same model and data in the same run, unless
 ``--no-laplace-torch``; its kron GLM predictive forms full Jacobians, so it is timed on
-32 inputs and compared per input. Results: benchmarks/results/laplace_cpu.json and .md.
+32 inputs and compared per input. Peak memory is the resident set above what was in use
+before one more call of the same job (benchmarks/memory.py; includes what the job
+allocates and keeps, such as the factors of a fit). Results:
+benchmarks/results/laplace_cpu.json and .md.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from memory import peak_mib, return_freed_memory
 from torch import nn
 
 import fastlaplace.ops as ops
@@ -69,6 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    return_freed_memory()
     samples = 1024 if args.quick else 4096
     model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
     x, y = torch.randn(samples, 784), torch.randint(0, 10, (samples,))
@@ -86,54 +91,76 @@ def main() -> None:
     forward_time = fastest(lambda: model(batch), 10)
     rows = []
 
-    def record(case, seconds, reference, reference_name, laplace_torch_seconds=None):
+    def record(case, fn, repeats, reference, reference_name, theirs_seconds=None, per=1):
+        """Time fn (fastest of ``repeats``, divided by ``per`` inputs) and its peak memory."""
+        seconds = fastest(fn, repeats) / per
+        peak = peak_mib(fn, "cpu")
         rows.append(
             {
                 "case": case,
                 "seconds": seconds,
+                "peak_mib": peak,
                 "reference": reference_name,
                 "ratio": seconds / reference,
-                "laplace_torch_seconds": laplace_torch_seconds,
+                "laplace_torch_seconds": theirs_seconds,
             }
         )
-        versus = "" if laplace_torch_seconds is None else f"  laplace-torch {laplace_torch_seconds * 1e3:10.1f} ms"
-        print(f"{case:52s} {seconds * 1e3:9.2f} ms  = {seconds / reference:6.2f}x {reference_name}{versus}", flush=True)
+        versus = "" if theirs_seconds is None else f"  laplace-torch {theirs_seconds * 1e3:10.1f} ms"
+        print(
+            f"{case:56s} {seconds * 1e3:9.2f} ms  = {seconds / reference:6.2f}x {reference_name}  "
+            f"peak {peak:7.1f} MiB{versus}",
+            flush=True,
+        )
 
     theirs = {} if args.no_laplace_torch else laplace_torch_times(model, loader, batch)
     for mode in ("ggn", "mc"):
         la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron", curvature_mode=mode)
         record(
             f"kron fit, all layers, {mode}",
-            fastest(lambda la=la: la.fit(loader), 2),
+            lambda la=la: la.fit(loader),
+            2,
             epoch_time,
             "epoch",
             theirs.get(f"fit_{mode}"),
         )
+    fast = Laplace(
+        model, "classification", subset_of_weights="all", hessian_structure="kron", curvature_dtype=torch.bfloat16
+    )
+    record("kron fit, all layers, ggn, curvature_dtype=bf16", lambda: fast.fit(loader), 2, epoch_time, "epoch")
     la.eigendecomposition()
     record(
         "kron GLM probit predictive, per input (of 256)",
-        fastest(lambda: la(batch), 3) / 256,
+        lambda: la(batch),
+        3,
         forward_time / 256,
         "forward",
         theirs.get("glm_per_input"),
+        per=256,
     )
     last = Laplace(model, "classification", subset_of_weights="last_layer", hessian_structure="kron")
     last.fit(loader)
     last.eigendecomposition()
     record(
         "last-layer kron GLM probit predictive, 256 inputs",
-        fastest(lambda: last(batch), 10),
+        lambda: last(batch),
+        10,
         forward_time,
         "forward",
         theirs.get("last_layer_glm"),
     )
     diag = Laplace(model, "classification", subset_of_weights="all", hessian_structure="diag")
-    record("diag fit, all layers, ggn", fastest(lambda: diag.fit(loader), 2), epoch_time, "epoch")
-    start = time.perf_counter()
-    last.optimize_prior_precision(method="marglik")
+    record("diag fit, all layers, ggn", lambda: diag.fit(loader), 2, epoch_time, "epoch")
+    lowrank = Laplace(model, "classification", subset_of_weights="all", hessian_structure="lowrank", low_rank=10)
+    record("low-rank fit (10 eigenpairs), all layers, ggn", lambda: lowrank.fit(loader), 1, epoch_time, "epoch")
+
+    def optimise_prior():
+        last.prior_precision = 1.0
+        last.optimize_prior_precision(method="marglik")
+
     record(
         "last-layer kron prior optimisation (marglik, 100 steps)",
-        time.perf_counter() - start,
+        optimise_prior,
+        1,
         1.0,
         "s",
         theirs.get("last_layer_marglik"),
@@ -151,14 +178,15 @@ def main() -> None:
         f"plain epoch {epoch_time * 1e3:.1f} ms, forward of 256 {forward_time * 1e3:.2f} ms "
         f"(`python benchmarks/bench_laplace.py`).",
         "",
-        "| case | fastlaplace | ratio | laplace-torch, same run | speed-up |",
-        "|---|---|---|---|---|",
+        "| case | fastlaplace | ratio | peak memory | laplace-torch, same run | speed-up |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         theirs_s = r["laplace_torch_seconds"]
         versus = "" if theirs_s is None else f"{theirs_s * 1e3:.1f} ms | {theirs_s / r['seconds']:.1f}×"
         lines.append(
-            f"| {r['case']} | {r['seconds'] * 1e3:.2f} ms | {r['ratio']:.2f}× {r['reference']} | {versus or '— | —'} |"
+            f"| {r['case']} | {r['seconds'] * 1e3:.2f} ms | {r['ratio']:.2f}× {r['reference']} "
+            f"| {r['peak_mib']:.1f} MiB | {versus or '— | —'} |"
         )
     json_path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {json_path} and {json_path.with_suffix('.md')}")

@@ -41,7 +41,6 @@ Results: ``<out>/ops_<device>.json`` (one record per case) and ``<out>/ops_<devi
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import multiprocessing
@@ -57,6 +56,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not another install
+from memory import peak_mib, return_freed_memory  # noqa: E402
+
 import fastlaplace  # noqa: E402
 import fastlaplace.ops as ops  # noqa: E402
 
@@ -385,33 +386,9 @@ def time_pair(pair: Pair, device: str, budget: float) -> tuple[list[float], list
     return times[pair.fast], times[pair.baseline], diff
 
 
-def status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} is not in /proc/self/status")
-
-
-def peak_mib(fn: Callable[[], object], device: str) -> float:
-    """Memory one call of fn needs above what is in use before it (see the module docstring)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    before = status_kib("VmRSS")
-    fn()
-    return max(0.0, (status_kib("VmHWM") - before) / 1024)  # the kernel's RSS counters lag by a few pages
-
-
 def peak_in_child(index: int, side: str, quick: bool, threads: int, conn) -> None:
     """Body of the fresh process that measures one side of one CPU case."""
-    libc = ctypes.CDLL(None)
-    for option in (-1, -3):  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD: fixed, so freed memory is returned
-        libc.mallopt(option, 128 * 1024)
+    return_freed_memory()
     torch.set_num_threads(threads)
     fn = getattr(make_pair(index, "cpu", quick), side)
     fn()

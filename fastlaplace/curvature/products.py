@@ -35,8 +35,11 @@ def jacobian_matmul(statistics: Sequence[LayerStatistics], directions: Sequence[
             total = total + s.weight_gradients().to(v.dtype) @ v.flatten(1).T
             continue
         grads, inputs = s.location_grads().to(v.dtype), s.patches().to(v.dtype)  # (N, K, L, o), (N, L, a)
-        moved = torch.einsum("joa,nla->nloj", v, inputs)
-        total = total + torch.einsum("nklo,nloj->nkj", grads, moved)
+        n, k, locations, d_out = grads.shape
+        # Every direction applied to every patch as one GEMM: (N L, a) x (a, j o).
+        moved = (inputs.reshape(-1, inputs.shape[-1]) @ v.reshape(-1, v.shape[-1]).T).view(n, locations, -1, d_out)
+        moved = moved.permute(0, 1, 3, 2).reshape(n, locations * d_out, -1)  # (N, L o, j)
+        total = total + torch.bmm(grads.reshape(n, k, locations * d_out), moved)
     return total
 
 
@@ -58,8 +61,11 @@ def jacobian_transpose_matmul(statistics: Sequence[LayerStatistics], coefficient
             continue
         grads = s.location_grads().to(coefficients.dtype)
         inputs = s.patches().to(coefficients.dtype)
-        combined = torch.einsum("nkj,nklo->njlo", coefficients, grads)
-        result.append(torch.einsum("njlo,nla->joa", combined, inputs))
+        n, k, locations, d_out = grads.shape
+        combined = torch.bmm(coefficients.transpose(1, 2), grads.reshape(n, k, -1))  # (N, j, L o)
+        combined = combined.view(n, -1, locations, d_out).permute(1, 3, 0, 2).reshape(-1, n * locations)
+        # (j o, N L) x (N L, a): one GEMM over all samples and locations.
+        result.append((combined @ inputs.reshape(n * locations, -1)).view(-1, d_out, inputs.shape[-1]))
     return result
 
 

@@ -1,0 +1,38 @@
+"""Peak memory of one call, shared by the benchmarks (method: see bench_ops.py's docstring)."""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def return_freed_memory() -> None:
+    """Fix glibc's malloc thresholds so that freed blocks over 128 KiB go back to the OS at once."""
+    libc = ctypes.CDLL(None)
+    for option in (-1, -3):  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
+        libc.mallopt(option, 128 * 1024)
+
+
+def status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} is not in /proc/self/status")
+
+
+def peak_mib(fn: Callable[[], object], device: str) -> float:
+    """Memory one call of fn needs above what is in use before it, in MiB (CPU: Linux only)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = status_kib("VmRSS")
+    fn()
+    return max(0.0, (status_kib("VmHWM") - before) / 1024)  # the kernel's RSS counters lag by a few pages
