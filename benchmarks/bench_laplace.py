@@ -4,7 +4,8 @@ Run ``python benchmarks/bench_laplace.py [--quick]``. The reference points are w
 training loop costs on the same machine and data: one plain forward+backward+SGD epoch
 over the 4,096 samples (batches of 256) for the fits, and one forward pass of the same
 batch of 256 for the predictives. Times are the fastest of a few repetitions after a
-warm-up; the ratios are measured side by side. laplace-torch (the test-only dependency,
+warm-up, each case's repetitions alternated with its reference's, so that a ratio is
+measured side by side on the same machine state. laplace-torch (the test-only dependency,
 default backend) runs the same jobs on the same model and data in the same run, unless
 ``--no-laplace-torch``; its kron GLM predictive forms full Jacobians, so it is timed on
 32 inputs and compared per input. Peak memory is the resident set above what was in use
@@ -27,6 +28,21 @@ from torch import nn
 
 import fastlaplace.ops as ops
 from fastlaplace import Laplace
+
+
+def fastest_side_by_side(
+    fn: Callable[[], object], reference: Callable[[], object], repeats: int
+) -> tuple[float, float]:
+    """Fastest of ``repeats`` calls of fn and of its reference, alternated so that both see the same machine."""
+    fn()
+    reference()
+    times: dict[Callable, list[float]] = {fn: [], reference: []}
+    for _ in range(repeats):
+        for f in (fn, reference):
+            start = time.perf_counter()
+            f()
+            times[f].append(time.perf_counter() - start)
+    return min(times[fn]), min(times[reference])
 
 
 def fastest(fn: Callable[[], object], repeats: int) -> float:
@@ -73,7 +89,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    return_freed_memory()
     samples = 1024 if args.quick else 4096
     model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
     x, y = torch.randn(samples, 784), torch.randint(0, 10, (samples,))
@@ -87,52 +102,49 @@ def main() -> None:
             optimiser.step()
 
     batch = x[:256]
+    references = {"epoch": epoch, "forward": lambda: model(batch)}
     epoch_time = fastest(epoch, 3)
-    forward_time = fastest(lambda: model(batch), 10)
-    rows = []
+    forward_time = fastest(references["forward"], 10)
+    rows, jobs = [], []
 
-    def record(case, fn, repeats, reference, reference_name, theirs_seconds=None, per=1):
-        """Time fn (fastest of ``repeats``, divided by ``per`` inputs) and its peak memory."""
-        seconds = fastest(fn, repeats) / per
-        peak = peak_mib(fn, "cpu")
+    def record(case, fn, repeats, reference=None, theirs_seconds=None, per=1):
+        """Time fn side by side with its reference ("epoch", "forward" or none: seconds), and fn's peak memory.
+
+        Times are the fastest of ``repeats``, divided by ``per`` inputs.
+        """
+        if reference is None:
+            seconds, reference_seconds = fastest(fn, repeats), 1.0
+        else:
+            seconds, reference_seconds = fastest_side_by_side(fn, references[reference], repeats)
+        seconds, reference_seconds = seconds / per, reference_seconds / per
+        name = reference or "s"
+        jobs.append(fn)
         rows.append(
             {
                 "case": case,
                 "seconds": seconds,
-                "peak_mib": peak,
-                "reference": reference_name,
-                "ratio": seconds / reference,
+                "reference": name,
+                "reference_seconds": reference_seconds,
+                "ratio": seconds / reference_seconds,
                 "laplace_torch_seconds": theirs_seconds,
             }
         )
         versus = "" if theirs_seconds is None else f"  laplace-torch {theirs_seconds * 1e3:10.1f} ms"
-        print(
-            f"{case:56s} {seconds * 1e3:9.2f} ms  = {seconds / reference:6.2f}x {reference_name}  "
-            f"peak {peak:7.1f} MiB{versus}",
-            flush=True,
-        )
+        print(f"{case:56s} {seconds * 1e3:9.2f} ms  = {seconds / reference_seconds:6.2f}x {name}{versus}", flush=True)
 
     theirs = {} if args.no_laplace_torch else laplace_torch_times(model, loader, batch)
     for mode in ("ggn", "mc"):
         la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron", curvature_mode=mode)
-        record(
-            f"kron fit, all layers, {mode}",
-            lambda la=la: la.fit(loader),
-            2,
-            epoch_time,
-            "epoch",
-            theirs.get(f"fit_{mode}"),
-        )
+        record(f"kron fit, all layers, {mode}", lambda la=la: la.fit(loader), 3, "epoch", theirs.get(f"fit_{mode}"))
     fast = Laplace(
         model, "classification", subset_of_weights="all", hessian_structure="kron", curvature_dtype=torch.bfloat16
     )
-    record("kron fit, all layers, ggn, curvature_dtype=bf16", lambda: fast.fit(loader), 2, epoch_time, "epoch")
+    record("kron fit, all layers, ggn, curvature_dtype=bf16", lambda: fast.fit(loader), 3, "epoch")
     la.eigendecomposition()
     record(
         "kron GLM probit predictive, per input (of 256)",
         lambda: la(batch),
-        3,
-        forward_time / 256,
+        5,
         "forward",
         theirs.get("glm_per_input"),
         per=256,
@@ -144,14 +156,13 @@ def main() -> None:
         "last-layer kron GLM probit predictive, 256 inputs",
         lambda: last(batch),
         10,
-        forward_time,
         "forward",
         theirs.get("last_layer_glm"),
     )
     diag = Laplace(model, "classification", subset_of_weights="all", hessian_structure="diag")
-    record("diag fit, all layers, ggn", lambda: diag.fit(loader), 2, epoch_time, "epoch")
+    record("diag fit, all layers, ggn", lambda: diag.fit(loader), 3, "epoch")
     lowrank = Laplace(model, "classification", subset_of_weights="all", hessian_structure="lowrank", low_rank=10)
-    record("low-rank fit (10 eigenpairs), all layers, ggn", lambda: lowrank.fit(loader), 1, epoch_time, "epoch")
+    record("low-rank fit (10 eigenpairs), all layers, ggn", lambda: lowrank.fit(loader), 1, "epoch")
 
     def optimise_prior():
         last.prior_precision = 1.0
@@ -161,10 +172,15 @@ def main() -> None:
         "last-layer kron prior optimisation (marglik, 100 steps)",
         optimise_prior,
         1,
-        1.0,
-        "s",
-        theirs.get("last_layer_marglik"),
+        theirs_seconds=theirs.get("last_layer_marglik"),
     )
+
+    # Peaks after all timings: returning freed memory at once (needed to see each job's own
+    # peak) makes every large allocation a fresh mapping, which would slow the timings.
+    return_freed_memory()
+    for row, job in zip(rows, jobs, strict=True):
+        row["peak_mib"] = peak_mib(job, "cpu")
+        print(f"{row['case']:56s} peak {row['peak_mib']:7.1f} MiB", flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "threads": args.threads, "samples": samples, "backend": ops.build_info()}
