@@ -48,6 +48,11 @@ def test_marglik_and_glm_covariance_agree(likelihood, subset, structure):
     if likelihood == "classification":
         for link in ("probit", "bridge", "bridge_norm"):
             torch.testing.assert_close(ours(x, link_approx=link), reference(x, link_approx=link).detach())
+        return
+    # Regression calls: the covariance of f (no σ²), per output, or joint over the batch.
+    for options in ({}, {"diagonal_output": True}, {"joint": True}):
+        for got, want in zip(ours(x, **options), reference(x, **options), strict=True):
+            torch.testing.assert_close(got, want.detach())
 
 
 def test_subnetwork_agrees():

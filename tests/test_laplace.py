@@ -286,8 +286,8 @@ def test_gridsearch_picks_the_prior_with_the_lowest_validation_nll(likelihood, g
         if likelihood == "classification":
             nll.append(-la(x[8:]).gather(1, y[8:].unsqueeze(1)).log().sum().item())
         else:
-            mean, cov = la(x[8:])
-            var = cov.diagonal(dim1=1, dim2=2)
+            mean, cov = la(x[8:])  # the covariance of f: add σ² for y
+            var = cov.diagonal(dim1=1, dim2=2) + la.sigma_noise**2
             nll.append(-torch.distributions.Normal(mean, var.sqrt()).log_prob(y[8:]).sum().item())
     la.optimize_prior_precision(method="gridsearch", val_loader=loader(x[8:], y[8:]), grid=grid)
     assert la.prior_precision.unique().item() == grid[nll.index(min(nll))]

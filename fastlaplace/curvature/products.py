@@ -107,3 +107,29 @@ def jacobian_gram(statistics: Sequence[LayerStatistics], weights: Sequence[Tenso
         spread = inputs.square() @ w.broadcast_to(grads.shape[-1], inputs.shape[-1]).T  # (N, o)
         total = total + torch.einsum("nco,no,neo->nce", grads, spread, grads)
     return total
+
+
+def jacobian_cross_gram(statistics: Sequence[LayerStatistics], weights: Sequence[Tensor]) -> Tensor:
+    """``Σ_l J_l diag(w_l) J_lᵀ`` between every pair of samples (the joint form of :func:`jacobian_gram`).
+
+    For a layer applied once per sample, ``J_n = B_n ⊗ u_nᵀ`` gives
+    ``Σ_o B_nco B_mdo Σ_a w_oa u_na u_ma`` without forming J.
+
+    Args:
+        statistics: one entry per layer, with ``output_grads`` ``(N, C, d_out)``.
+        weights: per layer ``(d_out, d_A)`` (or broadcastable) weights.
+
+    Returns:
+        ``(N, C, N, C)``.
+    """
+    total = 0
+    for s, w in zip(statistics, weights, strict=True):
+        if not s.is_plain_linear:
+            jac = s.weight_gradients().to(w.dtype)  # (N, C, d_out * d_A)
+            flat = w.broadcast_to(s.module.weight.shape[0], jac.shape[-1] // s.module.weight.shape[0]).flatten()
+            total = total + torch.einsum("ncp,p,mdp->ncmd", jac, flat, jac)
+            continue
+        grads, inputs = s.output_grads.to(w.dtype), s.patches()[:, 0].to(w.dtype)  # (N, C, o), (N, a)
+        pairs = torch.einsum("na,ma,oa->nmo", inputs, inputs, w.broadcast_to(grads.shape[-1], inputs.shape[-1]))
+        total = total + torch.einsum("nco,nmo,mdo->ncmd", grads, pairs, grads)
+    return total

@@ -29,6 +29,10 @@ def _own_parameters(module: nn.Module) -> list[Tensor]:
     return [module.weight] if bias is None else [module.weight, bias]
 
 
+#: laplace-torch's likelihoods: reward models are fitted as classifiers, predict as regressors
+POSTERIOR_LIKELIHOODS = (*LIKELIHOODS, "reward_modeling")
+
+
 class BaseLaplace(ABC):
     """A Gaussian posterior N(θ*, P⁻¹) over the weights ``[W | b]`` of a model's supported layers.
 
@@ -54,12 +58,12 @@ class BaseLaplace(ABC):
         dict_key_y: str = "labels",
         curvature_dtype: torch.dtype | None = None,
     ) -> None:
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        if likelihood not in POSTERIOR_LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {POSTERIOR_LIKELIHOODS}, got {likelihood!r}")
         if curvature_mode not in MODES:
             raise ValueError(f"curvature_mode must be one of {MODES}, got {curvature_mode!r}")
-        if likelihood == "classification" and float(sigma_noise) != 1.0:
-            raise ValueError("sigma_noise must be 1 for classification")
+        if likelihood != "regression" and float(sigma_noise) != 1.0:
+            raise ValueError(f"sigma_noise must be 1 for {likelihood}")
         if float(sigma_noise) <= 0 or temperature <= 0:
             raise ValueError(f"sigma_noise and temperature must be positive, got {sigma_noise} and {temperature}")
         if curvature_dtype not in (None, torch.bfloat16, torch.float16):
@@ -202,7 +206,14 @@ class BaseLaplace(ABC):
             x, y = self._split_batch(batch)
             self._check_targets(y, y.shape[0] if isinstance(x, Mapping) else x.shape[0])
             output, stats = layer_statistics(
-                self.model, x, y, self.likelihood, self.curvature_mode, generator, self.layers, self.curvature_dtype
+                self.model,
+                x,
+                y,
+                self._likelihood(True),
+                self.curvature_mode,
+                generator,
+                self.layers,
+                self.curvature_dtype,
             )
             self._update_curvature(stats)
             self.loss += float(self._summed_loss(output, y))
@@ -229,14 +240,14 @@ class BaseLaplace(ABC):
         return self._to_device(x), y.to(self.device)
 
     def _check_targets(self, y: Tensor, n: int) -> None:
-        if self.likelihood == "classification":
+        if self._likelihood(True) == "classification":
             if y.dim() != 1 or y.shape[0] != n or y.is_floating_point():
                 raise ValueError(f"classification targets must be ({n},) class indices, got {tuple(y.shape)} {y.dtype}")
         elif y.dim() != 2 or y.shape[0] != n:
             raise ValueError(f"regression targets must be ({n}, C), got shape {tuple(y.shape)}")
 
     def _summed_loss(self, output: Tensor, y: Tensor) -> Tensor:
-        if self.likelihood == "classification":
+        if self._likelihood(True) == "classification":
             if y.min() < 0 or y.max() >= output.shape[1]:
                 raise ValueError(
                     f"class labels must lie in [0, {output.shape[1]}), got [{int(y.min())}, {int(y.max())}]"
@@ -259,7 +270,7 @@ class BaseLaplace(ABC):
         self._require_fit()
         sigma = self.sigma_noise if sigma_noise is None else sigma_noise
         value = -self._curvature_scale(sigma) * self.loss
-        if self.likelihood == "regression":
+        if self._likelihood(True) == "regression":
             value = value - self.num_data * self.num_outputs * torch.log(sigma * math.sqrt(2 * math.pi))
         return value
 
@@ -339,12 +350,12 @@ class BaseLaplace(ABC):
         with torch.no_grad():
             for x, y in loader:
                 y = y.to(self.device)
-                if self.likelihood == "classification":
-                    probs = self(x, pred_type=pred_type, link_approx=link_approx)
+                if self._likelihood(True) == "classification":
+                    probs = self(x, pred_type=pred_type, link_approx=link_approx, fitting=True)
                     total -= probs.gather(1, y.long().unsqueeze(1)).clamp_min(1e-30).log().sum().item()
                 else:
-                    mean, cov = self(x, pred_type=pred_type)
-                    variance = cov.diagonal(dim1=1, dim2=2) if cov.dim() == 3 else cov
+                    mean, variance = self(x, pred_type=pred_type, diagonal_output=True)
+                    variance = variance + self.sigma_noise.square()
                     total += (
                         0.5 * ((y - mean).square() / variance + variance.log() + math.log(2 * math.pi)).sum().item()
                     )
@@ -358,49 +369,83 @@ class BaseLaplace(ABC):
         output, stats = output_jacobians(self.model, self._to_device(x), self.layers)
         return output, self._jacobian_covariance(stats)
 
+    def functional_covariance(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The joint GLM over a batch: ``(N C,)`` mean and ``(N C, N C)`` covariance ``J P⁻¹ Jᵀ``.
+
+        Outputs are ordered sample by sample (``f(x_1)``, then ``f(x_2)``, ...), as laplace-torch's.
+        """
+        self._require_fit()
+        output, stats = output_jacobians(self.model, self._to_device(x), self.layers)
+        cross = self._jacobian_cross_covariance(stats)  # (N, C, N, C)
+        return output.flatten(), cross.flatten(0, 1).flatten(1, 2)
+
+    def _likelihood(self, fitting: bool) -> str:
+        """The likelihood of fitting (True) or of predicting (False).
+
+        Reward models are fitted as classifiers and predict as regressors (laplace-torch's rule).
+        """
+        if self.likelihood == "reward_modeling":
+            return "classification" if fitting else "regression"
+        return self.likelihood
+
     def __call__(
         self,
         x: Tensor,
         pred_type: str = "glm",
+        joint: bool = False,
         link_approx: str = "probit",
         n_samples: int = 100,
+        diagonal_output: bool = False,
         generator: torch.Generator | None = None,
+        fitting: bool = False,
     ):
-        """The predictive, with laplace-torch's meaning of the arguments.
+        """The predictive, with laplace-torch's arguments and meanings.
 
         Args:
             x: ``(N, ...)`` inputs.
             pred_type: ``"glm"`` (linearised network) or ``"nn"`` (the network with sampled
                 weights, averaged).
+            joint: regression GLM only: the joint predictive over the batch (see
+                :meth:`functional_covariance`).
             link_approx: for a classification GLM, ``"probit"``, ``"bridge"`` /
                 ``"bridge_norm"`` (Laplace bridge, plain or variance-normalised) or ``"mc"``
                 (sampled logits).
             n_samples: samples of ``"mc"`` and ``"nn"``.
+            diagonal_output: regression: return the ``(N, C)`` variances instead of the
+                covariances; ``"mc"``: sample each output independently.
             generator: random source of the samples.
+            fitting: for ``likelihood="reward_modeling"``, predict as the classifier it was
+                fitted as (True) or as a regressor (False).
 
         Returns:
             Classification: ``(N, C)`` class probabilities. Regression: ``(N, C)`` mean and
-            ``(N, C, C)`` covariance (σ² included) for the GLM, or mean and per-output
-            variance for ``"nn"``.
+            ``(N, C, C)`` covariance of f (σ² not included, as in laplace-torch; see
+            :meth:`predict`), ``(N, C)`` variances with ``diagonal_output`` or for
+            ``"nn"``, ``(N C,)`` mean and ``(N C, N C)`` covariance with ``joint``.
         """
+        likelihood = self._likelihood(fitting)
         if pred_type == "nn":
-            return self._sampled_network_predictive(x, n_samples, generator)
+            return self._sampled_network_predictive(x, n_samples, generator, likelihood)
         if pred_type != "glm":
             raise ValueError(f"pred_type must be 'glm' or 'nn', got {pred_type!r}")
+        if likelihood == "regression" and joint:
+            return self.functional_covariance(x)
         mean, cov = self.functional_variance(x)
-        if self.likelihood == "regression":
-            return mean, cov + self.sigma_noise.square() * torch.eye(
-                mean.shape[1], dtype=mean.dtype, device=mean.device
-            )
+        if likelihood == "regression":
+            return (mean, cov.diagonal(dim1=1, dim2=2)) if diagonal_output else (mean, cov)
         if link_approx == "probit":
             return probit(mean, cov.diagonal(dim1=1, dim2=2))
         if link_approx in ("bridge", "bridge_norm"):
             return laplace_bridge(mean, cov, normalise=link_approx == "bridge_norm")
         if link_approx == "mc":
+            if diagonal_output:
+                cov = torch.diag_embed(cov.diagonal(dim1=1, dim2=2))
             return sampled_softmax(mean, cov, n_samples, generator).mean(0)
         raise ValueError(f"link_approx must be 'probit', 'bridge', 'bridge_norm' or 'mc', got {link_approx!r}")
 
-    def _sampled_network_predictive(self, x: Tensor, n_samples: int, generator: torch.Generator | None):
+    def _sampled_network_predictive(
+        self, x: Tensor, n_samples: int, generator: torch.Generator | None, likelihood: str
+    ):
         names = {id(p): name for name, p in self.model.named_parameters()}
         keys = [names[id(p)] for p in self._layer_parameters()]
         outputs = []
@@ -410,22 +455,22 @@ class BaseLaplace(ABC):
                 params = {k: v.view_as(p) for k, v, p in zip(keys, values, self._layer_parameters(), strict=True)}
                 outputs.append(functional_call(self.model, params, (self._to_device(x),)))
         outputs = torch.stack(outputs)
-        if self.likelihood == "classification":
+        if likelihood == "classification":
             return outputs.softmax(-1).mean(0)
-        return outputs.mean(0), outputs.var(0) + self.sigma_noise.square()
+        return outputs.mean(0), outputs.var(0)
 
     def predict(
         self, x: Tensor, n_samples: int = 100, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
         """Predictive mean and standard deviation, ``(N, C)`` each.
 
-        Regression: the GLM's mean and its standard deviation, σ included. Classification:
-        the probit class probabilities, and the standard deviation of the softmax over
-        ``n_samples`` logits drawn from the GLM.
+        Regression (and reward models): the GLM's mean and the standard deviation of y,
+        σ included. Classification: the probit class probabilities, and the standard
+        deviation of the softmax over ``n_samples`` logits drawn from the GLM.
         """
-        if self.likelihood == "regression":
-            mean, cov = self(x)
-            return mean, cov.diagonal(dim1=1, dim2=2).sqrt()
+        if self._likelihood(fitting=False) == "regression":
+            mean, variance = self(x, diagonal_output=True)
+            return mean, (variance + self.sigma_noise.square()).sqrt()
         mean, cov = self.functional_variance(x)
         return self(x), sampled_softmax(mean, cov, n_samples, generator).std(0)
 
@@ -496,3 +541,7 @@ class BaseLaplace(ABC):
     @abstractmethod
     def _jacobian_covariance(self, stats) -> Tensor:
         """``(N, C, C)`` ``Σ_l J_l P_l⁻¹ J_lᵀ`` from each layer's inputs and output Jacobians."""
+
+    @abstractmethod
+    def _jacobian_cross_covariance(self, stats) -> Tensor:
+        """``(N, C, N, C)``: ``J P⁻¹ Jᵀ`` between every pair of samples."""

@@ -100,6 +100,11 @@ class FullLaplace(BaseLaplace):
         half = torch.linalg.solve_triangular(factor, jac.transpose(1, 2), upper=False)  # L⁻¹ Jᵀ
         return half.transpose(1, 2) @ half
 
+    def _jacobian_cross_covariance(self, stats) -> Tensor:
+        jac = self._columns(_weight_gradients(stats)).to(self.hessian.dtype)  # (N, C, P)
+        half = torch.linalg.solve_triangular(self._factor(), jac.flatten(0, 1).T, upper=False)  # L⁻¹ Jᵀ
+        return (half.T @ half).view(*jac.shape[:2], *jac.shape[:2])
+
     def _sample_deviations(self, n_samples: int, generator: torch.Generator | None) -> list[Tensor]:
         factor = self._factor()
         noise = torch.randn((factor.shape[0], n_samples), dtype=factor.dtype, device=factor.device, generator=generator)

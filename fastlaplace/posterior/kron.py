@@ -7,7 +7,7 @@ from torch import Tensor
 
 from fastlaplace import ops
 from fastlaplace.curvature import DiagCurvature, KronCurvature
-from fastlaplace.curvature.products import jacobian_gram
+from fastlaplace.curvature.products import jacobian_cross_gram, jacobian_gram
 from fastlaplace.curvature.statistics import KRON_LAYERS
 from fastlaplace.posterior.base import BaseLaplace
 
@@ -99,6 +99,35 @@ class KronLaplace(BaseLaplace):
             total = total + jacobian_gram([stats[i] for i in self._diagonal], [p.reciprocal() for p in precisions])
         return total
 
+    def _jacobian_cross_covariance(self, stats) -> Tensor:
+        """Between samples n, m: ``Σ_ij ã_ni ã_mi B̃_ncj B̃_mdj / (s λ_i μ_j + δ)`` in the eigenbasis."""
+        qa, la, qg, lg = self.eigendecomposition()
+        scale, delta = self._scale(self.sigma_noise), self.prior_precision[self._kron]
+        total = 0
+        for i, s in enumerate(stats[k] for k in self._kron):
+            inverse = (scale[i] * torch.outer(lg[i].clamp_min(0), la[i].clamp_min(0)) + delta[i]).reciprocal()
+            if s.is_plain_linear:
+                inputs = s.patches()[:, 0].to(qa[i].dtype) @ qa[i]  # (N, d_A)
+                grads = s.output_grads.to(qa[i].dtype) @ qg[i]  # (N, C, d_G)
+                pairs = torch.einsum("ni,mi,ji->nmj", inputs, inputs, inverse)
+                total = total + torch.einsum("ncj,nmj,mdj->ncmd", grads, pairs, grads)
+            else:
+                rotated = self._rotated_jacobian(s, qa[i], qg[i])
+                total = total + torch.einsum("ncji,ji,mdji->ncmd", rotated, inverse, rotated)
+        if self._diagonal:
+            precisions = self._diagonal_precisions(self.prior_precision, self.sigma_noise)
+            total = total + jacobian_cross_gram(
+                [stats[i] for i in self._diagonal], [p.reciprocal() for p in precisions]
+            )
+        return total
+
+    @staticmethod
+    def _rotated_jacobian(s, qa, qg) -> Tensor:
+        """``(N, C, d_G, d_A)``: ``J̃[c, j, i] = Σ_p (B_p Q_G)[c, j] (Q_Aᵀ u_p)[i]`` of a layer at several locations."""
+        b_rot = s.location_grads().to(qa.dtype) @ qg  # (N, C, L, d_G)
+        u_rot = s.patches().to(qa.dtype) @ qa  # (N, L, d_A)
+        return torch.einsum("nclj,nli->ncji", b_rot, u_rot)
+
     @staticmethod
     def _shared_weight_covariance(s, qa, la, qg, lg, scale, delta) -> Tensor:
         """``J P⁻¹ Jᵀ`` of a layer applied at several locations: ``J = Σ_p B_p ⊗ u_pᵀ``.
@@ -106,9 +135,7 @@ class KronLaplace(BaseLaplace):
         In the eigenbasis ``J̃[c, j, i] = Σ_p (B_p Q_G)[c, j] (Q_Aᵀ u_p)[i]`` has the size of
         the layer's Jacobian; it is formed one layer at a time.
         """
-        b_rot = s.location_grads().to(qa.dtype) @ qg  # (N, C, L, d_G)
-        u_rot = s.patches().to(qa.dtype) @ qa  # (N, L, d_A)
-        rotated = torch.einsum("nclj,nli->ncji", b_rot, u_rot)
+        rotated = KronLaplace._rotated_jacobian(s, qa, qg)
         inverse = (scale * torch.outer(lg.clamp_min(0), la.clamp_min(0)) + delta).reciprocal()
         return torch.einsum("ncji,ji,neji->nce", rotated, inverse, rotated)
 

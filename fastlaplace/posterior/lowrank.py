@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from fastlaplace.curvature.products import ggn_matmul, jacobian_gram, jacobian_matmul
+from fastlaplace.curvature.products import ggn_matmul, jacobian_cross_gram, jacobian_gram, jacobian_matmul
 from fastlaplace.posterior.base import BaseLaplace
 from fastlaplace.reference import accumulation_dtype
 
@@ -138,6 +138,13 @@ class LowRankLaplace(BaseLaplace):
         projected = jacobian_matmul(stats, self._layer_matrices((w / prior.unsqueeze(1)).T))  # (N, C, k)
         half = torch.linalg.solve_triangular(factor, projected.transpose(1, 2), upper=False)
         return prior_part - half.transpose(1, 2) @ half
+
+    def _jacobian_cross_covariance(self, stats) -> Tensor:
+        prior, w, factor = self._woodbury(self.prior_precision, self.sigma_noise)
+        prior_part = jacobian_cross_gram(stats, self._layer_matrices(prior.reciprocal()))
+        projected = jacobian_matmul(stats, self._layer_matrices((w / prior.unsqueeze(1)).T))  # (N, C, k)
+        half = torch.linalg.solve_triangular(factor, projected.flatten(0, 1).T, upper=False)
+        return prior_part - (half.T @ half).view(prior_part.shape)
 
     def _sample_deviations(self, n_samples: int, generator: torch.Generator | None) -> list[Tensor]:
         # P⁻¹ = D^-½ (I + V Vᵀ)⁻¹ D^-½ with V = D^-½ W; (I + V Vᵀ)^-½ acts on V's column space only.
