@@ -9,15 +9,19 @@ measured side by side on the same machine state. laplace-torch (the test-only de
 default backend) runs the same jobs on the same model and data in the same run, unless
 ``--no-laplace-torch``; its kron GLM predictive forms full Jacobians, so it is timed on
 32 inputs and compared per input. Peak memory is the resident set above what was in use
-before one more call of the same job (benchmarks/memory.py; includes what the job
-allocates and keeps, such as the factors of a fit). Results:
+before one more call of the same job, in a fresh process per case that returns freed
+memory to the OS at once (benchmarks/memory.py; includes what the job allocates and
+keeps, such as the factors of a fit). Results:
 benchmarks/results/laplace_cpu.json and .md.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -80,13 +84,23 @@ def laplace_torch_times(model: nn.Module, loader: list, batch: torch.Tensor) -> 
     return times
 
 
+def case_peak(index: int, args: argparse.Namespace) -> float:
+    """Peak memory of case ``index`` (MiB), measured by this script in a fresh process."""
+    command = [sys.executable, __file__, "--peak-of", str(index), "--threads", str(args.threads)]
+    result = subprocess.run(command + (["--quick"] if args.quick else []), capture_output=True, text=True, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1,024 samples instead of 4,096")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--no-laplace-torch", action="store_true", help="skip the laplace-torch side")
+    parser.add_argument("--peak-of", type=int, help=argparse.SUPPRESS)  # internal: one case's peak, in a fresh process
     args = parser.parse_args()
+    if args.peak_of is not None:
+        return_freed_memory()  # before anything is allocated, so that the warm-up's memory goes back too
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     samples = 1024 if args.quick else 4096
@@ -103,36 +117,17 @@ def main() -> None:
 
     batch = x[:256]
     references = {"epoch": epoch, "forward": lambda: model(batch)}
-    epoch_time = fastest(epoch, 3)
-    forward_time = fastest(references["forward"], 10)
-    rows, jobs = [], []
+    cases = []
 
     def record(case, fn, repeats, reference=None, theirs_seconds=None, per=1):
-        """Time fn side by side with its reference ("epoch", "forward" or none: seconds), and fn's peak memory.
+        """A case: fn timed side by side with its reference ("epoch", "forward" or none: seconds).
 
         Times are the fastest of ``repeats``, divided by ``per`` inputs.
         """
-        if reference is None:
-            seconds, reference_seconds = fastest(fn, repeats), 1.0
-        else:
-            seconds, reference_seconds = fastest_side_by_side(fn, references[reference], repeats)
-        seconds, reference_seconds = seconds / per, reference_seconds / per
-        name = reference or "s"
-        jobs.append(fn)
-        rows.append(
-            {
-                "case": case,
-                "seconds": seconds,
-                "reference": name,
-                "reference_seconds": reference_seconds,
-                "ratio": seconds / reference_seconds,
-                "laplace_torch_seconds": theirs_seconds,
-            }
-        )
-        versus = "" if theirs_seconds is None else f"  laplace-torch {theirs_seconds * 1e3:10.1f} ms"
-        print(f"{case:56s} {seconds * 1e3:9.2f} ms  = {seconds / reference_seconds:6.2f}x {name}{versus}", flush=True)
+        cases.append((case, fn, repeats, reference, theirs_seconds, per))
 
-    theirs = {} if args.no_laplace_torch else laplace_torch_times(model, loader, batch)
+    measure_peak = args.peak_of is not None
+    theirs = {} if args.no_laplace_torch or measure_peak else laplace_torch_times(model, loader, batch)
     for mode in ("ggn", "mc"):
         la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron", curvature_mode=mode)
         record(f"kron fit, all layers, {mode}", lambda la=la: la.fit(loader), 3, "epoch", theirs.get(f"fit_{mode}"))
@@ -140,10 +135,12 @@ def main() -> None:
         model, "classification", subset_of_weights="all", hessian_structure="kron", curvature_dtype=torch.bfloat16
     )
     record("kron fit, all layers, ggn, curvature_dtype=bf16", lambda: fast.fit(loader), 3, "epoch")
-    la.eigendecomposition()
+    glm = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
+    glm.fit(loader)
+    glm.eigendecomposition()
     record(
         "kron GLM probit predictive, per input (of 256)",
-        lambda: la(batch),
+        lambda: glm(batch),
         5,
         "forward",
         theirs.get("glm_per_input"),
@@ -175,12 +172,40 @@ def main() -> None:
         theirs_seconds=theirs.get("last_layer_marglik"),
     )
 
-    # Peaks after all timings: returning freed memory at once (needed to see each job's own
-    # peak) makes every large allocation a fresh mapping, which would slow the timings.
-    return_freed_memory()
-    for row, job in zip(rows, jobs, strict=True):
-        row["peak_mib"] = peak_mib(job, "cpu")
-        print(f"{row['case']:56s} peak {row['peak_mib']:7.1f} MiB", flush=True)
+    if measure_peak:
+        job = cases[args.peak_of][1]
+        job()
+        gc.collect()
+        print(json.dumps(peak_mib(job, "cpu")))
+        return
+    epoch_time = fastest(epoch, 3)
+    forward_time = fastest(references["forward"], 10)
+    rows = []
+    for index, (case, fn, repeats, reference, theirs_seconds, per) in enumerate(cases):
+        if reference is None:
+            seconds, reference_seconds = fastest(fn, repeats), 1.0
+        else:
+            seconds, reference_seconds = fastest_side_by_side(fn, references[reference], repeats)
+        seconds, reference_seconds = seconds / per, reference_seconds / per
+        name = reference or "s"
+        peak = case_peak(index, args)
+        rows.append(
+            {
+                "case": case,
+                "seconds": seconds,
+                "peak_mib": peak,
+                "reference": name,
+                "reference_seconds": reference_seconds,
+                "ratio": seconds / reference_seconds,
+                "laplace_torch_seconds": theirs_seconds,
+            }
+        )
+        versus = "" if theirs_seconds is None else f"  laplace-torch {theirs_seconds * 1e3:10.1f} ms"
+        print(
+            f"{case:56s} {seconds * 1e3:9.2f} ms  = {seconds / reference_seconds:6.2f}x {name}  "
+            f"peak {peak:7.1f} MiB{versus}",
+            flush=True,
+        )
 
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "threads": args.threads, "samples": samples, "backend": ops.build_info()}

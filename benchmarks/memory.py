@@ -8,11 +8,13 @@ from pathlib import Path
 
 import torch
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
 
 def return_freed_memory() -> None:
     """Fix glibc's malloc thresholds so that freed blocks over 128 KiB go back to the OS at once."""
     libc = ctypes.CDLL(None)
-    for option in (-1, -3):  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
+    for option in (M_TRIM_THRESHOLD, M_MMAP_THRESHOLD):
         libc.mallopt(option, 128 * 1024)
 
 
