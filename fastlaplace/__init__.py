@@ -6,8 +6,8 @@ heavy steps are the compiled operators of :mod:`fastlaplace.ops` (their pure-PyT
 oracle is :mod:`fastlaplace.reference`).
 """
 
-from fastlaplace import ops
+from fastlaplace import ops, subnetwork
 from fastlaplace.laplace import Laplace
 
-__all__ = ["Laplace", "ops"]
+__all__ = ["Laplace", "ops", "subnetwork"]
 __version__ = "0.1.0"
