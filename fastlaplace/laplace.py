@@ -18,6 +18,7 @@ OPTIONS = (
     "temperature",
     "curvature_mode",
     "kfac_approx",
+    "dict_key_x",
     "dict_key_y",
     "subnetwork_indices",
     "low_rank",
@@ -60,7 +61,8 @@ def Laplace(  # noqa: N802 (the name laplace-torch users call)
             ``prior_mean``, ``temperature``, ``curvature_mode`` (``"ggn"``, ``"mc"``, ``"ef"``),
             ``curvature_dtype`` (``torch.bfloat16`` / ``torch.float16``: the fit's matrix
             products in that precision, factors still accumulated in fp32; default exact),
-            ``dict_key_y`` (the targets' key in dict batches, default ``"labels"``), for
+            ``dict_key_x`` / ``dict_key_y`` (the inputs' and targets' keys in dict batches,
+            default ``"input_ids"`` / ``"labels"``; the whole dict goes to the model), for
             Kron ``kfac_approx`` (``"expand"`` or ``"reduce"``), and for a subnetwork
             ``subnetwork_indices`` (indices into the parameters in ``named_parameters()`` order),
             for low rank ``low_rank`` (eigenpairs kept, default 10).

@@ -312,7 +312,9 @@ def test_dict_batches_give_the_posterior_of_pair_batches(generator):
     x = torch.randn(6, 3, dtype=torch.float64, generator=generator)
     y = targets("classification", 6, generator=generator)
     model = DictModel()
-    from_dicts = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
+    from_dicts = Laplace(
+        model, "classification", subset_of_weights="all", hessian_structure="kron", dict_key_x="features"
+    )
     from_dicts.fit([{"features": x[:4], "labels": y[:4]}, {"features": x[4:], "labels": y[4:]}])
     from_pairs = Laplace(model.net, "classification", subset_of_weights="all", hessian_structure="kron")
     from_pairs.fit(loader(x, y, 4))
@@ -320,6 +322,9 @@ def test_dict_batches_give_the_posterior_of_pair_batches(generator):
     torch.testing.assert_close(from_dicts({"features": x}), from_pairs(x))
     with pytest.raises(ValueError, match="dict_key_y='labels'"):
         from_dicts.fit([{"features": x, "target": y}])
+    default_key = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
+    with pytest.raises(ValueError, match="dict_key_x='input_ids'"):
+        default_key.fit([{"features": x, "labels": y}])
 
 
 def test_classification_predict_gives_probit_probabilities_and_sampled_spread(generator):

@@ -148,3 +148,40 @@ def test_layernorm_over_several_dimensions_is_refused():
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm((2, 4))).double()
     with pytest.raises(ValueError, match=r"layer '1' \(LayerNorm\) must normalise the last dimension only"):
         Laplace(model, "regression", subset_of_weights="all")
+
+
+class LowRankAdapted(nn.Module):
+    """A frozen Linear plus a trainable low-rank update (LoRA), then a trainable head."""
+
+    def __init__(self):
+        super().__init__()
+        self.base = nn.Linear(4, 5)
+        self.lora_a = nn.Linear(4, 2, bias=False)
+        self.lora_b = nn.Linear(2, 5, bias=False)
+        self.head = nn.Linear(5, 3)
+        self.base.requires_grad_(False)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.base(x) + self.lora_b(self.lora_a(x))))
+
+
+def test_only_trainable_parameters_are_covered(generator):
+    torch.manual_seed(0)
+    model = LowRankAdapted().double()
+    x = torch.randn(5, 4, dtype=torch.float64, generator=generator)
+    y = targets("classification", 5, generator=generator)
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="full")
+    la.fit([(x, y)])
+    trainable = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    jac = torch.func.vmap(
+        torch.func.jacrev(lambda p, xi: torch.func.functional_call(model, p, (xi.unsqueeze(0),))[0]), (None, 0)
+    )(trainable, x)
+    head = torch.cat([jac["head.weight"], jac["head.bias"].unsqueeze(-1)], -1)
+    blocks = [jac["lora_a.weight"].flatten(2), jac["lora_b.weight"].flatten(2), head.flatten(2)]
+    full_jac = torch.cat(blocks, -1)  # (N, C, P) in [W | b] order, frozen base left out
+    probs = model(x).detach().softmax(-1)
+    hessians = torch.diag_embed(probs) - probs.unsqueeze(-1) * probs.unsqueeze(-2)
+    ggn = torch.einsum("ncp,ncd,ndq->pq", full_jac, hessians, full_jac)
+    precision = ggn + torch.eye(ggn.shape[0], dtype=torch.float64)
+    assert [name for name, _ in la.layers] == ["lora_a", "lora_b", "head"]
+    torch.testing.assert_close(la.functional_variance(x)[1], full_jac @ torch.linalg.solve(precision, full_jac.mT))

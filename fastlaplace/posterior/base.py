@@ -55,6 +55,7 @@ class BaseLaplace(ABC):
         temperature: float = 1.0,
         curvature_mode: str = "ggn",
         last_layer_only: bool = False,
+        dict_key_x: str = "input_ids",
         dict_key_y: str = "labels",
         curvature_dtype: torch.dtype | None = None,
     ) -> None:
@@ -73,7 +74,7 @@ class BaseLaplace(ABC):
         self.curvature_dtype = curvature_dtype
         self.curvature_mode = curvature_mode
         self.last_layer_only = last_layer_only
-        self.dict_key_y = dict_key_y
+        self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
         self.layers = last_layer(model) if last_layer_only else supported_layers(model)
         reference = self.layers[0][1].weight
         self.dtype, self.device = reference.dtype, reference.device
@@ -204,7 +205,7 @@ class BaseLaplace(ABC):
         batches = 0
         for batch in tqdm(loader, desc="fitting the Laplace curvature", disable=not progress_bar):
             x, y = self._split_batch(batch)
-            self._check_targets(y, y.shape[0] if isinstance(x, Mapping) else x.shape[0])
+            self._check_targets(y, self._batch_size(x))
             output, stats = layer_statistics(
                 self.model,
                 x,
@@ -227,6 +228,14 @@ class BaseLaplace(ABC):
         if isinstance(x, Mapping):
             return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in x.items()}
         return x.to(self.device)
+
+    def _batch_size(self, x: Tensor | Mapping) -> int:
+        """N of a batch's inputs; a dict batch's inputs are under ``dict_key_x`` (laplace-torch's rule)."""
+        if not isinstance(x, Mapping):
+            return x.shape[0]
+        if self.dict_key_x not in x:
+            raise ValueError(f"a dict batch needs its inputs under dict_key_x={self.dict_key_x!r}; keys: {list(x)}")
+        return x[self.dict_key_x].shape[0]
 
     def _split_batch(self, batch) -> tuple[Tensor | Mapping, Tensor]:
         """``(x, y)`` of a batch: a pair, or a dict (HuggingFace style) passed whole to the model."""
