@@ -23,6 +23,7 @@ OPTIONS = (
     "subnetwork_indices",
     "low_rank",
     "curvature_dtype",
+    "enable_backprop",
 )
 POSTERIORS = {
     ("all", "kron"): KronLaplace,
@@ -61,6 +62,7 @@ def Laplace(  # noqa: N802 (the name laplace-torch users call)
             ``prior_mean``, ``temperature``, ``curvature_mode`` (``"ggn"``, ``"mc"``, ``"ef"``),
             ``curvature_dtype`` (``torch.bfloat16`` / ``torch.float16``: the fit's matrix
             products in that precision, factors still accumulated in fp32; default exact),
+            ``enable_backprop`` (predictive mean and (co)variance differentiable w.r.t. x),
             ``dict_key_x`` / ``dict_key_y`` (the inputs' and targets' keys in dict batches,
             default ``"input_ids"`` / ``"labels"``; the whole dict goes to the model), for
             Kron ``kfac_approx`` (``"expand"`` or ``"reduce"``), and for a subnetwork

@@ -510,3 +510,34 @@ if _EXTENSION:
         return [None] * ctx.layers, [None] * ctx.layers, grad_scale, grad_delta
 
     torch.library.register_autograd("fastlaplace::kron_logdet", _kron_logdet_backward, setup_context=_kron_logdet_setup)
+
+    def _kron_predictive_variance_setup(ctx, inputs, output):
+        ctx.arguments = inputs
+
+    def _kron_predictive_variance_backward(ctx, grad):
+        # Gradients w.r.t. the inputs and output Jacobians (what depends on x): recompute the
+        # plain-PyTorch form and differentiate it; the posterior's factors are constants.
+        a, jac, *rest = ctx.arguments
+        jac = [None] * len(a) if jac is None else jac
+        with torch.enable_grad():
+            a = [t.detach().requires_grad_(True) for t in a]
+            jac = [None if t is None else t.detach().requires_grad_(True) for t in jac]
+            output = reference.kron_predictive_variance(a, jac, *rest)
+            present = [t for t in jac if t is not None]
+            grads = iter(torch.autograd.grad(output, a + present, grad, allow_unused=True))
+        # Nothing else gets a gradient. The result mirrors the structure the op was called with
+        # (a list holding no tensor, such as all-None Jacobians, counts as one leaf).
+        result = [
+            [None] * len(x) if isinstance(x, (list, tuple)) and any(isinstance(t, Tensor) for t in x) else None
+            for x in ctx.arguments
+        ]
+        result[0] = [next(grads) for _ in a]
+        if result[1] is not None:
+            result[1] = [None if t is None else next(grads) for t in jac]
+        return tuple(result)
+
+    torch.library.register_autograd(
+        "fastlaplace::kron_predictive_variance",
+        _kron_predictive_variance_backward,
+        setup_context=_kron_predictive_variance_setup,
+    )

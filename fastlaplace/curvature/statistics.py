@@ -219,7 +219,12 @@ Layers = list[tuple[str, nn.Module]]
 
 
 def _backpropagate_columns(
-    model: nn.Module, x: Tensor, make_columns, layers: Layers | None, compute_dtype: torch.dtype | None = None
+    model: nn.Module,
+    x: Tensor,
+    make_columns,
+    layers: Layers | None,
+    compute_dtype: torch.dtype | None = None,
+    create_graph: bool = False,
 ) -> tuple[Tensor, Layers, list[Tensor], list[Tensor]]:
     """Forward x, then backpropagate ``make_columns(output)`` (N, C, K) to the layers.
 
@@ -227,9 +232,9 @@ def _backpropagate_columns(
     autocast, and one more forward without autograd gives the exact output the loss and
     the columns are computed from.
 
-    Returns the detached output, the layers (all supported ones by default), their
-    detached inputs ``(N, d_in)`` and the backpropagated columns ``(N, K, d_out)`` at
-    their pre-activations.
+    Returns the output, the layers (all supported ones by default), their inputs
+    ``(N, d_in)`` and the backpropagated columns ``(N, K, d_out)`` at their
+    pre-activations: detached, or with ``create_graph`` still differentiable w.r.t. x.
     """
     layers = supported_layers(model) if layers is None else layers
     captured: dict[str, tuple[Tensor, Tensor]] = {}
@@ -265,13 +270,21 @@ def _backpropagate_columns(
     columns = make_columns(exact_output).to(output.dtype)  # (N, C, K)
     pre_activations = [captured[name][1] for name, _ in layers]
     grads = torch.autograd.grad(
-        output, pre_activations, grad_outputs=columns.permute(2, 0, 1).contiguous(), is_grads_batched=True
+        output,
+        pre_activations,
+        grad_outputs=columns.permute(2, 0, 1).contiguous(),
+        is_grads_batched=True,
+        create_graph=create_graph,
     )
     for (name, _), grad in zip(layers, grads, strict=True):
         if not _all_finite(grad):
             raise ValueError(f"the output gradients of layer {name!r} contain NaN or Inf")
-    inputs = [captured[name][0].detach() for name, _ in layers]
-    return exact_output.detach(), layers, inputs, [g.detach().transpose(0, 1) for g in grads]
+
+    def keep(t: Tensor) -> Tensor:
+        return t if create_graph else t.detach()
+
+    inputs = [keep(captured[name][0]) for name, _ in layers]
+    return keep(exact_output), layers, inputs, [keep(g).transpose(0, 1) for g in grads]
 
 
 def layer_statistics(
@@ -315,10 +328,13 @@ def layer_statistics(
     return output, stats
 
 
-def output_jacobians(model: nn.Module, x: Tensor, layers: Layers | None = None) -> tuple[Tensor, list[LayerStatistics]]:
+def output_jacobians(
+    model: nn.Module, x: Tensor, layers: Layers | None = None, create_graph: bool = False
+) -> tuple[Tensor, list[LayerStatistics]]:
     """Every layer's input and the Jacobian ``B`` of the output w.r.t. its pre-activation.
 
-    ``layers`` as in :func:`layer_statistics`.
+    ``layers`` as in :func:`layer_statistics`; with ``create_graph`` everything returned
+    stays differentiable w.r.t. x (for gradients of the predictive).
 
     Returns:
         ``(output, statistics)`` with ``statistics[l].output_grads`` of shape
@@ -328,5 +344,5 @@ def output_jacobians(model: nn.Module, x: Tensor, layers: Layers | None = None) 
     def identity(out):
         return torch.eye(out.shape[1], dtype=out.dtype, device=out.device).expand(out.shape[0], -1, -1)
 
-    output, layers, inputs, grads = _backpropagate_columns(model, x, identity, layers)
+    output, layers, inputs, grads = _backpropagate_columns(model, x, identity, layers, create_graph=create_graph)
     return output, [LayerStatistics(n, m, a, g) for (n, m), a, g in zip(layers, inputs, grads, strict=True)]

@@ -58,6 +58,7 @@ class BaseLaplace(ABC):
         dict_key_x: str = "input_ids",
         dict_key_y: str = "labels",
         curvature_dtype: torch.dtype | None = None,
+        enable_backprop: bool = False,
     ) -> None:
         if likelihood not in POSTERIOR_LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {POSTERIOR_LIKELIHOODS}, got {likelihood!r}")
@@ -72,6 +73,7 @@ class BaseLaplace(ABC):
         self.model = model
         self.likelihood = likelihood
         self.curvature_dtype = curvature_dtype
+        self.enable_backprop = enable_backprop
         self.curvature_mode = curvature_mode
         self.last_layer_only = last_layer_only
         self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
@@ -375,7 +377,7 @@ class BaseLaplace(ABC):
     def functional_variance(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(f(x; θ*), J P⁻¹ Jᵀ)``: the ``(N, C)`` mean and ``(N, C, C)`` covariance of the GLM."""
         self._require_fit()
-        output, stats = output_jacobians(self.model, self._to_device(x), self.layers)
+        output, stats = output_jacobians(self.model, self._to_device(x), self.layers, self.enable_backprop)
         return output, self._jacobian_covariance(stats)
 
     def functional_covariance(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -384,7 +386,7 @@ class BaseLaplace(ABC):
         Outputs are ordered sample by sample (``f(x_1)``, then ``f(x_2)``, ...), as laplace-torch's.
         """
         self._require_fit()
-        output, stats = output_jacobians(self.model, self._to_device(x), self.layers)
+        output, stats = output_jacobians(self.model, self._to_device(x), self.layers, self.enable_backprop)
         cross = self._jacobian_cross_covariance(stats)  # (N, C, N, C)
         return output.flatten(), cross.flatten(0, 1).flatten(1, 2)
 
