@@ -24,6 +24,7 @@ OPTIONS = (
     "low_rank",
     "curvature_dtype",
     "enable_backprop",
+    "damping",
 )
 POSTERIORS = {
     ("all", "kron"): KronLaplace,
@@ -54,7 +55,7 @@ def Laplace(  # noqa: N802 (the name laplace-torch users call)
 
     Args:
         model: the trained network; its output must be ``(N, C)``.
-        likelihood: ``"classification"`` or ``"regression"``.
+        likelihood: ``"classification"``, ``"regression"`` or ``"reward_modeling"``.
         subset_of_weights: ``"all"``, ``"last_layer"`` or ``"subnetwork"`` (with
             ``hessian_structure="full"`` and ``subnetwork_indices``).
         hessian_structure: ``"kron"``, ``"diag"``, ``"full"`` or ``"lowrank"``.
@@ -65,7 +66,8 @@ def Laplace(  # noqa: N802 (the name laplace-torch users call)
             ``enable_backprop`` (predictive mean and (co)variance differentiable w.r.t. x),
             ``dict_key_x`` / ``dict_key_y`` (the inputs' and targets' keys in dict batches,
             default ``"input_ids"`` / ``"labels"``; the whole dict goes to the model), for
-            Kron ``kfac_approx`` (``"expand"`` or ``"reduce"``), and for a subnetwork
+            Kron ``kfac_approx`` (``"expand"`` or ``"reduce"``) and ``damping`` (True: the prior
+            added to each factor, laplace-torch's option), for a subnetwork
             ``subnetwork_indices`` (indices into the parameters in ``named_parameters()`` order),
             for low rank ``low_rank`` (eigenpairs kept, default 10).
 
@@ -99,8 +101,9 @@ def Laplace(  # noqa: N802 (the name laplace-torch users call)
         )
     if (subset_of_weights == "subnetwork") != ("subnetwork_indices" in options):
         raise TypeError("subnetwork_indices is needed with, and only with, subset_of_weights='subnetwork'")
-    if "kfac_approx" in options and hessian_structure != "kron":
-        raise TypeError("kfac_approx applies to hessian_structure='kron' only")
+    for kron_only in ("kfac_approx", "damping"):
+        if kron_only in options and hessian_structure != "kron":
+            raise TypeError(f"{kron_only} applies to hessian_structure='kron' only")
     if "low_rank" in options and hessian_structure != "lowrank":
         raise TypeError("low_rank applies to hessian_structure='lowrank' only")
     return posterior(model, likelihood, **options)

@@ -12,6 +12,11 @@ from fastlaplace.curvature.statistics import KRON_LAYERS
 from fastlaplace.posterior.base import BaseLaplace
 
 
+def _damped_inverse(la: Tensor, lg: Tensor, scale: Tensor, delta: Tensor) -> Tensor:
+    """``(d_G, d_A)``: ``1 / (s μ_j λ_i + δ)``, eigenvalues clamped at 0."""
+    return (scale * torch.outer(lg.clamp_min(0), la.clamp_min(0)) + delta).reciprocal()
+
+
 class KronLaplace(BaseLaplace):
     """``P_l = kron(G_l, A_l) / (N L_l σ² T) + δ_l I`` per layer, used exactly in its eigenbasis.
 
@@ -19,12 +24,17 @@ class KronLaplace(BaseLaplace):
     locations (Conv2d, Linear on sequences) are factored; see :class:`KronCurvature`.
     Embedding, LayerNorm and BatchNorm layers have no Kronecker factors: their block of P
     is diagonal, ``diag(H_l) / (σ² T) + δ_l`` with the exact GGN diagonal.
+
+    With ``damping=True`` (laplace-torch's option, asked for by name) the prior is added to
+    each factor instead: ``P_l = (√s G_l + √δ_l I) ⊗ (√s A_l + √δ_l I)``, s the factor
+    scale. It is used consistently by the evidence, the predictive and the samples.
     """
 
     supports_prior_per_parameter = False  # δ must be constant within a layer's eigenbasis
 
-    def __init__(self, *args, kfac_approx: str = "expand", **kwargs) -> None:
+    def __init__(self, *args, kfac_approx: str = "expand", damping: bool = False, **kwargs) -> None:
         self.kfac_approx = kfac_approx
+        self.damping = bool(damping)
         super().__init__(*args, **kwargs)
         self._kron = [i for i, (_, m) in enumerate(self.layers) if isinstance(m, KRON_LAYERS)]
         self._diagonal = [i for i in range(len(self.layers)) if i not in self._kron]
@@ -56,6 +66,20 @@ class KronLaplace(BaseLaplace):
         locations = torch.tensor(self.curvature.locations, dtype=self.dtype, device=self.device)
         return self._curvature_scale(sigma_noise) / (self.curvature.num_data * locations)
 
+    def _spectrum(self, prior_precision: Tensor, sigma_noise: Tensor):
+        """``(λ_A, λ_G, s, δ)`` per Kron layer such that the eigenvalues of P_l are ``s λ_i μ_j + δ``.
+
+        Damped factors become ``√s λ + √δ`` with ``s = 1, δ = 0``, so that the operators serve both forms.
+        """
+        _, la, _, lg = self.eigendecomposition()
+        scale, delta = self._scale(sigma_noise), prior_precision[self._kron]
+        if not self.damping:
+            return la, lg, scale, delta
+        root_s, root_delta = scale.sqrt(), delta.sqrt()
+        la = [r * v.clamp_min(0) + d for r, d, v in zip(root_s, root_delta, la, strict=True)]
+        lg = [r * v.clamp_min(0) + d for r, d, v in zip(root_s, root_delta, lg, strict=True)]
+        return la, lg, torch.ones_like(scale), torch.zeros_like(delta)
+
     def _diagonal_precisions(self, prior_precision: Tensor, sigma_noise: Tensor) -> list[Tensor]:
         scale = self._curvature_scale(sigma_noise)
         return [
@@ -66,14 +90,18 @@ class KronLaplace(BaseLaplace):
     def log_det_posterior(self, prior_precision: Tensor, sigma_noise: Tensor) -> Tensor:
         """Σ_l Σ_ij log(s μ_j λ_i + δ_l) (+ Σ log of the diagonal blocks), differentiable in δ and σ."""
         total = sum(p.log().sum() for p in self._diagonal_precisions(prior_precision, sigma_noise))
-        if self._kron:
-            _, la, _, lg = self.eigendecomposition()
-            total = total + ops.kron_logdet(la, lg, self._scale(sigma_noise), prior_precision[self._kron]).sum()
-        return total
+        if not self._kron:
+            return total
+        la, lg, scale, delta = self._spectrum(prior_precision, sigma_noise)
+        if self.damping:  # a product of two factors: log det = d_G Σ log λ' + d_A Σ log μ'
+            return total + sum(
+                g.numel() * a.log().sum() + a.numel() * g.log().sum() for a, g in zip(la, lg, strict=True)
+            )
+        return total + ops.kron_logdet(la, lg, scale, delta).sum()
 
     def _jacobian_covariance(self, stats) -> Tensor:
-        qa, la, qg, lg = self.eigendecomposition()
-        scale, delta = self._scale(self.sigma_noise), self.prior_precision[self._kron]
+        qa, _, qg, _ = self.eigendecomposition()
+        la, lg, scale, delta = self._spectrum(self.prior_precision, self.sigma_noise)
         kron_stats = [stats[i] for i in self._kron]
         linear = [i for i, s in enumerate(kron_stats) if s.is_plain_linear]
         total = 0
@@ -101,11 +129,11 @@ class KronLaplace(BaseLaplace):
 
     def _jacobian_cross_covariance(self, stats) -> Tensor:
         """Between samples n, m: ``Σ_ij ã_ni ã_mi B̃_ncj B̃_mdj / (s λ_i μ_j + δ)`` in the eigenbasis."""
-        qa, la, qg, lg = self.eigendecomposition()
-        scale, delta = self._scale(self.sigma_noise), self.prior_precision[self._kron]
+        qa, _, qg, _ = self.eigendecomposition()
+        la, lg, scale, delta = self._spectrum(self.prior_precision, self.sigma_noise)
         total = 0
         for i, s in enumerate(stats[k] for k in self._kron):
-            inverse = (scale[i] * torch.outer(lg[i].clamp_min(0), la[i].clamp_min(0)) + delta[i]).reciprocal()
+            inverse = _damped_inverse(la[i], lg[i], scale[i], delta[i])
             if s.is_plain_linear:
                 inputs = s.patches()[:, 0].to(qa[i].dtype) @ qa[i]  # (N, d_A)
                 grads = s.output_grads.to(qa[i].dtype) @ qg[i]  # (N, C, d_G)
@@ -136,18 +164,17 @@ class KronLaplace(BaseLaplace):
         the layer's Jacobian; it is formed one layer at a time.
         """
         rotated = KronLaplace._rotated_jacobian(s, qa, qg)
-        inverse = (scale * torch.outer(lg.clamp_min(0), la.clamp_min(0)) + delta).reciprocal()
-        return torch.einsum("ncji,ji,neji->nce", rotated, inverse, rotated)
+        return torch.einsum("ncji,ji,neji->nce", rotated, _damped_inverse(la, lg, scale, delta), rotated)
 
     def _sample_deviations(self, n_samples: int, generator: torch.Generator | None) -> list[Tensor]:
         deviations: list[Tensor | None] = [None] * len(self.layers)
         if self._kron:
-            qa, la, qg, lg = self.eigendecomposition()
+            qa, _, qg, _ = self.eigendecomposition()
+            la, lg, scale, delta = self._spectrum(self.prior_precision, self.sigma_noise)
             noise = [
                 torch.randn((n_samples, g.shape[0], a.shape[0]), dtype=a.dtype, device=a.device, generator=generator)
                 for a, g in zip(qa, qg, strict=True)
             ]
-            scale, delta = self._scale(self.sigma_noise), self.prior_precision[self._kron]
             solved = ops.kron_solve(qa, la, qg, lg, noise, scale, delta, -0.5)
             for i, d in zip(self._kron, solved, strict=True):
                 deviations[i] = d
