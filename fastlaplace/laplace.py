@@ -25,6 +25,8 @@ OPTIONS = (
     "curvature_dtype",
     "enable_backprop",
     "damping",
+    "last_layer_name",
+    "feature_reduction",
 )
 POSTERIORS = {
     ("all", "kron"): KronLaplace,
@@ -64,6 +66,8 @@ def Laplace(  # noqa: N802 (the name laplace-torch users call)
             ``curvature_dtype`` (``torch.bfloat16`` / ``torch.float16``: the fit's matrix
             products in that precision, factors still accumulated in fp32; default exact),
             ``enable_backprop`` (predictive mean and (co)variance differentiable w.r.t. x),
+            ``last_layer_name`` and ``feature_reduction`` (``"pick_first"``, ``"pick_last"``,
+            ``"average"``) for a last layer inside the model (sequence models),
             ``dict_key_x`` / ``dict_key_y`` (the inputs' and targets' keys in dict batches,
             default ``"input_ids"`` / ``"labels"``; the whole dict goes to the model), for
             Kron ``kfac_approx`` (``"expand"`` or ``"reduce"``) and ``damping`` (True: the prior

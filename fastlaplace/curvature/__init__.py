@@ -7,10 +7,10 @@ Monte-Carlo Fisher or the empirical Fisher. :class:`KronCurvature` and
 """
 
 from fastlaplace.curvature.accumulate import DiagCurvature, KronCurvature
+from fastlaplace.curvature.last_layer import FEATURE_REDUCTIONS, LastLayerModel, last_layer
 from fastlaplace.curvature.loss import LIKELIHOODS, MODES, output_gradient_columns
 from fastlaplace.curvature.statistics import (
     LayerStatistics,
-    last_layer,
     layer_statistics,
     output_jacobians,
     supported_layers,
@@ -21,8 +21,10 @@ from fastlaplace.curvature.statistics import (
 __all__ = [
     "LIKELIHOODS",
     "MODES",
+    "FEATURE_REDUCTIONS",
     "DiagCurvature",
     "KronCurvature",
+    "LastLayerModel",
     "LayerStatistics",
     "last_layer",
     "layer_statistics",

@@ -207,14 +207,6 @@ def _supported_base(module: nn.Module) -> type:
     return next(t for t in INPUT_DIMS if isinstance(module, t))
 
 
-def last_layer(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's last module, which must be an nn.Linear producing the output."""
-    name, module = list(model.named_modules())[-1]
-    if not isinstance(module, nn.Linear):
-        raise ValueError(f"the last module {name!r} is a {type(module).__name__}, not an nn.Linear")
-    return [(name, module)]
-
-
 Layers = list[tuple[str, nn.Module]]
 
 

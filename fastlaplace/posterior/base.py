@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from fastlaplace.curvature import (
     LIKELIHOODS,
     MODES,
+    LastLayerModel,
     last_layer,
     layer_statistics,
     output_jacobians,
@@ -37,7 +38,9 @@ class BaseLaplace(ABC):
     """A Gaussian posterior N(θ*, P⁻¹) over the weights ``[W | b]`` of a model's supported layers.
 
     With ``last_layer_only`` the posterior covers the last layer alone (the model's last
-    module must be the nn.Linear that produces the output); the rest stays at θ*.
+    module must be the nn.Linear that produces the output, or ``last_layer_name`` names
+    it: the model is then seen as that layer applied to its input features, reduced over
+    tokens by ``feature_reduction``; see :class:`LastLayerModel`); the rest stays at θ*.
 
     ``P = H / (σ² T) + δ`` with H the curvature (GGN or Fisher) of the summed loss over
     the data (cross-entropy, or ½‖f − y‖² for regression), σ the observation noise
@@ -59,6 +62,8 @@ class BaseLaplace(ABC):
         dict_key_y: str = "labels",
         curvature_dtype: torch.dtype | None = None,
         enable_backprop: bool = False,
+        last_layer_name: str | None = None,
+        feature_reduction: str | None = None,
     ) -> None:
         if likelihood not in POSTERIOR_LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {POSTERIOR_LIKELIHOODS}, got {likelihood!r}")
@@ -70,14 +75,21 @@ class BaseLaplace(ABC):
             raise ValueError(f"sigma_noise and temperature must be positive, got {sigma_noise} and {temperature}")
         if curvature_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"curvature_dtype must be None, torch.bfloat16 or torch.float16, got {curvature_dtype!r}")
-        self.model = model
+        if (last_layer_name is not None or feature_reduction is not None) and not last_layer_only:
+            raise ValueError("last_layer_name and feature_reduction apply to subset_of_weights='last_layer'")
+        if feature_reduction is not None and last_layer_name is None:
+            raise ValueError("feature_reduction needs last_layer_name (the layer whose input features are reduced)")
+        self.model = model if last_layer_name is None else LastLayerModel(model, last_layer_name, feature_reduction)
         self.likelihood = likelihood
         self.curvature_dtype = curvature_dtype
         self.enable_backprop = enable_backprop
         self.curvature_mode = curvature_mode
         self.last_layer_only = last_layer_only
         self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
-        self.layers = last_layer(model) if last_layer_only else supported_layers(model)
+        if isinstance(self.model, LastLayerModel):
+            self.layers = [next((n, m) for n, m in self.model.named_modules() if m is self.model.layer)]
+        else:
+            self.layers = last_layer(model) if last_layer_only else supported_layers(model)
         reference = self.layers[0][1].weight
         self.dtype, self.device = reference.dtype, reference.device
         self.sigma_noise = torch.as_tensor(float(sigma_noise), dtype=self.dtype, device=self.device)

@@ -1,0 +1,93 @@
+"""A model seen from its last layer: features, an optional reduction over tokens, the last Linear layer.
+
+laplace-torch's ``last_layer_name`` and ``feature_reduction`` (sequence models): the
+posterior covers the named Linear layer applied to the features it receives, reduced
+over the token dimension first when asked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import Tensor, nn
+
+FEATURE_REDUCTIONS = ("pick_first", "pick_last", "average")
+
+
+class _FeaturesCaptured(Exception):
+    """Stops the forward pass once the last layer's input is known."""
+
+
+class LastLayerModel(nn.Module):
+    """``x ↦ layer(reduce(features(x)))`` with the features the named layer gets inside ``model``.
+
+    The model's forward stops at the layer; what the model does after it is not part of the
+    output (as laplace-torch's feature extractor).
+
+    Args:
+        model: the network.
+        layer_name: the name of an ``nn.Linear`` in ``model.named_modules()``.
+        feature_reduction: ``None``, or for ``(N, T, d)`` features ``"pick_first"``,
+            ``"pick_last"`` or ``"average"`` over T.
+    """
+
+    def __init__(self, model: nn.Module, layer_name: str, feature_reduction: str | None = None) -> None:
+        super().__init__()
+        modules = dict(model.named_modules())
+        if layer_name not in modules:
+            linear = [name for name, m in modules.items() if isinstance(m, nn.Linear)]
+            raise ValueError(
+                f"last_layer_name={layer_name!r} is not a module of the model; its Linear layers: {linear}"
+            )
+        if not isinstance(modules[layer_name], nn.Linear):
+            raise ValueError(
+                f"last_layer_name={layer_name!r} is a {type(modules[layer_name]).__name__}, not an nn.Linear"
+            )
+        if feature_reduction not in (None, *FEATURE_REDUCTIONS):
+            raise ValueError(
+                f"feature_reduction must be None or one of {FEATURE_REDUCTIONS}, got {feature_reduction!r}"
+            )
+        self.model, self.layer, self.feature_reduction = model, modules[layer_name], feature_reduction
+
+    def features(self, x: Tensor | Mapping) -> Tensor:
+        """``(N, d)`` (or ``(N, T, d)`` without a reduction): what the layer receives, reduced."""
+        captured = []
+
+        def stop(module, args):
+            captured.append(args[0])
+            raise _FeaturesCaptured
+
+        handle = self.layer.register_forward_pre_hook(stop)
+        try:
+            self.model(x)
+        except _FeaturesCaptured:
+            pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise ValueError("the model's forward never called its last layer")
+        features = captured[0]
+        if self.feature_reduction is None:
+            return features
+        if features.dim() != 3:
+            raise ValueError(
+                f"feature_reduction={self.feature_reduction!r} needs (N, T, d) features, got {tuple(features.shape)}"
+            )
+        if self.feature_reduction == "average":
+            return features.mean(1)
+        return features[:, 0 if self.feature_reduction == "pick_first" else -1]
+
+    def forward(self, x: Tensor | Mapping) -> Tensor:
+        """``(N, C)`` the last layer's output on the (reduced) features."""
+        return self.layer(self.features(x))
+
+
+def last_layer(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's last module, which must be an nn.Linear producing the output."""
+    name, module = list(model.named_modules())[-1]
+    if not isinstance(module, nn.Linear):
+        raise ValueError(
+            f"the last module {name!r} is a {type(module).__name__}, not an nn.Linear; name the last layer "
+            "with last_layer_name"
+        )
+    return [(name, module)]
