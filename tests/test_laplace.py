@@ -242,7 +242,7 @@ def test_mc_link_and_sampled_network_match_their_definitions(generator):
     torch.testing.assert_close(la(x[:2], pred_type="nn", n_samples=40000), expected, atol=5e-3, rtol=0)
 
 
-@pytest.mark.parametrize("structure", ["diag", "kron", "full"])
+@pytest.mark.parametrize("structure", ["diag", "kron", "full", "lowrank"])
 def test_state_dict_round_trip_and_mismatch(structure, generator):
     model = tiny_mlp(True)
     x = torch.randn(8, 3, dtype=torch.float64, generator=generator)

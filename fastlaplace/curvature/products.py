@@ -82,54 +82,36 @@ def ggn_matmul(statistics: Sequence[LayerStatistics], directions: Sequence[Tenso
     return jacobian_transpose_matmul(statistics, jacobian_matmul(statistics, directions))
 
 
-def jacobian_gram(statistics: Sequence[LayerStatistics], weights: Sequence[Tensor]) -> Tensor:
-    """``Σ_l J_l diag(w_l) J_lᵀ`` per sample.
+def jacobian_gram(statistics: Sequence[LayerStatistics], weights: Sequence[Tensor], joint: bool = False) -> Tensor:
+    """``Σ_l J_l diag(w_l) J_lᵀ`` per sample, or with ``joint`` between every pair of samples.
 
-    For a layer applied once per sample ``J = B ⊗ uᵀ`` gives the closed form
-    ``B diag(Σ_a w_oa u_a²) Bᵀ``; layers applied at several locations form their
-    per-sample Jacobian, one layer at a time.
-
-    Args:
-        statistics: one entry per layer, with ``output_grads`` ``(N, C, d_out)``.
-        weights: per layer ``(d_out, d_A)`` (or broadcastable) non-negative weights.
-
-    Returns:
-        ``(N, C, C)``.
-    """
-    total = 0
-    for s, w in zip(statistics, weights, strict=True):
-        if not s.is_plain_linear:
-            jac = s.weight_gradients().to(w.dtype)  # (N, C, d_out * d_A)
-            flat = w.broadcast_to(s.module.weight.shape[0], jac.shape[-1] // s.module.weight.shape[0]).flatten()
-            total = total + torch.einsum("ncp,p,nep->nce", jac, flat, jac)
-            continue
-        grads, inputs = s.output_grads.to(w.dtype), s.patches()[:, 0].to(w.dtype)  # (N, C, o), (N, a)
-        spread = inputs.square() @ w.broadcast_to(grads.shape[-1], inputs.shape[-1]).T  # (N, o)
-        total = total + torch.einsum("nco,no,neo->nce", grads, spread, grads)
-    return total
-
-
-def jacobian_cross_gram(statistics: Sequence[LayerStatistics], weights: Sequence[Tensor]) -> Tensor:
-    """``Σ_l J_l diag(w_l) J_lᵀ`` between every pair of samples (the joint form of :func:`jacobian_gram`).
-
-    For a layer applied once per sample, ``J_n = B_n ⊗ u_nᵀ`` gives
-    ``Σ_o B_nco B_mdo Σ_a w_oa u_na u_ma`` without forming J.
+    For a layer applied once per sample ``J_n = B_n ⊗ u_nᵀ`` gives the closed form
+    ``Σ_o B_nco B_mdo Σ_a w_oa u_na u_ma`` (n = m without ``joint``); layers applied at
+    several locations, and those without Kronecker factors, form their per-sample
+    Jacobian, one layer at a time.
 
     Args:
         statistics: one entry per layer, with ``output_grads`` ``(N, C, d_out)``.
         weights: per layer ``(d_out, d_A)`` (or broadcastable) weights.
+        joint: all pairs of samples instead of each sample with itself.
 
     Returns:
-        ``(N, C, N, C)``.
+        ``(N, C, C)``, or ``(N, C, N, C)`` with ``joint``.
     """
+    per_sample_jacobian = "ncp,p,mdp->ncmd" if joint else "ncp,p,nep->nce"
     total = 0
     for s, w in zip(statistics, weights, strict=True):
         if not s.is_plain_linear:
             jac = s.weight_gradients().to(w.dtype)  # (N, C, d_out * d_A)
             flat = w.broadcast_to(s.module.weight.shape[0], jac.shape[-1] // s.module.weight.shape[0]).flatten()
-            total = total + torch.einsum("ncp,p,mdp->ncmd", jac, flat, jac)
+            total = total + torch.einsum(per_sample_jacobian, jac, flat, jac)
             continue
         grads, inputs = s.output_grads.to(w.dtype), s.patches()[:, 0].to(w.dtype)  # (N, C, o), (N, a)
-        pairs = torch.einsum("na,ma,oa->nmo", inputs, inputs, w.broadcast_to(grads.shape[-1], inputs.shape[-1]))
-        total = total + torch.einsum("nco,nmo,mdo->ncmd", grads, pairs, grads)
+        w = w.broadcast_to(grads.shape[-1], inputs.shape[-1])
+        if joint:
+            pairs = torch.einsum("na,ma,oa->nmo", inputs, inputs, w)
+            total = total + torch.einsum("nco,nmo,mdo->ncmd", grads, pairs, grads)
+        else:
+            spread = inputs.square() @ w.T  # (N, o)
+            total = total + torch.einsum("nco,no,neo->nce", grads, spread, grads)
     return total

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from fastlaplace.curvature import DiagCurvature
-from fastlaplace.curvature.products import jacobian_cross_gram, jacobian_gram
+from fastlaplace.curvature.products import jacobian_gram
 from fastlaplace.posterior.base import BaseLaplace
 
 
@@ -38,7 +38,7 @@ class DiagLaplace(BaseLaplace):
         return jacobian_gram(stats, [p.reciprocal() for p in precisions])
 
     def _jacobian_cross_covariance(self, stats) -> Tensor:
-        return jacobian_cross_gram(stats, [p.reciprocal() for p in self.posterior_precision()])
+        return jacobian_gram(stats, [p.reciprocal() for p in self.posterior_precision()], joint=True)
 
     def _sample_deviations(self, n_samples: int, generator: torch.Generator | None) -> list[Tensor]:
         return [

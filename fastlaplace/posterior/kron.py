@@ -7,7 +7,7 @@ from torch import Tensor
 
 from fastlaplace import ops
 from fastlaplace.curvature import DiagCurvature, KronCurvature
-from fastlaplace.curvature.products import jacobian_cross_gram, jacobian_gram
+from fastlaplace.curvature.products import jacobian_gram
 from fastlaplace.curvature.statistics import KRON_LAYERS
 from fastlaplace.posterior.base import BaseLaplace
 
@@ -144,8 +144,8 @@ class KronLaplace(BaseLaplace):
                 total = total + torch.einsum("ncji,ji,mdji->ncmd", rotated, inverse, rotated)
         if self._diagonal:
             precisions = self._diagonal_precisions(self.prior_precision, self.sigma_noise)
-            total = total + jacobian_cross_gram(
-                [stats[i] for i in self._diagonal], [p.reciprocal() for p in precisions]
+            total = total + jacobian_gram(
+                [stats[i] for i in self._diagonal], [p.reciprocal() for p in precisions], joint=True
             )
         return total
 

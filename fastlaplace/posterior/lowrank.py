@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from fastlaplace.curvature.products import ggn_matmul, jacobian_cross_gram, jacobian_gram, jacobian_matmul
+from fastlaplace.curvature.products import ggn_matmul, jacobian_gram, jacobian_matmul
 from fastlaplace.posterior.base import BaseLaplace
 from fastlaplace.reference import accumulation_dtype
 
@@ -141,7 +141,7 @@ class LowRankLaplace(BaseLaplace):
 
     def _jacobian_cross_covariance(self, stats) -> Tensor:
         prior, w, factor = self._woodbury(self.prior_precision, self.sigma_noise)
-        prior_part = jacobian_cross_gram(stats, self._layer_matrices(prior.reciprocal()))
+        prior_part = jacobian_gram(stats, self._layer_matrices(prior.reciprocal()), joint=True)
         projected = jacobian_matmul(stats, self._layer_matrices((w / prior.unsqueeze(1)).T))  # (N, C, k)
         half = torch.linalg.solve_triangular(factor, projected.flatten(0, 1).T, upper=False)
         return prior_part - (half.T @ half).view(prior_part.shape)
