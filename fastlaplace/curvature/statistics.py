@@ -259,6 +259,12 @@ def _backpropagate_columns(
                 f"layer {name!r} ({type(module).__name__}) got an input of shape {tuple(a.shape)}; "
                 f"it accepts inputs with {' or '.join(map(str, allowed))} dimensions (batch first)"
             )
+        if a.shape[0] != exact_output.shape[0]:
+            raise ValueError(
+                f"layer {name!r} got an input of shape {tuple(a.shape)}, not one row per sample of the batch of "
+                f"{exact_output.shape[0]}: a layer shared by the whole batch (such as a position embedding of "
+                "arange(T)) has no per-sample curvature; give it (N, ...) inputs or freeze it"
+            )
     columns = make_columns(exact_output).to(output.dtype)  # (N, C, K)
     pre_activations = [captured[name][1] for name, _ in layers]
     grads = torch.autograd.grad(
