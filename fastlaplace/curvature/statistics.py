@@ -294,6 +294,7 @@ def layer_statistics(
     generator: torch.Generator | None = None,
     layers: Layers | None = None,
     compute_dtype: torch.dtype | None = None,
+    output_noise: Tensor | None = None,
 ) -> tuple[Tensor, list[LayerStatistics]]:
     """Run one batch and collect every supported layer's inputs and output gradients.
 
@@ -311,6 +312,8 @@ def layer_statistics(
         layers: the ``(name, module)`` layers to collect; all supported ones by default.
         compute_dtype: ``torch.bfloat16`` or ``torch.float16`` to run the pass's matrix
             products in that precision (autocast); the output stays exact.
+        output_noise: ``(C,)`` per-output σ of a regression: output c's curvature columns
+            are divided by σ_c, so that H includes it.
 
     Returns:
         ``(output, statistics)``: the detached ``(N, C)`` output and one entry per layer.
@@ -319,9 +322,18 @@ def layer_statistics(
         ValueError: on an unsupported layer, a layer input that is not ``(N, d_in)``, or
             NaN / Inf in the output or in a layer's output gradients (the layer is named).
     """
-    output, layers, inputs, grads = _backpropagate_columns(
-        model, x, lambda out: output_gradient_columns(out, target, likelihood, mode, generator), layers, compute_dtype
-    )
+
+    def columns(out: Tensor) -> Tensor:
+        result = output_gradient_columns(out, target, likelihood, mode, generator)
+        if output_noise is None:
+            return result
+        if output_noise.shape != (result.shape[1],):
+            raise ValueError(
+                f"the per-output noise has {output_noise.numel()} entries but the model has {result.shape[1]} outputs"
+            )
+        return result / output_noise.to(result.dtype).unsqueeze(-1)
+
+    output, layers, inputs, grads = _backpropagate_columns(model, x, columns, layers, compute_dtype)
     stats = [LayerStatistics(n, m, a, g) for (n, m), a, g in zip(layers, inputs, grads, strict=True)]
     return output, stats
 

@@ -69,10 +69,15 @@ class BaseLaplace(ABC):
             raise ValueError(f"likelihood must be one of {POSTERIOR_LIKELIHOODS}, got {likelihood!r}")
         if curvature_mode not in MODES:
             raise ValueError(f"curvature_mode must be one of {MODES}, got {curvature_mode!r}")
-        if likelihood != "regression" and float(sigma_noise) != 1.0:
+        sigma = torch.as_tensor(sigma_noise).detach()
+        if sigma.dim() > 1 or (sigma.dim() == 1 and likelihood != "regression"):
+            raise ValueError(
+                f"sigma_noise must be a scalar, or (C,) per output for regression; got {tuple(sigma.shape)}"
+            )
+        if likelihood != "regression" and float(sigma) != 1.0:
             raise ValueError(f"sigma_noise must be 1 for {likelihood}")
-        if float(sigma_noise) <= 0 or temperature <= 0:
-            raise ValueError(f"sigma_noise and temperature must be positive, got {sigma_noise} and {temperature}")
+        if not bool((sigma > 0).all()) or temperature <= 0:
+            raise ValueError(f"sigma_noise and temperature must be positive, got {sigma.tolist()} and {temperature}")
         if curvature_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"curvature_dtype must be None, torch.bfloat16 or torch.float16, got {curvature_dtype!r}")
         if (last_layer_name is not None or feature_reduction is not None) and not last_layer_only:
@@ -92,7 +97,7 @@ class BaseLaplace(ABC):
             self.layers = last_layer(model) if last_layer_only else supported_layers(model)
         reference = self.layers[0][1].weight
         self.dtype, self.device = reference.dtype, reference.device
-        self.sigma_noise = torch.as_tensor(float(sigma_noise), dtype=self.dtype, device=self.device)
+        self.sigma_noise = sigma.to(self.dtype, copy=True).to(self.device)
         self.temperature = float(temperature)
         self.prior_mean = float(prior_mean)
         self.prior_precision = prior_precision
@@ -229,6 +234,7 @@ class BaseLaplace(ABC):
                 generator,
                 self.layers,
                 self.curvature_dtype,
+                output_noise=self.sigma_noise if self.noise_per_output else None,
             )
             self._update_curvature(stats)
             self.loss += float(self._summed_loss(output, y))
@@ -276,6 +282,8 @@ class BaseLaplace(ABC):
                     f"class labels must lie in [0, {output.shape[1]}), got [{int(y.min())}, {int(y.max())}]"
                 )
             return nn.functional.cross_entropy(output, y, reduction="sum")
+        if self.noise_per_output:  # its shape was checked by the curvature pass
+            return 0.5 * ((output - y) / self.sigma_noise).square().sum()
         return 0.5 * (output - y).square().sum()
 
     def _require_fit(self) -> None:
@@ -284,8 +292,17 @@ class BaseLaplace(ABC):
 
     # ------------------------------------------------------------------ marginal likelihood
 
+    @property
+    def noise_per_output(self) -> bool:
+        """Whether σ is a ``(C,)`` vector: it is then part of the fitted H and of the summed loss."""
+        return self.sigma_noise.dim() == 1
+
     def _curvature_scale(self, sigma_noise: Tensor) -> Tensor:
-        """The factor 1 / (σ² T) in front of H."""
+        """The factor 1 / (σ² T) in front of H (1 / T when a per-output σ is inside H)."""
+        if self.noise_per_output:
+            if sigma_noise is not self.sigma_noise and not torch.equal(sigma_noise.detach(), self.sigma_noise):
+                raise ValueError("a per-output sigma_noise is part of the fitted curvature: refit to change it")
+            return torch.ones((), dtype=self.dtype, device=self.device) / self.temperature
         return 1.0 / (sigma_noise.square() * self.temperature)
 
     def log_likelihood(self, sigma_noise: Tensor | None = None) -> Tensor:
@@ -294,7 +311,8 @@ class BaseLaplace(ABC):
         sigma = self.sigma_noise if sigma_noise is None else sigma_noise
         value = -self._curvature_scale(sigma) * self.loss
         if self._likelihood(True) == "regression":
-            value = value - self.num_data * self.num_outputs * torch.log(sigma * math.sqrt(2 * math.pi))
+            normaliser = torch.log(sigma * math.sqrt(2 * math.pi)).expand(self.num_outputs).sum()
+            value = value - self.num_data * normaliser
         return value
 
     def scatter(self, prior_precision: Tensor) -> Tensor:

@@ -84,7 +84,8 @@ class FullLaplace(BaseLaplace):
 
     def _factor(self) -> Tensor:
         # Cached for the current prior, noise, temperature and data (each change makes a new key).
-        key = (self.prior_precision.data_ptr(), float(self.sigma_noise), self.temperature, self.num_data)
+        noise = tuple(self.sigma_noise.flatten().tolist())
+        key = (self.prior_precision.data_ptr(), noise, self.temperature, self.num_data)
         if self._cholesky is None or self._cholesky[0] != key:
             self._cholesky = (key, torch.linalg.cholesky(self.posterior_precision()))
         return self._cholesky[1]
