@@ -20,14 +20,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from memory import peak_mib, return_freed_memory
+from memory import fresh_process_peak, peak_mib, return_freed_memory
 from torch import nn
 
 import fastlaplace.ops as ops
@@ -82,13 +80,6 @@ def laplace_torch_times(model: nn.Module, loader: list, batch: torch.Tensor) -> 
         last.optimize_prior_precision(method="marglik")
         times["last_layer_marglik"] = time.perf_counter() - start
     return times
-
-
-def case_peak(index: int, args: argparse.Namespace) -> float:
-    """Peak memory of case ``index`` (MiB), measured by this script in a fresh process."""
-    command = [sys.executable, __file__, "--peak-of", str(index), "--threads", str(args.threads)]
-    result = subprocess.run(command + (["--quick"] if args.quick else []), capture_output=True, text=True, check=True)
-    return float(result.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -188,7 +179,9 @@ def main() -> None:
             seconds, reference_seconds = fastest_side_by_side(fn, references[reference], repeats)
         seconds, reference_seconds = seconds / per, reference_seconds / per
         name = reference or "s"
-        peak = case_peak(index, args)
+        peak = fresh_process_peak(
+            __file__, index, ["--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+        )
         rows.append(
             {
                 "case": case,

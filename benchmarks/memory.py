@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,3 +40,15 @@ def peak_mib(fn: Callable[[], object], device: str) -> float:
     before = status_kib("VmRSS")
     fn()
     return max(0.0, (status_kib("VmHWM") - before) / 1024)  # the kernel's RSS counters lag by a few pages
+
+
+def fresh_process_peak(script: str, index: int, arguments: list[str]) -> float:
+    """Peak (MiB) of job ``index`` of a benchmark script, which measures it in a fresh process.
+
+    The script must accept ``--peak-of INDEX``: call :func:`return_freed_memory` before
+    anything is allocated, build its jobs, run job INDEX once as a warm-up and print
+    :func:`peak_mib` of a second call on its last line.
+    """
+    command = [sys.executable, script, "--peak-of", str(index), *arguments]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return float(result.stdout.strip().splitlines()[-1])

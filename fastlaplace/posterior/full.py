@@ -97,9 +97,10 @@ class FullLaplace(BaseLaplace):
 
     def _jacobian_covariance(self, stats) -> Tensor:
         jac = self._columns(_weight_gradients(stats)).to(self.hessian.dtype)  # (N, C, P)
-        factor = self._factor()
-        half = torch.linalg.solve_triangular(factor, jac.transpose(1, 2), upper=False)  # L⁻¹ Jᵀ
-        return half.transpose(1, 2) @ half
+        # One right-hand side matrix: a batched solve would copy the factor once per sample.
+        half = torch.linalg.solve_triangular(self._factor(), jac.flatten(0, 1).T, upper=False)  # L⁻¹ Jᵀ
+        half = half.T.view(jac.shape[0], jac.shape[1], -1)
+        return half @ half.transpose(1, 2)
 
     def _jacobian_cross_covariance(self, stats) -> Tensor:
         jac = self._columns(_weight_gradients(stats)).to(self.hessian.dtype)  # (N, C, P)

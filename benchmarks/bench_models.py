@@ -1,0 +1,191 @@
+"""fastlaplace and laplace-torch side by side on an MLP and a CNN, every structure and subset, one run.
+
+Run ``python benchmarks/bench_models.py [--quick] [--no-laplace-torch]``. Models: an MLP
+784-256-256-10 on flattened 28x28 inputs and a CNN (conv 16, conv 32, both 3x3 with 2x2
+max-pooling, then a Linear layer) on 3x32x32 images; 2,048 random inputs with 10 classes
+(512 with ``--quick``), batches of 128. Posteriors: kron and diag over all layers and the
+last layer, full over the last layer. Jobs per posterior: the fit over the data, the GLM
+probit predictive of 128 inputs and one log marginal likelihood evaluation (after a first
+one, as during prior tuning). laplace-torch 0.3 (its default backends) runs the same jobs
+on the same model and data in the same process, alternating repetitions with ours; its
+all-layer GLM predictives form full Jacobians and are timed on 16 inputs and reported per
+128. Peak memory: fastlaplace's jobs, each in a fresh process (benchmarks/memory.py).
+Results: benchmarks/results/models_cpu.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from bench_laplace import fastest
+from memory import fresh_process_peak, peak_mib, return_freed_memory
+from torch import nn
+
+import fastlaplace.ops as ops
+from fastlaplace import Laplace
+
+POSTERIORS = [("kron", "all"), ("diag", "all"), ("kron", "last_layer"), ("diag", "last_layer"), ("full", "last_layer")]
+BATCH = 128
+REFERENCE_INPUTS = 16  # laplace-torch's all-layer GLM predictive forms full Jacobians: fewer inputs, scaled up
+#: jobs laplace-torch cannot finish here, with the reason shown in the table
+REFERENCE_SKIPPED = {
+    ("cnn", "diag", "all"): "killed: its exact diagonal GGN of the CNN ran this 24 GiB machine out of memory",
+}
+
+
+def make_model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    if name == "mlp":
+        return nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 6 * 6, 10),
+    )
+
+
+def make_data(name: str, samples: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    shape = (samples, 784) if name == "mlp" else (samples, 3, 32, 32)
+    x, y = torch.randn(shape, generator=generator), torch.randint(0, 10, (samples,), generator=generator)
+    return [(x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, samples, BATCH)]
+
+
+def jobs(
+    model: nn.Module, loader: list, structure: str, subset: str, reference: bool
+) -> tuple[dict[str, Callable], float]:
+    """fit / predictive / marglik closures of one posterior (laplace-torch's with ``reference``).
+
+    Returns the closures and the factor that scales a predictive time to 128 inputs.
+    """
+    batch = loader[0][0]
+    if reference:
+        from laplace import Laplace as ReferenceLaplace
+
+        data = torch.utils.data.TensorDataset(torch.cat([x for x, _ in loader]), torch.cat([y for _, y in loader]))
+        fit_loader = torch.utils.data.DataLoader(data, batch_size=BATCH)
+        la = ReferenceLaplace(model, "classification", subset_of_weights=subset, hessian_structure=structure)
+    else:
+        fit_loader = loader
+        la = Laplace(model, "classification", subset_of_weights=subset, hessian_structure=structure)
+    la.fit(fit_loader)
+    inputs = batch[:REFERENCE_INPUTS] if reference and subset == "all" else batch
+    delta = torch.tensor(1.0)
+    closures = {
+        "fit": lambda: la.fit(fit_loader),
+        "predictive": lambda: la(inputs, pred_type="glm", link_approx="probit"),
+        "marglik": lambda: la.log_marginal_likelihood(delta),
+    }
+    return closures, BATCH / inputs.shape[0]
+
+
+#: every (model, structure, subset) in a fixed order; job k of case i is --peak-of 3 i + k
+CASES = [(name, structure, subset) for name in ("mlp", "cnn") for structure, subset in POSTERIORS]
+JOBS = ("fit", "predictive", "marglik")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="512 inputs instead of 2,048")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--no-laplace-torch", action="store_true", help="skip the laplace-torch side")
+    parser.add_argument("--peak-of", type=int, help=argparse.SUPPRESS)  # internal: job 3*case+k's peak, fresh process
+    args = parser.parse_args()
+    if args.peak_of is not None:
+        return_freed_memory()
+    torch.set_num_threads(args.threads)
+    samples = 512 if args.quick else 2048
+    if args.peak_of is not None:
+        name, structure, subset = CASES[args.peak_of // 3]
+        model = make_model(name)
+        job = jobs(model, make_data(name, samples), structure, subset, reference=False)[0][JOBS[args.peak_of % 3]]
+        job()
+        gc.collect()
+        print(json.dumps(peak_mib(job, "cpu")))
+        return
+    rows = []
+    forward_arguments = ["--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+    for index, (name, structure, subset) in enumerate(CASES):
+        model = make_model(name)
+        loader = make_data(name, samples)
+        ours, our_scale = jobs(model, loader, structure, subset, reference=False)
+        theirs, their_scale = None, 1.0
+        skipped = REFERENCE_SKIPPED.get((name, structure, subset))
+        if not args.no_laplace_torch and skipped is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                theirs, their_scale = jobs(model, loader, structure, subset, reference=True)
+        for k, job in enumerate(JOBS):
+            repeats = 1 if job == "fit" else 3
+            scale = (our_scale, their_scale) if job == "predictive" else (1.0, 1.0)
+            seconds = fastest(ours[job], repeats) * scale[0]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                reference = None if theirs is None else fastest(theirs[job], repeats) * scale[1]
+            peak = fresh_process_peak(__file__, 3 * index + k, forward_arguments)
+            rows.append(
+                {
+                    "model": name,
+                    "structure": structure,
+                    "subset": subset,
+                    "job": job,
+                    "seconds": seconds,
+                    "peak_mib": peak,
+                    "laplace_torch_seconds": reference,
+                    "laplace_torch_note": skipped,
+                }
+            )
+            versus = (
+                ""
+                if reference is None
+                else f"  laplace-torch {reference * 1e3:10.1f} ms  ({reference / seconds:6.1f}x)"
+            )
+            print(f"{name} {structure:4s} {subset:10s} {job:10s} {seconds * 1e3:9.2f} ms  peak {peak:6.1f} MiB{versus}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "samples": samples,
+        "machine": platform.processor() or platform.machine(),
+        "backend": ops.build_info(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    json_path = args.out / f"models_cpu{'_quick' if args.quick else ''}.json"
+    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = [
+        f"MLP 784-256-256-10 and CNN (conv16-conv32-fc), {samples} inputs, batches of {BATCH}, CPU "
+        f"{args.threads} threads, torch {torch.__version__} (`python benchmarks/bench_models.py`). Predictive: "
+        f"GLM probit of {BATCH} inputs. Peak: fastlaplace's job in a fresh process.",
+        "",
+        "| model | posterior | job | fastlaplace | peak | laplace-torch | speed-up |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        theirs_s = r["laplace_torch_seconds"]
+        versus = "— | —" if theirs_s is None else f"{theirs_s * 1e3:.1f} ms | {theirs_s / r['seconds']:.1f}×"
+        if r["laplace_torch_note"]:
+            versus = f"{r['laplace_torch_note']} | —"
+        lines.append(
+            f"| {r['model']} | {r['structure']}, {r['subset']} | {r['job']} | {r['seconds'] * 1e3:.2f} ms "
+            f"| {r['peak_mib']:.1f} MiB | {versus} |"
+        )
+    json_path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {json_path} and {json_path.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
