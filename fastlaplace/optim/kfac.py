@@ -1,0 +1,458 @@
+"""K-FAC natural-gradient preconditioner for any ``torch.optim`` optimiser."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fastlaplace import distributed, ops
+from fastlaplace.curvature import KronCurvature, LayerStatistics, supported_layers, trainable_bias
+from fastlaplace.curvature.statistics import INPUT_DIMS, KRON_LAYERS
+
+#: ``"eigen"``: exact ``(A ⊗ G + δ)⁻¹``; ``"factored"``: ``(A + π√δ)⁻¹ ⊗ (G + √δ/π)⁻¹`` (Martens & Grosse)
+DAMPING_MODES = ("eigen", "factored")
+#: what the owner of a layer's work sends under torch.distributed (KAISA's memory/communication knob)
+BROADCASTS = ("eigen", "gradient")
+
+Schedule = float | Callable[[], float]
+
+
+@dataclass
+class _Capture:
+    """One forward of a layer during a factor-update step: its input, and later its output gradient."""
+
+    inputs: Tensor
+    grad: Tensor | None = None
+
+
+def _value(setting: Schedule) -> float:
+    return float(setting()) if callable(setting) else float(setting)
+
+
+def _check_positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_schedule(value: object, name: str, low: float, high: float = math.inf, low_open: bool = True) -> None:
+    """A number in (low, high) (``[low, high)`` unless ``low_open``), or a callable checked at each use."""
+    if callable(value):
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number or a callable returning one, got {value!r}")
+    if not (low < value if low_open else low <= value) or not value < high:
+        bounds = f"{'(' if low_open else '['}{low}, {high})"
+        raise ValueError(f"{name} must lie in {bounds}, got {value!r}")
+
+
+def _skipped(name: str, module: nn.Module, skip: list[str | type]) -> bool:
+    """Whether skip names the module, one of its ancestors, its class, or a type it is an instance of."""
+    for entry in skip:
+        if isinstance(entry, type):
+            if isinstance(module, entry):
+                return True
+        elif entry in (name, type(module).__name__) or name.startswith(entry + "."):
+            return True
+    return False
+
+
+def _preconditioned_layers(
+    model: nn.Module, skip_layers: Iterable[str | type[nn.Module]]
+) -> list[tuple[str, nn.Module]]:
+    """The model's Linear and Conv2d layers that are not skipped, validated by :func:`supported_layers`."""
+    skip = list(skip_layers)
+    names = {name for name, _ in model.named_modules()}
+    classes = {type(m).__name__ for _, m in model.named_modules()}
+    for entry in skip:
+        if isinstance(entry, str):
+            if entry not in names and entry not in classes:
+                raise ValueError(
+                    f"skip_layers names {entry!r}, which is neither a module nor a module class of the model"
+                )
+        elif not (isinstance(entry, type) and issubclass(entry, nn.Module)):
+            raise ValueError(f"skip_layers entries must be module names, class names or nn.Module types, got {entry!r}")
+    # supported_layers checks every trainable layer; skipped ones are frozen for the check only,
+    # so that an unsupported layer can be left to the plain gradient by naming it.
+    frozen = [
+        p for name, m in model.named_modules() if _skipped(name, m, skip) for p in m.parameters() if p.requires_grad
+    ]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        layers = supported_layers(model)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    layers = [(name, m) for name, m in layers if isinstance(m, KRON_LAYERS)]
+    if not layers:
+        raise ValueError("the model has no trainable Linear or Conv2d layer left to precondition")
+    return layers
+
+
+class KFACPreconditioner:
+    """Replaces the gradients of a model's Linear and Conv2d layers by K-FAC natural gradients.
+
+    Usage, with any optimiser: ``loss.backward(); pre.step(); optimizer.step()``.
+    :meth:`step` rewrites ``.grad`` of each preconditioned layer's weight and bias (taken
+    together as the ``(d_out, d_in + 1)`` matrix ``[∇W | ∇b]``) into
+
+        ``ν (F + δ)⁻¹ vec[∇W | ∇b]``,  ``F = A ⊗ G``,
+
+    the curvature of one datum (Fisher, empirical Fisher when the loss uses the true
+    labels), with ``ν ≤ 1`` from ``kl_clip``. The factors are running averages
+    (:class:`~fastlaplace.curvature.KronCurvature` with ``decay = factor_decay``) of each
+    factor-update batch's per-datum factors, ``A = Σ â âᵀ / (N L)`` over the layer's inputs
+    (with a ones entry for the bias, over the L patches of a Conv2d or tokens of a
+    sequence) captured by a forward hook, and ``G = Σ ĝ ĝᵀ / N`` over the gradients ĝ of
+    each datum's loss w.r.t. the layer's output, captured by a tensor hook during your
+    own ``loss.backward()``: with ``loss_reduction="mean"`` (a loss averaged over the
+    batch, as kfac-pytorch assumes) the captured gradient is multiplied by the batch size
+    N; with ``"sum"`` it is used as it is. Factors are kept in float32 (float64 for a
+    float64 model) whatever autocast computes the forward in.
+
+    Other trainable layers that :func:`~fastlaplace.curvature.supported_layers` accepts
+    (Embedding, LayerNorm, BatchNorm) and those in ``skip_layers`` keep their plain
+    gradients; any other trainable layer raises a ValueError naming it, unless skipped.
+
+    Under ``torch.distributed`` (for instance with DistributedDataParallel, whose
+    gradients are already averaged) the factors are averaged over the ranks before each
+    eigendecomposition update (exact: the running average is linear), each factor is
+    eigendecomposed by one owner rank only (chosen by its ``d³`` cost, largest first) and
+    the eigenpairs are broadcast; with ``broadcast="gradient"`` each layer's owner keeps
+    its eigenpairs and broadcasts the layer's preconditioned gradient at every step
+    instead (less memory, more communication; KAISA's knob).
+
+    A layer that runs several forwards before a step (gradient accumulation, weight
+    sharing) has them counted as one batch of all their samples.
+
+    Args:
+        model: the network (or its DistributedDataParallel wrapper).
+        damping: δ > 0, or a callable returning it (read at every step).
+        factor_update_steps: update the factors every this many steps.
+        inv_update_steps: recompute the eigendecompositions every this many steps.
+        factor_decay: β in ``F ← β F + (1 − β) F_batch`` (0 keeps the last batch only), or a callable.
+        damping_mode: ``"eigen"``, exactly ``(λ_A μ_G + δ)⁻¹`` in the factors' eigenbasis;
+            or ``"factored"``, ``(A + π√δ I)⁻¹ ⊗ (G + √δ/π I)⁻¹`` with
+            ``π² = (tr A / d_A) / (tr G / d_G)`` (Martens & Grosse 2015).
+        kl_clip: scale the natural gradient by ``ν = min(1, √(kl_clip / Σ_l lr_l² ⟨∇_l, ñ_l⟩))``,
+            as kfac-pytorch; None turns it off. A number > 0 or a callable.
+        lr: the learning rate(s) that kl_clip assumes: a number, a callable, or the optimiser
+            (each layer then uses the lr of the parameter group holding its weight).
+        skip_layers: module names (a name also skips the module's children), module class
+            names or nn.Module types to leave out.
+        loss_reduction: ``"mean"`` or ``"sum"``, how your loss reduces over the batch.
+        kfac_approx: ``"expand"`` (every patch or token is a sample) or ``"reduce"``, as
+            in :class:`~fastlaplace.curvature.KronCurvature`.
+        broadcast: ``"eigen"`` or ``"gradient"``, see above (ignored on one process).
+        bucket_mb: the largest buffer of one collective call, in megabytes.
+
+    Raises:
+        ValueError: on an invalid option, an unsupported trainable layer (named), or a
+            ``skip_layers`` entry that names nothing in the model.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        damping: Schedule = 1e-3,
+        factor_update_steps: int = 1,
+        inv_update_steps: int = 1,
+        factor_decay: Schedule = 0.95,
+        damping_mode: str = "eigen",
+        kl_clip: Schedule | None = 1e-3,
+        lr: Schedule | torch.optim.Optimizer = 0.1,
+        skip_layers: Iterable[str | type[nn.Module]] = (),
+        loss_reduction: str = "mean",
+        kfac_approx: str = "expand",
+        broadcast: str = "eigen",
+        bucket_mb: float = distributed.BUCKET_MB,
+    ) -> None:
+        if damping_mode not in DAMPING_MODES:
+            raise ValueError(f"damping_mode must be one of {DAMPING_MODES}, got {damping_mode!r}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if broadcast not in BROADCASTS:
+            raise ValueError(f"broadcast must be one of {BROADCASTS}, got {broadcast!r}")
+        _check_schedule(damping, "damping", 0.0)
+        _check_schedule(factor_decay, "factor_decay", 0.0, 1.0, low_open=False)
+        if kl_clip is not None:
+            _check_schedule(kl_clip, "kl_clip", 0.0)
+        if not isinstance(lr, torch.optim.Optimizer):
+            _check_schedule(lr, "lr", 0.0, low_open=False)
+        self.damping = damping
+        self.factor_update_steps = _check_positive_int(factor_update_steps, "factor_update_steps")
+        self.inv_update_steps = _check_positive_int(inv_update_steps, "inv_update_steps")
+        self.factor_decay = factor_decay
+        self.damping_mode = damping_mode
+        self.kl_clip = kl_clip
+        self.lr = lr
+        self.loss_reduction = loss_reduction
+        self.broadcast = broadcast
+        self.bucket_mb = bucket_mb
+        self.layers = _preconditioned_layers(model, skip_layers)
+        self.curvature = KronCurvature(kfac_approx, decay=0.0)
+        self.steps = 0
+        self._captures: list[list[_Capture]] = [[] for _ in self.layers]
+        self._eigen: list[tuple[Tensor, Tensor, Tensor, Tensor] | None] = [None] * len(self.layers)
+        sizes = [(m.weight[0].numel() + (trainable_bias(m) is not None), m.weight.shape[0]) for _, m in self.layers]
+        # Eigendecompositions cost d³; in "gradient" mode the owner of a layer also solves with it at every step.
+        self._layer_owners = distributed.assign_owners(
+            [d_a**3 + d_g**3 for d_a, d_g in sizes], distributed.rank_and_size()[1]
+        )
+        self._handles = [
+            module.register_forward_hook(self._capture_hook(i)) for i, (_, module) in enumerate(self.layers)
+        ]
+
+    # ------------------------------------------------------------------ hooks
+
+    def _capture_hook(self, index: int):
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            if not torch.is_grad_enabled() or self.steps % self.factor_update_steps or not output.requires_grad:
+                return
+            capture = _Capture(inputs[0].detach())
+            self._captures[index].append(capture)
+
+            def store(grad: Tensor) -> None:
+                capture.grad = grad.detach()
+
+            output.register_hook(store)
+
+        return hook
+
+    def remove(self) -> None:
+        """Remove the hooks from the model (the preconditioner cannot update its factors afterwards)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # ------------------------------------------------------------------ steps
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Update the factors and eigendecompositions when scheduled, then precondition the gradients.
+
+        Call it after ``loss.backward()`` and before ``optimizer.step()``; it rewrites the
+        ``.grad`` of every preconditioned layer's weight and bias in place.
+
+        Raises:
+            RuntimeError: at a factor-update step where some layer ran no forward and
+                backward with gradients enabled since the last step (the layer is named).
+        """
+        device = self.layers[0][1].weight.device.type
+        with torch.autocast(device, enabled=False):
+            if self.steps % self.factor_update_steps == 0:
+                self._update_factors()
+            if self.steps % self.inv_update_steps == 0:
+                self.update_eigendecomposition()
+            self._precondition()
+        self.steps += 1
+
+    precondition = step
+
+    def _needed_owners(self) -> list[bool]:
+        """Per layer, whether this rank needs its eigenpairs (all in "eigen" mode, its own in "gradient" mode)."""
+        rank, size = distributed.rank_and_size()
+        if self.broadcast == "eigen" or size == 1:
+            return [True] * len(self.layers)
+        return [owner == rank for owner in self._layer_owners]
+
+    def _update_factors(self) -> None:
+        statistics, missing = [], []
+        for (name, module), captures in zip(self.layers, self._captures, strict=True):
+            done = [c for c in captures if c.grad is not None]
+            if not done:
+                missing.append(name)
+                continue
+            allowed = INPUT_DIMS[nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear]
+            for c in done:
+                if c.inputs.dim() not in allowed:
+                    raise ValueError(
+                        f"layer {name!r} ({type(module).__name__}) got an input of shape {tuple(c.inputs.shape)}; "
+                        f"K-FAC accepts inputs with {' or '.join(map(str, allowed))} dimensions (batch first)"
+                    )
+            # The gradient of a mean loss is 1/N of each datum's; G wants the datum's.
+            grads = [c.grad * c.inputs.shape[0] if self.loss_reduction == "mean" else c.grad for c in done]
+            inputs = torch.cat([c.inputs for c in done]) if len(done) > 1 else done[0].inputs
+            grads = torch.cat(grads) if len(grads) > 1 else grads[0]
+            statistics.append(LayerStatistics(name, module, inputs, grads.unsqueeze(1)))  # K = 1 column
+        self._captures = [[] for _ in self.layers]
+        if missing:
+            raise RuntimeError(
+                f"layers {missing} ran no forward and backward with gradients enabled since the last step(); "
+                "call step() after loss.backward() (K-FAC updates its factors at this step)"
+            )
+        self.curvature.decay = _value(self.factor_decay)
+        self.curvature.update(statistics)
+
+    def update_eigendecomposition(self) -> None:
+        """Average the factors over the ranks and eigendecompose them (each factor on its owner rank).
+
+        :meth:`step` calls it every ``inv_update_steps`` steps; call it yourself after
+        changing the factors.
+        """
+        if not self.curvature.names:
+            raise RuntimeError("no factors yet: call step() after a forward and backward first")
+        factors = self.curvature.input_factors + self.curvature.output_factors
+        distributed.all_reduce_(factors, average=True, bucket_mb=self.bucket_mb)
+        rank, size = distributed.rank_and_size()
+        count = len(self.layers)
+        if self.broadcast == "eigen":
+            owners = distributed.assign_owners([f.shape[0] ** 3 for f in factors], size)
+        else:
+            owners = self._layer_owners * 2
+        mine = [j for j, owner in enumerate(owners) if owner == rank]
+        values, vectors = ops.batched_eigh([factors[j] for j in mine])
+        all_values = [f.new_empty(f.shape[0]) for f in factors]
+        all_vectors = [torch.empty_like(f) for f in factors]
+        for j, v, q in zip(mine, values, vectors, strict=True):
+            all_values[j], all_vectors[j] = v, q
+        if self.broadcast == "eigen":
+            distributed.broadcast_from_owners_(all_values + all_vectors, owners * 2, self.bucket_mb)
+        needed = self._needed_owners()
+        self._eigen = [
+            (all_vectors[i], all_values[i], all_vectors[count + i], all_values[count + i]) if needed[i] else None
+            for i in range(count)
+        ]
+
+    def eigendecomposition(self) -> list[tuple[Tensor, Tensor, Tensor, Tensor] | None]:
+        """Per layer ``(Q_A, λ_A, Q_G, λ_G)`` in use (None for a layer owned by another rank in "gradient" mode)."""
+        return list(self._eigen)
+
+    def _precondition(self) -> None:
+        rank, size = distributed.rank_and_size()
+        with_grad = [i for i, (_, m) in enumerate(self.layers) if m.weight.grad is not None]
+        gradients = {i: self._gradient_matrix(self.layers[i][1]) for i in with_grad}
+        distributed_gradients = self.broadcast == "gradient" and size > 1
+        compute = [i for i in with_grad if not distributed_gradients or self._layer_owners[i] == rank]
+        natural = dict(zip(compute, self._solve(compute, [gradients[i] for i in compute]), strict=True))
+        if distributed_gradients:
+            for i in with_grad:
+                natural.setdefault(i, torch.empty_like(gradients[i]))
+            distributed.broadcast_from_owners_(
+                [natural[i] for i in with_grad], [self._layer_owners[i] for i in with_grad], self.bucket_mb
+            )
+        if not with_grad:
+            return
+        scale = self._kl_scale([gradients[i] for i in with_grad], [natural[i] for i in with_grad], with_grad)
+        for i in with_grad:
+            module = self.layers[i][1]
+            update = natural[i] if scale is None else natural[i] * scale
+            d_in = module.weight[0].numel()
+            module.weight.grad.copy_(update[:, :d_in].view_as(module.weight))
+            bias = trainable_bias(module)
+            if bias is not None and bias.grad is not None:
+                bias.grad.copy_(update[:, d_in])
+
+    def _gradient_matrix(self, module: nn.Module) -> Tensor:
+        """``(d_out, d_A)`` ``[∇W | ∇b]`` in the factors' dtype (a zero bias column for a bias without grad)."""
+        dtype = self.curvature.input_factors[0].dtype
+        grad = module.weight.grad.reshape(module.weight.shape[0], -1).to(dtype)
+        bias = trainable_bias(module)
+        if bias is None:
+            return grad
+        column = bias.grad.to(dtype) if bias.grad is not None else grad.new_zeros(grad.shape[0])
+        return torch.cat([grad, column.unsqueeze(1)], dim=1)
+
+    def _solve(self, layers: list[int], gradients: list[Tensor]) -> list[Tensor]:
+        """The damped ``(A ⊗ G)⁻¹`` applied to each listed layer's gradient matrix, one fused call."""
+        if not layers:
+            return []
+        qa, la, qg, lg = zip(*(self._eigen[i] for i in layers), strict=True)
+        delta = _value(self.damping)
+        if delta <= 0:
+            raise ValueError(f"damping must be positive, got {delta}")
+        options = {"dtype": la[0].dtype, "device": la[0].device}
+        if self.damping_mode == "eigen":
+            deltas = torch.full((len(layers),), delta, **options)
+        else:
+            la, lg = zip(*(self._factored_spectrum(a, g, delta) for a, g in zip(la, lg, strict=True)), strict=True)
+            deltas = torch.zeros(len(layers), **options)
+        return ops.kron_solve(qa, la, qg, lg, gradients, torch.ones(len(layers), **options), deltas)
+
+    @staticmethod
+    def _factored_spectrum(la: Tensor, lg: Tensor, delta: float) -> tuple[Tensor, Tensor]:
+        """Eigenvalues of ``A + π√δ I`` and ``G + √δ/π I`` (π = 1 when a factor is zero)."""
+        la, lg = la.clamp_min(0), lg.clamp_min(0)
+        mean_a, mean_g = la.mean(), lg.mean()
+        pi = torch.where((mean_a > 0) & (mean_g > 0), (mean_a / mean_g.clamp_min(torch.finfo(lg.dtype).tiny)).sqrt(), 1)
+        root = math.sqrt(delta)
+        return la + pi * root, lg + root / pi
+
+    def _kl_scale(self, gradients: list[Tensor], natural: list[Tensor], layers: list[int]) -> Tensor | None:
+        """``ν = min(1, √(kl_clip / Σ_l lr_l² ⟨∇_l, ñ_l⟩))`` as a 0-d tensor (no host sync); None if off."""
+        if self.kl_clip is None:
+            return None
+        clip = _value(self.kl_clip)
+        if clip <= 0:
+            raise ValueError(f"kl_clip must be positive, got {clip}")
+        rates = self._learning_rates()
+        total = sum(rates[i] ** 2 * (g * n).sum() for i, g, n in zip(layers, gradients, natural, strict=True))
+        ratio = clip / total.clamp_min(torch.finfo(total.dtype).tiny)
+        return torch.where(total > 0, ratio.sqrt().clamp(max=1.0), 1.0)
+
+    def _learning_rates(self) -> list[float]:
+        """The lr of each layer: from the optimiser's parameter group holding its weight (0 if none), or lr."""
+        if not isinstance(self.lr, torch.optim.Optimizer):
+            return [_value(self.lr)] * len(self.layers)
+        by_parameter = {id(p): float(group["lr"]) for group in self.lr.param_groups for p in group["params"]}
+        return [by_parameter.get(id(m.weight), 0.0) for _, m in self.layers]
+
+    # ------------------------------------------------------------------ saving
+
+    def state_dict(self, include_eigendecomposition: bool = True) -> dict:
+        """The step counter, the factors and (by default) the eigenpairs in use, to resume training.
+
+        With the eigenpairs a resumed run continues exactly as an uninterrupted one; without
+        them :meth:`load_state_dict` recomputes them from the saved factors, which differ
+        from the ones in use when saved between two eigendecomposition updates. Under
+        torch.distributed, factors between two updates are this rank's running averages.
+        """
+        return {
+            "steps": self.steps,
+            "layers": [name for name, _ in self.layers],
+            "input_factors": [f.clone() for f in self.curvature.input_factors],
+            "output_factors": [f.clone() for f in self.curvature.output_factors],
+            "locations": list(self.curvature.locations),
+            "num_data": self.curvature.num_data,
+            "eigendecomposition": (
+                [None if e is None else tuple(t.clone() for t in e) for e in self._eigen]
+                if include_eigendecomposition
+                else None
+            ),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` saved for the same layers (no communication: every rank loads the same).
+
+        Raises:
+            ValueError: if the state was saved for other layers.
+        """
+        names = [name for name, _ in self.layers]
+        if list(state["layers"]) != names:
+            raise ValueError(f"the state was saved for layers {list(state['layers'])}, this preconditioner has {names}")
+        device = self.layers[0][1].weight.device
+        self.steps = int(state["steps"])
+        self._captures = [[] for _ in self.layers]
+        self.curvature.names = names if state["input_factors"] else []
+        self.curvature.input_factors = [f.to(device, copy=True) for f in state["input_factors"]]
+        self.curvature.output_factors = [f.to(device, copy=True) for f in state["output_factors"]]
+        self.curvature.locations = list(state["locations"])
+        self.curvature.num_data = int(state["num_data"])
+        saved = state.get("eigendecomposition") or [None] * len(names)
+        needed = self._needed_owners()
+        self._eigen = [
+            tuple(t.to(device, copy=True) for t in e) if e is not None and want else None
+            for e, want in zip(saved, needed, strict=True)
+        ]
+        missing = [i for i, want in enumerate(needed) if want and self._eigen[i] is None]
+        if missing and self.curvature.names:  # recomputed locally, the same on every rank
+            factors = [self.curvature.input_factors[i] for i in missing]
+            factors += [self.curvature.output_factors[i] for i in missing]
+            values, vectors = ops.batched_eigh(factors)
+            for k, i in enumerate(missing):
+                self._eigen[i] = (vectors[k], values[k], vectors[k + len(missing)], values[k + len(missing)])

@@ -1,0 +1,328 @@
+"""K-FAC preconditioner: natural gradients against dense matrices built independently, schedules, options."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fastlaplace.optim import KFACPreconditioner
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3, bias=False), nn.ReLU(), nn.Linear(3, 3))
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.ReLU(inplace=True),  # in place after a hooked layer: the captured gradient must not change
+        nn.Conv2d(3, 2, 2, stride=2, bias=False),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    )
+
+
+def sequence_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3))
+
+
+def data(model_name: str, n: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    shape = {"mlp": (n, 4), "cnn": (n, 2, 4, 4), "sequence": (n, 2, 3)}[model_name]
+    return torch.randn(shape, generator=generator, dtype=torch.float64), torch.randint(0, 3, (n,), generator=generator)
+
+
+MODELS = {"mlp": mlp, "cnn": cnn, "sequence": sequence_model}
+
+
+def make(model_name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return MODELS[model_name]().double()
+
+
+def kron_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def dense_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer ``(A, G)`` of one datum, from explicit patches and per-datum output gradients."""
+    layers = kron_layers(model)
+    captured = {}
+
+    def capture(module, inputs, output):
+        captured[module] = (inputs[0], output)
+        return output.clone()  # the model's in-place ops must not change the tensor differentiated at
+
+    hooks = [m.register_forward_hook(capture) for m in layers]
+    loss = nn.functional.cross_entropy(model(x), y, reduction="sum")  # its gradient at s_n is datum n's
+    for h in hooks:
+        h.remove()
+    grads = torch.autograd.grad(loss, [captured[m][1] for m in layers])
+    factors = []
+    for m, g in zip(layers, grads, strict=True):
+        a = captured[m][0].detach()
+        if isinstance(m, nn.Conv2d):
+            u = nn.functional.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)
+            g = g.flatten(2).transpose(1, 2)
+        else:
+            u, g = (a, g) if a.dim() == 3 else (a[:, None], g[:, None])
+        if m.bias is not None:
+            u = torch.cat([u, u.new_ones(*u.shape[:2], 1)], dim=-1)
+        n, locations = u.shape[:2]
+        factors.append((torch.einsum("nli,nlj->ij", u, u) / (n * locations), torch.einsum("nli,nlj->ij", g, g) / n))
+    return factors
+
+
+def gradient_matrix(m: nn.Module) -> torch.Tensor:
+    g = m.weight.grad.reshape(m.weight.shape[0], -1).clone()
+    return g if m.bias is None else torch.cat([g, m.bias.grad[:, None]], dim=1)
+
+
+def dense_natural_gradient(a, g, grad, damping: float, mode: str) -> torch.Tensor:
+    if mode == "eigen":
+        precision = torch.kron(g, a) + damping * torch.eye(a.shape[0] * g.shape[0], dtype=a.dtype)
+    else:
+        pi = math.sqrt((a.trace() / a.shape[0]) / (g.trace() / g.shape[0]))
+        root = math.sqrt(damping)
+        precision = torch.kron(
+            g + root / pi * torch.eye(g.shape[0], dtype=g.dtype), a + pi * root * torch.eye(a.shape[0], dtype=a.dtype)
+        )
+    return torch.linalg.solve(precision, grad.flatten()).view_as(grad)
+
+
+def backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> None:
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y, reduction=reduction).backward()
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "cnn", "sequence"])
+@pytest.mark.parametrize("mode", ["eigen", "factored"])
+def test_natural_gradient_equals_dense_solve(model_name, mode):
+    model = make(model_name)
+    x, y = data(model_name)
+    damping = 0.05
+    pre = KFACPreconditioner(model, damping=damping, damping_mode=mode, kl_clip=None)
+    backward(model, x, y)
+    grads = [gradient_matrix(m) for m in kron_layers(model)]
+    pre.step()
+    expected_factors = dense_factors(model, x, y)
+    for i, (m, grad, (a, g)) in enumerate(zip(kron_layers(model), grads, expected_factors, strict=True)):
+        torch.testing.assert_close(pre.curvature.input_factors[i], a, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(pre.curvature.output_factors[i], g, rtol=1e-12, atol=1e-12)
+        expected = dense_natural_gradient(a, g, grad, damping, mode)
+        torch.testing.assert_close(gradient_matrix(m), expected, rtol=1e-9, atol=1e-11)
+
+
+def test_sum_reduced_loss_gives_the_same_factors():
+    model = make("mlp")
+    x, y = data("mlp")
+    mean = KFACPreconditioner(model, kl_clip=None)
+    backward(model, x, y)
+    mean.step()
+    mean_grads = [gradient_matrix(m) for m in kron_layers(model)]
+    mean.remove()
+    total = KFACPreconditioner(model, kl_clip=None, loss_reduction="sum")
+    backward(model, x, y, reduction="sum")
+    total.step()
+    for f, h in zip(mean.curvature.output_factors, total.curvature.output_factors, strict=True):
+        torch.testing.assert_close(f, h)
+    for g, m in zip(mean_grads, kron_layers(model), strict=True):
+        torch.testing.assert_close(gradient_matrix(m), g * x.shape[0])
+
+
+def test_factor_decay_is_an_exponential_moving_average_of_batch_factors():
+    model = make("cnn")
+    batches = [data("cnn", seed=s) for s in range(3)]
+    decay = 0.7
+    pre = KFACPreconditioner(model, factor_decay=decay, kl_clip=None)
+    expected = None
+    for x, y in batches:
+        twin = make("cnn")  # without the preconditioner's hooks
+        twin.load_state_dict(model.state_dict())
+        batch = dense_factors(twin, x, y)
+        expected = (
+            batch
+            if expected is None
+            else [(decay * a + (1 - decay) * c, decay * g + (1 - decay) * h) for (a, g), (c, h) in zip(expected, batch)]
+        )
+        backward(model, x, y)
+        grads = [gradient_matrix(m) for m in kron_layers(model)]
+        pre.step()
+    for i, (m, grad, (a, g)) in enumerate(zip(kron_layers(model), grads, expected, strict=True)):
+        torch.testing.assert_close(pre.curvature.input_factors[i], a)
+        torch.testing.assert_close(pre.curvature.output_factors[i], g)
+        torch.testing.assert_close(gradient_matrix(m), dense_natural_gradient(a, g, grad, 1e-3, "eigen"))
+
+
+def test_update_schedules():
+    model = make("mlp")
+    pre = KFACPreconditioner(model, factor_update_steps=2, inv_update_steps=3, kl_clip=None)
+    factor_updates, eigen_factors = [], []
+    for step in range(7):
+        before = pre.curvature.num_data
+        x, y = data("mlp", seed=step)
+        backward(model, x, y)
+        pre.step()
+        factor_updates.append(pre.curvature.num_data > before)
+        eigen_factors.append([q @ torch.diag(v) @ q.T for q, v, _, _ in pre.eigendecomposition()])
+    assert factor_updates == [True, False, True, False, True, False, True]
+    # eigenpairs of the factors as they were at steps 0, 3 and 6 (those of 0 and 2, and of 6)
+    assert all(torch.equal(e, f) for e, f in zip(eigen_factors[0], eigen_factors[2], strict=True))
+    assert not torch.allclose(eigen_factors[2][0], eigen_factors[3][0])
+    assert all(torch.equal(e, f) for e, f in zip(eigen_factors[3], eigen_factors[5], strict=True))
+    for e, a in zip(eigen_factors[6], pre.curvature.input_factors, strict=True):
+        torch.testing.assert_close(e, a)
+
+
+@pytest.mark.parametrize("lr_kind", ["float", "callable", "optimizer"])
+def test_kl_clip_scales_to_the_bound(lr_kind):
+    model = make("mlp")
+    x, y = data("mlp")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    lr = {"float": 0.3, "callable": lambda: 0.3, "optimizer": optimizer}[lr_kind]
+    free = KFACPreconditioner(model, kl_clip=None)
+    backward(model, x, y)
+    grads = [gradient_matrix(m) for m in kron_layers(model)]
+    free.step()
+    natural = [gradient_matrix(m) for m in kron_layers(model)]
+    free.remove()
+    total = 0.3**2 * sum((g * n).sum() for g, n in zip(grads, natural, strict=True))
+    for clip, expected in [(1e-6, math.sqrt(1e-6 / total)), (1e6, 1.0)]:
+        clipped = KFACPreconditioner(model, kl_clip=clip, lr=lr)
+        backward(model, x, y)
+        clipped.step()
+        clipped.remove()
+        for m, n in zip(kron_layers(model), natural, strict=True):
+            torch.testing.assert_close(gradient_matrix(m), n * expected)
+    assert expected == 1.0 and math.sqrt(1e-6 / total) < 1
+
+
+def test_skip_layers_by_name_type_and_class_name():
+    model = make("cnn")
+    x, y = data("cnn")
+    for skip, kept in [(["0"], [2, 4]), ([nn.Conv2d], [4]), (["Linear"], [0, 2])]:
+        pre = KFACPreconditioner(model, skip_layers=skip)
+        assert [name for name, _ in pre.layers] == [str(k) for k in kept]
+        backward(model, x, y)
+        plain = {name: p.grad.clone() for name, p in model.named_parameters()}
+        pre.step()
+        pre.remove()
+        for name, p in model.named_parameters():
+            assert torch.equal(p.grad, plain[name]) != (int(name.split(".")[0]) in kept)
+
+
+def test_unsupported_layer_is_named_unless_skipped():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Conv1d(1, 1, 1), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"layer '1' \(Conv1d\)"):
+        KFACPreconditioner(model)
+    pre = KFACPreconditioner(model, skip_layers=["1"])
+    assert [name for name, _ in pre.layers] == ["0", "2"]
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="'nope'"):
+        KFACPreconditioner(model, skip_layers=["nope"])
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("damping", 0.0, "damping"),
+        ("factor_decay", 1.0, "factor_decay"),
+        ("inv_update_steps", 0, "inv_update_steps"),
+        ("damping_mode", "inverse", "damping_mode"),
+        ("kl_clip", -1.0, "kl_clip"),
+        ("loss_reduction", "none", "loss_reduction"),
+        ("broadcast", "all", "broadcast"),
+    ],
+)
+def test_bad_options_are_named(option, value, message):
+    with pytest.raises(ValueError, match=message):
+        KFACPreconditioner(make("mlp"), **{option: value})
+
+
+def test_step_without_backward_names_the_layers():
+    model = make("mlp")
+    pre = KFACPreconditioner(model)
+    with torch.no_grad():
+        model(data("mlp")[0])
+    with pytest.raises(RuntimeError, match=r"\['0', '2', '4'\]"):
+        pre.step()
+
+
+def test_bf16_autocast_keeps_float32_factors():
+    model, cnn_copy = make("cnn").float(), make("cnn").float()
+    x, y = data("cnn")
+    x = x.float()
+    pre = KFACPreconditioner(model, kl_clip=None, damping=0.1)
+    reference = KFACPreconditioner(cnn_copy, kl_clip=None, damping=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    pre.step()
+    backward(cnn_copy, x, y)
+    reference.step()
+    assert all(f.dtype == torch.float32 for f in pre.curvature.input_factors + pre.curvature.output_factors)
+    for f, r in zip(pre.curvature.input_factors, reference.curvature.input_factors, strict=True):
+        torch.testing.assert_close(f, r, rtol=0.05, atol=0.05 * r.abs().max().item())
+    for p, r in zip(model.parameters(), cnn_copy.parameters(), strict=True):
+        assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+        assert nn.functional.cosine_similarity(p.grad.flatten(), r.grad.flatten(), dim=0) > 0.95
+
+
+def train(model, pre, optimizer, steps: int, seed: int) -> list[float]:
+    losses = []
+    for step in range(steps):
+        x, y = data(model_name="mlp", n=16, seed=seed + step)
+        model.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        if pre is not None:
+            pre.step()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_state_dict_round_trip_continues_identically():
+    model = make("mlp")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    pre = KFACPreconditioner(model, inv_update_steps=3, factor_decay=0.8, lr=optimizer)
+    train(model, pre, optimizer, 4, seed=0)  # saved between two eigendecomposition updates
+    saved = copy.deepcopy((model.state_dict(), optimizer.state_dict(), pre.state_dict()))
+    train(model, pre, optimizer, 4, seed=10)
+    resumed = make("mlp", seed=1)
+    resumed.load_state_dict(saved[0])
+    resumed_optimizer = torch.optim.SGD(resumed.parameters(), lr=0.1, momentum=0.9)
+    resumed_optimizer.load_state_dict(saved[1])
+    resumed_pre = KFACPreconditioner(resumed, inv_update_steps=3, factor_decay=0.8, lr=resumed_optimizer)
+    resumed_pre.load_state_dict(saved[2])
+    train(resumed, resumed_pre, resumed_optimizer, 4, seed=10)
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert resumed_pre.steps == pre.steps == 8
+    without = KFACPreconditioner(make("mlp"), inv_update_steps=3)
+    without.load_state_dict(pre.state_dict(include_eigendecomposition=False))
+    for (qa, la, _, _), a in zip(without.eigendecomposition(), pre.curvature.input_factors, strict=True):
+        torch.testing.assert_close(qa @ torch.diag(la) @ qa.T, a)
+    with pytest.raises(ValueError, match="saved for layers"):
+        KFACPreconditioner(make("sequence")).load_state_dict(saved[2])
+
+
+@pytest.mark.parametrize("optimizer_class, lr", [(torch.optim.SGD, 0.2), (torch.optim.Adam, 0.05)])
+def test_trains_with_any_optimizer(optimizer_class, lr):
+    model = make("mlp")
+    x = data("mlp", n=64, seed=5)[0]
+    y = x[:, :3].argmax(1)  # learnable labels
+    optimizer = optimizer_class(model.parameters(), lr=lr)
+    pre = KFACPreconditioner(model, damping=0.01, lr=optimizer, inv_update_steps=5)
+    losses = []
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        pre.step()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
