@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from fastlaplace import distributed
 from fastlaplace.curvature import (
     LIKELIHOODS,
     MODES,
@@ -206,14 +207,17 @@ class BaseLaplace(ABC):
         """Accumulate the curvature over a loader of ``(x, y)`` batches.
 
         Args:
-            loader: iterable of ``(x, y)`` pairs.
+            loader: iterable of ``(x, y)`` pairs; under ``torch.distributed`` (more than one
+                rank) each rank's shard, and every rank ends with the fit of all shards.
             override: start afresh (True) or add the data to what was fitted before.
             progress_bar: show a tqdm bar; by default when the loader has 50 batches or more.
         """
         if override or not self._fitted:
             self._reset_curvature()
             self.loss, self.num_data = 0.0, 0
+        previous = distributed.split_fit(self)
         self._fit_pass(loader, progress_bar)
+        distributed.reduce_fit(self, previous)
         self._mean = self._current_weights()
         self._fitted = True
 

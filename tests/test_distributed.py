@@ -1,0 +1,201 @@
+"""Two gloo processes on loopback give what one process gives on all the data: K-FAC and Laplace fits."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from fastlaplace import Laplace, distributed
+from fastlaplace.optim import KFACPreconditioner
+
+WORLD = 2
+STEPS = 3
+BATCH = 8
+STRUCTURES = ("kron", "diag", "full")
+
+
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 4, 2, stride=2), nn.Flatten(), nn.Linear(16, 3)
+    ).double()
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def batch(step: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(step)
+    return torch.randn(BATCH, *shape, generator=generator, dtype=torch.float64), torch.randint(
+        0, 3, (BATCH,), generator=generator
+    )
+
+
+def shard(tensor: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    size = tensor.shape[0] // world
+    return tensor[rank * size : (rank + 1) * size]
+
+
+def kfac_run(broadcast: str, rank: int = 0, world: int = 1) -> dict:
+    """STEPS steps of SGD + K-FAC on this rank's shard of each batch (DDP averages the gradients)."""
+    model = cnn()
+    trained = DistributedDataParallel(model) if world > 1 else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    pre = KFACPreconditioner(
+        trained, damping=0.01, inv_update_steps=2, factor_decay=0.8, lr=optimizer, broadcast=broadcast
+    )
+    gradients = []
+    for step in range(STEPS):
+        x, y = batch(step, (2, 4, 4))
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(trained(shard(x, rank, world)), shard(y, rank, world)).backward()
+        pre.step()
+        gradients.append([p.grad.clone() for p in model.parameters()])
+        optimizer.step()
+    return {
+        "gradients": gradients,
+        "input_factors": pre.curvature.input_factors,
+        "output_factors": pre.curvature.output_factors,
+        "eigendecomposition": pre.eigendecomposition(),
+    }
+
+
+def laplace_run(structure: str, rank: int = 0, world: int = 1, split: bool = False) -> dict:
+    """A classification Laplace fit on this rank's shard of two batches (with ``split``: one fit per batch)."""
+    model = mlp()
+    batches = [tuple(shard(t, rank, world) for t in batch(step, (4,))) for step in range(2)]
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure=structure)
+    if split:
+        la.fit(batches[:1])
+        la.fit(batches[1:], override=False)
+    else:
+        la.fit(batches)
+    result = {
+        "curvature": [t.clone() for t in la._curvature_tensors()],
+        "loss": la.loss,
+        "num_data": la.num_data,
+        "log_marginal_likelihood": la.log_marginal_likelihood().detach(),
+    }
+    if structure != "kron":
+        result["posterior_precision"] = la.posterior_precision()
+    return result
+
+
+def collectives_run(rank: int, world: int) -> dict:
+    """all_reduce_ over several buckets and dtypes, and broadcasts from owners."""
+    tensors = [
+        torch.full((300,), float(rank + 1), dtype=torch.float32),
+        torch.arange(6, dtype=torch.float64).view(2, 3) * (rank + 1),
+        torch.full((2,), rank + 1, dtype=torch.int64),
+        torch.full((500,), float(rank + 1), dtype=torch.float32),
+    ]
+    distributed.all_reduce_(tensors, bucket_mb=1e-3)  # 1 kB buckets: several calls per dtype
+    averaged = [torch.full((3,), float(rank))]
+    distributed.all_reduce_(averaged, average=True)
+    owned = [torch.full((4,), float(rank)) for _ in range(5)]
+    owners = [0, 1, 1, 0, 1]
+    distributed.broadcast_from_owners_(owned, owners, bucket_mb=1e-5)
+    return {"sums": tensors, "average": averaged[0], "owned": owned}
+
+
+def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = {
+            "collectives": collectives_run(rank, world),
+            "kfac": {b: kfac_run(b, rank, world) for b in ("eigen", "gradient")},
+            "laplace": {s: laplace_run(s, rank, world) for s in STRUCTURES},
+            "laplace_split": {s: laplace_run(s, rank, world, split=True) for s in ("kron", "diag")},
+        }
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("distributed")
+    mp.spawn(worker, args=(WORLD, str(out / "init"), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def test_collectives(ranks):
+    for result in (r["collectives"] for r in ranks):
+        sums = result["sums"]
+        assert torch.equal(sums[0], torch.full((300,), 3.0))
+        assert torch.equal(sums[1], torch.arange(6, dtype=torch.float64).view(2, 3) * 3)
+        assert torch.equal(sums[2], torch.full((2,), 3))
+        assert torch.equal(sums[3], torch.full((500,), 3.0))
+        assert torch.equal(result["average"], torch.full((3,), 0.5))
+        assert [float(t[0]) for t in result["owned"]] == [0.0, 1.0, 1.0, 0.0, 1.0]
+
+
+def test_assign_owners_balances_cost_largest_first():
+    assert distributed.assign_owners([1, 8, 27, 64, 125], 2) == [1, 1, 1, 1, 0]  # loads 125 and 64 + 27 + 8 + 1
+    assert distributed.assign_owners([5, 5, 5], 1) == [0, 0, 0]
+    with pytest.raises(ValueError, match="world_size"):
+        distributed.assign_owners([1.0], 0)
+
+
+def test_one_process_is_a_no_op():
+    tensors = [torch.ones(3)]
+    distributed.all_reduce_(tensors, average=True)
+    distributed.broadcast_from_owners_(tensors, [0])
+    assert torch.equal(tensors[0], torch.ones(3)) and not distributed.is_distributed()
+    assert distributed.rank_and_size() == (0, 1)
+
+
+@pytest.mark.parametrize("broadcast", ["eigen", "gradient"])
+def test_kfac_over_two_ranks_equals_one_process_on_all_data(ranks, broadcast):
+    expected = kfac_run(broadcast)
+    for rank, result in enumerate(ranks):
+        got = result["kfac"][broadcast]
+        for name in ("input_factors", "output_factors"):
+            for f, e in zip(got[name], expected[name], strict=True):
+                torch.testing.assert_close(f, e, rtol=1e-12, atol=1e-14)
+        for step_got, step_expected in zip(got["gradients"], expected["gradients"], strict=True):
+            for g, e in zip(step_got, step_expected, strict=True):
+                torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+        factors = zip(expected["input_factors"], expected["output_factors"], strict=True)
+        held = 0
+        for eigen, (a, g) in zip(got["eigendecomposition"], factors, strict=True):
+            if eigen is None:
+                continue
+            held += 1
+            qa, la, qg, lg = eigen
+            torch.testing.assert_close(qa @ torch.diag(la) @ qa.T, a, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(qg @ torch.diag(lg) @ qg.T, g, rtol=1e-10, atol=1e-12)
+        # "eigen": every rank holds all eigenpairs; "gradient": each layer's only on its owner
+        assert held == 3 if broadcast == "eigen" else 0 < held < 3, (rank, held)
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_laplace_fit_on_shards_equals_one_fit_on_all_data(ranks, structure):
+    expected = laplace_run(structure)
+    for result in ranks:
+        got = result["laplace"][structure]
+        assert got["num_data"] == expected["num_data"] == 2 * BATCH
+        assert got["loss"] == pytest.approx(expected["loss"], rel=1e-12)
+        for t, e in zip(got["curvature"], expected["curvature"], strict=True):
+            torch.testing.assert_close(t, e, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(got["log_marginal_likelihood"], expected["log_marginal_likelihood"])
+        if structure != "kron":
+            torch.testing.assert_close(got["posterior_precision"], expected["posterior_precision"])
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag"])
+def test_fit_without_override_adds_the_new_shards_once(ranks, structure):
+    expected = laplace_run(structure)
+    for result in ranks:
+        got = result["laplace_split"][structure]
+        assert got["num_data"] == 2 * BATCH
+        assert got["loss"] == pytest.approx(expected["loss"], rel=1e-12)
+        for t, e in zip(got["curvature"], expected["curvature"], strict=True):
+            torch.testing.assert_close(t, e, rtol=1e-12, atol=1e-14)
