@@ -48,6 +48,7 @@ test: build cuda-compile-check lint
 bench: build
 	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) benchmarks/bench_ops.py
 	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) benchmarks/bench_laplace.py
+	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) benchmarks/bench_models.py
 
 # On the GPU machine (torch with CUDA, no internet): build the CUDA extension, run the
 # GPU tests and the GPU benchmarks; results land in benchmarks/results/.
