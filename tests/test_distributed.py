@@ -1,5 +1,8 @@
 """Two gloo processes on loopback give what one process gives on all the data: K-FAC and Laplace fits."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -199,3 +202,13 @@ def test_fit_without_override_adds_the_new_shards_once(ranks, structure):
         assert got["loss"] == pytest.approx(expected["loss"], rel=1e-12)
         for t, e in zip(got["curvature"], expected["curvature"], strict=True):
             torch.testing.assert_close(t, e, rtol=1e-12, atol=1e-14)
+
+
+def test_digits_example_under_torchrun(tmp_path):
+    script = Path(__file__).parents[1] / "examples" / "train_digits.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [str(script), "--epochs", "1", "--model", "mlp", "--optimizer", "kfac"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, check=True, env=env, cwd=tmp_path)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("mlp kfac")]
+    assert len(lines) == 1, result.stdout + result.stderr  # printed by rank 0 only

@@ -2,6 +2,9 @@
 
 import copy
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -326,3 +329,37 @@ def test_trains_with_any_optimizer(optimizer_class, lr):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_diverged_factors_name_the_layer():
+    model = make("mlp")
+    pre = KFACPreconditioner(model, inv_update_steps=2)
+    x, y = data("mlp")
+    backward(model, x, y)
+    pre.step()
+    pre.curvature.output_factors[1][0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match=r"\['2'\].*NaN"):
+        pre.update_eigendecomposition()
+
+
+def test_digits_example_trains():
+    script = Path(__file__).parents[1] / "examples" / "train_digits.py"
+    command = [sys.executable, str(script), "--epochs", "1", "--model", "cnn"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+    lines = result.stdout.splitlines()
+    assert [line.split()[:2] for line in lines] == [["cnn", "sgd"], ["cnn", "adam"], ["cnn", "kfac"]]
+    assert float(lines[-1].split("epoch")[1].split()[0]) > 0.8  # K-FAC after one epoch
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+def test_cuda_natural_gradient_equals_cpu():
+    results = []
+    for device in ("cpu", "cuda"):
+        model = make("cnn").to(device)
+        x, y = data("cnn")
+        pre = KFACPreconditioner(model, damping=0.05)
+        backward(model, x.to(device), y.to(device))
+        pre.step()
+        results.append([p.grad.cpu() for p in model.parameters()])
+    for cpu, cuda in zip(*results, strict=True):
+        torch.testing.assert_close(cuda, cpu, rtol=1e-9, atol=1e-12)

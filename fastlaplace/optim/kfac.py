@@ -241,7 +241,8 @@ class KFACPreconditioner:
 
         Raises:
             RuntimeError: at a factor-update step where some layer ran no forward and
-                backward with gradients enabled since the last step (the layer is named).
+                backward with gradients enabled since the last step, or when a factor holds
+                NaN or Inf (the layers are named).
         """
         device = self.layers[0][1].weight.device.type
         with torch.autocast(device, enabled=False):
@@ -299,6 +300,12 @@ class KFACPreconditioner:
             raise RuntimeError("no factors yet: call step() after a forward and backward first")
         factors = self.curvature.input_factors + self.curvature.output_factors
         distributed.all_reduce_(factors, average=True, bucket_mb=self.bucket_mb)
+        finite = torch.isfinite(torch.stack([f.sum() for f in factors])).tolist()  # one sync per update
+        if not all(finite):
+            names = [self.layers[j % len(self.layers)][0] for j, ok in enumerate(finite) if not ok]
+            raise RuntimeError(
+                f"the K-FAC factors of layers {sorted(set(names))} contain NaN or Inf (training diverged?)"
+            )
         rank, size = distributed.rank_and_size()
         count = len(self.layers)
         if self.broadcast == "eigen":
@@ -338,10 +345,12 @@ class KFACPreconditioner:
             )
         if not with_grad:
             return
-        scale = self._kl_scale([gradients[i] for i in with_grad], [natural[i] for i in with_grad], with_grad)
-        for i in with_grad:
+        updates = [natural[i] for i in with_grad]
+        scale = self._kl_scale([gradients[i] for i in with_grad], updates, with_grad)
+        if scale is not None:
+            torch._foreach_mul_(updates, scale)
+        for i, update in zip(with_grad, updates, strict=True):
             module = self.layers[i][1]
-            update = natural[i] if scale is None else natural[i] * scale
             d_in = module.weight[0].numel()
             module.weight.grad.copy_(update[:, :d_in].view_as(module.weight))
             bias = trainable_bias(module)
@@ -391,7 +400,8 @@ class KFACPreconditioner:
         if clip <= 0:
             raise ValueError(f"kl_clip must be positive, got {clip}")
         rates = self._learning_rates()
-        total = sum(rates[i] ** 2 * (g * n).sum() for i, g, n in zip(layers, gradients, natural, strict=True))
+        dots = torch.stack([torch.vdot(g.view(-1), n.view(-1)) for g, n in zip(gradients, natural, strict=True)])
+        total = dots @ torch.tensor([rates[i] ** 2 for i in layers], dtype=dots.dtype, device=dots.device)
         ratio = clip / total.clamp_min(torch.finfo(total.dtype).tiny)
         return torch.where(total > 0, ratio.sqrt().clamp(max=1.0), 1.0)
 
