@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from fastlaplace import distributed
 from fastlaplace.curvature.products import ggn_matmul, jacobian_gram, jacobian_matmul
 from fastlaplace.posterior.base import BaseLaplace
 from fastlaplace.reference import accumulation_dtype
@@ -50,6 +51,7 @@ class LowRankLaplace(BaseLaplace):
     scalar, per layer or per parameter; every product with P⁻¹ goes through the Woodbury
     identity with the ``k × k`` matrix ``K = I + Wᵀ D⁻¹ W``, ``W = U diag(λ / (σ² T))^½``.
     laplace-torch's LowRankLaplace uses the eigenpairs of the Hessian; these are the GGN's.
+    Under ``torch.distributed`` each rank passes its shard and the sketches are summed.
     """
 
     def __init__(self, *args, low_rank: int = 10, **kwargs) -> None:
@@ -83,10 +85,14 @@ class LowRankLaplace(BaseLaplace):
         self._reset_curvature()
         self.loss, self.num_data = 0.0, 0
         self._fit_pass(loader, progress_bar, self._pass_generator())
-        loss, num_data = self.loss, self.num_data
+        # Under torch.distributed each rank sketches its shard: sketches, losses and counts add up.
+        totals = torch.tensor([self.loss, float(self.num_data)], dtype=torch.float64)
+        distributed.all_reduce_([self._sketch, totals])
+        loss, num_data = float(totals[0]), int(totals[1])
         for _ in range(POWER_ITERATIONS):
             self._basis, self._sketch = torch.linalg.qr(self._sketch).Q, None
             self._fit_pass(loader, progress_bar, self._pass_generator())
+            distributed.all_reduce_([self._sketch])
         self.loss, self.num_data = loss, num_data
         rank = min(self.low_rank, self._basis.shape[1])
         self.eigenvectors, self.eigenvalues = nystrom_eigenpairs(self._basis, self._sketch, rank)
