@@ -39,8 +39,8 @@ build/nvcc-check/%.o: csrc/cuda/%.cu csrc/ops.h | deps
 		-I$(CUDA_HOME)/include -Icsrc $< -o $@
 
 lint: build
-	$(PYTHON) -m ruff check fastlaplace tests benchmarks setup.py
-	$(PYTHON) -m ruff format --check fastlaplace tests benchmarks setup.py
+	$(PYTHON) -m ruff check fastlaplace tests benchmarks examples setup.py
+	$(PYTHON) -m ruff format --check fastlaplace tests benchmarks examples setup.py
 
 test: build cuda-compile-check lint
 	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) -m pytest -q tests
@@ -49,6 +49,7 @@ bench: build
 	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) benchmarks/bench_ops.py
 	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) benchmarks/bench_laplace.py
 	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) benchmarks/bench_models.py
+	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) benchmarks/bench_optim.py
 
 # On the GPU machine (torch with CUDA, no internet): build the CUDA extension, run the
 # GPU tests and the GPU benchmarks; results land in benchmarks/results/.

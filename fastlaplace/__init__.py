@@ -6,8 +6,8 @@ heavy steps are the compiled operators of :mod:`fastlaplace.ops` (their pure-PyT
 oracle is :mod:`fastlaplace.reference`).
 """
 
-from fastlaplace import ops, subnetwork
+from fastlaplace import distributed, ops, optim, subnetwork
 from fastlaplace.laplace import Laplace
 
-__all__ = ["Laplace", "ops", "subnetwork"]
+__all__ = ["Laplace", "distributed", "ops", "optim", "subnetwork"]
 __version__ = "0.1.0"
