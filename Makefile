@@ -45,6 +45,9 @@ lint: build
 test: build cuda-compile-check lint
 	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) -m pytest -q tests
 
+demo: build
+	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) -m fastlaplace.demo
+
 bench: build
 	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) benchmarks/bench_ops.py
 	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) benchmarks/bench_laplace.py
