@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import trange
 
+from fastlaplace.curvature import summed_negative_log_likelihood
 from fastlaplace.laplace import Laplace
 from fastlaplace.posterior import BaseLaplace
 
@@ -51,7 +52,8 @@ def marglik_training(
     Args:
         model: the network; trained in place.
         train_loader: re-iterable ``(x, y)`` (or dict) batches.
-        likelihood: ``"classification"`` or ``"regression"``.
+        likelihood: ``"classification"``, ``"regression"`` or ``"heteroscedastic_regression"``
+            (σ is then the model's own output, and not tuned).
         hessian_structure: of the posteriors fitted on the way (over all layers).
         optimizer_cls: the weights' optimiser class.
         optimizer_kwargs: its arguments (``lr``, ...).
@@ -161,10 +163,8 @@ def _train_epoch(model, loader, size, probe, optimiser, scheduler, log_prior, lo
         x, y = probe._split_batch(batch)
         optimiser.zero_grad()
         output = model(x)
-        if probe.likelihood == "regression":
-            data_term = 0.5 * (output - y).square().sum() / sigma.square()
-        else:
-            data_term = nn.functional.cross_entropy(output, y, reduction="sum")
+        noise = sigma if probe.likelihood == "regression" else None
+        data_term = summed_negative_log_likelihood(output, y, probe._likelihood(True), noise)
         theta = torch.cat([p.flatten() for p in probe._layer_parameters()])
         prior_term = 0.5 * (precision * theta.square()).sum()
         loss = (data_term / temperature + prior_term * len(y) / size) / len(y)

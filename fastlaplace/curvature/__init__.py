@@ -8,7 +8,13 @@ Monte-Carlo Fisher or the empirical Fisher. :class:`KronCurvature` and
 
 from fastlaplace.curvature.accumulate import DiagCurvature, KronCurvature
 from fastlaplace.curvature.last_layer import FEATURE_REDUCTIONS, LastLayerModel, last_layer
-from fastlaplace.curvature.loss import LIKELIHOODS, MODES, output_gradient_columns
+from fastlaplace.curvature.loss import (
+    LIKELIHOODS,
+    MODES,
+    output_gradient_columns,
+    split_heteroscedastic,
+    summed_negative_log_likelihood,
+)
 from fastlaplace.curvature.statistics import (
     LayerStatistics,
     layer_statistics,
@@ -30,6 +36,8 @@ __all__ = [
     "layer_statistics",
     "output_gradient_columns",
     "output_jacobians",
+    "split_heteroscedastic",
+    "summed_negative_log_likelihood",
     "supported_layers",
     "trainable_bias",
     "weight_matrix",

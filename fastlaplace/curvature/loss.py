@@ -5,6 +5,13 @@ written as ``Σ_k r_nk r_nkᵀ``; backpropagating the columns r_nk through the n
 the output gradients of every layer. Losses follow laplace-torch: the summed cross-entropy
 for classification and the summed ½‖f − y‖² for regression (σ² is applied by the
 posterior, not here).
+
+``"heteroscedastic_regression"``: the model outputs ``(N, 2C)``, the means μ then the
+log-variances s = log σ² of C Gaussian targets, and the loss is the summed Gaussian
+negative log-likelihood ``½ (y − μ)² e^{−s} + ½ s`` (without the constant ½ log 2π). Its
+Hessian w.r.t. (μ, s) is not positive semi-definite; its expectation over y, the Fisher
+``diag(e^{−s}, ½)``, is the GGN of the same model written in the Gaussian's natural
+parameters, and is the curvature used here.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-LIKELIHOODS = ("classification", "regression")
+LIKELIHOODS = ("classification", "regression", "heteroscedastic_regression")
 MODES = ("ggn", "mc", "ef")
 
 
@@ -26,17 +33,19 @@ def output_gradient_columns(
     """Columns ``r_nk`` with ``Σ_k r_nk r_nkᵀ`` the output curvature of sample n.
 
     Args:
-        output: ``(N, C)`` network outputs (logits for classification).
-        target: ``(N,)`` class indices (classification) or ``(N, C)`` targets (regression);
+        output: ``(N, C)`` network outputs (logits for classification; means then
+            log-variances, ``C = 2 C_y``, for heteroscedastic regression).
+        target: ``(N,)`` class indices (classification) or ``(N, C_y)`` targets (regression);
             only read by ``mode="ef"``.
-        likelihood: ``"classification"`` or ``"regression"``.
+        likelihood: one of :data:`LIKELIHOODS`.
         mode: ``"ggn"`` (exact: ``K = C`` square-root columns of the loss Hessian),
             ``"mc"`` (one gradient at labels sampled from the model, ``K = 1``) or ``"ef"``
             (one gradient at the true labels, ``K = 1``).
         generator: random source of ``mode="mc"``.
 
     Returns:
-        ``(N, C, K)`` columns, detached, in the output's dtype.
+        ``(N, C, K)`` columns, detached, in the output's dtype (``K = C`` for the exact
+        GGN, 1 otherwise).
     """
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
@@ -45,6 +54,8 @@ def output_gradient_columns(
     output = output.detach()
     if output.dim() != 2:
         raise ValueError(f"the model's output must be (N, C), got shape {tuple(output.shape)}")
+    if likelihood == "heteroscedastic_regression":
+        return _gaussian_columns(output, target, mode, generator)
     if likelihood == "regression":
         if mode == "ggn":
             return torch.eye(output.shape[1], dtype=output.dtype, device=output.device).expand(output.shape[0], -1, -1)
@@ -63,3 +74,52 @@ def output_gradient_columns(
         labels = target
     one_hot = torch.nn.functional.one_hot(labels.long(), output.shape[1]).to(output.dtype)
     return (probs - one_hot).unsqueeze(-1)
+
+
+def split_heteroscedastic(output: Tensor) -> tuple[Tensor, Tensor]:
+    """``(..., N, 2C)`` outputs of a heteroscedastic regression as ``(..., N, C)`` means and log-variances."""
+    if output.dim() < 2 or output.shape[-1] % 2:
+        raise ValueError(
+            "a heteroscedastic regression model must output (N, 2C): C means, then C log-variances; "
+            f"got shape {tuple(output.shape)}"
+        )
+    return output.chunk(2, dim=-1)
+
+
+def _gaussian_columns(output: Tensor, target: Tensor, mode: str, generator: torch.Generator | None) -> Tensor:
+    """Curvature columns of the Gaussian NLL in (μ, log σ²): the Fisher's root, or one sampled / true gradient."""
+    mean, log_var = split_heteroscedastic(output)
+    inverse_std = (-0.5 * log_var).exp()
+    if mode == "ggn":  # diag(e^{-s}, ½) = R Rᵀ with R diagonal
+        return torch.diag_embed(torch.cat([inverse_std, torch.full_like(log_var, 0.5**0.5)], dim=1))
+    if mode == "mc":
+        z = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device, generator=generator)
+    else:
+        if target.shape != mean.shape:
+            raise ValueError(f"targets must be {tuple(mean.shape)} for outputs {tuple(output.shape)}")
+        z = (target.to(mean.dtype) - mean) * inverse_std
+    # ∂/∂μ = −z e^{−s/2}, ∂/∂s = ½ (1 − z²) with z the standardised residual
+    return torch.cat([-z * inverse_std, 0.5 * (1 - z.square())], dim=1).unsqueeze(-1)
+
+
+def summed_negative_log_likelihood(
+    output: Tensor, target: Tensor, likelihood: str, noise: Tensor | None = None
+) -> Tensor:
+    """The summed loss whose curvature :func:`output_gradient_columns` describes.
+
+    Args:
+        output: ``(N, C)`` network outputs.
+        target: ``(N,)`` class indices or ``(N, C_y)`` regression targets.
+        likelihood: one of :data:`LIKELIHOODS`.
+        noise: regression only: a scalar or ``(C,)`` σ dividing the residuals (None: 1).
+
+    Returns:
+        A scalar: cross-entropy, ``½ Σ ((f − y)/σ)²``, or ``Σ ½ (y − μ)² e^{−s} + ½ s``.
+    """
+    if likelihood == "classification":
+        return torch.nn.functional.cross_entropy(output, target, reduction="sum")
+    if likelihood == "heteroscedastic_regression":
+        mean, log_var = split_heteroscedastic(output)
+        return 0.5 * ((target - mean).square() * (-log_var).exp() + log_var).sum()
+    residual = output - target
+    return 0.5 * (residual if noise is None else residual / noise).square().sum()

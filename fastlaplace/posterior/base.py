@@ -19,6 +19,8 @@ from fastlaplace.curvature import (
     last_layer,
     layer_statistics,
     output_jacobians,
+    split_heteroscedastic,
+    summed_negative_log_likelihood,
     supported_layers,
     trainable_bias,
     weight_matrix,
@@ -31,8 +33,11 @@ def _own_parameters(module: nn.Module) -> list[Tensor]:
     return [module.weight] if bias is None else [module.weight, bias]
 
 
-#: laplace-torch's likelihoods: reward models are fitted as classifiers, predict as regressors
+#: laplace-torch's likelihoods (reward models are fitted as classifiers, predict as regressors)
+#: and heteroscedastic regression (the model outputs means and log-variances)
 POSTERIOR_LIKELIHOODS = (*LIKELIHOODS, "reward_modeling")
+#: likelihoods whose predictive is a Gaussian over the outputs f
+GAUSSIAN_OUTPUTS = ("regression", "heteroscedastic_regression")
 
 
 class BaseLaplace(ABC):
@@ -277,18 +282,15 @@ class BaseLaplace(ABC):
             if y.dim() != 1 or y.shape[0] != n or y.is_floating_point():
                 raise ValueError(f"classification targets must be ({n},) class indices, got {tuple(y.shape)} {y.dtype}")
         elif y.dim() != 2 or y.shape[0] != n:
-            raise ValueError(f"regression targets must be ({n}, C), got shape {tuple(y.shape)}")
+            raise ValueError(f"{self.likelihood} targets must be ({n}, C), got shape {tuple(y.shape)}")
 
     def _summed_loss(self, output: Tensor, y: Tensor) -> Tensor:
-        if self._likelihood(True) == "classification":
-            if y.min() < 0 or y.max() >= output.shape[1]:
-                raise ValueError(
-                    f"class labels must lie in [0, {output.shape[1]}), got [{int(y.min())}, {int(y.max())}]"
-                )
-            return nn.functional.cross_entropy(output, y, reduction="sum")
-        if self.noise_per_output:  # its shape was checked by the curvature pass
-            return 0.5 * ((output - y) / self.sigma_noise).square().sum()
-        return 0.5 * (output - y).square().sum()
+        likelihood = self._likelihood(True)
+        if likelihood == "classification" and (y.min() < 0 or y.max() >= output.shape[1]):
+            raise ValueError(f"class labels must lie in [0, {output.shape[1]}), got [{int(y.min())}, {int(y.max())}]")
+        # A per-output σ is part of the loss (its shape was checked by the curvature pass).
+        noise = self.sigma_noise if self.noise_per_output else None
+        return summed_negative_log_likelihood(output, y, likelihood, noise)
 
     def _require_fit(self) -> None:
         if not self._fitted:
@@ -317,6 +319,8 @@ class BaseLaplace(ABC):
         if self._likelihood(True) == "regression":
             normaliser = torch.log(sigma * math.sqrt(2 * math.pi)).expand(self.num_outputs).sum()
             value = value - self.num_data * normaliser
+        elif self._likelihood(True) == "heteroscedastic_regression":  # log σ(x) is inside the loss
+            value = value - self.num_data * (self.num_outputs // 2) * 0.5 * math.log(2 * math.pi)
         return value
 
     def scatter(self, prior_precision: Tensor) -> Tensor:
@@ -399,8 +403,7 @@ class BaseLaplace(ABC):
                     probs = self(x, pred_type=pred_type, link_approx=link_approx, fitting=True)
                     total -= probs.gather(1, y.long().unsqueeze(1)).clamp_min(1e-30).log().sum().item()
                 else:
-                    mean, variance = self(x, pred_type=pred_type, diagonal_output=True)
-                    variance = variance + self.sigma_noise.square()
+                    mean, variance = self._target_moments(x, pred_type)
                     total += (
                         0.5 * ((y - mean).square() / variance + variance.log() + math.log(2 * math.pi)).sum().item()
                     )
@@ -467,16 +470,18 @@ class BaseLaplace(ABC):
             ``(N, C, C)`` covariance of f (σ² not included, as in laplace-torch; see
             :meth:`predict`), ``(N, C)`` variances with ``diagonal_output`` or for
             ``"nn"``, ``(N C,)`` mean and ``(N C, N C)`` covariance with ``joint``.
+            Heteroscedastic regression: the same for all ``2 C`` outputs (means and
+            log-variances); :meth:`predict` gives the targets' mean and std.
         """
         likelihood = self._likelihood(fitting)
         if pred_type == "nn":
             return self._sampled_network_predictive(x, n_samples, generator, likelihood)
         if pred_type != "glm":
             raise ValueError(f"pred_type must be 'glm' or 'nn', got {pred_type!r}")
-        if likelihood == "regression" and joint:
+        if likelihood in GAUSSIAN_OUTPUTS and joint:
             return self.functional_covariance(x)
         mean, cov = self.functional_variance(x)
-        if likelihood == "regression":
+        if likelihood in GAUSSIAN_OUTPUTS:
             return (mean, cov.diagonal(dim1=1, dim2=2)) if diagonal_output else (mean, cov)
         if link_approx == "probit":
             return probit(mean, cov.diagonal(dim1=1, dim2=2))
@@ -488,9 +493,8 @@ class BaseLaplace(ABC):
             return sampled_softmax(mean, cov, n_samples, generator).mean(0)
         raise ValueError(f"link_approx must be 'probit', 'bridge', 'bridge_norm' or 'mc', got {link_approx!r}")
 
-    def _sampled_network_predictive(
-        self, x: Tensor, n_samples: int, generator: torch.Generator | None, likelihood: str
-    ):
+    def _sampled_outputs(self, x: Tensor, n_samples: int, generator: torch.Generator | None) -> Tensor:
+        """``(n_samples, N, C)`` outputs of the network with weights drawn from the posterior."""
         names = {id(p): name for name, p in self.model.named_parameters()}
         keys = [names[id(p)] for p in self._layer_parameters()]
         outputs = []
@@ -499,10 +503,35 @@ class BaseLaplace(ABC):
                 values = torch.split(draw, [p.numel() for p in self._layer_parameters()])
                 params = {k: v.view_as(p) for k, v, p in zip(keys, values, self._layer_parameters(), strict=True)}
                 outputs.append(functional_call(self.model, params, (self._to_device(x),)))
-        outputs = torch.stack(outputs)
+        return torch.stack(outputs)
+
+    def _sampled_network_predictive(
+        self, x: Tensor, n_samples: int, generator: torch.Generator | None, likelihood: str
+    ):
+        outputs = self._sampled_outputs(x, n_samples, generator)
         if likelihood == "classification":
             return outputs.softmax(-1).mean(0)
         return outputs.mean(0), outputs.var(0)
+
+    def _target_moments(
+        self, x: Tensor, pred_type: str = "glm", n_samples: int = 100, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(N, C_y)`` mean and variance of a regression's targets y under the predictive.
+
+        Homoscedastic: f's mean, and its variance plus σ². Heteroscedastic (outputs μ, s):
+        E[μ], and Var[μ] + E[e^s], with ``E[e^s] = exp(E s + ½ Var s)`` under the GLM.
+        """
+        if self._likelihood(fitting=False) == "regression":
+            mean, variance = self(
+                x, pred_type=pred_type, diagonal_output=True, n_samples=n_samples, generator=generator
+            )
+            return mean, variance + self.sigma_noise.square()
+        if pred_type == "nn":
+            mean, log_var = split_heteroscedastic(self._sampled_outputs(x, n_samples, generator))
+            return mean.mean(0), mean.var(0) + log_var.exp().mean(0)
+        output, variance = self(x, pred_type=pred_type, diagonal_output=True)
+        (mean, log_var), (mean_variance, log_var_variance) = split_heteroscedastic(output), variance.chunk(2, dim=-1)
+        return mean, mean_variance + (log_var + 0.5 * log_var_variance).exp()
 
     def predict(
         self, x: Tensor, n_samples: int = 100, generator: torch.Generator | None = None
@@ -510,12 +539,14 @@ class BaseLaplace(ABC):
         """Predictive mean and standard deviation, ``(N, C)`` each.
 
         Regression (and reward models): the GLM's mean and the standard deviation of y,
-        σ included. Classification: the probit class probabilities, and the standard
-        deviation of the softmax over ``n_samples`` logits drawn from the GLM.
+        σ included. Heteroscedastic regression: the mean and standard deviation of the
+        ``(N, C)`` targets, the noise e^s (s ~ GLM) included. Classification: the probit
+        class probabilities, and the standard deviation of the softmax over ``n_samples``
+        logits drawn from the GLM.
         """
-        if self._likelihood(fitting=False) == "regression":
-            mean, variance = self(x, diagonal_output=True)
-            return mean, (variance + self.sigma_noise.square()).sqrt()
+        if self._likelihood(fitting=False) in GAUSSIAN_OUTPUTS:
+            mean, variance = self._target_moments(x)
+            return mean, variance.sqrt()
         mean, cov = self.functional_variance(x)
         return self(x), sampled_softmax(mean, cov, n_samples, generator).std(0)
 
