@@ -18,6 +18,10 @@ def _weight_gradients(stats) -> Tensor:
     return torch.cat([s.weight_gradients() for s in stats], dim=-1)
 
 
+def _same_key(old: tuple, new: tuple) -> bool:
+    return all(torch.equal(a, b) if isinstance(a, Tensor) else a == b for a, b in zip(old, new, strict=True))
+
+
 class FullLaplace(BaseLaplace):
     """``P = H / (σ² T) + diag(δ)`` with the dense GGN (or Fisher) H over all covered weights.
 
@@ -83,10 +87,10 @@ class FullLaplace(BaseLaplace):
         return scale * self.hessian + torch.diag(self._prior_vector(delta))
 
     def _factor(self) -> Tensor:
-        # Cached for the current prior, noise, temperature and data (each change makes a new key).
-        noise = tuple(self.sigma_noise.flatten().tolist())
-        key = (self.prior_precision.data_ptr(), noise, self.temperature, self.num_data)
-        if self._cholesky is None or self._cholesky[0] != key:
+        # Cached for the values of the prior, noise, temperature and data it was computed
+        # with (values, not tensor identities: a tensor changed in place keeps its address).
+        key = (self.prior_precision.detach().clone(), self.sigma_noise.clone(), self.temperature, self.num_data)
+        if self._cholesky is None or not _same_key(self._cholesky[0], key):
             self._cholesky = (key, torch.linalg.cholesky(self.posterior_precision()))
         return self._cholesky[1]
 
