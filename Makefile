@@ -53,6 +53,7 @@ bench: build
 	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) benchmarks/bench_laplace.py
 	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) benchmarks/bench_models.py
 	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) benchmarks/bench_optim.py
+	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) benchmarks/bench_backend.py
 
 # On the GPU machine (torch with CUDA, no internet): build the CUDA extension, run the
 # GPU tests and the GPU benchmarks; results land in benchmarks/results/.

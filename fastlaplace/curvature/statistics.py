@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -210,15 +211,18 @@ def _supported_base(module: nn.Module) -> type:
 Layers = list[tuple[str, nn.Module]]
 
 
-def _backpropagate_columns(
+def backpropagate_columns(
     model: nn.Module,
     x: Tensor,
-    make_columns,
+    make_columns: Callable[[Tensor], Tensor],
     layers: Layers | None,
     compute_dtype: torch.dtype | None = None,
     create_graph: bool = False,
 ) -> tuple[Tensor, Layers, list[Tensor], list[Tensor]]:
     """Forward x, then backpropagate ``make_columns(output)`` (N, C, K) to the layers.
+
+    The building block of :func:`layer_statistics` and :func:`output_jacobians`, public for
+    curvature backends with columns of their own (:mod:`fastlaplace.integrations`).
 
     With ``compute_dtype`` (bf16 / fp16) the forward and the batched backward run under
     autocast, and one more forward without autograd gives the exact output the loss and
@@ -333,7 +337,7 @@ def layer_statistics(
             )
         return result / output_noise.to(result.dtype).unsqueeze(-1)
 
-    output, layers, inputs, grads = _backpropagate_columns(model, x, columns, layers, compute_dtype)
+    output, layers, inputs, grads = backpropagate_columns(model, x, columns, layers, compute_dtype)
     stats = [LayerStatistics(n, m, a, g) for (n, m), a, g in zip(layers, inputs, grads, strict=True)]
     return output, stats
 
@@ -354,5 +358,5 @@ def output_jacobians(
     def identity(out):
         return torch.eye(out.shape[1], dtype=out.dtype, device=out.device).expand(out.shape[0], -1, -1)
 
-    output, layers, inputs, grads = _backpropagate_columns(model, x, identity, layers, create_graph=create_graph)
+    output, layers, inputs, grads = backpropagate_columns(model, x, identity, layers, create_graph=create_graph)
     return output, [LayerStatistics(n, m, a, g) for (n, m), a, g in zip(layers, inputs, grads, strict=True)]
