@@ -7,10 +7,10 @@ import functools
 
 from torch import nn
 
-from fastlaplace.posterior import BaseLaplace, DiagLaplace, FullLaplace, KronLaplace, LowRankLaplace
+from fastlaplace.posterior import BaseLaplace, DiagLaplace, FullLaplace, FunctionalLaplace, KronLaplace, LowRankLaplace
 
 SUBSETS_OF_WEIGHTS = ("all", "last_layer", "subnetwork")
-HESSIAN_STRUCTURES = ("diag", "kron", "full", "lowrank")
+HESSIAN_STRUCTURES = ("diag", "kron", "full", "lowrank", "gp")
 OPTIONS = (
     "sigma_noise",
     "prior_precision",
@@ -27,7 +27,14 @@ OPTIONS = (
     "damping",
     "last_layer_name",
     "feature_reduction",
+    "n_subset",
+    "independent_outputs",
+    "seed",
+    "likelihood_hessian",
+    "functional_approximation",
 )
+#: the options of hessian_structure="gp" alone
+GP_OPTIONS = ("n_subset", "independent_outputs", "seed", "likelihood_hessian", "functional_approximation")
 POSTERIORS = {
     ("all", "kron"): KronLaplace,
     ("all", "diag"): DiagLaplace,
@@ -38,6 +45,8 @@ POSTERIORS = {
     ("subnetwork", "full"): FullLaplace,
     ("all", "lowrank"): LowRankLaplace,
     ("last_layer", "lowrank"): functools.partial(LowRankLaplace, last_layer_only=True),
+    ("all", "gp"): FunctionalLaplace,
+    ("last_layer", "gp"): functools.partial(FunctionalLaplace, last_layer_only=True),
 }
 
 
@@ -57,10 +66,11 @@ def Laplace(  # noqa: N802 (the name laplace-torch users call)
 
     Args:
         model: the trained network; its output must be ``(N, C)``.
-        likelihood: ``"classification"``, ``"regression"`` or ``"reward_modeling"``.
+        likelihood: ``"classification"``, ``"regression"``, ``"reward_modeling"`` or
+            ``"heteroscedastic_regression"`` (the model outputs C means, then C log-variances).
         subset_of_weights: ``"all"``, ``"last_layer"`` or ``"subnetwork"`` (with
             ``hessian_structure="full"`` and ``subnetwork_indices``).
-        hessian_structure: ``"kron"``, ``"diag"``, ``"full"`` or ``"lowrank"``.
+        hessian_structure: ``"kron"``, ``"diag"``, ``"full"``, ``"lowrank"`` or ``"gp"`` (function space).
         **options: ``sigma_noise``, ``prior_precision`` (scalar or one per layer),
             ``prior_mean``, ``temperature``, ``curvature_mode`` (``"ggn"``, ``"mc"``, ``"ef"``),
             ``curvature_dtype`` (``torch.bfloat16`` / ``torch.float16``: the fit's matrix
@@ -73,7 +83,10 @@ def Laplace(  # noqa: N802 (the name laplace-torch users call)
             Kron ``kfac_approx`` (``"expand"`` or ``"reduce"``) and ``damping`` (True: the prior
             added to each factor, laplace-torch's option), for a subnetwork
             ``subnetwork_indices`` (indices into the parameters in ``named_parameters()`` order),
-            for low rank ``low_rank`` (eigenpairs kept, default 10).
+            for low rank ``low_rank`` (eigenpairs kept, default 10), for ``"gp"``
+            (:class:`~fastlaplace.posterior.FunctionalLaplace`) ``n_subset`` (required),
+            ``independent_outputs``, ``seed``, ``likelihood_hessian`` and
+            ``functional_approximation`` (``"sod"`` only).
 
     Returns:
         The posterior; call ``fit(loader)`` next.
@@ -110,4 +123,12 @@ def Laplace(  # noqa: N802 (the name laplace-torch users call)
             raise TypeError(f"{kron_only} applies to hessian_structure='kron' only")
     if "low_rank" in options and hessian_structure != "lowrank":
         raise TypeError("low_rank applies to hessian_structure='lowrank' only")
+    for gp_only in GP_OPTIONS:
+        if gp_only in options and hessian_structure != "gp":
+            raise TypeError(f"{gp_only} applies to hessian_structure='gp' only")
+    if hessian_structure == "gp":
+        if "n_subset" not in options:
+            raise TypeError("hessian_structure='gp' needs n_subset (the number of training points of the GP)")
+        if options.pop("functional_approximation", "sod") != "sod":
+            raise ValueError("functional_approximation: only 'sod' (subset of data) is available")
     return posterior(model, likelihood, **options)

@@ -82,35 +82,50 @@ def ggn_matmul(statistics: Sequence[LayerStatistics], directions: Sequence[Tenso
     return jacobian_transpose_matmul(statistics, jacobian_matmul(statistics, directions))
 
 
-def jacobian_gram(statistics: Sequence[LayerStatistics], weights: Sequence[Tensor], joint: bool = False) -> Tensor:
+def jacobian_gram(
+    statistics: Sequence[LayerStatistics],
+    weights: Sequence[Tensor],
+    joint: bool = False,
+    others: Sequence[LayerStatistics] | None = None,
+) -> Tensor:
     """``Σ_l J_l diag(w_l) J_lᵀ`` per sample, or with ``joint`` between every pair of samples.
 
     For a layer applied once per sample ``J_n = B_n ⊗ u_nᵀ`` gives the closed form
-    ``Σ_o B_nco B_mdo Σ_a w_oa u_na u_ma`` (n = m without ``joint``); layers applied at
-    several locations, and those without Kronecker factors, form their per-sample
-    Jacobian, one layer at a time.
+    ``Σ_o B_nco B_mdo Σ_a w_oa u_na u_ma`` (n = m without ``joint``), and for a scalar
+    weight ``w (u_n · u_m) B_n B_mᵀ``; layers applied at several locations, and those
+    without Kronecker factors, form their per-sample Jacobian, one layer at a time.
 
     Args:
         statistics: one entry per layer, with ``output_grads`` ``(N, C, d_out)``.
-        weights: per layer ``(d_out, d_A)`` (or broadcastable) weights.
+        weights: per layer ``(d_out, d_A)`` (or broadcastable, a scalar included) weights.
         joint: all pairs of samples instead of each sample with itself.
+        others: the same layers' statistics of a second batch of M samples: the Gram
+            between every sample of ``statistics`` and every one of ``others`` (joint).
 
     Returns:
-        ``(N, C, C)``, or ``(N, C, N, C)`` with ``joint``.
+        ``(N, C, C)``, or ``(N, C, N, C)`` with ``joint``, ``(N, C, M, C)`` with ``others``.
     """
+    joint = joint or others is not None
+    second = statistics if others is None else others
     per_sample_jacobian = "ncp,p,mdp->ncmd" if joint else "ncp,p,nep->nce"
     total = 0
-    for s, w in zip(statistics, weights, strict=True):
+    for s, t, w in zip(statistics, second, weights, strict=True):
         if not s.is_plain_linear:
             jac = s.weight_gradients().to(w.dtype)  # (N, C, d_out * d_A)
+            jac_t = jac if t is s else t.weight_gradients().to(w.dtype)
             flat = w.broadcast_to(s.module.weight.shape[0], jac.shape[-1] // s.module.weight.shape[0]).flatten()
-            total = total + torch.einsum(per_sample_jacobian, jac, flat, jac)
+            total = total + torch.einsum(per_sample_jacobian, jac, flat, jac_t)
             continue
         grads, inputs = s.output_grads.to(w.dtype), s.patches()[:, 0].to(w.dtype)  # (N, C, o), (N, a)
+        grads_t, inputs_t = (grads, inputs) if t is s else (t.output_grads.to(w.dtype), t.patches()[:, 0].to(w.dtype))
+        if joint and w.numel() == 1:  # no (N, M, d_out) temporary
+            pairs = (inputs @ inputs_t.T) * w.reshape(())
+            total = total + torch.einsum("nco,mdo->ncmd", grads, grads_t) * pairs[:, None, :, None]
+            continue
         w = w.broadcast_to(grads.shape[-1], inputs.shape[-1])
         if joint:
-            pairs = torch.einsum("na,ma,oa->nmo", inputs, inputs, w)
-            total = total + torch.einsum("nco,nmo,mdo->ncmd", grads, pairs, grads)
+            pairs = torch.einsum("na,ma,oa->nmo", inputs, inputs_t, w)
+            total = total + torch.einsum("nco,nmo,mdo->ncmd", grads, pairs, grads_t)
         else:
             spread = inputs.square() @ w.T  # (N, o)
             total = total + torch.einsum("nco,no,neo->nce", grads, spread, grads)

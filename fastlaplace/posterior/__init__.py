@@ -1,9 +1,10 @@
-"""Laplace posteriors over the Linear layers of a model: Kronecker-factored, diagonal, full, low rank."""
+"""Laplace posteriors: Kronecker-factored, diagonal, full, low rank, and function space (GP)."""
 
 from fastlaplace.posterior.base import BaseLaplace
 from fastlaplace.posterior.diag import DiagLaplace
 from fastlaplace.posterior.full import FullLaplace
+from fastlaplace.posterior.functional import FunctionalLaplace
 from fastlaplace.posterior.kron import KronLaplace
 from fastlaplace.posterior.lowrank import LowRankLaplace
 
-__all__ = ["BaseLaplace", "DiagLaplace", "FullLaplace", "KronLaplace", "LowRankLaplace"]
+__all__ = ["BaseLaplace", "DiagLaplace", "FullLaplace", "FunctionalLaplace", "KronLaplace", "LowRankLaplace"]
