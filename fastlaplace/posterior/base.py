@@ -75,7 +75,8 @@ class BaseLaplace(ABC):
             raise ValueError(f"likelihood must be one of {POSTERIOR_LIKELIHOODS}, got {likelihood!r}")
         if curvature_mode not in MODES:
             raise ValueError(f"curvature_mode must be one of {MODES}, got {curvature_mode!r}")
-        sigma = torch.as_tensor(sigma_noise).detach()
+        # float64 first: a Python float must not be rounded to float32 on its way to a float64 model
+        sigma = torch.as_tensor(sigma_noise, dtype=torch.float64).detach()
         if sigma.dim() > 1 or (sigma.dim() == 1 and likelihood != "regression"):
             raise ValueError(
                 f"sigma_noise must be a scalar, or (C,) per output for regression; got {tuple(sigma.shape)}"
