@@ -38,14 +38,15 @@ def output_gradient_columns(
         target: ``(N,)`` class indices (classification) or ``(N, C_y)`` targets (regression);
             only read by ``mode="ef"``.
         likelihood: one of :data:`LIKELIHOODS`.
-        mode: ``"ggn"`` (exact: ``K = C`` square-root columns of the loss Hessian),
+        mode: ``"ggn"`` (exact: square-root columns of the loss Hessian, ``C − 1`` of them
+            for classification, whose Hessian has rank ``C − 1``, else ``C``),
             ``"mc"`` (one gradient at labels sampled from the model, ``K = 1``) or ``"ef"``
             (one gradient at the true labels, ``K = 1``).
         generator: random source of ``mode="mc"``.
 
     Returns:
-        ``(N, C, K)`` columns, detached, in the output's dtype (``K = C`` for the exact
-        GGN, 1 otherwise).
+        ``(N, C, K)`` columns, detached, in the output's dtype (K as ``mode`` says, 1 for
+        the Fisher estimates).
     """
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
@@ -65,15 +66,34 @@ def output_gradient_columns(
         return (output - target.to(output.dtype)).unsqueeze(-1)
     probs = torch.softmax(output, dim=-1)
     if mode == "ggn":
-        # diag(p) - p pᵀ = R Rᵀ with R = diag(√p) - p √pᵀ, as Σ p = 1.
-        root = probs.sqrt()
-        return torch.diag_embed(root) - probs.unsqueeze(-1) * root.unsqueeze(-2)
+        return _softmax_hessian_root(probs)
     if mode == "mc":
         labels = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     else:
         labels = target
     one_hot = torch.nn.functional.one_hot(labels.long(), output.shape[1]).to(output.dtype)
     return (probs - one_hot).unsqueeze(-1)
+
+
+def _softmax_hessian_root(probs: Tensor) -> Tensor:
+    """``(N, C, C − 1)`` R with ``R Rᵀ = diag(p) − p pᵀ`` (``(N, 1, 1)`` zeros for one class).
+
+    The Hessian ``diag(√p) (I − √p √pᵀ) diag(√p)`` annihilates 1, so C − 1 columns suffice:
+    ``R = diag(√p) U`` with U the orthonormal basis of √p's complement given by the
+    Householder reflection ``I − 2 v vᵀ / vᵀv``, ``v = √p + e_C``, that maps √p to −e_C
+    (its first C − 1 columns). vᵀv = 2 + 2√p_C ≥ 2, so it is stable for every p. One
+    column fewer to backpropagate and to multiply into the factors: 10% of the exact
+    GGN's cost at C = 10, half of it for binary classification.
+    """
+    classes = probs.shape[-1]
+    if classes == 1:
+        return torch.zeros_like(probs).unsqueeze(-1)
+    root = probs.sqrt()
+    v = root.clone()
+    v[:, -1] += 1
+    basis = -2 * v.unsqueeze(-1) * (v[:, :-1] / (2 + 2 * root[:, -1:])).unsqueeze(-2)  # (N, C, C − 1)
+    basis.diagonal(dim1=1, dim2=2).add_(1)
+    return root.unsqueeze(-1) * basis
 
 
 def split_heteroscedastic(output: Tensor) -> tuple[Tensor, Tensor]:

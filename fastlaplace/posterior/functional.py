@@ -62,8 +62,8 @@ class FunctionalLaplace(BaseLaplace):
     (``diag(p) − ppᵀ`` for classification, ``I / σ²`` for regression), the predictive
     covariance of f at test points is ``K_** − K_*M Λ^½ (I + Λ^½ K_MM Λ^½)⁻¹ Λ^½ K_M*``,
     computed with one Cholesky factor. ``Λ^½`` is any root ``Λ = R Rᵀ`` (the formula holds
-    with ``R`` and ``Rᵀ`` in its place): for classification fastlaplace's exact GGN columns
-    ``R_n = diag(√p) − p √pᵀ`` (:func:`~fastlaplace.curvature.output_gradient_columns`),
+    with ``R`` and ``Rᵀ`` in its place): for classification fastlaplace's exact GGN columns,
+    the ``C × (C − 1)`` root of :func:`~fastlaplace.curvature.output_gradient_columns`,
     which needs no eigendecomposition of the rank C − 1 block. When the subset is the whole
     training set this is exactly the GLM covariance ``J (GGN + Δ)⁻¹ Jᵀ`` of the full
     Laplace posterior (Woodbury).
@@ -230,8 +230,10 @@ class FunctionalLaplace(BaseLaplace):
         n, c = output.shape
         if self._likelihood(True) == "classification":
             if self.likelihood_hessian == "block" and not self.independent_outputs:
-                # diag(p) − ppᵀ = R Rᵀ with R = diag(√p) − p √pᵀ (the GGN columns): no eigendecomposition
+                # diag(p) − ppᵀ = R Rᵀ with R the (C, C − 1) GGN columns: no eigendecomposition;
+                # a zero column makes R square, as the solver's layout wants (it adds 1s to I + RᵀKR)
                 root = output_gradient_columns(output, None, "classification", "ggn")
+                root = torch.nn.functional.pad(root, (0, c - root.shape[-1]))
             else:
                 p = output.softmax(-1)
                 root = torch.diag_embed((p * (1 - p)).sqrt())
