@@ -99,8 +99,13 @@ def train(
     batch_size: int = 64,
     seed: int = 0,
     target: float | None = None,
+    kfac_options: dict | None = None,
+    momentum: float = 0.9,
 ) -> Run:
     """Train from a seeded initialisation; stop early once the test accuracy reaches ``target``.
+
+    ``kfac_options`` replace :data:`KFAC_OPTIONS` for K-FAC; ``momentum`` is that of SGD
+    (under K-FAC too), or Adam's β₁.
 
     Under torch.distributed (the process group initialised, e.g. by :func:`main` under
     torchrun) each rank trains on its DistributedSampler shard with DDP; every rank
@@ -124,10 +129,11 @@ def train(
         generator=torch.Generator().manual_seed(seed),
     )
     if optimizer_name == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(momentum, 0.999))
     else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    preconditioner = KFACPreconditioner(trained, lr=optimizer, **KFAC_OPTIONS) if optimizer_name == "kfac" else None
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    options = KFAC_OPTIONS if kfac_options is None else kfac_options
+    preconditioner = KFACPreconditioner(trained, lr=optimizer, **options) if optimizer_name == "kfac" else None
     run = Run(model_name, optimizer_name, lr)
     start = time.perf_counter()
     for epoch in range(epochs):

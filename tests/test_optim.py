@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+import fastlaplace.ops as ops
+import fastlaplace.reference as reference
 from fastlaplace.optim import KFACPreconditioner
 
 
@@ -340,6 +342,117 @@ def test_diverged_factors_name_the_layer():
     pre.curvature.output_factors[1][0, 0] = float("nan")
     with pytest.raises(RuntimeError, match=r"\['2'\].*NaN"):
         pre.update_eigendecomposition()
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, stride, padding, dilation",
+    [
+        ((64, 16, 4, 4), (3, 3), (1, 1), (1, 1), (1, 1)),  # the digits CNN's second convolution
+        ((64, 1, 8, 8), (3, 3), (1, 1), (1, 1), (1, 1)),  # and its first
+        ((64, 8, 5, 5), (3, 3), (2, 2), (1, 1), (1, 1)),
+        ((64, 8, 5, 5), (3, 3), (1, 1), (2, 2), (2, 2)),
+        ((64, 6, 4, 5), (3, 3), (1, 2), (1, 1), (1, 1)),
+        ((48, 3, 5, 6), (3, 2), (2, 1), (1, 0), (1, 2)),  # fewer channels: unfolded patches are cheaper
+        ((3, 2, 32, 32), (3, 3), (1, 1), (1, 1), (1, 1)),  # large images: unfolded patches
+    ],
+)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_conv_input_factor_of_small_and_large_images_matches_the_reference(
+    shape, kernel, stride, padding, dilation, bias, beta
+):
+    # Many small images take the pixel-Gram path of the CPU kernel, the large ones the patch path.
+    generator = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, dtype=torch.float64, generator=generator)
+    size = shape[1] * kernel[0] * kernel[1] + bias
+    old = torch.randn(size, size, dtype=torch.float64, generator=generator)
+    old = old + old.T if beta else torch.full((size, size), float("nan"), dtype=torch.float64)
+    expected = old.clone()
+    reference.conv_input_factor_(
+        expected, x, list(kernel), list(stride), list(padding), list(dilation), bias, 0.3, beta
+    )
+    result = old.clone()
+    with torch.profiler.profile() as profile:
+        ops.conv_input_factor_(result, x, kernel, stride, padding, dilation, bias, 0.3, beta)
+    unfolded = any(event.name == "aten::im2col" for event in profile.events())
+    assert unfolded == (shape[0] < 64 or ops.build_info() == "python")
+    torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-10)
+    assert torch.equal(result, result.T)
+    single = old.float()
+    ops.conv_input_factor_(single, x.float(), kernel, stride, padding, dilation, bias, 0.3, beta)
+    torch.testing.assert_close(single.double(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_channels_last_small_images_give_the_same_factor():
+    x = torch.randn(64, 4, 4, 4, dtype=torch.float64)
+    result, expected = torch.zeros(37, 37, dtype=torch.float64), torch.zeros(37, 37, dtype=torch.float64)
+    ops.conv_input_factor_(result, x.to(memory_format=torch.channels_last), 3, 1, 1, 1, True)
+    reference.conv_input_factor_(expected, x, [3, 3], [1, 1], [1, 1], [1, 1], True)
+    torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-10)
+
+
+def test_hooks_are_registered_only_for_factor_update_steps():
+    model = make("cnn")
+    layers = kron_layers(model)
+    pre = KFACPreconditioner(model, factor_update_steps=3, inv_update_steps=2)
+    armed = []
+    for step in range(7):
+        armed.append(all(len(m._forward_hooks) == 1 for m in layers))
+        assert armed[-1] or all(not m._forward_hooks for m in layers)
+        backward(model, *data("cnn", seed=step))
+        pre.step()
+    assert armed == [True, False, False, True, False, False, True]
+    pre.remove()
+    assert all(not m._forward_hooks for m in layers)
+    backward(model, *data("cnn", seed=9))
+    pre.step()  # step 7: no factor update, plain preconditioning
+    pre.steps = 9  # a factor-update step next: a removed preconditioner stays removed
+    pre.load_state_dict(pre.state_dict())
+    assert all(not m._forward_hooks for m in layers)
+
+
+@pytest.mark.parametrize("mode", ["eigen", "factored"])
+def test_changing_damping_and_learning_rate_between_eigendecompositions(mode):
+    # The damped spectra are kept from step to step: a new damping or lr must still be used at once.
+    model = make("cnn")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    dampings = iter([0.05, 0.05, 0.2, 0.01])
+    current = {}
+
+    def damping():
+        current["delta"] = next(dampings)
+        return current["delta"]
+
+    pre = KFACPreconditioner(
+        model, damping=damping, damping_mode=mode, inv_update_steps=100, kl_clip=1e-4, lr=optimizer
+    )
+    for step in range(4):
+        optimizer.param_groups[0]["lr"] = 0.3 / (step + 1)
+        backward(model, *data("cnn", seed=step))
+        grads = [gradient_matrix(m) for m in kron_layers(model)]
+        pre.step()
+        delta = current["delta"]
+        natural = []
+        for (qa, la, qg, lg), grad in zip(pre.eigendecomposition(), grads, strict=True):
+            if mode == "factored":
+                la, lg = KFACPreconditioner._factored_spectrum(la, lg, delta)
+            layer_delta = delta if mode == "eigen" else 0.0
+            natural.append(
+                ops.kron_solve(
+                    [qa],
+                    [la],
+                    [qg],
+                    [lg],
+                    [grad],
+                    torch.ones(1, dtype=qa.dtype),
+                    torch.full((1,), layer_delta, dtype=qa.dtype),
+                )[0]
+            )
+        total = (0.3 / (step + 1)) ** 2 * sum((g * n).sum() for g, n in zip(grads, natural, strict=True))
+        nu = min(1.0, math.sqrt(1e-4 / total))
+        assert nu < 1
+        for m, n in zip(kron_layers(model), natural, strict=True):
+            torch.testing.assert_close(gradient_matrix(m), n * nu, rtol=1e-9, atol=1e-12)
 
 
 def test_digits_example_trains():

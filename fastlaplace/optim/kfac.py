@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -130,6 +131,11 @@ class KFACPreconditioner:
     A layer that runs several forwards before a step (gradient accumulation, weight
     sharing) has them counted as one batch of all their samples.
 
+    Cost per step: the forward hooks are registered only while the coming step updates the
+    factors (other forwards run hook-free); the damped spectra ``1 / (μ λᵀ + δ)`` are kept
+    between eigendecomposition updates (remade when the damping changes), so a step that
+    updates nothing is four GEMMs per layer and no host synchronisation.
+
     Args:
         model: the network (or its DistributedDataParallel wrapper).
         damping: δ > 0, or a callable returning it (read at every step).
@@ -199,14 +205,27 @@ class KFACPreconditioner:
         self.steps = 0
         self._captures: list[list[_Capture]] = [[] for _ in self.layers]
         self._eigen: list[tuple[Tensor, Tensor, Tensor, Tensor] | None] = [None] * len(self.layers)
-        sizes = [(m.weight[0].numel() + (trainable_bias(m) is not None), m.weight.shape[0]) for _, m in self.layers]
+        # Per layer, fixed for the preconditioner's life (the factors' sizes depend on them):
+        # its weight, trainable bias (or None) and number of weight columns.
+        self._parameters = [(m.weight, trainable_bias(m), m.weight[0].numel()) for _, m in self.layers]
+        sizes = [(d_in + (bias is not None), w.shape[0]) for w, bias, d_in in self._parameters]
         # Eigendecompositions cost d³; in "gradient" mode the owner of a layer also solves with it at every step.
         self._layer_owners = distributed.assign_owners(
             [d_a**3 + d_g**3 for d_a, d_g in sizes], distributed.rank_and_size()[1]
         )
-        self._handles = [
-            module.register_forward_hook(self._capture_hook(i)) for i, (_, module) in enumerate(self.layers)
-        ]
+        # Per layer, the damped spectrum's reciprocal (d_G, d_A) in use, for the damping it was made with;
+        # recomputed after each eigendecomposition update or change of damping, not at every step.
+        self._weights: list[Tensor | None] = [None] * len(self.layers)
+        self._weights_damping: float | None = None
+        self._rates: tuple[tuple[float, ...], Tensor] | None = None
+        # Per layer (Q_Aᵀ, Q_Gᵀ) of the eigenpairs in use (views, made once per eigendecomposition update).
+        self._transposed: list[tuple[Tensor, Tensor] | None] = [None] * len(self.layers)
+        self._groups: tuple[int, list[int | None]] | None = None
+        # The capture hooks are registered only while the next step updates the factors, so that the
+        # forwards of the other steps run without any hook of ours.
+        self._hooks_wanted = True
+        self._handles: list = []
+        self._arm_hooks()
 
     # ------------------------------------------------------------------ hooks
 
@@ -224,11 +243,22 @@ class KFACPreconditioner:
 
         return hook
 
+    def _arm_hooks(self) -> None:
+        """Register the capture hooks if the coming step updates the factors, remove them otherwise."""
+        wanted = self._hooks_wanted and self.steps % self.factor_update_steps == 0
+        if wanted and not self._handles:
+            self._handles = [
+                module.register_forward_hook(self._capture_hook(i)) for i, (_, module) in enumerate(self.layers)
+            ]
+        elif not wanted and self._handles:
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
+
     def remove(self) -> None:
         """Remove the hooks from the model (the preconditioner cannot update its factors afterwards)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._hooks_wanted = False
+        self._arm_hooks()
 
     # ------------------------------------------------------------------ steps
 
@@ -244,14 +274,15 @@ class KFACPreconditioner:
                 backward with gradients enabled since the last step, or when a factor holds
                 NaN or Inf (the layers are named).
         """
-        device = self.layers[0][1].weight.device.type
-        with torch.autocast(device, enabled=False):
+        device = self._parameters[0][0].device.type
+        with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext():
             if self.steps % self.factor_update_steps == 0:
                 self._update_factors()
             if self.steps % self.inv_update_steps == 0:
                 self.update_eigendecomposition()
             self._precondition()
         self.steps += 1
+        self._arm_hooks()
 
     precondition = step
 
@@ -263,7 +294,8 @@ class KFACPreconditioner:
         return [owner == rank for owner in self._layer_owners]
 
     def _update_factors(self) -> None:
-        statistics, missing = [], []
+        batches, missing = [], []
+        mean = self.loss_reduction == "mean"
         for (name, module), captures in zip(self.layers, self._captures, strict=True):
             done = [c for c in captures if c.grad is not None]
             if not done:
@@ -276,19 +308,77 @@ class KFACPreconditioner:
                         f"layer {name!r} ({type(module).__name__}) got an input of shape {tuple(c.inputs.shape)}; "
                         f"K-FAC accepts inputs with {' or '.join(map(str, allowed))} dimensions (batch first)"
                     )
-            # The gradient of a mean loss is 1/N of each datum's; G wants the datum's.
-            grads = [c.grad * c.inputs.shape[0] if self.loss_reduction == "mean" else c.grad for c in done]
-            inputs = torch.cat([c.inputs for c in done]) if len(done) > 1 else done[0].inputs
-            grads = torch.cat(grads) if len(grads) > 1 else grads[0]
-            statistics.append(LayerStatistics(name, module, inputs, grads.unsqueeze(1)))  # K = 1 column
+            # The gradient of a mean loss is 1/N of each datum's; G wants the datum's: a factor N on the
+            # gradients, N² on G, folded into G's scale for a single forward (no scaled copy).
+            if len(done) == 1:
+                inputs, grads = done[0].inputs, done[0].grad
+                grad_scale = float(inputs.shape[0]) if mean else 1.0
+            else:
+                inputs = torch.cat([c.inputs for c in done])
+                grads = torch.cat([c.grad * c.inputs.shape[0] if mean else c.grad for c in done])
+                grad_scale = 1.0
+            batches.append((name, module, inputs, grads, grad_scale))
         self._captures = [[] for _ in self.layers]
         if missing:
             raise RuntimeError(
                 f"layers {missing} ran no forward and backward with gradients enabled since the last step(); "
                 "call step() after loss.backward() (K-FAC updates its factors at this step)"
             )
-        self.curvature.decay = _value(self.factor_decay)
-        self.curvature.update(statistics)
+        decay = _value(self.factor_decay)
+        self.curvature.decay = decay
+        if self.curvature.kfac_approx != "expand":
+            statistics = [
+                LayerStatistics(name, module, inputs, (grads * scale if scale != 1.0 else grads).unsqueeze(1))
+                for name, module, inputs, grads, scale in batches
+            ]
+            self.curvature.update(statistics)
+            return
+        if not self.curvature.names:  # the first batch sizes the factors (KronCurvature's own allocation)
+            self.curvature._allocate(
+                [LayerStatistics(name, module, x, g.unsqueeze(1)) for name, module, x, g, _ in batches]
+            )
+        self._accumulate(batches, decay)
+
+    def _accumulate(self, batches: list, decay: float) -> None:
+        """The running factors of :class:`KronCurvature` ("expand"), updated with one fused call per scale.
+
+        ``A ← β A + (1 − β) Σ â âᵀ / (N L)`` and ``G ← β G + (1 − β) s² Σ g gᵀ / N`` (s the folded gradient
+        scale), the same updates as ``KronCurvature.update`` without its per-layer statistics objects.
+        """
+        curvature = self.curvature
+        beta = decay if curvature.num_data else 0.0
+        factors, rows, ones, alphas = [], [], [], []
+        for i, (_, module, inputs, grads, scale) in enumerate(batches):
+            n, bias = inputs.shape[0], self._parameters[i][1] is not None
+            alpha_a = (1.0 - beta) / (n * curvature.locations[i])
+            if isinstance(module, nn.Conv2d):
+                ops.conv_input_factor_(
+                    curvature.input_factors[i],
+                    inputs,
+                    module.kernel_size,
+                    module.stride,
+                    module.padding,
+                    module.dilation,
+                    bias,
+                    alpha_a,
+                    beta,
+                )
+                grads = grads.permute(0, 2, 3, 1)  # (N, H', W', C_out): a view for channels-last gradients
+            else:
+                factors.append(curvature.input_factors[i])
+                rows.append(inputs.reshape(-1, inputs.shape[-1]))
+                ones.append(bias)
+                alphas.append(alpha_a)
+            factors.append(curvature.output_factors[i])
+            rows.append(grads.reshape(-1, grads.shape[-1]))
+            ones.append(False)
+            alphas.append((1.0 - beta) * scale * scale / n)
+        for alpha in dict.fromkeys(alphas):  # one fused call per distinct scale
+            chosen = [j for j, a in enumerate(alphas) if a == alpha]
+            ops.factor_accumulate_(
+                [factors[j] for j in chosen], [rows[j] for j in chosen], [ones[j] for j in chosen], alpha, beta
+            )
+        curvature.num_data += batches[0][2].shape[0]
 
     def update_eigendecomposition(self) -> None:
         """Average the factors over the ranks and eigendecompose them (each factor on its owner rank).
@@ -308,6 +398,11 @@ class KFACPreconditioner:
             )
         rank, size = distributed.rank_and_size()
         count = len(self.layers)
+        if size == 1:
+            values, vectors = ops.batched_eigh(factors)
+            self._eigen = [(vectors[i], values[i], vectors[count + i], values[count + i]) for i in range(count)]
+            self._eigen_changed()
+            return
         if self.broadcast == "eigen":
             owners = distributed.assign_owners([f.shape[0] ** 3 for f in factors], size)
         else:
@@ -325,6 +420,17 @@ class KFACPreconditioner:
             (all_vectors[i], all_values[i], all_vectors[count + i], all_values[count + i]) if needed[i] else None
             for i in range(count)
         ]
+        self._eigen_changed()
+
+    def _eigen_changed(self) -> None:
+        """Drop the damped spectra and remake the views of the eigenvectors that each step uses."""
+        self._weights = [None] * len(self.layers)
+        self._transposed = [None] * len(self.layers)
+        for i, eigen in enumerate(self._eigen):
+            if eigen is not None:
+                qa, qg, d_in = eigen[0], eigen[2], self._parameters[i][2]
+                # (Q_Gᵀ, Q_Aᵀ, the weight rows of Q_A transposed, the bias row of Q_A or None)
+                self._transposed[i] = (qg.T, qa.T, qa[:d_in].T, qa[d_in] if qa.shape[0] > d_in else None)
 
     def eigendecomposition(self) -> list[tuple[Tensor, Tensor, Tensor, Tensor] | None]:
         """Per layer ``(Q_A, λ_A, Q_G, λ_G)`` in use (None for a layer owned by another rank in "gradient" mode)."""
@@ -332,56 +438,99 @@ class KFACPreconditioner:
 
     def _precondition(self) -> None:
         rank, size = distributed.rank_and_size()
-        with_grad = [i for i, (_, m) in enumerate(self.layers) if m.weight.grad is not None]
-        gradients = {i: self._gradient_matrix(self.layers[i][1]) for i in with_grad}
-        distributed_gradients = self.broadcast == "gradient" and size > 1
-        compute = [i for i in with_grad if not distributed_gradients or self._layer_owners[i] == rank]
-        natural = dict(zip(compute, self._solve(compute, [gradients[i] for i in compute]), strict=True))
-        if distributed_gradients:
-            for i in with_grad:
-                natural.setdefault(i, torch.empty_like(gradients[i]))
-            distributed.broadcast_from_owners_(
-                [natural[i] for i in with_grad], [self._layer_owners[i] for i in with_grad], self.bucket_mb
-            )
+        with_grad = [i for i, (weight, _, _) in enumerate(self._parameters) if weight.grad is not None]
         if not with_grad:
             return
-        updates = [natural[i] for i in with_grad]
-        scale = self._kl_scale([gradients[i] for i in with_grad], updates, with_grad)
-        if scale is not None:
-            torch._foreach_mul_(updates, scale)
-        for i, update in zip(with_grad, updates, strict=True):
-            module = self.layers[i][1]
-            d_in = module.weight[0].numel()
-            module.weight.grad.copy_(update[:, :d_in].view_as(module.weight))
-            bias = trainable_bias(module)
-            if bias is not None and bias.grad is not None:
-                bias.grad.copy_(update[:, d_in])
+        if self.broadcast == "gradient" and size > 1:
+            self._precondition_distributed(with_grad, rank)
+            return
+        # (F + δ)⁻¹ vec V = Q_G [(Q_Gᵀ V Q_A) ⊘ (μ λᵀ + δ)] Q_Aᵀ: kron_solve's maths and order of products,
+        # with the damped spectrum and the transposed eigenvectors kept from step to step.
+        weights = self._damped_weights(with_grad)
+        scaled = []
+        for i in with_grad:
+            rotated = torch.mm(torch.mm(self._transposed[i][0], self._gradient_matrix(i)), self._eigen[i][0])
+            scaled.append(rotated.mul_(weights[i]) if self.kl_clip is None else (rotated, rotated * weights[i]))
+        if self.kl_clip is not None:
+            # ⟨V, (F + δ)⁻¹ V⟩ = ⟨R, R ⊘ (μ λᵀ + δ)⟩ with R = Q_Gᵀ V Q_A: ν scales the rotated update.
+            dots = [torch.vdot(r.view(-1), w.view(-1)) for r, w in scaled]
+            scaled = [w for _, w in scaled]
+            torch._foreach_mul_(scaled, self._kl_scale(dots, with_grad))
+        for i, update in zip(with_grad, scaled, strict=True):
+            weight, bias, d_in = self._parameters[i]
+            _, qa_t, qa_weight_t, qa_bias = self._transposed[i]
+            left = torch.mm(self._eigen[i][2], update)
+            if weight.grad.dtype == left.dtype and weight.grad.is_contiguous():
+                # Q_G U Q_Aᵀ written straight into the gradients: the weight columns, then the bias column.
+                torch.mm(left, qa_weight_t, out=weight.grad.view(weight.shape[0], d_in))
+                if bias is not None and bias.grad is not None:
+                    torch.mv(left, qa_bias, out=bias.grad)
+            else:
+                self._write_gradient(i, left @ qa_t)
 
-    def _gradient_matrix(self, module: nn.Module) -> Tensor:
+    def _precondition_distributed(self, with_grad: list[int], rank: int) -> None:
+        """``broadcast="gradient"``: each layer's owner solves and broadcasts its natural gradient."""
+        compute = [i for i in with_grad if self._layer_owners[i] == rank]
+        weights = self._damped_weights(compute)
+        gradients = {i: self._gradient_matrix(i) for i in with_grad}
+        natural = {}
+        for i in compute:
+            qa, _, qg, _ = self._eigen[i]
+            natural[i] = qg @ ((qg.T @ gradients[i] @ qa).mul_(weights[i])) @ qa.T
+        for i in with_grad:
+            natural.setdefault(i, torch.empty_like(gradients[i]))
+        distributed.broadcast_from_owners_(
+            [natural[i] for i in with_grad], [self._layer_owners[i] for i in with_grad], self.bucket_mb
+        )
+        if self.kl_clip is not None:  # the same sums on every rank, from the broadcast natural gradients
+            dots = [torch.vdot(gradients[i].view(-1), natural[i].view(-1)) for i in with_grad]
+            torch._foreach_mul_([natural[i] for i in with_grad], self._kl_scale(dots, with_grad))
+        for i in with_grad:
+            self._write_gradient(i, natural[i])
+
+    def _write_gradient(self, i: int, update: Tensor) -> None:
+        """Copy a ``(d_out, d_A)`` ``[∇W | ∇b]`` update into layer i's gradients."""
+        weight, bias, d_in = self._parameters[i]
+        weight.grad.copy_(update[:, :d_in].view_as(weight))
+        if bias is not None and bias.grad is not None:
+            bias.grad.copy_(update[:, d_in])
+
+    def _dtype(self) -> torch.dtype:
+        return self.curvature.input_factors[0].dtype
+
+    def _gradient_matrix(self, i: int) -> Tensor:
         """``(d_out, d_A)`` ``[∇W | ∇b]`` in the factors' dtype (a zero bias column for a bias without grad)."""
-        dtype = self.curvature.input_factors[0].dtype
-        grad = module.weight.grad.reshape(module.weight.shape[0], -1).to(dtype)
-        bias = trainable_bias(module)
+        weight, bias, d_in = self._parameters[i]
+        dtype = self._dtype()
+        grad = weight.grad.reshape(weight.shape[0], d_in)
         if bias is None:
-            return grad
-        column = bias.grad.to(dtype) if bias.grad is not None else grad.new_zeros(grad.shape[0])
-        return torch.cat([grad, column.unsqueeze(1)], dim=1)
+            return grad if grad.dtype == dtype else grad.to(dtype)
+        if bias.grad is None:
+            return torch.cat([grad.to(dtype), grad.new_zeros(grad.shape[0], 1, dtype=dtype)], dim=1)
+        matrix = torch.cat([grad, bias.grad.unsqueeze(1)], dim=1)
+        return matrix if matrix.dtype == dtype else matrix.to(dtype)
 
-    def _solve(self, layers: list[int], gradients: list[Tensor]) -> list[Tensor]:
-        """The damped ``(A ⊗ G)⁻¹`` applied to each listed layer's gradient matrix, one fused call."""
-        if not layers:
-            return []
-        qa, la, qg, lg = zip(*(self._eigen[i] for i in layers), strict=True)
+    def _damped_weights(self, layers: list[int]) -> list[Tensor | None]:
+        """Per layer ``1 / (μ λᵀ + δ)`` (eigen) or ``1 / ((μ + √δ/π)(λ + π√δ)ᵀ)`` (factored), clamped spectra.
+
+        Kept until the eigendecomposition or the damping changes: the damping is read at every call.
+        """
         delta = _value(self.damping)
         if delta <= 0:
             raise ValueError(f"damping must be positive, got {delta}")
-        options = {"dtype": la[0].dtype, "device": la[0].device}
-        if self.damping_mode == "eigen":
-            deltas = torch.full((len(layers),), delta, **options)
-        else:
-            la, lg = zip(*(self._factored_spectrum(a, g, delta) for a, g in zip(la, lg, strict=True)), strict=True)
-            deltas = torch.zeros(len(layers), **options)
-        return ops.kron_solve(qa, la, qg, lg, gradients, torch.ones(len(layers), **options), deltas)
+        if delta != self._weights_damping:
+            self._weights = [None] * len(self.layers)
+            self._weights_damping = delta
+        for i in layers:
+            if self._weights[i] is None:
+                _, la, _, lg = self._eigen[i]
+                if self.damping_mode == "eigen":
+                    damped = torch.outer(lg.clamp_min(0), la.clamp_min(0)).add_(delta)
+                else:
+                    la, lg = self._factored_spectrum(la, lg, delta)
+                    damped = torch.outer(lg, la)
+                self._weights[i] = damped.reciprocal_()
+        return self._weights
 
     @staticmethod
     def _factored_spectrum(la: Tensor, lg: Tensor, delta: float) -> tuple[Tensor, Tensor]:
@@ -392,25 +541,31 @@ class KFACPreconditioner:
         root = math.sqrt(delta)
         return la + pi * root, lg + root / pi
 
-    def _kl_scale(self, gradients: list[Tensor], natural: list[Tensor], layers: list[int]) -> Tensor | None:
-        """``ν = min(1, √(kl_clip / Σ_l lr_l² ⟨∇_l, ñ_l⟩))`` as a 0-d tensor (no host sync); None if off."""
-        if self.kl_clip is None:
-            return None
+    def _kl_scale(self, dots: list[Tensor], layers: list[int]) -> Tensor:
+        """``ν = min(1, √(kl_clip / Σ_l lr_l² ⟨∇_l, ñ_l⟩))`` as a 0-d tensor (no host sync).
+
+        ``⟨∇_l, ñ_l⟩ ≥ 0`` (a positive definite solve), so ``Σ = 0`` gives ``kl_clip / 0 = ∞`` and ν = 1.
+        """
         clip = _value(self.kl_clip)
         if clip <= 0:
             raise ValueError(f"kl_clip must be positive, got {clip}")
         rates = self._learning_rates()
-        dots = torch.stack([torch.vdot(g.view(-1), n.view(-1)) for g, n in zip(gradients, natural, strict=True)])
-        total = dots @ torch.tensor([rates[i] ** 2 for i in layers], dtype=dots.dtype, device=dots.device)
-        ratio = clip / total.clamp_min(torch.finfo(total.dtype).tiny)
-        return torch.where(total > 0, ratio.sqrt().clamp(max=1.0), 1.0)
+        key = (clip, *(rates[i] ** 2 for i in layers))
+        if self._rates is None or self._rates[0] != key:
+            weights = [rate / clip for rate in key[1:]]
+            self._rates = (key, torch.tensor(weights, dtype=dots[0].dtype, device=dots[0].device))
+        ratio = torch.stack(dots) @ self._rates[1]  # Σ_l lr_l² ⟨∇_l, ñ_l⟩ / kl_clip
+        return ratio.clamp_min_(0.0).rsqrt_().clamp_(max=1.0)  # 1 / √0 = ∞ (and rounding below 0) give ν = 1
 
     def _learning_rates(self) -> list[float]:
         """The lr of each layer: from the optimiser's parameter group holding its weight (0 if none), or lr."""
         if not isinstance(self.lr, torch.optim.Optimizer):
             return [_value(self.lr)] * len(self.layers)
-        by_parameter = {id(p): float(group["lr"]) for group in self.lr.param_groups for p in group["params"]}
-        return [by_parameter.get(id(m.weight), 0.0) for _, m in self.layers]
+        groups = self.lr.param_groups
+        if self._groups is None or self._groups[0] != len(groups):  # which group holds each weight, cached
+            where = {id(p): g for g, group in enumerate(groups) for p in group["params"]}
+            self._groups = (len(groups), [where.get(id(w)) for w, _, _ in self._parameters])
+        return [0.0 if g is None else float(groups[g]["lr"]) for g in self._groups[1]]
 
     # ------------------------------------------------------------------ saving
 
@@ -448,6 +603,7 @@ class KFACPreconditioner:
         device = self.layers[0][1].weight.device
         self.steps = int(state["steps"])
         self._captures = [[] for _ in self.layers]
+        self._arm_hooks()
         self.curvature.names = names if state["input_factors"] else []
         self.curvature.input_factors = [f.to(device, copy=True) for f in state["input_factors"]]
         self.curvature.output_factors = [f.to(device, copy=True) for f in state["output_factors"]]
@@ -466,3 +622,4 @@ class KFACPreconditioner:
             values, vectors = ops.batched_eigh(factors)
             for k, i in enumerate(missing):
                 self._eigen[i] = (vectors[k], values[k], vectors[k + len(missing)], values[k + len(missing)])
+        self._eigen_changed()
