@@ -124,3 +124,50 @@ def test_bad_arguments_are_named(kwargs, error, message):
 def test_input_must_be_images():
     with pytest.raises(ValueError, match="input must have 4 dimensions"):
         ops.conv_input_factor_(torch.zeros(9, 9), torch.randn(2, 5, 5), 3)
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, stride, padding, dilation",
+    [
+        ((64, 16, 4, 4), (3, 3), (1, 1), (1, 1), (1, 1)),  # the digits CNN's second convolution
+        ((64, 1, 8, 8), (3, 3), (1, 1), (1, 1), (1, 1)),  # and its first
+        ((64, 8, 5, 5), (3, 3), (2, 2), (1, 1), (1, 1)),
+        ((64, 8, 5, 5), (3, 3), (1, 1), (2, 2), (2, 2)),
+        ((64, 6, 4, 5), (3, 3), (1, 2), (1, 1), (1, 1)),
+        ((48, 3, 5, 6), (3, 2), (2, 1), (1, 0), (1, 2)),  # fewer channels: unfolded patches are cheaper
+        ((3, 2, 32, 32), (3, 3), (1, 1), (1, 1), (1, 1)),  # large images: unfolded patches
+    ],
+)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_conv_input_factor_of_small_and_large_images_matches_the_reference(
+    shape, kernel, stride, padding, dilation, bias, beta
+):
+    # Many small images take the pixel-Gram path of the CPU kernel, the large ones the patch path.
+    generator = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, dtype=torch.float64, generator=generator)
+    size = shape[1] * kernel[0] * kernel[1] + bias
+    old = torch.randn(size, size, dtype=torch.float64, generator=generator)
+    old = old + old.T if beta else torch.full((size, size), float("nan"), dtype=torch.float64)
+    expected = old.clone()
+    reference.conv_input_factor_(
+        expected, x, list(kernel), list(stride), list(padding), list(dilation), bias, 0.3, beta
+    )
+    result = old.clone()
+    with torch.profiler.profile() as profile:
+        ops.conv_input_factor_(result, x, kernel, stride, padding, dilation, bias, 0.3, beta)
+    unfolded = any(event.name == "aten::im2col" for event in profile.events())
+    assert unfolded == (shape[0] < 64 or ops.build_info() == "python")
+    torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-10)
+    assert torch.equal(result, result.T)
+    single = old.float()
+    ops.conv_input_factor_(single, x.float(), kernel, stride, padding, dilation, bias, 0.3, beta)
+    torch.testing.assert_close(single.double(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_channels_last_small_images_give_the_same_factor():
+    x = torch.randn(64, 4, 4, 4, dtype=torch.float64)
+    result, expected = torch.zeros(37, 37, dtype=torch.float64), torch.zeros(37, 37, dtype=torch.float64)
+    ops.conv_input_factor_(result, x.to(memory_format=torch.channels_last), 3, 1, 1, 1, True)
+    reference.conv_input_factor_(expected, x, [3, 3], [1, 1], [1, 1], [1, 1], True)
+    torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-10)

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 import fastlaplace.ops as ops
-import fastlaplace.reference as reference
 from fastlaplace.optim import KFACPreconditioner
 
 
@@ -342,53 +341,6 @@ def test_diverged_factors_name_the_layer():
     pre.curvature.output_factors[1][0, 0] = float("nan")
     with pytest.raises(RuntimeError, match=r"\['2'\].*NaN"):
         pre.update_eigendecomposition()
-
-
-@pytest.mark.parametrize(
-    "shape, kernel, stride, padding, dilation",
-    [
-        ((64, 16, 4, 4), (3, 3), (1, 1), (1, 1), (1, 1)),  # the digits CNN's second convolution
-        ((64, 1, 8, 8), (3, 3), (1, 1), (1, 1), (1, 1)),  # and its first
-        ((64, 8, 5, 5), (3, 3), (2, 2), (1, 1), (1, 1)),
-        ((64, 8, 5, 5), (3, 3), (1, 1), (2, 2), (2, 2)),
-        ((64, 6, 4, 5), (3, 3), (1, 2), (1, 1), (1, 1)),
-        ((48, 3, 5, 6), (3, 2), (2, 1), (1, 0), (1, 2)),  # fewer channels: unfolded patches are cheaper
-        ((3, 2, 32, 32), (3, 3), (1, 1), (1, 1), (1, 1)),  # large images: unfolded patches
-    ],
-)
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("beta", [0.0, 0.5])
-def test_conv_input_factor_of_small_and_large_images_matches_the_reference(
-    shape, kernel, stride, padding, dilation, bias, beta
-):
-    # Many small images take the pixel-Gram path of the CPU kernel, the large ones the patch path.
-    generator = torch.Generator().manual_seed(sum(shape))
-    x = torch.randn(shape, dtype=torch.float64, generator=generator)
-    size = shape[1] * kernel[0] * kernel[1] + bias
-    old = torch.randn(size, size, dtype=torch.float64, generator=generator)
-    old = old + old.T if beta else torch.full((size, size), float("nan"), dtype=torch.float64)
-    expected = old.clone()
-    reference.conv_input_factor_(
-        expected, x, list(kernel), list(stride), list(padding), list(dilation), bias, 0.3, beta
-    )
-    result = old.clone()
-    with torch.profiler.profile() as profile:
-        ops.conv_input_factor_(result, x, kernel, stride, padding, dilation, bias, 0.3, beta)
-    unfolded = any(event.name == "aten::im2col" for event in profile.events())
-    assert unfolded == (shape[0] < 64 or ops.build_info() == "python")
-    torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-10)
-    assert torch.equal(result, result.T)
-    single = old.float()
-    ops.conv_input_factor_(single, x.float(), kernel, stride, padding, dilation, bias, 0.3, beta)
-    torch.testing.assert_close(single.double(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
-
-
-def test_channels_last_small_images_give_the_same_factor():
-    x = torch.randn(64, 4, 4, 4, dtype=torch.float64)
-    result, expected = torch.zeros(37, 37, dtype=torch.float64), torch.zeros(37, 37, dtype=torch.float64)
-    ops.conv_input_factor_(result, x.to(memory_format=torch.channels_last), 3, 1, 1, 1, True)
-    reference.conv_input_factor_(expected, x, [3, 3], [1, 1], [1, 1], [1, 1], True)
-    torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-10)
 
 
 def test_hooks_are_registered_only_for_factor_update_steps():
