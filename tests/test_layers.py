@@ -1,4 +1,4 @@
-"""Embedding, LayerNorm and BatchNorm layers: exact for diag / full / low rank, diagonal blocks in Kron."""
+"""Embedding, LayerNorm and BatchNorm layers: exact for diag / full / low rank; K-FAC and unit-wise blocks in Kron."""
 
 import pytest
 import torch
@@ -93,7 +93,7 @@ def test_full_rank_low_rank_posterior_with_embedding_and_layernorm(generator):
     torch.testing.assert_close(la.functional_variance(x_test)[1], jac @ torch.linalg.solve(precision, jac.mT))
 
 
-def test_kron_uses_exact_diagonal_blocks_for_batchnorm(generator):
+def test_kron_uses_exact_unitwise_blocks_for_batchnorm(generator):
     model = batchnorm_mlp()
     x = torch.randn(1, 3, dtype=torch.float64, generator=generator)  # one datum: K-FAC exact for Linear layers
     y = targets("classification", 1, generator=generator)
@@ -103,7 +103,9 @@ def test_kron_uses_exact_diagonal_blocks_for_batchnorm(generator):
     blocks, start = [], 0
     for size, module in zip(layer_sizes(model), [model[0], model[1], model[3]], strict=True):
         block = ggn[start : start + size, start : start + size]
-        blocks.append(torch.diag(block.diagonal()) if isinstance(module, nn.BatchNorm1d) else block)
+        if isinstance(module, nn.BatchNorm1d):  # each feature's (γ_i, β_i) pair: 2 x 2 blocks
+            block = torch.block_diag(*[block[i : i + 2, i : i + 2] for i in range(0, size, 2)])
+        blocks.append(block)
         start += size
     precision = torch.block_diag(*blocks) + 0.5 * torch.eye(ggn.shape[0], dtype=torch.float64)
     x_test = torch.randn(3, 3, dtype=torch.float64, generator=generator)
@@ -117,18 +119,18 @@ def test_kron_uses_exact_diagonal_blocks_for_batchnorm(generator):
     assert draws.shape == (3, ggn.shape[0]) and torch.isfinite(draws).all()
 
 
-def test_kron_diagonal_blocks_of_a_transformer_are_the_ggn_diagonal(generator):
+def test_kron_blocks_of_a_transformer_are_kfac_and_unitwise(generator):
     model = token_model()
     x = token_ids(3, generator)
     y = targets("classification", 3, generator=generator)
     la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
     la.fit([(x, y)])
-    diagonal = dense_ggn(model, x, "classification").diagonal()
+    ggn = dense_ggn(model, x, "classification")
     sizes = layer_sizes(model)
-    embedding, layer_norm = diagonal[: sizes[0]], diagonal[sizes[0] : sizes[0] + sizes[1]]
-    got = la.diagonal_curvature.diagonals
-    torch.testing.assert_close(got[0].flatten(), embedding)
-    torch.testing.assert_close(got[1].flatten(), layer_norm)
+    layer_norm = ggn[sizes[0] : sizes[0] + sizes[1], sizes[0] : sizes[0] + sizes[1]]
+    expected = torch.stack([layer_norm[i : i + 2, i : i + 2] for i in range(0, sizes[1], 2)])
+    torch.testing.assert_close(la.unitwise_curvature.blocks[0], expected)
+    torch.testing.assert_close(la.embedding_curvature.counts[0], torch.bincount(x.flatten(), minlength=7).double())
     restored = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
     restored.load_state_dict(la.state_dict())
     torch.testing.assert_close(restored(x), la(x))

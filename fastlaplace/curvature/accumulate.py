@@ -1,4 +1,4 @@
-"""Curvature accumulated over batches: Kronecker factors or the diagonal, per layer."""
+"""Curvature accumulated over batches, per layer: Kronecker factors, the diagonal, embedding and unit-wise blocks."""
 
 from __future__ import annotations
 
@@ -53,8 +53,7 @@ class KronCurvature:
         """Add one batch: all layers' factors in one call of the fused operator."""
         if not self.names:
             self._allocate(statistics)
-        elif [s.name for s in statistics] != self.names:
-            raise ValueError(f"layers {[s.name for s in statistics]} differ from the first batch's {self.names}")
+        _check_same_layers(self.names, statistics)
         rows_a, rows_g, ones, conv = [], [], [], []
         for i, s in enumerate(statistics):
             grads = s.location_grads()  # (N, K, L, d_out)
@@ -141,9 +140,8 @@ class DiagCurvature:
         batch = [self._layer_diagonal(s) for s in statistics]
         if not self.names:
             self.names, self.diagonals = [s.name for s in statistics], batch
-        elif [s.name for s in statistics] != self.names:
-            raise ValueError(f"layers {[s.name for s in statistics]} differ from the first batch's {self.names}")
         else:
+            _check_same_layers(self.names, statistics)
             for total, part in zip(self.diagonals, batch, strict=True):
                 total.add_(part)
         self.num_data += statistics[0].inputs.shape[0]
@@ -160,17 +158,78 @@ class DiagCurvature:
 
 
 def _embedding_diagonal(s: LayerStatistics) -> Tensor:
-    """``(V, d)`` GGN diagonal of an embedding table without a ``(N, K, V, d)`` gradient.
+    """``(V, d)`` GGN diagonal of an embedding table: squared per-(sample, token) sums added into their rows."""
+    _, tokens, sums = s.token_pairs(accumulation_dtype(s.output_grads.dtype))
+    diagonal = sums.new_zeros(s.module.weight.shape)
+    return diagonal.index_add_(0, tokens, sums.square().sum(1))
 
-    A sample's gradient w.r.t. row v is the sum of its columns over the tokens equal to v:
-    sum per distinct (sample, token) pair, square, then add the pairs into their rows.
+
+class EmbeddingCurvature:
+    """K-FAC of embedding tables: ``A_l = diag(c_l)`` (token counts) and ``G_l = Σ_n Σ_k Σ_t g_nkt g_nktᵀ``.
+
+    Every token is a sample (K-FAC "expand", whatever ``kfac_approx``: averaging one-hot
+    inputs would make A a dense V × V matrix). With N data of L_l tokens each, layer l's
+    block of the GGN (row-major ``(V, d)`` order, rows = tokens) is approximated by
+    ``kron(diag(c_l), G_l) / (N L_l)``, as a Linear layer on sequences: exact for one datum
+    of one token. ``c_l`` is kept as a ``(V,)`` vector, never a V × V matrix.
     """
-    table = s.module.weight
-    ids = (s.inputs if s.inputs.dim() == 2 else s.inputs.unsqueeze(1)).long()
-    pair = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1) * table.shape[0] + ids
-    pairs, which = torch.unique(pair.flatten(), return_inverse=True)
-    grads = s.location_grads().to(accumulation_dtype(s.output_grads.dtype))  # (N, K, L, d)
-    summed = grads.new_zeros(grads.shape[1], pairs.numel(), grads.shape[-1])
-    summed.index_add_(1, which, grads.transpose(0, 1).flatten(1, 2))
-    diagonal = grads.new_zeros(table.shape)
-    return diagonal.index_add_(0, pairs % table.shape[0], summed.square().sum(0))
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.counts: list[Tensor] = []
+        self.output_factors: list[Tensor] = []
+        self.locations: list[int] = []
+        self.num_data = 0
+
+    def update(self, statistics: Sequence[LayerStatistics]) -> None:
+        """Add one batch: token counts, and all layers' G in one call of the fused operator."""
+        if not self.names:
+            self.names = [s.name for s in statistics]
+            self.locations = [s.locations for s in statistics]
+            for s in statistics:
+                options = {"dtype": accumulation_dtype(s.output_grads.dtype), "device": s.output_grads.device}
+                self.counts.append(torch.zeros(s.module.num_embeddings, **options))
+                self.output_factors.append(torch.zeros(s.module.embedding_dim, s.module.embedding_dim, **options))
+        _check_same_layers(self.names, statistics)
+        for counts, s in zip(self.counts, statistics, strict=True):
+            ids = s.inputs.flatten().long()
+            counts.index_add_(0, ids, counts.new_ones(ids.shape))
+        rows = [_as_rows(s.location_grads()) for s in statistics]
+        ops.factor_accumulate_(self.output_factors, rows, [False] * len(rows))
+        self.num_data += statistics[0].inputs.shape[0]
+
+
+class UnitwiseCurvature:
+    """Exact GGN blocks of each feature's ``(γ_i, β_i)`` of LayerNorm / BatchNorm layers (unit-wise).
+
+    Layer l gets ``(d, k, k)`` blocks ``H_li = Σ_n Σ_k w_nki w_nkiᵀ`` with
+    ``w_nki = [Σ_t g_nkti x̂_nti, Σ_t g_nkti]`` the per-sample gradient of column k w.r.t.
+    feature i's pair (x̂ the normalised input, t over locations): the GGN restricted to each
+    pair, exact for any data. k = 2, or 1 (γ alone) without a trainable bias.
+    """
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.blocks: list[Tensor] = []
+        self.num_data = 0
+
+    def update(self, statistics: Sequence[LayerStatistics]) -> None:
+        """Add one batch from the per-sample gradients (``(N, K, d, k)`` per layer)."""
+        batch = []
+        for s in statistics:
+            grads = s.weight_gradients().to(accumulation_dtype(s.output_grads.dtype))
+            grads = grads.unflatten(2, (s.module.weight.shape[0], -1))
+            batch.append(torch.einsum("nkia,nkib->iab", grads, grads))
+        if not self.names:
+            self.names, self.blocks = [s.name for s in statistics], batch
+        else:
+            _check_same_layers(self.names, statistics)
+            for total, part in zip(self.blocks, batch, strict=True):
+                total.add_(part)
+        self.num_data += statistics[0].inputs.shape[0]
+
+
+def _check_same_layers(names: list[str], statistics: Sequence[LayerStatistics]) -> None:
+    """Raise if a batch's layers are not those of the first batch."""
+    if [s.name for s in statistics] != names:
+        raise ValueError(f"layers {[s.name for s in statistics]} differ from the first batch's {names}")

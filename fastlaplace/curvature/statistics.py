@@ -144,6 +144,28 @@ class LayerStatistics:
         )
         return x.flatten(2).transpose(1, 2) if x.dim() == 4 else x.unsqueeze(1)
 
+    def token_pairs(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """An Embedding's columns summed over the tokens of each distinct (sample, token) pair.
+
+        A sample's gradient w.r.t. table row v is the sum of its columns at the tokens equal
+        to v; this gives those sums without a ``(N, K, V, d)`` gradient.
+
+        Args:
+            dtype: the dtype the columns are summed in (theirs by default).
+
+        Returns:
+            ``(samples, tokens, sums)``: the ``(P,)`` sample and token of each pair present in
+            the batch, and ``(P, K, d)`` the columns summed over the pair's tokens.
+        """
+        vocabulary = self.module.num_embeddings
+        ids = (self.inputs if self.inputs.dim() == 2 else self.inputs.unsqueeze(1)).long()
+        pair = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1) * vocabulary + ids
+        pairs, which = torch.unique(pair.flatten(), return_inverse=True)
+        grads = self.location_grads().transpose(1, 2).flatten(0, 1)  # (N L, K, d)
+        grads = grads if dtype is None else grads.to(dtype)
+        sums = grads.new_zeros(pairs.numel(), *grads.shape[1:]).index_add_(0, which, grads)
+        return pairs // vocabulary, pairs % vocabulary, sums
+
     def weight_gradients(self) -> Tensor:
         """``(N, K, d_out * d_A)``: each column as a gradient w.r.t. :func:`weight_matrix`, row-major."""
         grads = self.location_grads()

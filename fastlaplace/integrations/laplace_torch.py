@@ -260,7 +260,7 @@ class FastCurvatureInterface:
                     raise ValueError(
                         f"{name}.kron: layer {layer_name!r} ({type(module).__name__}) has no Kronecker factors in "
                         "laplace-torch's Kron layout (Linear and Conv2d only); use hessian_structure='diag' or "
-                        "'full', or fastlaplace.Laplace, which gives such a layer a diagonal block"
+                        "'full', or fastlaplace.Laplace, whose Kron posterior has blocks for such layers"
                     )
         target = y if self.likelihood == "regression" else y.reshape(-1)
         samples = int(kwargs.get("mc_samples", self.num_samples))

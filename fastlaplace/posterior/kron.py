@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fastlaplace import ops
-from fastlaplace.curvature import DiagCurvature, KronCurvature
-from fastlaplace.curvature.products import jacobian_gram
-from fastlaplace.curvature.statistics import KRON_LAYERS
+from fastlaplace.curvature.accumulate import EmbeddingCurvature, KronCurvature, UnitwiseCurvature
+from fastlaplace.curvature.statistics import AFFINE_LAYERS, KRON_LAYERS
+from fastlaplace.posterior import blocks
 from fastlaplace.posterior.base import BaseLaplace
+
+Spectrum = tuple[list[Tensor], list[Tensor], Tensor, Tensor]
 
 
 def _damped_inverse(la: Tensor, lg: Tensor, scale: Tensor, delta: Tensor) -> Tensor:
@@ -22,12 +24,24 @@ class KronLaplace(BaseLaplace):
 
     ``kfac_approx`` (``"expand"`` or ``"reduce"``) says how layers applied at several
     locations (Conv2d, Linear on sequences) are factored; see :class:`KronCurvature`.
-    Embedding, LayerNorm and BatchNorm layers have no Kronecker factors: their block of P
-    is diagonal, ``diag(H_l) / (σ² T) + δ_l`` with the exact GGN diagonal.
+
+    The layers without a weight applied to input vectors get blocks of their own
+    (ASDL-style), all used by the evidence, both GLM predictives, the samples and the
+    state_dict:
+
+    - Embedding (table ``(V, d)``, rows = tokens): K-FAC with ``A_l = diag(c_l)`` (token
+      counts) and ``G_l`` (see :class:`EmbeddingCurvature`): ``P_l = kron(diag(c_l), G_l) /
+      (N L_l σ² T) + δ_l``, eigenbasis ``I ⊗ Q_G``; every token is a sample whatever
+      ``kfac_approx``. Exact for one datum of one token.
+    - LayerNorm, BatchNorm1d/2d: the exact unit-wise blocks ``P_li = H_li / (σ² T) + δ_l I``
+      of each feature's ``(γ_i, β_i)`` (``(2, 2)``, or ``(1, 1)`` without a bias; see
+      :class:`UnitwiseCurvature`), inverted and factored in closed form.
 
     With ``damping=True`` (laplace-torch's option, asked for by name) the prior is added to
     each factor instead: ``P_l = (√s G_l + √δ_l I) ⊗ (√s A_l + √δ_l I)``, s the factor
-    scale. It is used consistently by the evidence, the predictive and the samples.
+    scale (an Embedding's ``A_l = diag(c_l)`` included). It is used consistently by the
+    evidence, the predictive and the samples. The unit-wise blocks have no factors to damp:
+    they keep ``s H_li + δ_l I`` with either setting.
     """
 
     supports_prior_per_parameter = False  # δ must be constant within a layer's eigenbasis
@@ -36,43 +50,62 @@ class KronLaplace(BaseLaplace):
         self.kfac_approx = kfac_approx
         self.damping = bool(damping)
         super().__init__(*args, **kwargs)
-        self._kron = [i for i, (_, m) in enumerate(self.layers) if isinstance(m, KRON_LAYERS)]
-        self._diagonal = [i for i in range(len(self.layers)) if i not in self._kron]
+        modules = [m for _, m in self.layers]
+        self._kron = [i for i, m in enumerate(modules) if isinstance(m, KRON_LAYERS)]
+        self._embedding = [i for i, m in enumerate(modules) if isinstance(m, nn.Embedding)]
+        self._unitwise = [i for i, m in enumerate(modules) if isinstance(m, AFFINE_LAYERS)]
 
     def _reset_curvature(self) -> None:
         self.curvature = KronCurvature(self.kfac_approx, low_precision_products=self.curvature_dtype is not None)
-        self.diagonal_curvature = DiagCurvature()
+        self.embedding_curvature = EmbeddingCurvature()
+        self.unitwise_curvature = UnitwiseCurvature()
         self._eigen = None
 
     def _update_curvature(self, stats) -> None:
-        if self._kron:
-            self.curvature.update([stats[i] for i in self._kron])
-        if self._diagonal:
-            self.diagonal_curvature.update([stats[i] for i in self._diagonal])
+        for curvature, layers in (
+            (self.curvature, self._kron),
+            (self.embedding_curvature, self._embedding),
+            (self.unitwise_curvature, self._unitwise),
+        ):
+            if layers:
+                curvature.update([stats[i] for i in layers])
         self._eigen = None
 
     def eigendecomposition(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
         """``(Q_A, λ_A, Q_G, λ_G)`` per Kronecker-factored layer, computed once per fit (one batched call)."""
+        return self._eigenpairs()[0]
+
+    def embedding_eigendecomposition(self) -> tuple[list[Tensor], list[Tensor]]:
+        """``(Q_G, μ)`` of each Embedding's ``G`` (its ``A = diag(c)`` needs none); same batched call."""
+        return self._eigenpairs()[1]
+
+    def _eigenpairs(self):
         self._require_fit()
         if self._eigen is None:
-            factors = self.curvature.input_factors + self.curvature.output_factors
+            factors = [
+                *self.curvature.input_factors,
+                *self.curvature.output_factors,
+                *self.embedding_curvature.output_factors,
+            ]
             values, vectors = ops.batched_eigh(factors) if factors else ([], [])
             count = len(self._kron)
-            self._eigen = (vectors[:count], values[:count], vectors[count:], values[count:])
+            kron = (vectors[:count], values[:count], vectors[count : 2 * count], values[count : 2 * count])
+            self._eigen = (kron, (vectors[2 * count :], values[2 * count :]))
         return self._eigen
 
     def _scale(self, sigma_noise: Tensor) -> Tensor:
         """``(L_kron,)`` factor scales ``1 / (σ² T N L_l)`` of the Kronecker-factored layers."""
-        locations = torch.tensor(self.curvature.locations, dtype=self.dtype, device=self.device)
-        return self._curvature_scale(sigma_noise) / (self.curvature.num_data * locations)
+        return self._factor_scale(self.curvature, sigma_noise)
 
-    def _spectrum(self, prior_precision: Tensor, sigma_noise: Tensor):
-        """``(λ_A, λ_G, s, δ)`` per Kron layer such that the eigenvalues of P_l are ``s λ_i μ_j + δ``.
+    def _factor_scale(self, curvature: KronCurvature | EmbeddingCurvature, sigma_noise: Tensor) -> Tensor:
+        locations = torch.tensor(curvature.locations, dtype=self.dtype, device=self.device)
+        return self._curvature_scale(sigma_noise) / (curvature.num_data * locations)
+
+    def _damped(self, la: list[Tensor], lg: list[Tensor], scale: Tensor, delta: Tensor) -> Spectrum:
+        """``(λ_A, λ_G, s, δ)`` such that the eigenvalues of P_l are ``s λ_i μ_j + δ``.
 
         Damped factors become ``√s λ + √δ`` with ``s = 1, δ = 0``, so that the operators serve both forms.
         """
-        _, la, _, lg = self.eigendecomposition()
-        scale, delta = self._scale(sigma_noise), prior_precision[self._kron]
         if not self.damping:
             return la, lg, scale, delta
         root_s, root_delta = scale.sqrt(), delta.sqrt()
@@ -80,33 +113,68 @@ class KronLaplace(BaseLaplace):
         lg = [r * v.clamp_min(0) + d for r, d, v in zip(root_s, root_delta, lg, strict=True)]
         return la, lg, torch.ones_like(scale), torch.zeros_like(delta)
 
-    def _diagonal_precisions(self, prior_precision: Tensor, sigma_noise: Tensor) -> list[Tensor]:
+    def _spectrum(self, prior_precision: Tensor, sigma_noise: Tensor) -> Spectrum:
+        """``(λ_A, λ_G, s, δ)`` per Kron layer (see :meth:`_damped`)."""
+        _, la, _, lg = self.eigendecomposition()
+        return self._damped(la, lg, self._scale(sigma_noise), prior_precision[self._kron])
+
+    def _embedding_spectrum(self, prior_precision: Tensor, sigma_noise: Tensor) -> Spectrum:
+        """``(c, μ, s, δ)`` per Embedding: the eigenvalues of P_l are ``s c_v μ_j + δ`` (see :meth:`_damped`)."""
+        _, mu = self.embedding_eigendecomposition()
+        scale = self._factor_scale(self.embedding_curvature, sigma_noise)
+        return self._damped(self.embedding_curvature.counts, mu, scale, prior_precision[self._embedding])
+
+    def _embedding_inverses(self) -> list[Tensor]:
+        """``(V, d)`` per Embedding: ``1 / (s c_v μ_j + δ)``."""
+        counts, mu, scale, delta = self._embedding_spectrum(self.prior_precision, self.sigma_noise)
+        return [_damped_inverse(*spectrum).T for spectrum in zip(counts, mu, scale, delta, strict=True)]
+
+    def _unitwise_precisions(self, prior_precision: Tensor, sigma_noise: Tensor) -> list[Tensor]:
+        """``(d, k, k)`` per LayerNorm / BatchNorm: ``s H_li + δ_l I``."""
         scale = self._curvature_scale(sigma_noise)
         return [
-            scale * h + prior_precision[i]
-            for i, h in zip(self._diagonal, self.diagonal_curvature.diagonals, strict=True)
+            scale * h + prior_precision[i] * torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
+            for i, h in zip(self._unitwise, self.unitwise_curvature.blocks, strict=True)
         ]
 
     def log_det_posterior(self, prior_precision: Tensor, sigma_noise: Tensor) -> Tensor:
-        """Σ_l Σ_ij log(s μ_j λ_i + δ_l) (+ Σ log of the diagonal blocks), differentiable in δ and σ."""
-        total = sum(p.log().sum() for p in self._diagonal_precisions(prior_precision, sigma_noise))
-        if not self._kron:
-            return total
-        la, lg, scale, delta = self._spectrum(prior_precision, sigma_noise)
-        if self.damping:  # a product of two factors: log det = d_G Σ log λ' + d_A Σ log μ'
-            return total + sum(
-                g.numel() * a.log().sum() + a.numel() * g.log().sum() for a, g in zip(la, lg, strict=True)
-            )
-        return total + ops.kron_logdet(la, lg, scale, delta).sum()
+        """Σ_l Σ_ij log(s μ_j λ_i + δ_l) (+ the unit-wise blocks' log dets), differentiable in δ and σ."""
+        total = sum(blocks.unitwise_logdet(p) for p in self._unitwise_precisions(prior_precision, sigma_noise))
+        spectra = [
+            self._spectrum(prior_precision, sigma_noise) if self._kron else None,
+            self._embedding_spectrum(prior_precision, sigma_noise) if self._embedding else None,
+        ]
+        for la, lg, scale, delta in (s for s in spectra if s is not None):
+            if self.damping:  # a product of two factors: log det = d_G Σ log λ' + d_A Σ log μ'
+                total = total + sum(
+                    g.numel() * a.log().sum() + a.numel() * g.log().sum() for a, g in zip(la, lg, strict=True)
+                )
+            else:
+                total = total + ops.kron_logdet(la, lg, scale, delta).sum()
+        return total
+
+    def _special_covariance(self, stats, joint: bool):
+        """The Embedding and unit-wise layers' share of ``J P⁻¹ Jᵀ`` (0 without such layers)."""
+        total = 0
+        if self._embedding:
+            q_g, _ = self.embedding_eigendecomposition()
+            for i, q, inverse in zip(self._embedding, q_g, self._embedding_inverses(), strict=True):
+                total = total + blocks.embedding_jacobian_covariance(stats[i], q, inverse, joint)
+        precisions = self._unitwise_precisions(self.prior_precision, self.sigma_noise)
+        for i, p in zip(self._unitwise, precisions, strict=True):
+            total = total + blocks.unitwise_jacobian_covariance(stats[i], blocks.unitwise_inverse(p), joint)
+        return total
 
     def _jacobian_covariance(self, stats) -> Tensor:
+        total = self._special_covariance(stats, joint=False)
+        if not self._kron:
+            return total
         qa, _, qg, _ = self.eigendecomposition()
         la, lg, scale, delta = self._spectrum(self.prior_precision, self.sigma_noise)
         kron_stats = [stats[i] for i in self._kron]
         linear = [i for i, s in enumerate(kron_stats) if s.is_plain_linear]
-        total = 0
         if linear:
-            total = ops.kron_predictive_variance(
+            total = total + ops.kron_predictive_variance(
                 [kron_stats[i].inputs for i in linear],
                 # The last layer's output Jacobian is the identity: the operator's closed form.
                 [None if self.last_layer_only else kron_stats[i].output_grads for i in linear],
@@ -122,9 +190,6 @@ class KronLaplace(BaseLaplace):
         for i, s in enumerate(kron_stats):
             if not s.is_plain_linear:
                 total = total + self._shared_weight_covariance(s, qa[i], la[i], qg[i], lg[i], scale[i], delta[i])
-        if self._diagonal:
-            precisions = self._diagonal_precisions(self.prior_precision, self.sigma_noise)
-            total = total + jacobian_gram([stats[i] for i in self._diagonal], [p.reciprocal() for p in precisions])
         return total
 
     def _jacobian_cross_covariance(self, stats) -> Tensor:
@@ -142,12 +207,7 @@ class KronLaplace(BaseLaplace):
             else:
                 rotated = self._rotated_jacobian(s, qa[i], qg[i])
                 total = total + torch.einsum("ncji,ji,mdji->ncmd", rotated, inverse, rotated)
-        if self._diagonal:
-            precisions = self._diagonal_precisions(self.prior_precision, self.sigma_noise)
-            total = total + jacobian_gram(
-                [stats[i] for i in self._diagonal], [p.reciprocal() for p in precisions], joint=True
-            )
-        return total
+        return total + self._special_covariance(stats, joint=True)
 
     @staticmethod
     def _rotated_jacobian(s, qa, qg) -> Tensor:
@@ -178,28 +238,42 @@ class KronLaplace(BaseLaplace):
             solved = ops.kron_solve(qa, la, qg, lg, noise, scale, delta, -0.5)
             for i, d in zip(self._kron, solved, strict=True):
                 deviations[i] = d
-        for i, p in zip(self._diagonal, self._diagonal_precisions(self.prior_precision, self.sigma_noise), strict=True):
-            deviations[i] = (
-                torch.randn((n_samples, *p.shape), dtype=p.dtype, device=p.device, generator=generator) * p.rsqrt()
-            )
+        if self._embedding:
+            q_g, _ = self.embedding_eigendecomposition()
+            for i, q, inverse in zip(self._embedding, q_g, self._embedding_inverses(), strict=True):
+                noise = torch.randn((n_samples, *inverse.shape), dtype=q.dtype, device=q.device, generator=generator)
+                deviations[i] = blocks.embedding_inverse_root(noise, q, inverse)
+        precisions = self._unitwise_precisions(self.prior_precision, self.sigma_noise)
+        for i, p in zip(self._unitwise, precisions, strict=True):
+            noise = torch.randn((n_samples, *p.shape[:2]), dtype=p.dtype, device=p.device, generator=generator)
+            deviations[i] = blocks.unitwise_inverse_root(p, noise)
         return deviations
 
     def _curvature_tensors(self) -> list[Tensor]:
-        locations = torch.tensor(self.curvature.locations)
+        """Kron ``A``, ``G``, locations; Embedding counts, ``G``, locations; unit-wise blocks (integers: layout)."""
+        embedding = self.embedding_curvature
         return [
             *self.curvature.input_factors,
             *self.curvature.output_factors,
-            locations,
-            *self.diagonal_curvature.diagonals,
+            torch.tensor(self.curvature.locations, dtype=torch.long),
+            *embedding.counts,
+            *embedding.output_factors,
+            torch.tensor(embedding.locations, dtype=torch.long),
+            *self.unitwise_curvature.blocks,
         ]
 
     def _restore_curvature(self, tensors: list[Tensor], num_data: int) -> None:
-        count = len(self._kron)
-        self.curvature.names = [self.layers[i][0] for i in self._kron]
-        self.curvature.input_factors = tensors[:count]
-        self.curvature.output_factors = tensors[count : 2 * count]
-        self.curvature.locations = tensors[2 * count].tolist()
-        self.curvature.num_data = num_data
-        self.diagonal_curvature.names = [self.layers[i][0] for i in self._diagonal]
-        self.diagonal_curvature.diagonals = tensors[2 * count + 1 :]
-        self.diagonal_curvature.num_data = num_data
+        names = [[self.layers[i][0] for i in layers] for layers in (self._kron, self._embedding, self._unitwise)]
+        kron, embedding, unitwise = self.curvature, self.embedding_curvature, self.unitwise_curvature
+        kron.names, embedding.names, unitwise.names = names
+        count, rest = len(self._kron), iter(tensors)
+        kron.input_factors = [next(rest) for _ in range(count)]
+        kron.output_factors = [next(rest) for _ in range(count)]
+        kron.locations = next(rest).tolist()
+        count = len(self._embedding)
+        embedding.counts = [next(rest) for _ in range(count)]
+        embedding.output_factors = [next(rest) for _ in range(count)]
+        embedding.locations = next(rest, torch.zeros(0, dtype=torch.long)).tolist()  # absent from a Kron-only state
+        unitwise.blocks = list(rest)
+        kron.num_data = embedding.num_data = unitwise.num_data = num_data
+        self._eigen = None
