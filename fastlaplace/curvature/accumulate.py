@@ -49,8 +49,15 @@ class KronCurvature:
         self.locations: list[int] = []
         self.num_data = 0
 
-    def update(self, statistics: Sequence[LayerStatistics]) -> None:
-        """Add one batch: all layers' factors in one call of the fused operator."""
+    def update(self, statistics: Sequence[LayerStatistics], output_scales: Sequence[float] | None = None) -> None:
+        """Add one batch: all layers' factors in one call of the fused operator.
+
+        Args:
+            statistics: one entry per layer, the same layers in every batch.
+            output_scales: per layer a factor s on its output gradients (G gets s²), applied
+                in the operator's scale instead of in a scaled copy (the K-FAC optimiser's
+                batch size for a mean loss); 1 by default.
+        """
         if not self.names:
             self._allocate(statistics)
         _check_same_layers(self.names, statistics)
@@ -78,14 +85,16 @@ class KronCurvature:
         row_factors = [f for i, f in enumerate(self.input_factors) if i not in conv]
         alphas = [a for i, a in enumerate(row_alphas) if i not in conv]
         output_factors = self.output_factors
+        scales = [1.0] * len(statistics) if output_scales is None else [float(v) for v in output_scales]
+        output_alphas = [output_alpha * v * v for v in scales]
         if self.low_precision_products and rows_g[0].dtype in (torch.bfloat16, torch.float16):
-            for factor, g_rows in zip(output_factors, rows_g, strict=True):
+            for factor, g_rows, alpha in zip(output_factors, rows_g, output_alphas, strict=True):
                 if beta != 1.0:
                     factor.mul_(beta)
-                factor.add_((g_rows.T @ g_rows).to(factor.dtype), alpha=output_alpha)
-            output_factors, rows_g = [], []
+                factor.add_((g_rows.T @ g_rows).to(factor.dtype), alpha=alpha)
+            output_factors, rows_g, output_alphas = [], [], []
         factors, rows, flags = row_factors + output_factors, rows_a + rows_g, ones + [False] * len(rows_g)
-        alphas += [output_alpha] * len(output_factors)
+        alphas += output_alphas
         for alpha in dict.fromkeys(alphas):  # one fused call per distinct scale (a single one for sums)
             chosen = [j for j, a in enumerate(alphas) if a == alpha]
             ops.factor_accumulate_(

@@ -324,61 +324,9 @@ class KFACPreconditioner:
                 f"layers {missing} ran no forward and backward with gradients enabled since the last step(); "
                 "call step() after loss.backward() (K-FAC updates its factors at this step)"
             )
-        decay = _value(self.factor_decay)
-        self.curvature.decay = decay
-        if self.curvature.kfac_approx != "expand":
-            statistics = [
-                LayerStatistics(name, module, inputs, (grads * scale if scale != 1.0 else grads).unsqueeze(1))
-                for name, module, inputs, grads, scale in batches
-            ]
-            self.curvature.update(statistics)
-            return
-        if not self.curvature.names:  # the first batch sizes the factors (KronCurvature's own allocation)
-            self.curvature._allocate(
-                [LayerStatistics(name, module, x, g.unsqueeze(1)) for name, module, x, g, _ in batches]
-            )
-        self._accumulate(batches, decay)
-
-    def _accumulate(self, batches: list, decay: float) -> None:
-        """The running factors of :class:`KronCurvature` ("expand"), updated with one fused call per scale.
-
-        ``A ← β A + (1 − β) Σ â âᵀ / (N L)`` and ``G ← β G + (1 − β) s² Σ g gᵀ / N`` (s the folded gradient
-        scale), the same updates as ``KronCurvature.update`` without its per-layer statistics objects.
-        """
-        curvature = self.curvature
-        beta = decay if curvature.num_data else 0.0
-        factors, rows, ones, alphas = [], [], [], []
-        for i, (_, module, inputs, grads, scale) in enumerate(batches):
-            n, bias = inputs.shape[0], self._parameters[i][1] is not None
-            alpha_a = (1.0 - beta) / (n * curvature.locations[i])
-            if isinstance(module, nn.Conv2d):
-                ops.conv_input_factor_(
-                    curvature.input_factors[i],
-                    inputs,
-                    module.kernel_size,
-                    module.stride,
-                    module.padding,
-                    module.dilation,
-                    bias,
-                    alpha_a,
-                    beta,
-                )
-                grads = grads.permute(0, 2, 3, 1)  # (N, H', W', C_out): a view for channels-last gradients
-            else:
-                factors.append(curvature.input_factors[i])
-                rows.append(inputs.reshape(-1, inputs.shape[-1]))
-                ones.append(bias)
-                alphas.append(alpha_a)
-            factors.append(curvature.output_factors[i])
-            rows.append(grads.reshape(-1, grads.shape[-1]))
-            ones.append(False)
-            alphas.append((1.0 - beta) * scale * scale / n)
-        for alpha in dict.fromkeys(alphas):  # one fused call per distinct scale
-            chosen = [j for j, a in enumerate(alphas) if a == alpha]
-            ops.factor_accumulate_(
-                [factors[j] for j in chosen], [rows[j] for j in chosen], [ones[j] for j in chosen], alpha, beta
-            )
-        curvature.num_data += batches[0][2].shape[0]
+        self.curvature.decay = _value(self.factor_decay)
+        statistics = [LayerStatistics(name, module, x, g.unsqueeze(1)) for name, module, x, g, _ in batches]
+        self.curvature.update(statistics, output_scales=[scale for *_, scale in batches])
 
     def update_eigendecomposition(self) -> None:
         """Average the factors over the ranks and eigendecompose them (each factor on its owner rank).
