@@ -1,10 +1,15 @@
 """The fit's matrix products in bf16 / fp16 (curvature_dtype): exact loss, curvature close to fp32."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
 from fastlaplace import Laplace
+
+# On CPUs without bf16 / fp16 units every fit here warns that it is emulated (tested below).
+pytestmark = pytest.mark.filterwarnings("ignore:curvature_dtype=.*matrix units")
 
 
 def mlp() -> nn.Module:
@@ -62,3 +67,15 @@ def test_other_structures_accept_the_option(structure, generator):
 def test_other_dtypes_are_refused():
     with pytest.raises(ValueError, match="curvature_dtype must be None, torch.bfloat16 or torch.float16"):
         Laplace(mlp(), "classification", subset_of_weights="all", curvature_dtype=torch.float64)
+
+
+@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_emulated_low_precision_is_warned_about(native, dtype, monkeypatch):
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_amx_fp16_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda native=native: native)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Laplace(mlp(), "classification", subset_of_weights="all", hessian_structure="kron", curvature_dtype=dtype)
+    messages = [str(w.message) for w in caught if "matrix units" in str(w.message)]
+    assert len(messages) == (0 if native else 1)

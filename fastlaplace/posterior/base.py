@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -31,6 +32,16 @@ from fastlaplace.predictive import laplace_bridge, probit, sampled_softmax
 def _own_parameters(module: nn.Module) -> list[Tensor]:
     bias = trainable_bias(module)
     return [module.weight] if bias is None else [module.weight, bias]
+
+
+def cpu_multiplies_natively(dtype: torch.dtype) -> bool:
+    """Whether this CPU has bf16 / fp16 matrix units (AVX-512 BF16, AMX); without them torch emulates the type."""
+    names = (
+        ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        if dtype == torch.bfloat16
+        else ("_is_amx_fp16_supported",)
+    )
+    return any(getattr(torch.cpu, name, lambda: False)() for name in names)
 
 
 #: laplace-torch's likelihoods (reward models are fitted as classifiers, predict as regressors)
@@ -104,6 +115,13 @@ class BaseLaplace(ABC):
             self.layers = last_layer(model) if last_layer_only else supported_layers(model)
         reference = self.layers[0][1].weight
         self.dtype, self.device = reference.dtype, reference.device
+        if curvature_dtype is not None and self.device.type == "cpu" and not cpu_multiplies_natively(curvature_dtype):
+            warnings.warn(
+                f"curvature_dtype={curvature_dtype} on a CPU without {curvature_dtype} matrix units (AVX-512 BF16 / "
+                "AMX): torch emulates the products and the fit is much slower than in float32 (about 30x on an "
+                "AVX2 machine); leave curvature_dtype=None here",
+                stacklevel=3,
+            )
         self.sigma_noise = sigma.to(self.dtype, copy=True).to(self.device)
         self.temperature = float(temperature)
         self.prior_mean = float(prior_mean)
