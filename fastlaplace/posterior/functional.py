@@ -346,21 +346,12 @@ class FunctionalLaplace(BaseLaplace):
         half = torch.linalg.solve_triangular(factor, offset.to(kernel.dtype), upper=False)
         return half.square().sum()
 
-    def log_marginal_likelihood(
-        self, prior_precision: Tensor | None = None, sigma_noise: Tensor | None = None
-    ) -> Tensor:
+    def _evidence(self, delta: Tensor, sigma: Tensor) -> Tensor:
         """GP Laplace evidence ``log p(y_M | f(θ*)) − ½ (log det(I + Λ^½ K Λ^½) + μᵀ (K + εI)⁻¹ μ)``.
 
-        Args:
-            prior_precision: a scalar or ``(L,)`` (one per layer); the current one by default.
-            sigma_noise: the observation noise (regression); the current one by default.
-
-        Returns:
-            A scalar, differentiable in both.
+        What :meth:`log_marginal_likelihood` returns for a scalar or ``(L,)`` prior precision
+        (one per layer) and σ, differentiable in both.
         """
-        self._require_fit()
-        delta = self.prior_precision if prior_precision is None else self._checked_prior(prior_precision)
-        sigma = self.sigma_noise if sigma_noise is None else sigma_noise
         return self.log_likelihood(sigma) - 0.5 * (self.log_det_ratio(delta, sigma) + self.scatter(delta))
 
     # ------------------------------------------------------------------ predictive
