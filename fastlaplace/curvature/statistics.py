@@ -291,15 +291,22 @@ def backpropagate_columns(
                 f"{exact_output.shape[0]}: a layer shared by the whole batch (such as a position embedding of "
                 "arange(T)) has no per-sample curvature; give it (N, ...) inputs or freeze it"
             )
-    columns = make_columns(exact_output).to(output.dtype)  # (N, C, K)
+    columns = make_columns(exact_output).to(output.dtype).permute(2, 0, 1).contiguous()  # (K, N, C)
     pre_activations = [captured[name][1] for name, _ in layers]
-    grads = torch.autograd.grad(
-        output,
-        pre_activations,
-        grad_outputs=columns.permute(2, 0, 1).contiguous(),
-        is_grads_batched=True,
-        create_graph=create_graph,
-    )
+    # A layer whose output is the model's output (a last layer) gets the columns themselves:
+    # no backward pass, which a last-layer posterior then does not need at all.
+    inner = [i for i, t in enumerate(pre_activations) if t is not output]
+    grads = [columns] * len(layers)
+    if inner:
+        backpropagated = torch.autograd.grad(
+            output,
+            [pre_activations[i] for i in inner],
+            grad_outputs=columns,
+            is_grads_batched=True,
+            create_graph=create_graph,
+        )
+        for i, grad in zip(inner, backpropagated, strict=True):
+            grads[i] = grad
     for (name, _), grad in zip(layers, grads, strict=True):
         if not _all_finite(grad):
             raise ValueError(f"the output gradients of layer {name!r} contain NaN or Inf")
