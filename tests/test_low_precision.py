@@ -77,5 +77,6 @@ def test_emulated_low_precision_is_warned_about(native, dtype, monkeypatch):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         Laplace(mlp(), "classification", subset_of_weights="all", hessian_structure="kron", curvature_dtype=dtype)
-    messages = [str(w.message) for w in caught if "matrix units" in str(w.message)]
-    assert len(messages) == (0 if native else 1)
+    emulated = [w for w in caught if "matrix units" in str(w.message)]
+    assert len(emulated) == (0 if native else 1)
+    assert all(w.filename == __file__ for w in emulated), "the warning points at the caller's line"

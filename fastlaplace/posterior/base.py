@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,6 +34,15 @@ from fastlaplace.predictive import laplace_bridge, probit, sampled_softmax
 def _own_parameters(module: nn.Module) -> list[Tensor]:
     bias = trainable_bias(module)
     return [module.weight] if bias is None else [module.weight, bias]
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first caller outside fastlaplace."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1  # the caller of this function is warnings.warn's caller
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def cpu_multiplies_natively(dtype: torch.dtype) -> bool:
@@ -120,7 +131,7 @@ class BaseLaplace(ABC):
                 f"curvature_dtype={curvature_dtype} on a CPU without {curvature_dtype} matrix units (AVX-512 BF16 / "
                 "AMX): torch emulates the products and the fit is much slower than in float32 (about 30x on an "
                 "AVX2 machine); leave curvature_dtype=None here",
-                stacklevel=3,
+                stacklevel=_user_stacklevel(),
             )
         self.sigma_noise = sigma.to(self.dtype, copy=True).to(self.device)
         self.temperature = float(temperature)
