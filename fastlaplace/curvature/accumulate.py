@@ -147,12 +147,7 @@ class DiagCurvature:
     def update(self, statistics: Sequence[LayerStatistics]) -> None:
         """Add one batch: the fused diagonal-GGN operator for Linear layers, per-sample gradients for Conv2d."""
         batch = [self._layer_diagonal(s) for s in statistics]
-        if not self.names:
-            self.names, self.diagonals = [s.name for s in statistics], batch
-        else:
-            _check_same_layers(self.names, statistics)
-            for total, part in zip(self.diagonals, batch, strict=True):
-                total.add_(part)
+        self.names, self.diagonals = _add_batch(self.names, self.diagonals, statistics, batch)
         self.num_data += statistics[0].inputs.shape[0]
 
     @staticmethod
@@ -229,13 +224,20 @@ class UnitwiseCurvature:
             grads = s.weight_gradients().to(accumulation_dtype(s.output_grads.dtype))
             grads = grads.unflatten(2, (s.module.weight.shape[0], -1))
             batch.append(torch.einsum("nkia,nkib->iab", grads, grads))
-        if not self.names:
-            self.names, self.blocks = [s.name for s in statistics], batch
-        else:
-            _check_same_layers(self.names, statistics)
-            for total, part in zip(self.blocks, batch, strict=True):
-                total.add_(part)
+        self.names, self.blocks = _add_batch(self.names, self.blocks, statistics, batch)
         self.num_data += statistics[0].inputs.shape[0]
+
+
+def _add_batch(
+    names: list[str], totals: list[Tensor], statistics: Sequence[LayerStatistics], batch: list[Tensor]
+) -> tuple[list[str], list[Tensor]]:
+    """The layer names and running sums after one more batch: the first batch's own, later ones added in place."""
+    if not names:
+        return [s.name for s in statistics], batch
+    _check_same_layers(names, statistics)
+    for total, part in zip(totals, batch, strict=True):
+        total.add_(part)
+    return names, totals
 
 
 def _check_same_layers(names: list[str], statistics: Sequence[LayerStatistics]) -> None:

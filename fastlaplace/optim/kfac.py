@@ -218,8 +218,8 @@ class KFACPreconditioner:
         self._weights: list[Tensor | None] = [None] * len(self.layers)
         self._weights_damping: float | None = None
         self._rates: tuple[tuple[float, ...], Tensor] | None = None
-        # Per layer (Q_Aᵀ, Q_Gᵀ) of the eigenpairs in use (views, made once per eigendecomposition update).
-        self._transposed: list[tuple[Tensor, Tensor] | None] = [None] * len(self.layers)
+        # Per layer views of the eigenvectors in use, made once per eigendecomposition update (see _eigen_changed).
+        self._transposed: list[tuple[Tensor, Tensor, Tensor, Tensor | None] | None] = [None] * len(self.layers)
         self._groups: tuple[int, list[int | None]] | None = None
         # The capture hooks are registered only while the next step updates the factors, so that the
         # forwards of the other steps run without any hook of ours.
@@ -294,7 +294,7 @@ class KFACPreconditioner:
         return [owner == rank for owner in self._layer_owners]
 
     def _update_factors(self) -> None:
-        batches, missing = [], []
+        statistics, scales, missing = [], [], []
         mean = self.loss_reduction == "mean"
         for (name, module), captures in zip(self.layers, self._captures, strict=True):
             done = [c for c in captures if c.grad is not None]
@@ -317,7 +317,8 @@ class KFACPreconditioner:
                 inputs = torch.cat([c.inputs for c in done])
                 grads = torch.cat([c.grad * c.inputs.shape[0] if mean else c.grad for c in done])
                 grad_scale = 1.0
-            batches.append((name, module, inputs, grads, grad_scale))
+            statistics.append(LayerStatistics(name, module, inputs, grads.unsqueeze(1)))  # K = 1 column
+            scales.append(grad_scale)
         self._captures = [[] for _ in self.layers]
         if missing:
             raise RuntimeError(
@@ -325,8 +326,7 @@ class KFACPreconditioner:
                 "call step() after loss.backward() (K-FAC updates its factors at this step)"
             )
         self.curvature.decay = _value(self.factor_decay)
-        statistics = [LayerStatistics(name, module, x, g.unsqueeze(1)) for name, module, x, g, _ in batches]
-        self.curvature.update(statistics, output_scales=[scale for *_, scale in batches])
+        self.curvature.update(statistics, output_scales=scales)
 
     def update_eigendecomposition(self) -> None:
         """Average the factors over the ranks and eigendecompose them (each factor on its owner rank).
