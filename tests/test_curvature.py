@@ -150,3 +150,16 @@ def test_inputs_of_more_than_three_dimensions_are_refused_with_the_layer_name():
         layer_statistics(
             model, torch.randn(2, 4, 5, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.long), "classification"
         )
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression", "heteroscedastic_regression"])
+def test_mc_samples_average_to_the_exact_output_curvature(likelihood):
+    output = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    many = output_gradient_columns(output, None, likelihood, "mc", torch.Generator().manual_seed(1), mc_samples=50_000)
+    assert many.shape == (3, 4, 50_000)
+    exact = output_gradient_columns(output, None, likelihood, "ggn")
+    torch.testing.assert_close(many @ many.mT, exact @ exact.mT, atol=0.05, rtol=0.05)
+    one = output_gradient_columns(output, None, likelihood, "mc", torch.Generator().manual_seed(1))
+    assert one.shape == (3, 4, 1)
+    with pytest.raises(ValueError, match="mc_samples"):
+        output_gradient_columns(output, None, likelihood, "ggn", mc_samples=2)

@@ -16,6 +16,8 @@ parameters, and is the curvature used here.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -29,6 +31,7 @@ def output_gradient_columns(
     likelihood: str,
     mode: str,
     generator: torch.Generator | None = None,
+    mc_samples: int = 1,
 ) -> Tensor:
     """Columns ``r_nk`` with ``Σ_k r_nk r_nkᵀ`` the output curvature of sample n.
 
@@ -43,6 +46,8 @@ def output_gradient_columns(
             ``"mc"`` (one gradient at labels sampled from the model, ``K = 1``) or ``"ef"``
             (one gradient at the true labels, ``K = 1``).
         generator: random source of ``mode="mc"``.
+        mc_samples: ``mode="mc"`` only: S sampled gradients per datum, scaled by 1/√S so that
+            their outer products average (``K = S``).
 
     Returns:
         ``(N, C, K)`` columns, detached, in the output's dtype (K as ``mode`` says, 1 for
@@ -52,27 +57,30 @@ def output_gradient_columns(
         raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mc_samples < 1 or (mc_samples != 1 and mode != "mc"):
+        raise ValueError(f"mc_samples must be a positive count, and 1 unless mode='mc'; got {mc_samples}")
     output = output.detach()
     if output.dim() != 2:
         raise ValueError(f"the model's output must be (N, C), got shape {tuple(output.shape)}")
     if likelihood == "heteroscedastic_regression":
-        return _gaussian_columns(output, target, mode, generator)
+        return _gaussian_columns(output, target, mode, generator, mc_samples)
     if likelihood == "regression":
         if mode == "ggn":
             return torch.eye(output.shape[1], dtype=output.dtype, device=output.device).expand(output.shape[0], -1, -1)
-        if mode == "mc":
-            noise = torch.randn(output.shape, dtype=output.dtype, device=output.device, generator=generator)
-            return (-noise).unsqueeze(-1)  # f - y with y ~ N(f, 1)
+        if mode == "mc":  # f - y with y ~ N(f, 1)
+            shape = (*output.shape, mc_samples)
+            noise = torch.randn(shape, dtype=output.dtype, device=output.device, generator=generator)
+            return noise / -math.sqrt(mc_samples)
         return (output - target.to(output.dtype)).unsqueeze(-1)
     probs = torch.softmax(output, dim=-1)
     if mode == "ggn":
         return _softmax_hessian_root(probs)
-    if mode == "mc":
-        labels = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if mode == "mc":  # (N, S) labels
+        labels = torch.multinomial(probs, mc_samples, replacement=mc_samples > 1, generator=generator)
     else:
-        labels = target
-    one_hot = torch.nn.functional.one_hot(labels.long(), output.shape[1]).to(output.dtype)
-    return (probs - one_hot).unsqueeze(-1)
+        labels = target.unsqueeze(-1)
+    one_hot = torch.nn.functional.one_hot(labels.long(), output.shape[1]).to(output.dtype).transpose(1, 2)
+    return (probs.unsqueeze(-1) - one_hot) / math.sqrt(mc_samples)
 
 
 def _softmax_hessian_root(probs: Tensor) -> Tensor:
@@ -106,20 +114,22 @@ def split_heteroscedastic(output: Tensor) -> tuple[Tensor, Tensor]:
     return output.chunk(2, dim=-1)
 
 
-def _gaussian_columns(output: Tensor, target: Tensor, mode: str, generator: torch.Generator | None) -> Tensor:
+def _gaussian_columns(
+    output: Tensor, target: Tensor, mode: str, generator: torch.Generator | None, mc_samples: int
+) -> Tensor:
     """Curvature columns of the Gaussian NLL in (μ, log σ²): the Fisher's root, or one sampled / true gradient."""
     mean, log_var = split_heteroscedastic(output)
     inverse_std = (-0.5 * log_var).exp()
     if mode == "ggn":  # diag(e^{-s}, ½) = R Rᵀ with R diagonal
         return torch.diag_embed(torch.cat([inverse_std, torch.full_like(log_var, 0.5**0.5)], dim=1))
-    if mode == "mc":
-        z = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device, generator=generator)
+    if mode == "mc":  # (N, C, S) standardised residuals of sampled targets
+        z = torch.randn((*mean.shape, mc_samples), dtype=mean.dtype, device=mean.device, generator=generator)
     else:
         if target.shape != mean.shape:
             raise ValueError(f"targets must be {tuple(mean.shape)} for outputs {tuple(output.shape)}")
-        z = (target.to(mean.dtype) - mean) * inverse_std
+        z = ((target.to(mean.dtype) - mean) * inverse_std).unsqueeze(-1)
     # ∂/∂μ = −z e^{−s/2}, ∂/∂s = ½ (1 − z²) with z the standardised residual
-    return torch.cat([-z * inverse_std, 0.5 * (1 - z.square())], dim=1).unsqueeze(-1)
+    return torch.cat([-z * inverse_std.unsqueeze(-1), 0.5 * (1 - z.square())], dim=1) / math.sqrt(mc_samples)
 
 
 def summed_negative_log_likelihood(

@@ -227,17 +227,9 @@ class FastCurvatureInterface:
     def _columns(self, output: Tensor, target: Tensor, samples: int) -> Tensor:
         """``(M, C, K)`` the output curvature's columns (:func:`output_gradient_columns`), MC samples averaged."""
         likelihood = "regression" if self.likelihood == "regression" else "classification"
-        if self.mode != "mc" or samples == 1:
-            return output_gradient_columns(output, target, likelihood, self.mode)
-        # All samples in one draw: the gradient at a sampled label, (f - y) or (p - onehot(y)), per column.
-        output = output.detach()
-        if likelihood == "regression":
-            noise = torch.randn(*output.shape, samples, dtype=output.dtype, device=output.device)
-            return noise / -math.sqrt(samples)
-        probs = torch.softmax(output, dim=-1)
-        labels = torch.multinomial(probs, samples, replacement=True)  # (M, S)
-        one_hot = nn.functional.one_hot(labels, output.shape[1]).to(output.dtype).transpose(1, 2)  # (M, C, S)
-        return (probs.unsqueeze(-1) - one_hot) / math.sqrt(samples)
+        return output_gradient_columns(
+            output, target, likelihood, self.mode, mc_samples=samples if self.mode == "mc" else 1
+        )
 
     def _batch(
         self, x: Batch, y: Tensor, kwargs: dict[str, Any], kron: bool = False
