@@ -72,7 +72,7 @@ def main() -> None:
     backends = {"default (CurvlinopsGGN)": CurvlinopsGGN, "BackPackGGN": BackPackGGN, "FastGGN": FastGGN}
     rows = []
     for structure in STRUCTURES:
-        fits, scales, posteriors = {}, {}, {}
+        fits, scales = {}, {}
         for name, backend in backends.items():
             fit_loader = loader
             if structure == "diag" and backend is CurvlinopsGGN:
@@ -81,7 +81,6 @@ def main() -> None:
                 fit_loader = torch.utils.data.DataLoader(subset, batch_size=BATCH)
             scales[name] = len(loader) / len(fit_loader)
             la = Laplace(copy.deepcopy(make_model()), "classification", "all", structure, backend=backend)
-            posteriors[name] = la
             fits[name] = (la, fit_loader)
         times: dict[str, list[float]] = {name: [] for name in backends}
         calls: dict[str, list[float]] = {name: [] for name in backends}
@@ -100,12 +99,12 @@ def main() -> None:
                 for x, y in fit_loader:
                     getattr(la.backend, structure)(x, y, N=len(fit_loader.dataset))
                 calls[name].append(time.perf_counter() - start)
-        reference = curvature(posteriors["BackPackGGN"], structure)
+        reference = curvature(fits["BackPackGGN"][0], structure)
         fast, fast_calls = min(times["FastGGN"]), min(calls["FastGGN"])
         for name in backends:
             seconds, call_seconds = min(times[name]) * scales[name], min(calls[name]) * scales[name]
             scaled = scales[name] != 1
-            agreement = None if scaled else relative_difference(curvature(posteriors[name], structure), reference)
+            agreement = None if scaled else relative_difference(curvature(fits[name][0], structure), reference)
             rows.append(
                 {
                     "structure": structure,
