@@ -5,7 +5,7 @@ import torch
 from dense import dense_ggn, layer_sizes, output_hessians, targets, tiny_mlp
 from torch import nn
 
-from fastlaplace.curvature import DiagCurvature, KronCurvature, layer_statistics, output_gradient_columns
+from fastlaplace.curvature import DiagCurvature, KronCurvature, accumulate, layer_statistics, output_gradient_columns
 
 
 @pytest.mark.parametrize("likelihood", ["classification", "regression"])
@@ -56,6 +56,39 @@ def test_kron_factors_add_up_over_batches(generator):
     for a, b in zip(whole.input_factors + whole.output_factors, split.input_factors + split.output_factors):
         torch.testing.assert_close(a, b)
     assert whole.num_data == split.num_data == 9
+
+
+def test_gathered_rows_give_the_factors_of_every_batch(monkeypatch, generator):
+    """Rows gathered over batches (buffers of 8 here) are all counted: full buffers, a batch
+    too large for its buffer, a read in the middle of a fit, and factors replaced by assignment."""
+    model = tiny_mlp(True)
+    sizes = (3, 3, 3, 5, 2, 4)
+    x = torch.randn(sum(sizes), 3, dtype=torch.float64, generator=generator)
+    y = targets("classification", sum(sizes), generator=generator)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    batches = [
+        layer_statistics(model, x[s : s + n], y[s : s + n], "classification", "ef")[1] for s, n in zip(starts, sizes)
+    ]
+    monkeypatch.setattr(accumulate, "GATHERED_ROWS", 0)  # no gathering: every batch multiplied at once
+    direct = KronCurvature()
+    for stats in batches:
+        direct.update(stats)
+    expected = [f.clone() for f in direct.input_factors + direct.output_factors]
+    monkeypatch.setattr(accumulate, "GATHERED_ROWS", 8)
+    gathered = KronCurvature()
+    for k, stats in enumerate(batches):
+        gathered.update(stats)
+        if k == 3:  # a read flushes the buffers; later batches gather again
+            assert len(gathered.output_factors) == 2
+            assert gathered._filled and not any(gathered._filled.values())
+    assert any(gathered._filled.values())  # rows are waiting for the next read
+    for got, want in zip(gathered.input_factors + gathered.output_factors, expected, strict=True):
+        torch.testing.assert_close(got, want)
+    assert gathered.num_data == direct.num_data == sum(sizes)
+    gathered.update(batches[0])
+    gathered.input_factors = [torch.zeros_like(f) for f in expected[:2]]  # replacing the factors drops the rows
+    assert not gathered._filled
+    torch.testing.assert_close(gathered.input_factors[0], torch.zeros_like(expected[0]))
 
 
 @pytest.mark.parametrize("likelihood", ["classification", "regression"])

@@ -11,6 +11,13 @@ from fastlaplace import ops
 from fastlaplace.curvature.statistics import LayerStatistics
 from fastlaplace.reference import accumulation_dtype
 
+#: Summed factors (no ``decay``) gather the rows of their Gram matrices over batches, up to
+#: this many per factor, and multiply them in one call: a Gram of 2,048 rows runs about 1.6x
+#: faster per row than eight of 256 on 2 AVX2 cores (the GEMMs' depth is the row count).
+GATHERED_ROWS = 2048
+#: The gathering buffers of all the factors of one curvature hold at most this many bytes.
+GATHER_BYTES = 16 << 20
+
 
 class KronCurvature:
     """K-FAC factors ``A_l = Σ_n â_n â_nᵀ`` and ``G_l = Σ_n Σ_k g_nk g_nkᵀ`` per layer.
@@ -31,6 +38,12 @@ class KronCurvature:
     per-datum factors, ``A ← β A + (1 − β) Σ â âᵀ / (N L)`` and ``G ← β G + (1 − β) Σ g gᵀ / N``
     (the first batch replaces them), so that ``kron(G, A)`` approximates the curvature of
     one datum with no further scale (the K-FAC optimiser's running factors).
+
+    Summed factors (no ``decay``, no ``output_scales``) of inputs given as rows (not the
+    Conv2d input factor) copy each batch's rows into a buffer of up to
+    :data:`GATHERED_ROWS` rows (:data:`GATHER_BYTES` for all of them) and multiply the
+    buffer when it is full, or when ``input_factors`` / ``output_factors`` are read: the
+    same sums, fewer and deeper GEMMs. Batches with more rows than the buffer skip it.
     """
 
     def __init__(
@@ -44,10 +57,33 @@ class KronCurvature:
         self.low_precision_products = low_precision_products
         self.decay = decay
         self.names: list[str] = []
-        self.input_factors: list[Tensor] = []
-        self.output_factors: list[Tensor] = []
+        self._input_factors: list[Tensor] = []
+        self._output_factors: list[Tensor] = []
         self.locations: list[int] = []
         self.num_data = 0
+        self._drop_buffers()
+
+    @property
+    def input_factors(self) -> list[Tensor]:
+        """Per layer ``A_l``, ``(d_in + bias, d_in + bias)``, with every gathered row added."""
+        self._flush()
+        return self._input_factors
+
+    @input_factors.setter
+    def input_factors(self, factors: list[Tensor]) -> None:
+        self._drop_buffers()
+        self._input_factors = factors
+
+    @property
+    def output_factors(self) -> list[Tensor]:
+        """Per layer ``G_l``, ``(d_out, d_out)``, with every gathered row added."""
+        self._flush()
+        return self._output_factors
+
+    @output_factors.setter
+    def output_factors(self, factors: list[Tensor]) -> None:
+        self._drop_buffers()
+        self._output_factors = factors
 
     def update(self, statistics: Sequence[LayerStatistics], output_scales: Sequence[float] | None = None) -> None:
         """Add one batch: all layers' factors in one call of the fused operator.
@@ -75,35 +111,41 @@ class KronCurvature:
                 ones.append(s.has_bias)
             rows_g.append(_as_rows(grads))
         n = statistics[0].inputs.shape[0]
+        count = len(statistics)
         # F <- beta F + alpha (batch Gram): sums (beta = alpha = 1), or the EMA of per-datum averages.
         if self.decay is None:
-            beta, row_alphas, output_alpha = 1.0, [1.0] * len(statistics), 1.0
+            beta, row_alphas, output_alpha = 1.0, [1.0] * count, 1.0
         else:
             beta = self.decay if self.num_data else 0.0
             row_alphas = [(1.0 - beta) / (n * locations) for locations in self.locations]
             output_alpha = (1.0 - beta) / n
-        row_factors = [f for i, f in enumerate(self.input_factors) if i not in conv]
-        alphas = [a for i, a in enumerate(row_alphas) if i not in conv]
-        output_factors = self.output_factors
-        scales = [1.0] * len(statistics) if output_scales is None else [float(v) for v in output_scales]
-        output_alphas = [output_alpha * v * v for v in scales]
+        scales = [1.0] * count if output_scales is None else [float(v) for v in output_scales]
+        # Factors multiplied from rows, keyed i for A_i and count + i for G_i.
+        keys = [i for i in range(count) if i not in conv] + [count + i for i in range(count)]
+        rows = rows_a + rows_g
+        flags = ones + [False] * count
+        alphas = [row_alphas[i] for i in keys[: len(rows_a)]] + [output_alpha * v * v for v in scales]
         if self.low_precision_products and rows_g[0].dtype in (torch.bfloat16, torch.float16):
-            for factor, g_rows, alpha in zip(output_factors, rows_g, output_alphas, strict=True):
+            for factor, g_rows, alpha in zip(self._output_factors, rows_g, alphas[len(rows_a) :], strict=True):
                 if beta != 1.0:
                     factor.mul_(beta)
                 factor.add_((g_rows.T @ g_rows).to(factor.dtype), alpha=alpha)
-            output_factors, rows_g, output_alphas = [], [], []
-        factors, rows, flags = row_factors + output_factors, rows_a + rows_g, ones + [False] * len(rows_g)
-        alphas += output_alphas
+            keys, rows, flags, alphas = keys[: len(rows_a)], rows_a, ones, alphas[: len(rows_a)]
+        if self.decay is None and output_scales is None:
+            keys, rows, flags, alphas = self._gather(keys, rows, flags)
         for alpha in dict.fromkeys(alphas):  # one fused call per distinct scale (a single one for sums)
             chosen = [j for j, a in enumerate(alphas) if a == alpha]
             ops.factor_accumulate_(
-                [factors[j] for j in chosen], [rows[j] for j in chosen], [flags[j] for j in chosen], alpha, beta
+                [self._factor(keys[j]) for j in chosen],
+                [rows[j] for j in chosen],
+                [flags[j] for j in chosen],
+                alpha,
+                beta,
             )
         for i in conv:
             s, m = statistics[i], statistics[i].module
             ops.conv_input_factor_(
-                self.input_factors[i],
+                self._input_factors[i],
                 s.inputs,
                 m.kernel_size,
                 m.stride,
@@ -121,9 +163,60 @@ class KronCurvature:
         for s in statistics:
             options = {"dtype": accumulation_dtype(s.inputs.dtype), "device": s.inputs.device}
             d_a = s.module.weight[0].numel() + s.has_bias
-            self.input_factors.append(torch.zeros(d_a, d_a, **options))
+            self._input_factors.append(torch.zeros(d_a, d_a, **options))
             d_g = s.module.weight.shape[0]
-            self.output_factors.append(torch.zeros(d_g, d_g, **options))
+            self._output_factors.append(torch.zeros(d_g, d_g, **options))
+
+    def _factor(self, key: int) -> Tensor:
+        count = len(self.names)
+        return self._input_factors[key] if key < count else self._output_factors[key - count]
+
+    def _gather(
+        self, keys: list[int], rows: list[Tensor], flags: list[bool]
+    ) -> tuple[list[int], list[Tensor], list[bool], list[float]]:
+        """Copy the batch's rows into the factors' buffers; the entries too large for a buffer are returned.
+
+        A buffer that cannot take its new rows is multiplied first (all such in one fused call).
+        """
+        if self._capacity is None:  # sized once, from the first batch's row widths
+            row_bytes = sum(r.shape[1] * r.element_size() for r in rows)
+            self._capacity = min(GATHERED_ROWS, GATHER_BYTES // max(1, row_bytes))
+        gathered = [j for j, r in enumerate(rows) if 2 * r.shape[0] <= self._capacity]
+        full = [keys[j] for j in gathered if self._filled.get(keys[j], 0) + rows[j].shape[0] > self._capacity]
+        self._multiply_buffers(full)
+        for j in gathered:
+            key, r = keys[j], rows[j]
+            if key not in self._buffers:
+                self._buffers[key] = r.new_empty(self._capacity, r.shape[1])
+                self._ones[key], self._filled[key] = flags[j], 0
+            filled = self._filled[key]
+            self._buffers[key][filled : filled + r.shape[0]].copy_(r)
+            self._filled[key] = filled + r.shape[0]
+        direct = [j for j in range(len(rows)) if j not in gathered]
+        return [keys[j] for j in direct], [rows[j] for j in direct], [flags[j] for j in direct], [1.0] * len(direct)
+
+    def _flush(self) -> None:
+        self._multiply_buffers([k for k, filled in self._filled.items() if filled])
+
+    def _multiply_buffers(self, keys: list[int]) -> None:
+        """Add the filled rows of these buffers to their factors (one fused call) and empty them."""
+        if not keys:
+            return
+        ops.factor_accumulate_(
+            [self._factor(k) for k in keys],
+            [self._buffers[k][: self._filled[k]] for k in keys],
+            [self._ones[k] for k in keys],
+        )
+        for k in keys:
+            self._filled[k] = 0
+
+    def _drop_buffers(self) -> None:
+        """Forget the gathered rows (the factors are being replaced)."""
+        # Per factor key (i: A_i, len(names) + i: G_i): its buffer, rows filled, and ones-column flag.
+        self._buffers: dict[int, Tensor] = {}
+        self._filled: dict[int, int] = {}
+        self._ones: dict[int, bool] = {}
+        self._capacity: int | None = None
 
 
 def _as_rows(t: Tensor) -> Tensor:
