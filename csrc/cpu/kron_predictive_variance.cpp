@@ -41,7 +41,12 @@ at::Tensor layer_variance(const at::Tensor& a, const std::optional<at::Tensor>& 
   const at::Tensor weights = at::mm(a_rot.square(), inverse.t());  // (N, d_G)
   if (!jacobian.has_value()) {  // last layer: B = I
     if (!full_covariance) return at::mm(weights, qg.square().t());
-    return at::matmul(qg.unsqueeze(0).mul(weights.unsqueeze(1)), qg.t());
+    // cov[n, c, e] = sum_j w[n, j] Q_G[c, j] Q_G[e, j]: one (N, d_G) x (d_G, C C) GEMM
+    // with the products of Q_G's rows, instead of N small matrix products.
+    const int64_t c = qg.size(0);
+    const at::Tensor rows_t = qg.t();  // (d_G, C)
+    const at::Tensor pairs = rows_t.unsqueeze(2).mul(rows_t.unsqueeze(1)).view({qg.size(1), c * c});
+    return at::mm(weights, pairs).view({a.size(0), c, c});
   }
   const at::Tensor b_rot = rotate_jacobian(jacobian->to(qa.scalar_type()), qg);  // (N, C, d_G)
   if (!full_covariance) return at::bmm(b_rot.square(), weights.unsqueeze(2)).squeeze(2);
