@@ -63,6 +63,10 @@ std::vector<at::Tensor> kron_solve_aten(at::TensorList eigvecs_a, at::TensorList
                                         at::TensorList eigvecs_g, at::TensorList eigvals_g,
                                         at::TensorList rhs, const at::Tensor& scale,
                                         const at::Tensor& delta, double exponent);
+at::Tensor kron_precondition_aten(at::TensorList gradients, at::IntArrayRef blocks,
+                                  at::TensorList eigvecs_a, at::TensorList eigvecs_g,
+                                  at::TensorList inverse_spectra,
+                                  const std::optional<at::Tensor>& kl_weights);
 at::Tensor kron_predictive_variance_aten(
     at::TensorList inputs, const c10::List<std::optional<at::Tensor>>& output_jacobians,
     at::TensorList eigvecs_a, at::TensorList eigvals_a, at::TensorList eigvecs_g,

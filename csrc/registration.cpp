@@ -33,6 +33,9 @@ TORCH_LIBRARY(fastlaplace, m) {
       "Tensor[] eigvals_g, Tensor[] rhs, Tensor scale, Tensor delta, "
       "float exponent=-1.) -> Tensor[]");
   m.def(
+      "kron_precondition_(Tensor(a!)[] gradients, int[] blocks, Tensor[] eigvecs_a, "
+      "Tensor[] eigvecs_g, Tensor[] inverse_spectra, Tensor? kl_weights=None) -> Tensor");
+  m.def(
       "kron_logdet(Tensor[] eigvals_a, Tensor[] eigvals_g, Tensor scale, Tensor delta) "
       "-> Tensor");
   m.def(

@@ -28,6 +28,7 @@ __all__ = [
     "extension_loaded",
     "factor_accumulate_",
     "kron_logdet",
+    "kron_precondition_",
     "kron_predictive_variance",
     "kron_solve",
 ]
@@ -340,6 +341,70 @@ def kron_solve(
     )
 
 
+def kron_precondition_(
+    gradients: Sequence[Tensor],
+    blocks: Sequence[int],
+    eigvecs_a: Sequence[Tensor],
+    eigvecs_g: Sequence[Tensor],
+    inverse_spectra: Sequence[Tensor],
+    kl_weights: Tensor | None = None,
+) -> Tensor:
+    """K-FAC's preconditioning, in place: ``V_i ← ν Q_G [(Q_Gᵀ V_i Q_A) ⊙ S_i] Q_Aᵀ`` per layer.
+
+    With ``S_i = 1 / (μ λᵀ + δ)`` this is ``ν (G ⊗ A + δ)⁻¹ vec V_i`` (row-major vec). Layer
+    i's ``V_i`` is ``[g_1 | g_2 | ...]``, its next ``blocks[i]`` gradients each viewed as
+    ``(d_G, width)`` (a weight ``(d_G, ...)``, then its bias ``(d_G,)``); the result is
+    written back into them. With ``kl_weights`` k (``lr_i² / kl_clip``),
+    ``ν = min(1, 1 / √(Σ_i k_i ⟨V_i, (F_i + δ)⁻¹ V_i⟩))`` (K-FAC's KL clipping), else ν = 1.
+
+    Args:
+        gradients: the blocks, any floating dtype, each ``(d_G of its layer, ...)``; overwritten.
+        blocks: L positive counts of consecutive blocks per layer.
+        eigvecs_a: L float32/float64 eigenvector matrices ``(d_A, d_A)``, d_A the blocks' total width.
+        eigvecs_g: L eigenvector matrices ``(d_G, d_G)`` of the same dtype.
+        inverse_spectra: L ``(d_G, d_A)`` matrices S_i of the same dtype.
+        kl_weights: ``(L,)`` weights (``lr_i² / kl_clip``), or None for ν = 1.
+
+    Returns:
+        ν, a 0-d tensor in the eigenvectors' dtype (no host synchronisation).
+    """
+    count = _check_lengths(eigvecs_a=eigvecs_a, eigvecs_g=eigvecs_g, inverse_spectra=inverse_spectra, blocks=blocks)
+    if count == 0:
+        raise ValueError("kron_precondition_ needs at least one layer")
+    if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in blocks):
+        raise ValueError(f"blocks must be positive integers, got {list(blocks)}")
+    if sum(blocks) != len(gradients):
+        raise ValueError(f"blocks announce {sum(blocks)} gradient blocks, got {len(gradients)}")
+    dtype, first = eigvecs_a[0].dtype, 0
+    for i in range(count):
+        qa, qg, inverse = eigvecs_a[i], eigvecs_g[i], inverse_spectra[i]
+        d_a, d_g = qa.shape[0], qg.shape[0]
+        _check_accumulator(qa, f"eigvecs_a[{i}]")
+        _check_square(qa, d_a, f"eigvecs_a[{i}]")
+        _check_square(qg, d_g, f"eigvecs_g[{i}]")
+        if qg.dtype != dtype or inverse.dtype != dtype or qa.dtype != dtype:
+            raise TypeError(f"layer {i}: eigenvectors and inverse spectra must all be {dtype}")
+        if inverse.shape != (d_g, d_a):
+            raise ValueError(f"inverse_spectra[{i}] must have shape ({d_g}, {d_a}), got {tuple(inverse.shape)}")
+        width = 0
+        for j in range(first, first + blocks[i]):
+            g = _check_tensor(gradients[j], f"gradients[{j}]")
+            if g.dim() == 0 or g.shape[0] != d_g:
+                raise ValueError(f"gradients[{j}] must have {d_g} rows (layer {i}'s d_G), got shape {tuple(g.shape)}")
+            width += g.numel() // d_g
+        if width != d_a:
+            raise ValueError(f"layer {i}: its gradient blocks have {width} columns, its eigvecs_a {d_a}")
+        first += blocks[i]
+    if kl_weights is not None:
+        _check_per_layer(kl_weights, count, "kl_weights", nonnegative=False)
+    tensors = [*gradients, *eigvecs_a, *eigvecs_g, *inverse_spectra, kl_weights]
+    if len({t.device for t in tensors if t is not None}) > 1:  # names are made only for the error (a step calls this)
+        lists = (("gradients", len(gradients)), ("eigvecs_a", count), ("eigvecs_g", count), ("inverse_spectra", count))
+        _check_device(tensors, [f"{name}[{i}]" for name, k in lists for i in range(k)] + ["kl_weights"])
+    impl = torch.ops.fastlaplace.kron_precondition_ if _EXTENSION else reference.kron_precondition_
+    return impl(list(gradients), list(blocks), list(eigvecs_a), list(eigvecs_g), list(inverse_spectra), kl_weights)
+
+
 def kron_logdet(eigvals_a: Sequence[Tensor], eigvals_g: Sequence[Tensor], scale: Tensor, delta: Tensor) -> Tensor:
     """Per-layer ``log det P_l = Σ_ij log(s_l μ_j λ_i + δ_l)``; differentiable in scale and delta.
 
@@ -477,6 +542,10 @@ if _EXTENSION:
     @torch.library.register_fake("fastlaplace::kron_solve")
     def _kron_solve_fake(eigvecs_a, eigvals_a, eigvecs_g, eigvals_g, rhs, scale, delta, exponent=-1.0):
         return [v.new_empty(v.shape, dtype=qa.dtype) for v, qa in zip(rhs, eigvecs_a, strict=True)]
+
+    @torch.library.register_fake("fastlaplace::kron_precondition_")
+    def _kron_precondition_fake(gradients, blocks, eigvecs_a, eigvecs_g, inverse_spectra, kl_weights=None):
+        return eigvecs_a[0].new_empty(())
 
     @torch.library.register_fake("fastlaplace::kron_logdet")
     def _kron_logdet_fake(eigvals_a, eigvals_g, scale, delta):

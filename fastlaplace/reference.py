@@ -177,6 +177,53 @@ def kron_solve(
     return out
 
 
+def kron_precondition_(
+    gradients: list[Tensor],
+    blocks: list[int],
+    eigvecs_a: list[Tensor],
+    eigvecs_g: list[Tensor],
+    inverse_spectra: list[Tensor],
+    kl_weights: Tensor | None = None,
+) -> Tensor:
+    """In place, per layer: ``V_i ← ν Q_G [(Q_Gᵀ V_i Q_A) ⊙ S_i] Q_Aᵀ``; returns ν.
+
+    Layer i's ``V_i`` is its next ``blocks[i]`` gradients, each viewed as ``(d_G, width)``,
+    side by side (a weight, then its bias); ``ν = min(1, 1 / √(Σ_i k_i ⟨V_i, ν⁻¹ result_i⟩))``
+    with ``kl_weights`` k, else 1.
+
+    Args:
+        gradients: the blocks, ``(d_G, ...)`` each, any floating dtype; overwritten.
+        blocks: L counts of consecutive gradient blocks per layer.
+        eigvecs_a: L eigenvector matrices ``(d_A, d_A)``.
+        eigvecs_g: L eigenvector matrices ``(d_G, d_G)``.
+        inverse_spectra: L ``(d_G, d_A)`` matrices S_i (for a damped solve ``1 / (μ λᵀ + δ)``).
+        kl_weights: ``(L,)`` or None.
+
+    Returns:
+        ν, a 0-d tensor in the eigenvectors' dtype.
+    """
+    updates, dots, first = [], [], 0
+    for qa, qg, inverse, count in zip(eigvecs_a, eigvecs_g, inverse_spectra, blocks, strict=True):
+        layer = gradients[first : first + count]
+        v = torch.cat([g.reshape(qg.shape[0], -1).to(qa.dtype) for g in layer], dim=1)
+        rotated = qg.T @ v @ qa
+        updates.append(qg @ (rotated * inverse) @ qa.T)
+        dots.append((v * updates[-1]).sum())
+        first += count
+    scale = torch.ones((), dtype=eigvecs_a[0].dtype, device=eigvecs_a[0].device)
+    if kl_weights is not None:
+        scale = (torch.stack(dots) @ kl_weights.to(scale.dtype)).clamp_min(0).rsqrt().clamp_max(1)
+    first = 0
+    for update, count in zip(updates, blocks, strict=True):
+        offset = 0
+        for g in gradients[first : first + count]:
+            width = g.numel() // g.shape[0]
+            g.copy_((scale * update[:, offset : offset + width]).reshape(g.shape))
+            offset += width
+        first += count
+    return scale
+
+
 def kron_logdet(eigvals_a: list[Tensor], eigvals_g: list[Tensor], scale: Tensor, delta: Tensor) -> Tensor:
     """``(L,)`` log-determinants ``Σ_ij log(s_l μ_j λ_i + δ_l)`` of each layer's P."""
     return torch.stack(

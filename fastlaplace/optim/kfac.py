@@ -217,9 +217,9 @@ class KFACPreconditioner:
         # recomputed after each eigendecomposition update or change of damping, not at every step.
         self._weights: list[Tensor | None] = [None] * len(self.layers)
         self._weights_damping: float | None = None
-        self._rates: tuple[tuple[float, ...], Tensor] | None = None
-        # Per layer views of the eigenvectors in use, made once per eigendecomposition update (see _eigen_changed).
-        self._transposed: list[tuple[Tensor, Tensor, Tensor, Tensor | None] | None] = [None] * len(self.layers)
+        # The KL clip's per-layer weights lr_l² / kl_clip, kept with the (kl_clip, layers, lr_l²) they were made for.
+        self._kl_weights_key: tuple | None = None
+        self._kl_weights_tensor: Tensor | None = None
         self._groups: tuple[int, list[int | None]] | None = None
         # The capture hooks are registered only while the next step updates the factors, so that the
         # forwards of the other steps run without any hook of ours.
@@ -371,14 +371,8 @@ class KFACPreconditioner:
         self._eigen_changed()
 
     def _eigen_changed(self) -> None:
-        """Drop the damped spectra and remake the views of the eigenvectors that each step uses."""
+        """Drop the damped spectra made from the previous eigenpairs."""
         self._weights = [None] * len(self.layers)
-        self._transposed = [None] * len(self.layers)
-        for i, eigen in enumerate(self._eigen):
-            if eigen is not None:
-                qa, qg, d_in = eigen[0], eigen[2], self._parameters[i][2]
-                # (Q_Gᵀ, Q_Aᵀ, the weight rows of Q_A transposed, the bias row of Q_A or None)
-                self._transposed[i] = (qg.T, qa.T, qa[:d_in].T, qa[d_in] if qa.shape[0] > d_in else None)
 
     def eigendecomposition(self) -> list[tuple[Tensor, Tensor, Tensor, Tensor] | None]:
         """Per layer ``(Q_A, λ_A, Q_G, λ_G)`` in use (None for a layer owned by another rank in "gradient" mode)."""
@@ -392,47 +386,49 @@ class KFACPreconditioner:
         if self.broadcast == "gradient" and size > 1:
             self._precondition_distributed(with_grad, rank)
             return
-        # (F + δ)⁻¹ vec V = Q_G [(Q_Gᵀ V Q_A) ⊘ (μ λᵀ + δ)] Q_Aᵀ: kron_solve's maths and order of products,
-        # with the damped spectrum and the transposed eigenvectors kept from step to step.
+        # One fused call for all layers: (F + δ)⁻¹ vec V scaled by the KL clip, written into the gradients,
+        # with the damped spectra kept from step to step.
         weights = self._damped_weights(with_grad)
-        scaled = []
+        gradients, blocks = [], []
         for i in with_grad:
-            rotated = torch.mm(torch.mm(self._transposed[i][0], self._gradient_matrix(i)), self._eigen[i][0])
-            scaled.append(rotated.mul_(weights[i]) if self.kl_clip is None else (rotated, rotated * weights[i]))
-        if self.kl_clip is not None:
-            # ⟨V, (F + δ)⁻¹ V⟩ = ⟨R, R ⊘ (μ λᵀ + δ)⟩ with R = Q_Gᵀ V Q_A: ν scales the rotated update.
-            dots = [torch.vdot(r.view(-1), w.view(-1)) for r, w in scaled]
-            scaled = [w for _, w in scaled]
-            torch._foreach_mul_(scaled, self._kl_scale(dots, with_grad))
-        for i, update in zip(with_grad, scaled, strict=True):
-            weight, bias, d_in = self._parameters[i]
-            _, qa_t, qa_weight_t, qa_bias = self._transposed[i]
-            left = torch.mm(self._eigen[i][2], update)
-            if weight.grad.dtype == left.dtype and weight.grad.is_contiguous():
-                # Q_G U Q_Aᵀ written straight into the gradients: the weight columns, then the bias column.
-                torch.mm(left, qa_weight_t, out=weight.grad.view(weight.shape[0], d_in))
-                if bias is not None and bias.grad is not None:
-                    torch.mv(left, qa_bias, out=bias.grad)
-            else:
-                self._write_gradient(i, left @ qa_t)
+            weight, bias, _ = self._parameters[i]
+            gradients.append(weight.grad)
+            if bias is not None:  # a bias without a gradient is a zero column whose update is dropped
+                gradients.append(bias.grad if bias.grad is not None else weight.grad.new_zeros(weight.shape[0]))
+            blocks.append(1 + (bias is not None))
+        ops.kron_precondition_(
+            gradients,
+            blocks,
+            [self._eigen[i][0] for i in with_grad],
+            [self._eigen[i][2] for i in with_grad],
+            [weights[i] for i in with_grad],
+            None if self.kl_clip is None else self._kl_weights(with_grad),
+        )
 
     def _precondition_distributed(self, with_grad: list[int], rank: int) -> None:
         """``broadcast="gradient"``: each layer's owner solves and broadcasts its natural gradient."""
         compute = [i for i in with_grad if self._layer_owners[i] == rank]
         weights = self._damped_weights(compute)
         gradients = {i: self._gradient_matrix(i) for i in with_grad}
-        natural = {}
-        for i in compute:
-            qa, _, qg, _ = self._eigen[i]
-            natural[i] = qg @ ((qg.T @ gradients[i] @ qa).mul_(weights[i])) @ qa.T
+        natural = {i: gradients[i].clone() for i in compute}
+        if compute:
+            ops.kron_precondition_(
+                [natural[i] for i in compute],
+                [1] * len(compute),
+                [self._eigen[i][0] for i in compute],
+                [self._eigen[i][2] for i in compute],
+                [weights[i] for i in compute],
+            )
         for i in with_grad:
             natural.setdefault(i, torch.empty_like(gradients[i]))
         distributed.broadcast_from_owners_(
             [natural[i] for i in with_grad], [self._layer_owners[i] for i in with_grad], self.bucket_mb
         )
         if self.kl_clip is not None:  # the same sums on every rank, from the broadcast natural gradients
-            dots = [torch.vdot(gradients[i].view(-1), natural[i].view(-1)) for i in with_grad]
-            torch._foreach_mul_([natural[i] for i in with_grad], self._kl_scale(dots, with_grad))
+            dots = torch.stack([torch.vdot(gradients[i].view(-1), natural[i].view(-1)) for i in with_grad])
+            ratio = dots @ self._kl_weights(with_grad)  # Σ_l lr_l² ⟨∇_l, ñ_l⟩ / kl_clip
+            # ν = min(1, 1 / √ratio): 1 / √0 = ∞ (and rounding below 0) give ν = 1, as in kron_precondition_
+            torch._foreach_mul_([natural[i] for i in with_grad], ratio.clamp_min_(0.0).rsqrt_().clamp_(max=1.0))
         for i in with_grad:
             self._write_gradient(i, natural[i])
 
@@ -489,21 +485,23 @@ class KFACPreconditioner:
         root = math.sqrt(delta)
         return la + pi * root, lg + root / pi
 
-    def _kl_scale(self, dots: list[Tensor], layers: list[int]) -> Tensor:
-        """``ν = min(1, √(kl_clip / Σ_l lr_l² ⟨∇_l, ñ_l⟩))`` as a 0-d tensor (no host sync).
+    def _kl_weights(self, layers: list[int]) -> Tensor:
+        """``(len(layers),)`` weights ``lr_l² / kl_clip`` of the KL clip, remade when a setting changes.
 
-        ``⟨∇_l, ñ_l⟩ ≥ 0`` (a positive definite solve), so ``Σ = 0`` gives ``kl_clip / 0 = ∞`` and ν = 1.
+        With them ``ν = min(1, 1 / √(Σ_l w_l ⟨∇_l, ñ_l⟩))``; ``⟨∇_l, ñ_l⟩ ≥ 0`` (a positive
+        definite solve), and a zero sum gives ν = 1.
         """
         clip = _value(self.kl_clip)
         if clip <= 0:
             raise ValueError(f"kl_clip must be positive, got {clip}")
         rates = self._learning_rates()
-        key = (clip, *(rates[i] ** 2 for i in layers))
-        if self._rates is None or self._rates[0] != key:
-            weights = [rate / clip for rate in key[1:]]
-            self._rates = (key, torch.tensor(weights, dtype=dots[0].dtype, device=dots[0].device))
-        ratio = torch.stack(dots) @ self._rates[1]  # Σ_l lr_l² ⟨∇_l, ñ_l⟩ / kl_clip
-        return ratio.clamp_min_(0.0).rsqrt_().clamp_(max=1.0)  # 1 / √0 = ∞ (and rounding below 0) give ν = 1
+        key = (clip, *((i, rates[i] ** 2) for i in layers))
+        if self._kl_weights_key != key:
+            weights = [rates[i] ** 2 / clip for i in layers]
+            device = self._parameters[0][0].device
+            self._kl_weights_tensor = torch.tensor(weights, dtype=self._dtype(), device=device)
+            self._kl_weights_key = key
+        return self._kl_weights_tensor
 
     def _learning_rates(self) -> list[float]:
         """The lr of each layer: from the optimiser's parameter group holding its weight (0 if none), or lr."""

@@ -1,0 +1,155 @@
+"""kron_precondition_: K-FAC's in-place damped Kron solve with KL clipping, against dense linear algebra."""
+
+import pytest
+import torch
+from conftest import DEVICES, PRIME_SIZES, assert_matches_float64, eigen_layer, requires_extension
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastlaplace.ops as ops
+import fastlaplace.reference as reference
+
+
+def damped_inverse(la, lg, delta):
+    return 1.0 / (torch.outer(lg.clamp_min(0), la.clamp_min(0)) + delta)
+
+
+def dense_natural_gradient(a, g, delta, v):
+    """``(G ⊗ A + δ I)⁻¹ vec V`` for the row-major vec of a ``(d_G, d_A)`` matrix."""
+    p = torch.kron(g, a) + delta * torch.eye(a.shape[0] * g.shape[0], dtype=a.dtype)
+    return torch.linalg.solve(p, v.reshape(-1)).reshape(v.shape)
+
+
+def conv_and_linear(generator):
+    """A conv-like layer (weight (4, 2, 3) and bias: d_A = 7) and a bias-free linear one (d_A = 5)."""
+    layers = [eigen_layer(7, 4, generator=generator, rank_a=3), eigen_layer(5, 3, generator=generator)]
+    grads = [
+        torch.randn(4, 2, 3, dtype=torch.float64, generator=generator),
+        torch.randn(4, dtype=torch.float64, generator=generator),
+        torch.randn(3, 5, dtype=torch.float64, generator=generator),
+    ]
+    return layers, grads, [2, 1]
+
+
+@pytest.mark.parametrize("kl", [False, True])
+def test_equals_the_dense_damped_solve_written_into_the_blocks(kl, generator):
+    layers, grads, blocks = conv_and_linear(generator)
+    delta = 0.3
+    matrices = [torch.cat([grads[0].reshape(4, 6), grads[1].unsqueeze(1)], 1), grads[2]]
+    natural = [dense_natural_gradient(a, g, delta, v) for (*_, a, g), v in zip(layers, matrices, strict=True)]
+    weights = torch.tensor([0.7, 2.0], dtype=torch.float64)
+    nu = torch.tensor(1.0, dtype=torch.float64)
+    if kl:
+        quadratic = sum(w * (v * n).sum() for w, v, n in zip(weights, matrices, natural, strict=True))
+        nu = quadratic.rsqrt().clamp_max(1)
+        assert nu < 1  # the clip is active in this test
+    inverse = [damped_inverse(la, lg, delta) for _, la, _, lg, *_ in layers]
+    result = ops.kron_precondition_(
+        grads, blocks, [layer[0] for layer in layers], [layer[2] for layer in layers], inverse, weights if kl else None
+    )
+    torch.testing.assert_close(result, nu)
+    torch.testing.assert_close(grads[0], nu * natural[0][:, :6].reshape(4, 2, 3))
+    torch.testing.assert_close(grads[1], nu * natural[0][:, 6])
+    torch.testing.assert_close(grads[2], nu * natural[1])
+
+
+def test_zero_gradients_leave_nu_at_one(generator):
+    qa, la, qg, lg, *_ = eigen_layer(3, 2, generator=generator)
+    grads = [torch.zeros(2, 3, dtype=torch.float64)]
+    nu = ops.kron_precondition_(
+        grads, [1], [qa], [qg], [damped_inverse(la, lg, 0.1)], torch.ones(1, dtype=torch.float64)
+    )
+    assert nu.item() == 1.0 and not grads[0].any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_matches_float64_reference(device, dtype, grad_dtype, generator):
+    qa, la, qg, lg, *_ = eigen_layer(31, 17, generator=generator)
+    grad = torch.randn(17, 31, generator=generator).to(grad_dtype)
+    weights = torch.tensor([0.5])
+    exact_grads = [grad.double()]
+    exact_nu = reference.kron_precondition_(
+        exact_grads, [1], [qa], [qg], [damped_inverse(la, lg, 0.05)], weights.double()
+    )
+    cast = [t.to(dtype) for t in (qa, la, qg, lg)]
+    rounded_grads = [grad.to(dtype, copy=True)]
+    reference.kron_precondition_(
+        rounded_grads, [1], [cast[0]], [cast[2]], [damped_inverse(cast[1], cast[3], 0.05)], weights
+    )
+    on_device = [t.to(device) for t in cast]
+    grads = [grad.to(device, copy=True)]
+    nu = ops.kron_precondition_(
+        grads,
+        [1],
+        [on_device[0]],
+        [on_device[2]],
+        [damped_inverse(on_device[1], on_device[3], 0.05)],
+        weights.to(device),
+    )
+    assert nu.dtype == dtype and grads[0].dtype == grad_dtype
+    torch.testing.assert_close(nu.double().cpu(), exact_nu, rtol=1e-4, atol=0)
+    if grad_dtype == torch.bfloat16:  # the result is rounded to the gradient's dtype on the way out
+        torch.testing.assert_close(grads[0].cpu(), exact_grads[0].to(grad_dtype))
+    else:
+        assert_matches_float64(grads[0].cpu(), exact_grads[0], rounded_grads[0])
+
+
+@given(
+    d_in=st.sampled_from(PRIME_SIZES),
+    d_g=st.sampled_from(PRIME_SIZES),
+    bias=st.booleans(),
+    transposed=st.booleans(),
+    kl=st.booleans(),
+)
+def test_property_odd_sizes_and_layouts(d_in, d_g, bias, transposed, kl):
+    qa, la, qg, lg, *_ = eigen_layer(d_in + bias, d_g)
+    weight = (
+        torch.randn(d_in, d_g, dtype=torch.float64).T if transposed else torch.randn(d_g, d_in, dtype=torch.float64)
+    )
+    grads = [weight] + ([torch.randn(d_g, dtype=torch.float64)] if bias else [])
+    expected = [g.clone() for g in grads]
+    args = (
+        [1 + bias],
+        [qa],
+        [qg],
+        [damped_inverse(la, lg, 0.2)],
+        torch.tensor([3.0], dtype=torch.float64) if kl else None,
+    )
+    nu = ops.kron_precondition_(grads, *args)
+    expected_nu = reference.kron_precondition_(expected, *args)
+    torch.testing.assert_close(nu, expected_nu)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)
+    assert grads[0].stride() == weight.stride()  # written in place, in its own layout
+
+
+def test_opcheck():
+    requires_extension()
+    qa, la, qg, lg, *_ = eigen_layer(4, 2, dtype=torch.float32)
+    inverse = damped_inverse(la, lg, 0.1)
+    for weights in (None, torch.tensor([2.0])):
+        args = ([torch.randn(2, 3), torch.randn(2)], [2], [qa], [qg], [inverse], weights)
+        torch.library.opcheck(torch.ops.fastlaplace.kron_precondition_.default, args)
+
+
+def test_bad_inputs_name_the_argument():
+    qa, la, qg, lg, *_ = eigen_layer(3, 2)
+    inverse = damped_inverse(la, lg, 0.1)
+    with pytest.raises(ValueError, match=r"gradients\[0\] must have 2 rows"):
+        ops.kron_precondition_([torch.randn(3, 2, dtype=torch.float64)], [1], [qa], [qg], [inverse])
+    with pytest.raises(ValueError, match="layer 0: its gradient blocks have 2 columns, its eigvecs_a 3"):
+        ops.kron_precondition_([torch.randn(2, 2, dtype=torch.float64)], [1], [qa], [qg], [inverse])
+    with pytest.raises(ValueError, match="blocks announce 2 gradient blocks, got 1"):
+        ops.kron_precondition_([torch.randn(2, 3, dtype=torch.float64)], [2], [qa], [qg], [inverse])
+    with pytest.raises(ValueError, match="blocks must be positive integers"):
+        ops.kron_precondition_([], [0], [qa], [qg], [inverse])
+    with pytest.raises(ValueError, match=r"inverse_spectra\[0\] must have shape \(2, 3\)"):
+        ops.kron_precondition_([torch.randn(2, 3, dtype=torch.float64)], [1], [qa], [qg], [inverse.T])
+    with pytest.raises(TypeError, match="eigenvectors and inverse spectra must all be torch.float64"):
+        ops.kron_precondition_([torch.randn(2, 3, dtype=torch.float64)], [1], [qa], [qg.float()], [inverse])
+    with pytest.raises(ValueError, match=r"kl_weights must have one entry per layer \(1\)"):
+        ops.kron_precondition_([torch.randn(2, 3, dtype=torch.float64)], [1], [qa], [qg], [inverse], torch.ones(2))
+    with pytest.raises(ValueError, match="one entry per layer"):
+        ops.kron_precondition_([torch.randn(2, 3, dtype=torch.float64)], [1], [qa], [], [inverse])
