@@ -426,10 +426,9 @@ def kron_logdet(eigvals_a: Sequence[Tensor], eigvals_g: Sequence[Tensor], scale:
             raise TypeError(f"eigvals_a[{i}] is {eigvals_a[i].dtype} but eigvals_g[{i}] is {eigvals_g[i].dtype}")
     _check_per_layer(scale, count, "scale", nonnegative=True)
     _check_per_layer(delta, count, "delta", nonnegative=True)
-    _check_device(
-        [*eigvals_a, *eigvals_g, scale, delta],
-        [f"eigvals_{s}[{i}]" for s in "ag" for i in range(count)] + ["scale", "delta"],
-    )
+    tensors = [*eigvals_a, *eigvals_g, scale, delta]
+    if len({t.device for t in tensors}) > 1:  # names are made only for the error (each prior step calls this)
+        _check_device(tensors, [f"eigvals_{s}[{i}]" for s in "ag" for i in range(count)] + ["scale", "delta"])
     impl = torch.ops.fastlaplace.kron_logdet if _EXTENSION else reference.kron_logdet
     return impl(list(eigvals_a), list(eigvals_g), scale, delta)
 

@@ -131,6 +131,8 @@ class KronLaplace(BaseLaplace):
 
     def _unitwise_precisions(self, prior_precision: Tensor, sigma_noise: Tensor) -> list[Tensor]:
         """``(d, k, k)`` per LayerNorm / BatchNorm: ``s H_li + δ_l I``."""
+        if not self._unitwise:
+            return []
         scale = self._curvature_scale(sigma_noise)
         return [
             scale * h + prior_precision[i] * torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
