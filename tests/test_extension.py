@@ -17,6 +17,7 @@ OPERATORS = [
     "batched_eigh",
     "kron_solve",
     "kron_logdet",
+    "kron_precondition_",
     "kron_predictive_variance",
 ]
 
