@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -92,9 +92,16 @@ def _check_accumulator(t: Tensor, name: str) -> None:
         raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
 
 
-def _check_device(tensors: Sequence[Tensor | None], names: Sequence[str]) -> None:
-    present = [(t, n) for t, n in zip(tensors, names, strict=True) if t is not None]
-    device = present[0][0].device
+def _check_device(tensors: Sequence[Tensor | None], names: Callable[[], Sequence[str]]) -> None:
+    """The tensors present (None skipped) share one device; else a ValueError naming the odd one.
+
+    ``names()`` labels the tensors and is called only for the error: the wrappers run at every
+    step of a fit, a prior optimisation or a K-FAC preconditioner.
+    """
+    device = next(t.device for t in tensors if t is not None)
+    if all(t is None or t.device == device for t in tensors):
+        return
+    present = [(t, n) for t, n in zip(tensors, names(), strict=True) if t is not None]
     for t, name in present:
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but {present[0][1]} is on {device}")
@@ -173,8 +180,8 @@ def factor_accumulate_(
         if not f.is_contiguous():
             raise ValueError(f"factors[{i}] must be contiguous (it is written in place)")
         _check_square(f, x.shape[1] + bool(append_ones[i]), f"factors[{i}]")
-        _check_device([f, x], [f"factors[{i}]", f"inputs[{i}]"])
-    _check_device(list(factors), [f"factors[{i}]" for i in range(count)])
+        _check_device([f, x], lambda i=i: [f"factors[{i}]", f"inputs[{i}]"])
+    _check_device(list(factors), lambda: [f"factors[{i}]" for i in range(count)])
     impl = torch.ops.fastlaplace.factor_accumulate_ if _EXTENSION else reference.factor_accumulate_
     impl(list(factors), list(inputs), [bool(b) for b in append_ones], float(alpha), float(beta))
 
@@ -219,7 +226,7 @@ def conv_input_factor_(
     _check_accumulator(factor, "factor")
     if not factor.is_contiguous():
         raise ValueError("factor must be contiguous (it is written in place)")
-    _check_device([factor, input], ["factor", "input"])
+    _check_device([factor, input], lambda: ["factor", "input"])
     kernel, strides, pads, dils = (
         _pair(kernel_size, "kernel_size"),
         _pair(stride, "stride"),
@@ -263,8 +270,8 @@ def diag_ggn(inputs: Sequence[Tensor], output_grads: Sequence[Tensor], append_on
         g = _check_tensor(output_grads[i], f"output_grads[{i}]", (2, 3))
         if g.shape[0] != a.shape[0]:
             raise ValueError(f"output_grads[{i}] has {g.shape[0]} samples but inputs[{i}] has {a.shape[0]}")
-        _check_device([a, g], [f"inputs[{i}]", f"output_grads[{i}]"])
-    _check_device(list(inputs), [f"inputs[{i}]" for i in range(count)])
+        _check_device([a, g], lambda i=i: [f"inputs[{i}]", f"output_grads[{i}]"])
+    _check_device(list(inputs), lambda: [f"inputs[{i}]" for i in range(count)])
     impl = torch.ops.fastlaplace.diag_ggn if _EXTENSION else reference.diag_ggn
     return impl(list(inputs), list(output_grads), [bool(b) for b in append_ones])
 
@@ -288,7 +295,7 @@ def batched_eigh(matrices: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]
         _check_tensor(m, f"matrices[{i}]", 2)
         _check_accumulator(m, f"matrices[{i}]")
         _check_square(m, m.shape[0], f"matrices[{i}]")
-    _check_device(list(matrices), [f"matrices[{i}]" for i in range(len(matrices))])
+    _check_device(list(matrices), lambda: [f"matrices[{i}]" for i in range(len(matrices))])
     impl = torch.ops.fastlaplace.batched_eigh if _EXTENSION else reference.batched_eigh
     values, vectors = impl(list(matrices))
     return list(values), list(vectors)
@@ -332,8 +339,10 @@ def kron_solve(
             raise ValueError(f"rhs[{i}] must have shape (*, {expected[0]}, {expected[1]}), got {tuple(v.shape)}")
     _check_device(
         [*eigvecs_a, *eigvals_a, *eigvecs_g, *eigvals_g, *rhs, scale, delta],
-        [f"{n}[{i}]" for n in ("eigvecs_a", "eigvals_a", "eigvecs_g", "eigvals_g", "rhs") for i in range(count)]
-        + ["scale", "delta"],
+        lambda: (
+            [f"{n}[{i}]" for n in ("eigvecs_a", "eigvals_a", "eigvecs_g", "eigvals_g", "rhs") for i in range(count)]
+            + ["scale", "delta"]
+        ),
     )
     impl = torch.ops.fastlaplace.kron_solve if _EXTENSION else reference.kron_solve
     return impl(
@@ -397,10 +406,11 @@ def kron_precondition_(
         first += blocks[i]
     if kl_weights is not None:
         _check_per_layer(kl_weights, count, "kl_weights", nonnegative=False)
-    tensors = [*gradients, *eigvecs_a, *eigvecs_g, *inverse_spectra, kl_weights]
-    if len({t.device for t in tensors if t is not None}) > 1:  # names are made only for the error (a step calls this)
-        lists = (("gradients", len(gradients)), ("eigvecs_a", count), ("eigvecs_g", count), ("inverse_spectra", count))
-        _check_device(tensors, [f"{name}[{i}]" for name, k in lists for i in range(k)] + ["kl_weights"])
+    lists = (("gradients", len(gradients)), ("eigvecs_a", count), ("eigvecs_g", count), ("inverse_spectra", count))
+    _check_device(
+        [*gradients, *eigvecs_a, *eigvecs_g, *inverse_spectra, kl_weights],
+        lambda: [f"{name}[{i}]" for name, k in lists for i in range(k)] + ["kl_weights"],
+    )
     impl = torch.ops.fastlaplace.kron_precondition_ if _EXTENSION else reference.kron_precondition_
     return impl(list(gradients), list(blocks), list(eigvecs_a), list(eigvecs_g), list(inverse_spectra), kl_weights)
 
@@ -426,9 +436,10 @@ def kron_logdet(eigvals_a: Sequence[Tensor], eigvals_g: Sequence[Tensor], scale:
             raise TypeError(f"eigvals_a[{i}] is {eigvals_a[i].dtype} but eigvals_g[{i}] is {eigvals_g[i].dtype}")
     _check_per_layer(scale, count, "scale", nonnegative=True)
     _check_per_layer(delta, count, "delta", nonnegative=True)
-    tensors = [*eigvals_a, *eigvals_g, scale, delta]
-    if len({t.device for t in tensors}) > 1:  # names are made only for the error (each prior step calls this)
-        _check_device(tensors, [f"eigvals_{s}[{i}]" for s in "ag" for i in range(count)] + ["scale", "delta"])
+    _check_device(
+        [*eigvals_a, *eigvals_g, scale, delta],
+        lambda: [f"eigvals_{s}[{i}]" for s in "ag" for i in range(count)] + ["scale", "delta"],
+    )
     impl = torch.ops.fastlaplace.kron_logdet if _EXTENSION else reference.kron_logdet
     return impl(list(eigvals_a), list(eigvals_g), scale, delta)
 
@@ -494,9 +505,13 @@ def kron_predictive_variance(
                 f"layer {i} gives {a.shape[0]} samples x {layer_outputs} outputs but layer 0 "
                 f"gives {samples} x {outputs}"
             )
-    tensors = [*inputs, *output_jacobians, *eigvecs_a, scale, delta]
-    names = [f"inputs[{i}]" for i in range(count)] + [f"output_jacobians[{i}]" for i in range(count)]
-    _check_device(tensors, names + [f"eigvecs_a[{i}]" for i in range(count)] + ["scale", "delta"])
+    _check_device(
+        [*inputs, *output_jacobians, *eigvecs_a, scale, delta],
+        lambda: (
+            [f"{n}[{i}]" for n in ("inputs", "output_jacobians", "eigvecs_a") for i in range(count)]
+            + ["scale", "delta"]
+        ),
+    )
     impl = torch.ops.fastlaplace.kron_predictive_variance if _EXTENSION else reference.kron_predictive_variance
     return impl(
         list(inputs),
