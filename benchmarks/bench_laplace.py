@@ -182,9 +182,10 @@ def main() -> None:
     epoch_time = fastest(epoch, 3)
     forward_time = fastest(references["forward"], 10)
     rows = []
-    for index, (case, fn, repeats, reference, theirs_seconds, per) in enumerate(cases):
-        if callable(theirs_seconds):
-            seconds, theirs_seconds = fastest_side_by_side(fn, theirs_seconds, repeats)
+    for index, (case, fn, repeats, reference, theirs, per) in enumerate(cases):
+        theirs_seconds = theirs
+        if callable(theirs):  # their job, timed alternately with ours
+            seconds, theirs_seconds = fastest_side_by_side(fn, theirs, repeats)
             reference_seconds = 1.0
         elif reference is None:
             seconds, reference_seconds = fastest(fn, repeats), 1.0
