@@ -101,20 +101,24 @@ def test_matches_float64_reference(device, dtype, grad_dtype, generator):
     d_g=st.sampled_from(PRIME_SIZES),
     bias=st.booleans(),
     transposed=st.booleans(),
+    column_major_spectrum=st.booleans(),
     kl=st.booleans(),
 )
-def test_property_odd_sizes_and_layouts(d_in, d_g, bias, transposed, kl):
+def test_property_odd_sizes_and_layouts(d_in, d_g, bias, transposed, column_major_spectrum, kl):
     qa, la, qg, lg, *_ = eigen_layer(d_in + bias, d_g)
     weight = (
         torch.randn(d_in, d_g, dtype=torch.float64).T if transposed else torch.randn(d_g, d_in, dtype=torch.float64)
     )
     grads = [weight] + ([torch.randn(d_g, dtype=torch.float64)] if bias else [])
     expected = [g.clone() for g in grads]
+    inverse = damped_inverse(la, lg, 0.2)
+    if column_major_spectrum:  # not the CPU kernel's fused one-pass layout
+        inverse = inverse.T.contiguous().T
     args = (
         [1 + bias],
         [qa],
         [qg],
-        [damped_inverse(la, lg, 0.2)],
+        [inverse],
         torch.tensor([3.0], dtype=torch.float64) if kl else None,
     )
     nu = ops.kron_precondition_(grads, *args)

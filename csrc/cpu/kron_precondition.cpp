@@ -4,14 +4,17 @@
 // by the caller, and nu = min(1, 1 / sqrt(sum_l k_l <V_l, result_l>)) when kl_weights k are
 // given (K-FAC's KL clipping). The blocks are multiplied where they lie: no concatenated
 // copy on the way in, and the products are written straight into them on the way out.
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/ones.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/stack.h>
 #include <ATen/ops/vdot.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <optional>
 #include <vector>
 
@@ -26,6 +29,22 @@ int64_t block_width(const at::Tensor& block, int64_t rows, int64_t index) {
   TORCH_CHECK(block.dim() >= 1 && block.size(0) == rows, "gradients[", index,
               "] must have ", rows, " rows (the layer's d_G), got shape ", block.sizes());
   return block.numel() / rows;
+}
+
+// On the CPU, R <- R * S in one pass that also returns <R_old, R_new> = sum R^2 S:
+// one loop instead of a product, a copy and a dot (this op runs at every training step).
+double scale_and_dot_cpu(const at::Tensor& rotated, const at::Tensor& spectrum) {
+  double dot = 0.0;
+  AT_DISPATCH_FLOATING_TYPES(rotated.scalar_type(), "kron_precondition_", [&] {
+    scalar_t* r = rotated.mutable_data_ptr<scalar_t>();
+    const scalar_t* w = spectrum.const_data_ptr<scalar_t>();
+    for (int64_t j = 0, n = rotated.numel(); j < n; ++j) {
+      const scalar_t scaled = r[j] * w[j];
+      dot += static_cast<double>(r[j]) * scaled;
+      r[j] = scaled;
+    }
+  });
+  return dot;
 }
 
 }  // namespace
@@ -49,6 +68,19 @@ at::Tensor kron_precondition_aten(at::TensorList gradients, at::IntArrayRef bloc
   TORCH_CHECK(static_cast<int64_t>(gradients.size()) == block_count, "kron_precondition_: ",
               block_count, " gradient blocks announced by blocks, got ", gradients.size());
   const at::ScalarType dtype = eigvecs_a[0].scalar_type();
+  if (kl_weights.has_value()) {
+    TORCH_CHECK(kl_weights->dim() == 1 && kl_weights->size(0) == layers,
+                "kl_weights must be (", layers, ",), one entry per layer, got ", kl_weights->sizes());
+  }
+  // A CPU caller waits for the result anyway: there nu is computed on the host, in double,
+  // and a GPU's stays on the device (no synchronisation).
+  const bool on_host = kl_weights.has_value() && eigvecs_a[0].is_cpu();
+  std::vector<double> kl_factors;
+  if (on_host) {
+    const at::Tensor weights = kl_weights->to(at::kDouble).contiguous();
+    kl_factors.assign(weights.const_data_ptr<double>(), weights.const_data_ptr<double>() + layers);
+  }
+  double host_ratio = 0.0;
   std::vector<at::Tensor> updates(layers), dots;
   int64_t first = 0;
   for (int64_t i = 0; i < layers; ++i) {
@@ -82,17 +114,33 @@ at::Tensor kron_precondition_aten(at::TensorList gradients, at::IntArrayRef bloc
     TORCH_CHECK(offset == d_a, "layer ", i, ": its gradient blocks have ", offset,
                 " columns, its eigvecs_a ", d_a);
     const at::Tensor rotated = at::mm(qg.t(), product);
-    updates[i] = rotated.mul(inverse_spectra[i]);
     // <V, result> = <R, R * S> in the eigenbasis (Q_A and Q_G are orthogonal).
-    if (kl_weights.has_value()) dots.push_back(at::vdot(rotated.view(-1), updates[i].view(-1)));
+    if (rotated.is_cpu() && inverse_spectra[i].is_contiguous()) {
+      const double dot = scale_and_dot_cpu(rotated, inverse_spectra[i]);
+      if (on_host) host_ratio += kl_factors[i] * dot;
+      updates[i] = rotated;
+    } else {
+      updates[i] = rotated.mul(inverse_spectra[i]);
+      if (kl_weights.has_value()) {
+        const at::Tensor dot = at::vdot(rotated.view(-1), updates[i].view(-1));
+        if (on_host) {
+          host_ratio += kl_factors[i] * dot.item<double>();
+        } else {
+          dots.push_back(dot);
+        }
+      }
+    }
     first += blocks[i];
   }
+  // nu = min(1, 1 / sqrt(ratio)): 1 / sqrt(0) = inf (and rounding below 0) give nu = 1.
   at::Tensor scale;
-  if (kl_weights.has_value()) {
-    TORCH_CHECK(kl_weights->dim() == 1 && kl_weights->size(0) == layers,
-                "kl_weights must be (", layers, ",), one entry per layer, got ", kl_weights->sizes());
+  bool unscaled = !kl_weights.has_value();
+  if (on_host) {
+    const double nu = host_ratio > 1.0 ? 1.0 / std::sqrt(host_ratio) : 1.0;
+    unscaled = nu == 1.0;
+    scale = at::scalar_tensor(nu, eigvecs_a[0].options());
+  } else if (kl_weights.has_value()) {
     const at::Tensor ratio = at::vdot(at::stack(dots), kl_weights->to(dtype));
-    // 1 / sqrt(0) = inf (and rounding below 0) give nu = 1.
     scale = ratio.clamp_min(0).rsqrt().clamp_max(1);
   } else {
     scale = at::ones({}, eigvecs_a[0].options());
@@ -102,7 +150,7 @@ at::Tensor kron_precondition_aten(at::TensorList gradients, at::IntArrayRef bloc
     const at::Tensor& qa = eigvecs_a[i];
     const int64_t d_g = eigvecs_g[i].size(0);
     at::Tensor left = at::mm(eigvecs_g[i], updates[i]);
-    if (kl_weights.has_value()) left.mul_(scale);
+    if (!unscaled) left.mul_(scale);
     int64_t offset = 0;
     for (int64_t b = first; b < first + blocks[i]; ++b) {
       const at::Tensor& block = gradients[b];
