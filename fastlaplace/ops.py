@@ -357,6 +357,8 @@ def kron_precondition_(
     eigvecs_g: Sequence[Tensor],
     inverse_spectra: Sequence[Tensor],
     kl_weights: Tensor | None = None,
+    *,
+    validate: bool = True,
 ) -> Tensor:
     """K-FAC's preconditioning, in place: ``V_i ← ν Q_G [(Q_Gᵀ V_i Q_A) ⊙ S_i] Q_Aᵀ`` per layer.
 
@@ -373,10 +375,16 @@ def kron_precondition_(
         eigvecs_g: L eigenvector matrices ``(d_G, d_G)`` of the same dtype.
         inverse_spectra: L ``(d_G, d_A)`` matrices S_i of the same dtype.
         kl_weights: ``(L,)`` weights (``lr_i² / kl_clip``), or None for ν = 1.
+        validate: check the arguments here first. A caller that builds them itself at every
+            training step (the K-FAC preconditioner) skips these Python checks; the compiled
+            kernel still checks shapes and dtypes.
 
     Returns:
-        ν, a 0-d tensor in the eigenvectors' dtype (no host synchronisation).
+        ν, a 0-d tensor in the eigenvectors' dtype (no host synchronisation on a GPU).
     """
+    impl = torch.ops.fastlaplace.kron_precondition_ if _EXTENSION else reference.kron_precondition_
+    if not validate:
+        return impl(gradients, blocks, eigvecs_a, eigvecs_g, inverse_spectra, kl_weights)
     count = _check_lengths(eigvecs_a=eigvecs_a, eigvecs_g=eigvecs_g, inverse_spectra=inverse_spectra, blocks=blocks)
     if count == 0:
         raise ValueError("kron_precondition_ needs at least one layer")
@@ -411,7 +419,6 @@ def kron_precondition_(
         [*gradients, *eigvecs_a, *eigvecs_g, *inverse_spectra, kl_weights],
         lambda: [f"{name}[{i}]" for name, k in lists for i in range(k)] + ["kl_weights"],
     )
-    impl = torch.ops.fastlaplace.kron_precondition_ if _EXTENSION else reference.kron_precondition_
     return impl(list(gradients), list(blocks), list(eigvecs_a), list(eigvecs_g), list(inverse_spectra), kl_weights)
 
 

@@ -403,6 +403,7 @@ class KFACPreconditioner:
             [self._eigen[i][2] for i in with_grad],
             [weights[i] for i in with_grad],
             None if self.kl_clip is None else self._kl_weights(with_grad),
+            validate=False,  # built here from the layers' own tensors, at every step
         )
 
     def _precondition_distributed(self, with_grad: list[int], rank: int) -> None:
@@ -418,6 +419,7 @@ class KFACPreconditioner:
                 [self._eigen[i][0] for i in compute],
                 [self._eigen[i][2] for i in compute],
                 [weights[i] for i in compute],
+                validate=False,
             )
         for i in with_grad:
             natural.setdefault(i, torch.empty_like(gradients[i]))
