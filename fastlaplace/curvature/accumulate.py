@@ -220,12 +220,17 @@ class KronCurvature:
 
 
 def _as_rows(t: Tensor) -> Tensor:
-    """``(..., d)`` as ``(rows, d)``, without a copy when the first two dimensions are stored swapped.
+    """``(..., d)`` as ``(rows, d)``, in any row order (a Gram matrix does not depend on it), copying little.
 
-    A batched backward stores the columns first; the row order does not change a Gram matrix.
+    A batched backward stores the columns first: that swap is undone by a view. Channels-first
+    gradients (a Conv2d's, d = channels not the fastest dimension) are copied as
+    ``(d, rows)`` in their own order, whole runs of locations at a time, and returned
+    transposed: a transposing copy into ``(rows, d)`` order costs several times more.
     """
     if not t.is_contiguous() and t.transpose(0, 1).is_contiguous():
         t = t.transpose(0, 1)
+    if t.dim() > 2 and t.stride(-1) != 1:
+        return t.movedim(-1, 0).reshape(t.shape[-1], -1).T
     return t.reshape(-1, t.shape[-1])
 
 
