@@ -1,5 +1,6 @@
 #include "gram.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/triu.h>
 #include <ATen/ops/sum.h>
@@ -20,19 +21,23 @@ namespace {
 constexpr int64_t kConvertBytes = 4 << 20;
 constexpr int64_t kMinConvertRows = 256;
 constexpr int64_t kAlign = 32;
+// A Gram matrix of at most this many multiply-adds is one GEMM: halving its flops with
+// triangle blocks saves less than the extra GEMM calls cost (measured on 2 AVX2 cores).
+constexpr double kWholeGram = double(1 << 21);
 // Largest thread load, relative to an even share, at which blocks are still spread
 // over the threads rather than multiplied in turn with threaded GEMMs.
 constexpr double kMaxImbalance = 1.15;
 
-// out[rows, cols] (+)= alpha x[:, rows]^T x[:, cols], and its mirror when the block
-// lies above the diagonal.
+// out[rows, cols] (+)= alpha x[:, rows]^T x[:, cols]; with `mirror`, also its mirror
+// image below the diagonal (a CPU factor is mirrored once, by mirror_upper, instead).
 void accumulate_block(const at::Tensor& out, const at::Tensor& x, int64_t row_begin,
                       int64_t row_end, int64_t col_begin, int64_t col_end, double alpha,
-                      double beta) {
+                      double beta, bool mirror) {
   at::Tensor block = out.slice(0, row_begin, row_end).slice(1, col_begin, col_end);
   if (beta == 0) block.zero_();  // the product must not see old NaN
   block.addmm_(x.slice(1, row_begin, row_end).t(), x.slice(1, col_begin, col_end), beta,
                alpha);
+  if (!mirror) return;
   if (row_begin != col_begin) {
     out.slice(0, col_begin, col_end).slice(1, row_begin, row_end).copy_(block.t());
   } else {
@@ -42,10 +47,41 @@ void accumulate_block(const at::Tensor& out, const at::Tensor& x, int64_t row_be
   }
 }
 
+// The lower triangle of a contiguous CPU factor set from its upper one, in one loop: per
+// block, a transposed copy (or triu, triu_ and add_) costs more than a small block's GEMM.
+void mirror_upper(const at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "mirror_upper", [&] {
+    scalar_t* f = out.mutable_data_ptr<scalar_t>();
+    const int64_t d = out.size(0);
+    for (int64_t i = 0; i < d; ++i) {
+      for (int64_t j = i + 1; j < d; ++j) f[j * d + i] = f[i * d + j];
+    }
+  });
+}
+
 // The ones column: its row is the column sums of x, its corner the row count.
 void accumulate_ones_column(const at::Tensor& out, const at::Tensor& x, double alpha,
                             double beta) {
   const int64_t d = x.size(1);
+  if (out.is_cpu()) {
+    // The column above the corner and the corner only (mirror_upper writes the row), in
+    // plain loops: a reduction and five small ATen calls cost more than the sums.
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "accumulate_ones_column", [&] {
+      const scalar_t* rows = x.const_data_ptr<scalar_t>();
+      const int64_t n = x.size(0), row_stride = x.stride(0), column_stride = x.stride(1);
+      std::vector<double> sums(d, 0.0);
+      for (int64_t r = 0; r < n; ++r) {
+        for (int64_t j = 0; j < d; ++j) sums[j] += rows[r * row_stride + j * column_stride];
+      }
+      scalar_t* f = out.mutable_data_ptr<scalar_t>();
+      auto update = [&](int64_t at, double value) {
+        f[at] = static_cast<scalar_t>((beta == 0 ? 0.0 : beta * f[at]) + alpha * value);
+      };
+      for (int64_t j = 0; j < d; ++j) update(j * (d + 1) + d, sums[j]);
+      update(d * (d + 1) + d, static_cast<double>(n));
+    });
+    return;
+  }
   const at::Tensor sums = x.sum(0);
   at::Tensor row = out.select(0, d).slice(0, 0, d);
   if (beta == 0) {
@@ -87,9 +123,15 @@ void accumulate_blocks(at::TensorList outs, const std::vector<at::Tensor>& xs,
                        double alpha, double beta) {
   std::vector<Block> blocks;
   for (int64_t layer = 0; layer < static_cast<int64_t>(xs.size()); ++layer) {
-    split_triangle(layer, 0, xs[layer].size(1), xs[layer].size(0), blocks);
+    const int64_t size = xs[layer].size(1), rows = xs[layer].size(0);
+    if (double(rows) * size * size <= kWholeGram) {
+      blocks.push_back({layer, 0, size, 0, size, double(size) * size * (rows + 1)});
+    } else {
+      split_triangle(layer, 0, size, rows, blocks);
+    }
   }
   if (blocks.empty()) return;
+  const bool mirror = !outs[0].is_cpu();
   std::sort(blocks.begin(), blocks.end(),
             [](const Block& a, const Block& b) { return a.cost > b.cost; });
   const int64_t threads = host_threads(outs[0]);
@@ -107,7 +149,7 @@ void accumulate_blocks(at::TensorList outs, const std::vector<at::Tensor>& xs,
   if (*std::max_element(load.begin(), load.end()) > kMaxImbalance * total / threads) {
     for (const Block& b : blocks) {
       accumulate_block(outs[b.layer], xs[b.layer], b.row_begin, b.row_end, b.col_begin,
-                       b.col_end, alpha, beta);
+                       b.col_end, alpha, beta, mirror);
     }
     return;
   }
@@ -115,7 +157,7 @@ void accumulate_blocks(at::TensorList outs, const std::vector<at::Tensor>& xs,
     for (int64_t t = first; t < last; ++t) {
       for (const Block& b : buckets[t]) {
         accumulate_block(outs[b.layer], xs[b.layer], b.row_begin, b.row_end, b.col_begin,
-                         b.col_end, alpha, beta);
+                         b.col_end, alpha, beta, mirror);
       }
     }
   });
@@ -152,6 +194,9 @@ void accumulate_grams(at::TensorList outs, at::TensorList xs,
       if (append_ones[i]) accumulate_ones_column(outs[i], chunk, alpha, chunk_beta);
       accumulate_blocks({outs[i]}, {chunk}, alpha, chunk_beta);
     }
+  }
+  for (const at::Tensor& out : outs) {
+    if (out.is_cpu()) mirror_upper(out);
   }
 }
 
