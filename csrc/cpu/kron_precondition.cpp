@@ -1,11 +1,14 @@
-// CPU kernel of fastlaplace::kron_precondition_: in place, per layer,
+// Kernel of fastlaplace::kron_precondition_ (CPU, and the CUDA dispatch until a fused
+// kernel replaces it): in place, per layer,
 // V <- nu Q_G [(Q_G^T V Q_A) * S] Q_A^T with V = [block_1 | block_2 | ...] the layer's
 // gradient blocks side by side (a weight and its bias), S a damped inverse spectrum kept
 // by the caller, and nu = min(1, 1 / sqrt(sum_l k_l <V_l, result_l>)) when kl_weights k are
-// given (K-FAC's KL clipping). The blocks are multiplied where they lie: no concatenated
-// copy on the way in, and the products are written straight into them on the way out.
+// given (K-FAC's KL clipping). It runs at every training step on small matrices, so the
+// ATen calls are few: four GEMMs per layer into one workspace, and on the CPU plain loops
+// for the copies in and out, the scaling by S with its dot, and nu (on the host).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/ones.h>
@@ -14,6 +17,7 @@
 #include <ATen/ops/vdot.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <vector>
@@ -29,6 +33,51 @@ int64_t block_width(const at::Tensor& block, int64_t rows, int64_t index) {
   TORCH_CHECK(block.dim() >= 1 && block.size(0) == rows, "gradients[", index,
               "] must have ", rows, " rows (the layer's d_G), got shape ", block.sizes());
   return block.numel() / rows;
+}
+
+// Whether the plain loops serve this block: contiguous (d_G, width) rows in the work's
+// dtype, on the CPU. Other blocks (transposed, bf16, on a GPU) take ATen copies.
+bool plain_block(const at::Tensor& block, const at::Tensor& work) {
+  return block.is_cpu() && block.is_contiguous() && block.scalar_type() == work.scalar_type();
+}
+
+// work[:, offset : offset + width] <- the block as (d_G, width) rows.
+void copy_in(const at::Tensor& work, const at::Tensor& block, int64_t offset, int64_t width) {
+  const int64_t rows = work.size(0), d_a = work.size(1);
+  if (!plain_block(block, work)) {
+    work.narrow(1, offset, width).copy_(block.reshape({rows, width}));
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(work.scalar_type(), "kron_precondition_", [&] {
+    const scalar_t* from = block.const_data_ptr<scalar_t>();
+    scalar_t* to = work.mutable_data_ptr<scalar_t>() + offset;
+    for (int64_t r = 0; r < rows; ++r) std::copy_n(from + r * width, width, to + r * d_a);
+  });
+}
+
+// The block <- nu * result[:, offset : offset + width]: nu is host_nu, or the 0-d device
+// tensor device_nu where that is defined.
+void copy_out(const at::Tensor& block, const at::Tensor& result, int64_t offset, int64_t width,
+              double host_nu, const at::Tensor& device_nu) {
+  const int64_t rows = result.size(0), d_a = result.size(1);
+  if (!plain_block(block, result)) {
+    at::Tensor part = result.narrow(1, offset, width);
+    if (device_nu.defined()) {
+      part = part.mul(device_nu);
+    } else if (host_nu != 1.0) {
+      part = part.mul(host_nu);
+    }
+    block.copy_(part.reshape(block.sizes()));
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(result.scalar_type(), "kron_precondition_", [&] {
+    const scalar_t* from = result.const_data_ptr<scalar_t>() + offset;
+    scalar_t* to = block.mutable_data_ptr<scalar_t>();
+    const auto nu = static_cast<scalar_t>(host_nu);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < width; ++c) to[r * width + c] = nu * from[r * d_a + c];
+    }
+  });
 }
 
 // On the CPU, R <- R * S in one pass that also returns <R_old, R_new> = sum R^2 S:
@@ -72,18 +121,9 @@ at::Tensor kron_precondition_aten(at::TensorList gradients, at::IntArrayRef bloc
     TORCH_CHECK(kl_weights->dim() == 1 && kl_weights->size(0) == layers,
                 "kl_weights must be (", layers, ",), one entry per layer, got ", kl_weights->sizes());
   }
-  // A CPU caller waits for the result anyway: there nu is computed on the host, in double,
-  // and a GPU's stays on the device (no synchronisation).
-  const bool on_host = kl_weights.has_value() && eigvecs_a[0].is_cpu();
-  std::vector<double> kl_factors;
-  if (on_host) {
-    const at::Tensor weights = kl_weights->to(at::kDouble).contiguous();
-    kl_factors.assign(weights.const_data_ptr<double>(), weights.const_data_ptr<double>() + layers);
-  }
-  double host_ratio = 0.0;
-  std::vector<at::Tensor> updates(layers), dots;
-  int64_t first = 0;
-  for (int64_t i = 0; i < layers; ++i) {
+  // Checks first, and each block's width.
+  std::vector<int64_t> widths(gradients.size());
+  for (int64_t i = 0, first = 0; i < layers; first += blocks[i], ++i) {
     const at::Tensor& qa = eigvecs_a[i];
     const at::Tensor& qg = eigvecs_g[i];
     check_factor_dtype(qa, "eigvecs_a", i);
@@ -99,74 +139,73 @@ at::Tensor kron_precondition_aten(at::TensorList gradients, at::IntArrayRef bloc
                     inverse_spectra[i].size(1) == d_a,
                 "inverse_spectra[", i, "] must be (", d_g, ", ", d_a, "), got ",
                 inverse_spectra[i].sizes());
-    // V Q_A as a sum over the blocks' rows of Q_A.
-    at::Tensor product;
-    int64_t offset = 0;
+    int64_t columns = 0;
     for (int64_t b = first; b < first + blocks[i]; ++b) {
-      const int64_t width = block_width(gradients[b], d_g, b);
-      TORCH_CHECK(offset + width <= d_a, "layer ", i, ": its gradient blocks have more than d_A = ",
-                  d_a, " columns");
-      const at::Tensor rows = gradients[b].reshape({d_g, width}).to(dtype);
-      const at::Tensor part = qa.narrow(0, offset, width);
-      product = product.defined() ? product.addmm_(rows, part) : at::mm(rows, part);
-      offset += width;
+      widths[b] = block_width(gradients[b], d_g, b);
+      columns += widths[b];
     }
-    TORCH_CHECK(offset == d_a, "layer ", i, ": its gradient blocks have ", offset,
+    TORCH_CHECK(columns == d_a, "layer ", i, ": its gradient blocks have ", columns,
                 " columns, its eigvecs_a ", d_a);
-    const at::Tensor rotated = at::mm(qg.t(), product);
+  }
+  // A CPU caller waits for the result anyway: there nu is computed on the host, in double,
+  // and a GPU's stays on the device (no synchronisation).
+  const bool on_host = eigvecs_a[0].is_cpu();
+  std::vector<double> kl_factors;
+  if (on_host && kl_weights.has_value()) {
+    const at::Tensor weights = kl_weights->to(at::kDouble).contiguous();
+    kl_factors.assign(weights.const_data_ptr<double>(), weights.const_data_ptr<double>() + layers);
+  }
+  double host_ratio = 0.0;
+  // Per layer a (2, d_G, d_A) workspace: V, then Q_G (R * S); V Q_A, then the result.
+  std::vector<at::Tensor> works(layers), updates(layers), dots;
+  for (int64_t i = 0, first = 0; i < layers; first += blocks[i], ++i) {
+    const at::Tensor& qa = eigvecs_a[i];
+    const at::Tensor& qg = eigvecs_g[i];
+    works[i] = at::empty({2, qg.size(0), qa.size(0)}, qa.options());
+    at::Tensor v = works[i][0], product = works[i][1];
+    for (int64_t b = first, offset = 0; b < first + blocks[i]; offset += widths[b], ++b) {
+      copy_in(v, gradients[b], offset, widths[b]);
+    }
+    at::mm_out(product, v, qa);
+    at::Tensor rotated = at::mm(qg.t(), product);
     // <V, result> = <R, R * S> in the eigenbasis (Q_A and Q_G are orthogonal).
-    if (rotated.is_cpu() && inverse_spectra[i].is_contiguous()) {
+    if (on_host && inverse_spectra[i].is_contiguous()) {
       const double dot = scale_and_dot_cpu(rotated, inverse_spectra[i]);
-      if (on_host) host_ratio += kl_factors[i] * dot;
-      updates[i] = rotated;
+      if (kl_weights.has_value()) host_ratio += kl_factors[i] * dot;
     } else {
-      updates[i] = rotated.mul(inverse_spectra[i]);
+      const at::Tensor scaled = rotated.mul(inverse_spectra[i]);
       if (kl_weights.has_value()) {
-        const at::Tensor dot = at::vdot(rotated.view(-1), updates[i].view(-1));
+        const at::Tensor dot = at::vdot(rotated.view(-1), scaled.view(-1));
         if (on_host) {
           host_ratio += kl_factors[i] * dot.item<double>();
         } else {
           dots.push_back(dot);
         }
       }
+      rotated = scaled;
     }
-    first += blocks[i];
+    updates[i] = rotated;
   }
   // nu = min(1, 1 / sqrt(ratio)): 1 / sqrt(0) = inf (and rounding below 0) give nu = 1.
-  at::Tensor scale;
-  bool unscaled = !kl_weights.has_value();
+  double host_nu = 1.0;
+  at::Tensor device_nu;
   if (on_host) {
-    const double nu = host_ratio > 1.0 ? 1.0 / std::sqrt(host_ratio) : 1.0;
-    unscaled = nu == 1.0;
-    scale = at::scalar_tensor(nu, eigvecs_a[0].options());
+    host_nu = host_ratio > 1.0 ? 1.0 / std::sqrt(host_ratio) : 1.0;
   } else if (kl_weights.has_value()) {
     const at::Tensor ratio = at::vdot(at::stack(dots), kl_weights->to(dtype));
-    scale = ratio.clamp_min(0).rsqrt().clamp_max(1);
-  } else {
-    scale = at::ones({}, eigvecs_a[0].options());
+    device_nu = ratio.clamp_min(0).rsqrt().clamp_max(1);
   }
-  first = 0;
-  for (int64_t i = 0; i < layers; ++i) {
-    const at::Tensor& qa = eigvecs_a[i];
-    const int64_t d_g = eigvecs_g[i].size(0);
-    at::Tensor left = at::mm(eigvecs_g[i], updates[i]);
-    if (!unscaled) left.mul_(scale);
-    int64_t offset = 0;
-    for (int64_t b = first; b < first + blocks[i]; ++b) {
-      const at::Tensor& block = gradients[b];
-      const int64_t width = block.numel() / d_g;
-      const at::Tensor part_t = qa.narrow(0, offset, width).t();
-      if (block.is_contiguous() && block.scalar_type() == dtype) {
-        at::Tensor rows = block.view({d_g, width});
-        at::mm_out(rows, left, part_t);
-      } else {
-        block.copy_(at::mm(left, part_t).view(block.sizes()));
-      }
-      offset += width;
+  for (int64_t i = 0, first = 0; i < layers; first += blocks[i], ++i) {
+    at::Tensor left = works[i][0], result = works[i][1];
+    at::mm_out(left, eigvecs_g[i], updates[i]);
+    at::mm_out(result, left, eigvecs_a[i].t());
+    for (int64_t b = first, offset = 0; b < first + blocks[i]; offset += widths[b], ++b) {
+      copy_out(gradients[b], result, offset, widths[b], host_nu, device_nu);
     }
-    first += blocks[i];
   }
-  return scale;
+  if (device_nu.defined()) return device_nu;
+  return on_host ? at::scalar_tensor(host_nu, eigvecs_a[0].options())
+                 : at::ones({}, eigvecs_a[0].options());
 }
 
 }  // namespace fastlaplace
