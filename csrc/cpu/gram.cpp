@@ -53,8 +53,16 @@ void mirror_upper(const at::Tensor& out) {
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "mirror_upper", [&] {
     scalar_t* f = out.mutable_data_ptr<scalar_t>();
     const int64_t d = out.size(0);
-    for (int64_t i = 0; i < d; ++i) {
-      for (int64_t j = i + 1; j < d; ++j) f[j * d + i] = f[i * d + j];
+    // Tile by tile, so that the column writes of a large factor stay in cache.
+    constexpr int64_t tile = 32;
+    for (int64_t i0 = 0; i0 < d; i0 += tile) {
+      for (int64_t j0 = i0; j0 < d; j0 += tile) {
+        for (int64_t i = i0; i < std::min(i0 + tile, d); ++i) {
+          for (int64_t j = std::max(j0, i + 1); j < std::min(j0 + tile, d); ++j) {
+            f[j * d + i] = f[i * d + j];
+          }
+        }
+      }
     }
   });
 }
