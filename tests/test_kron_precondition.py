@@ -157,3 +157,27 @@ def test_bad_inputs_name_the_argument():
         ops.kron_precondition_([torch.randn(2, 3, dtype=torch.float64)], [1], [qa], [qg], [inverse], torch.ones(2))
     with pytest.raises(ValueError, match="one entry per layer"):
         ops.kron_precondition_([torch.randn(2, 3, dtype=torch.float64)], [1], [qa], [], [inverse])
+
+
+def test_layers_shared_over_threads_match_the_reference(generator):
+    """Four equal layers and a small one: the CPU kernel spreads them over two threads."""
+    sizes = [(9, 6)] * 4 + [(4, 3)]
+    layers = [eigen_layer(d_a, d_g, generator=generator) for d_a, d_g in sizes]
+    grads = [torch.randn(d_g, d_a, dtype=torch.float64, generator=generator) for d_a, d_g in sizes]
+    expected = [g.clone() for g in grads]
+    args = (
+        [1] * len(sizes),
+        [layer[0] for layer in layers],
+        [layer[2] for layer in layers],
+        [damped_inverse(layer[1], layer[3], 0.1) for layer in layers],
+        torch.linspace(0.5, 2.0, len(sizes), dtype=torch.float64),
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        nu = ops.kron_precondition_(grads, *args)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(nu, reference.kron_precondition_(expected, *args))
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../ops.h"
+#include "balance.h"
 
 namespace fastlaplace {
 namespace {
@@ -24,9 +25,6 @@ constexpr int64_t kAlign = 32;
 // A Gram matrix of at most this many multiply-adds is one GEMM: halving its flops with
 // triangle blocks saves less than the extra GEMM calls cost (measured on 2 AVX2 cores).
 constexpr double kWholeGram = double(1 << 21);
-// Largest thread load, relative to an even share, at which blocks are still spread
-// over the threads rather than multiplied in turn with threaded GEMMs.
-constexpr double kMaxImbalance = 1.15;
 
 // out[rows, cols] (+)= alpha x[:, rows]^T x[:, cols]; with `mirror`, also its mirror
 // image below the diagonal (a CPU factor is mirrored once, by mirror_upper, instead).
@@ -125,8 +123,8 @@ void split_triangle(int64_t layer, int64_t begin, int64_t end, int64_t rows,
   split_triangle(layer, middle, end, rows, blocks);
 }
 
-// Blocks of every layer, spread over the threads by longest-first greedy packing:
-// one parallel region for the whole step, single-threaded GEMMs inside it.
+// Blocks of every layer, spread over the threads: one parallel region for the whole
+// step, single-threaded GEMMs inside it (or threaded GEMMs in turn, see run_balanced).
 void accumulate_blocks(at::TensorList outs, const std::vector<at::Tensor>& xs,
                        double alpha, double beta) {
   std::vector<Block> blocks;
@@ -140,34 +138,12 @@ void accumulate_blocks(at::TensorList outs, const std::vector<at::Tensor>& xs,
   }
   if (blocks.empty()) return;
   const bool mirror = !outs[0].is_cpu();
-  std::sort(blocks.begin(), blocks.end(),
-            [](const Block& a, const Block& b) { return a.cost > b.cost; });
-  const int64_t threads = host_threads(outs[0]);
-  std::vector<std::vector<Block>> buckets(threads);
-  std::vector<double> load(threads, 0.0);
-  double total = 0.0;
-  for (const Block& b : blocks) {
-    const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
-    buckets[t].push_back(b);
-    load[t] += b.cost;
-    total += b.cost;
-  }
-  // Too few blocks to share out evenly: multiply them one after the other, each GEMM
-  // with all the threads.
-  if (*std::max_element(load.begin(), load.end()) > kMaxImbalance * total / threads) {
-    for (const Block& b : blocks) {
-      accumulate_block(outs[b.layer], xs[b.layer], b.row_begin, b.row_end, b.col_begin,
-                       b.col_end, alpha, beta, mirror);
-    }
-    return;
-  }
-  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
-    for (int64_t t = first; t < last; ++t) {
-      for (const Block& b : buckets[t]) {
-        accumulate_block(outs[b.layer], xs[b.layer], b.row_begin, b.row_end, b.col_begin,
-                         b.col_end, alpha, beta, mirror);
-      }
-    }
+  std::vector<double> costs;
+  for (const Block& b : blocks) costs.push_back(b.cost);
+  run_balanced(costs, host_threads(outs[0]), [&](int64_t i) {
+    const Block& b = blocks[i];
+    accumulate_block(outs[b.layer], xs[b.layer], b.row_begin, b.row_end, b.col_begin,
+                     b.col_end, alpha, beta, mirror);
   });
 }
 

@@ -5,7 +5,8 @@
 // by the caller, and nu = min(1, 1 / sqrt(sum_l k_l <V_l, result_l>)) when kl_weights k are
 // given (K-FAC's KL clipping). It runs at every training step on small matrices, so the
 // ATen calls are few: four GEMMs per layer into one workspace, and on the CPU plain loops
-// for the copies in and out, the scaling by S with its dot, and nu (on the host).
+// for the copies in and out, the scaling by S with its dot, and nu (on the host); the
+// layers share the host threads.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -23,6 +24,7 @@
 #include <vector>
 
 #include "../ops.h"
+#include "balance.h"
 
 namespace fastlaplace {
 namespace {
@@ -155,54 +157,65 @@ at::Tensor kron_precondition_aten(at::TensorList gradients, at::IntArrayRef bloc
     const at::Tensor weights = kl_weights->to(at::kDouble).contiguous();
     kl_factors.assign(weights.const_data_ptr<double>(), weights.const_data_ptr<double>() + layers);
   }
-  double host_ratio = 0.0;
-  // Per layer a (2, d_G, d_A) workspace: V, then Q_G (R * S); V Q_A, then the result.
-  std::vector<at::Tensor> works(layers), updates(layers), dots;
+  // Per layer a (3, d_G, d_A) workspace, allocated here, outside the parallel region:
+  // V; V Q_A, later the result; R = Q_G^T V Q_A. R * S and Q_G (R * S) take whichever of
+  // V and R is free.
+  std::vector<at::Tensor> works(layers), updates(layers), lefts(layers), device_dots(layers);
+  std::vector<int64_t> firsts(layers);
+  std::vector<double> costs(layers), host_dots(layers, 0.0);
   for (int64_t i = 0, first = 0; i < layers; first += blocks[i], ++i) {
-    const at::Tensor& qa = eigvecs_a[i];
-    const at::Tensor& qg = eigvecs_g[i];
-    works[i] = at::empty({2, qg.size(0), qa.size(0)}, qa.options());
-    at::Tensor v = works[i][0], product = works[i][1];
-    for (int64_t b = first, offset = 0; b < first + blocks[i]; offset += widths[b], ++b) {
+    const int64_t d_a = eigvecs_a[i].size(0), d_g = eigvecs_g[i].size(0);
+    works[i] = at::empty({3, d_g, d_a}, eigvecs_a[i].options());
+    firsts[i] = first;
+    costs[i] = double(d_g) * d_a * (d_a + d_g);
+  }
+  // The layers' GEMMs are small: the layers share the host threads, each GEMM on one.
+  const int64_t threads = host_threads(eigvecs_a[0]);
+  run_balanced(costs, threads, [&](int64_t i) {
+    at::Tensor v = works[i][0], product = works[i][1], rotated = works[i][2];
+    for (int64_t b = firsts[i], offset = 0; b < firsts[i] + blocks[i]; offset += widths[b], ++b) {
       copy_in(v, gradients[b], offset, widths[b]);
     }
-    at::mm_out(product, v, qa);
-    at::Tensor rotated = at::mm(qg.t(), product);
+    at::mm_out(product, v, eigvecs_a[i]);
+    at::mm_out(rotated, eigvecs_g[i].t(), product);
     // <V, result> = <R, R * S> in the eigenbasis (Q_A and Q_G are orthogonal).
     if (on_host && inverse_spectra[i].is_contiguous()) {
-      const double dot = scale_and_dot_cpu(rotated, inverse_spectra[i]);
-      if (kl_weights.has_value()) host_ratio += kl_factors[i] * dot;
-    } else {
-      const at::Tensor scaled = rotated.mul(inverse_spectra[i]);
-      if (kl_weights.has_value()) {
-        const at::Tensor dot = at::vdot(rotated.view(-1), scaled.view(-1));
-        if (on_host) {
-          host_ratio += kl_factors[i] * dot.item<double>();
-        } else {
-          dots.push_back(dot);
-        }
-      }
-      rotated = scaled;
+      host_dots[i] = scale_and_dot_cpu(rotated, inverse_spectra[i]);
+      updates[i] = rotated;
+      lefts[i] = v;
+      return;
     }
-    updates[i] = rotated;
-  }
+    at::mul_out(v, rotated, inverse_spectra[i]);
+    if (kl_weights.has_value()) {
+      const at::Tensor dot = at::vdot(rotated.view(-1), v.view(-1));
+      if (on_host) {
+        host_dots[i] = dot.item<double>();
+      } else {
+        device_dots[i] = dot;
+      }
+    }
+    updates[i] = v;
+    lefts[i] = rotated;
+  });
   // nu = min(1, 1 / sqrt(ratio)): 1 / sqrt(0) = inf (and rounding below 0) give nu = 1.
   double host_nu = 1.0;
   at::Tensor device_nu;
-  if (on_host) {
-    host_nu = host_ratio > 1.0 ? 1.0 / std::sqrt(host_ratio) : 1.0;
+  if (on_host && kl_weights.has_value()) {
+    double ratio = 0.0;
+    for (int64_t i = 0; i < layers; ++i) ratio += kl_factors[i] * host_dots[i];
+    host_nu = ratio > 1.0 ? 1.0 / std::sqrt(ratio) : 1.0;
   } else if (kl_weights.has_value()) {
-    const at::Tensor ratio = at::vdot(at::stack(dots), kl_weights->to(dtype));
+    const at::Tensor ratio = at::vdot(at::stack(device_dots), kl_weights->to(dtype));
     device_nu = ratio.clamp_min(0).rsqrt().clamp_max(1);
   }
-  for (int64_t i = 0, first = 0; i < layers; first += blocks[i], ++i) {
-    at::Tensor left = works[i][0], result = works[i][1];
-    at::mm_out(left, eigvecs_g[i], updates[i]);
-    at::mm_out(result, left, eigvecs_a[i].t());
-    for (int64_t b = first, offset = 0; b < first + blocks[i]; offset += widths[b], ++b) {
+  run_balanced(costs, threads, [&](int64_t i) {
+    at::Tensor result = works[i][1];
+    at::mm_out(lefts[i], eigvecs_g[i], updates[i]);
+    at::mm_out(result, lefts[i], eigvecs_a[i].t());
+    for (int64_t b = firsts[i], offset = 0; b < firsts[i] + blocks[i]; offset += widths[b], ++b) {
       copy_out(gradients[b], result, offset, widths[b], host_nu, device_nu);
     }
-  }
+  });
   if (device_nu.defined()) return device_nu;
   return on_host ? at::scalar_tensor(host_nu, eigvecs_a[0].options())
                  : at::ones({}, eigvecs_a[0].options());
