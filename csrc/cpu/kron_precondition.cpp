@@ -123,8 +123,9 @@ at::Tensor kron_precondition_aten(at::TensorList gradients, at::IntArrayRef bloc
     TORCH_CHECK(kl_weights->dim() == 1 && kl_weights->size(0) == layers,
                 "kl_weights must be (", layers, ",), one entry per layer, got ", kl_weights->sizes());
   }
-  // Checks first, and each block's width.
-  std::vector<int64_t> widths(gradients.size());
+  // Checks first; each block's width, each layer's first block and its multiply-adds.
+  std::vector<int64_t> widths(gradients.size()), firsts(layers);
+  std::vector<double> costs(layers);
   for (int64_t i = 0, first = 0; i < layers; first += blocks[i], ++i) {
     const at::Tensor& qa = eigvecs_a[i];
     const at::Tensor& qg = eigvecs_g[i];
@@ -148,6 +149,8 @@ at::Tensor kron_precondition_aten(at::TensorList gradients, at::IntArrayRef bloc
     }
     TORCH_CHECK(columns == d_a, "layer ", i, ": its gradient blocks have ", columns,
                 " columns, its eigvecs_a ", d_a);
+    firsts[i] = first;
+    costs[i] = double(d_g) * d_a * (d_a + d_g);
   }
   // A CPU caller waits for the result anyway: there nu is computed on the host, in double,
   // and a GPU's stays on the device (no synchronisation).
@@ -161,13 +164,9 @@ at::Tensor kron_precondition_aten(at::TensorList gradients, at::IntArrayRef bloc
   // V; V Q_A, later the result; R = Q_G^T V Q_A. R * S and Q_G (R * S) take whichever of
   // V and R is free.
   std::vector<at::Tensor> works(layers), updates(layers), lefts(layers), device_dots(layers);
-  std::vector<int64_t> firsts(layers);
-  std::vector<double> costs(layers), host_dots(layers, 0.0);
-  for (int64_t i = 0, first = 0; i < layers; first += blocks[i], ++i) {
-    const int64_t d_a = eigvecs_a[i].size(0), d_g = eigvecs_g[i].size(0);
-    works[i] = at::empty({3, d_g, d_a}, eigvecs_a[i].options());
-    firsts[i] = first;
-    costs[i] = double(d_g) * d_a * (d_a + d_g);
+  std::vector<double> host_dots(layers, 0.0);
+  for (int64_t i = 0; i < layers; ++i) {
+    works[i] = at::empty({3, eigvecs_g[i].size(0), eigvecs_a[i].size(0)}, eigvecs_a[i].options());
   }
   // The layers' GEMMs are small: the layers share the host threads, each GEMM on one.
   const int64_t threads = host_threads(eigvecs_a[0]);
