@@ -28,6 +28,7 @@ TORCH_LIBRARY(fastlaplace, m) {
       "float alpha=1., float beta=1.) -> ()");
   m.def("diag_ggn(Tensor[] inputs, Tensor[] output_grads, bool[] append_ones) -> Tensor[]");
   m.def("batched_eigh(Tensor[] matrices) -> (Tensor[], Tensor[])");
+  m.def("damped_inverses(Tensor[] matrices, Tensor shifts) -> Tensor[]");
   m.def(
       "kron_solve(Tensor[] eigvecs_a, Tensor[] eigvals_a, Tensor[] eigvecs_g, "
       "Tensor[] eigvals_g, Tensor[] rhs, Tensor scale, Tensor delta, "
@@ -35,6 +36,9 @@ TORCH_LIBRARY(fastlaplace, m) {
   m.def(
       "kron_precondition_(Tensor(a!)[] gradients, int[] blocks, Tensor[] eigvecs_a, "
       "Tensor[] eigvecs_g, Tensor[] inverse_spectra, Tensor? kl_weights=None) -> Tensor");
+  m.def(
+      "kron_inverse_precondition_(Tensor(a!)[] gradients, int[] blocks, Tensor[] inverses_a, "
+      "Tensor[] inverses_g, Tensor? kl_weights=None) -> Tensor");
   m.def(
       "kron_logdet(Tensor[] eigvals_a, Tensor[] eigvals_g, Tensor scale, Tensor delta) "
       "-> Tensor");

@@ -350,6 +350,57 @@ def kron_solve(
     )
 
 
+def _check_preconditioned_layers(
+    gradients: Sequence[Tensor],
+    blocks: Sequence[int],
+    mats_a: Sequence[Tensor],
+    mats_g: Sequence[Tensor],
+    names: tuple[str, str],
+    kl_weights: Tensor | None,
+) -> None:
+    """The checks :func:`kron_precondition_` and :func:`kron_inverse_precondition_` share.
+
+    Per layer a square float32/float64 ``(d_A, d_A)`` matrix of ``mats_a`` and
+    ``(d_G, d_G)`` of ``mats_g``, all of one dtype; its next ``blocks[i]`` gradients have
+    d_G rows and d_A columns in all.
+    """
+    name_a, name_g = names
+    count = _check_lengths(**{name_a: mats_a, name_g: mats_g, "blocks": blocks})
+    if count == 0:
+        raise ValueError("at least one layer is needed")
+    if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in blocks):
+        raise ValueError(f"blocks must be positive integers, got {list(blocks)}")
+    if sum(blocks) != len(gradients):
+        raise ValueError(f"blocks announce {sum(blocks)} gradient blocks, got {len(gradients)}")
+    dtype, first = mats_a[0].dtype, 0
+    for i in range(count):
+        a, g = mats_a[i], mats_g[i]
+        d_a, d_g = a.shape[0], g.shape[0]
+        _check_accumulator(a, f"{name_a}[{i}]")
+        _check_square(a, d_a, f"{name_a}[{i}]")
+        _check_square(g, d_g, f"{name_g}[{i}]")
+        if g.dtype != dtype or a.dtype != dtype:
+            raise TypeError(f"layer {i}: {name_a} and {name_g} must all be {dtype}")
+        width = 0
+        for j in range(first, first + blocks[i]):
+            block = _check_tensor(gradients[j], f"gradients[{j}]")
+            if block.dim() == 0 or block.shape[0] != d_g:
+                raise ValueError(
+                    f"gradients[{j}] must have {d_g} rows (layer {i}'s d_G), got shape {tuple(block.shape)}"
+                )
+            width += block.numel() // d_g
+        if width != d_a:
+            raise ValueError(f"layer {i}: its gradient blocks have {width} columns, its {name_a} {d_a}")
+        first += blocks[i]
+    if kl_weights is not None:
+        _check_per_layer(kl_weights, count, "kl_weights", nonnegative=False)
+    lists = (("gradients", len(gradients)), (name_a, count), (name_g, count))
+    _check_device(
+        [*gradients, *mats_a, *mats_g, kl_weights],
+        lambda: [f"{name}[{i}]" for name, k in lists for i in range(k)] + ["kl_weights"],
+    )
+
+
 def kron_precondition_(
     gradients: Sequence[Tensor],
     blocks: Sequence[int],
@@ -385,41 +436,92 @@ def kron_precondition_(
     impl = torch.ops.fastlaplace.kron_precondition_ if _EXTENSION else reference.kron_precondition_
     if not validate:
         return impl(gradients, blocks, eigvecs_a, eigvecs_g, inverse_spectra, kl_weights)
-    count = _check_lengths(eigvecs_a=eigvecs_a, eigvecs_g=eigvecs_g, inverse_spectra=inverse_spectra, blocks=blocks)
-    if count == 0:
-        raise ValueError("kron_precondition_ needs at least one layer")
-    if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in blocks):
-        raise ValueError(f"blocks must be positive integers, got {list(blocks)}")
-    if sum(blocks) != len(gradients):
-        raise ValueError(f"blocks announce {sum(blocks)} gradient blocks, got {len(gradients)}")
-    dtype, first = eigvecs_a[0].dtype, 0
-    for i in range(count):
-        qa, qg, inverse = eigvecs_a[i], eigvecs_g[i], inverse_spectra[i]
-        d_a, d_g = qa.shape[0], qg.shape[0]
-        _check_accumulator(qa, f"eigvecs_a[{i}]")
-        _check_square(qa, d_a, f"eigvecs_a[{i}]")
-        _check_square(qg, d_g, f"eigvecs_g[{i}]")
-        if qg.dtype != dtype or inverse.dtype != dtype or qa.dtype != dtype:
-            raise TypeError(f"layer {i}: eigenvectors and inverse spectra must all be {dtype}")
-        if inverse.shape != (d_g, d_a):
-            raise ValueError(f"inverse_spectra[{i}] must have shape ({d_g}, {d_a}), got {tuple(inverse.shape)}")
-        width = 0
-        for j in range(first, first + blocks[i]):
-            g = _check_tensor(gradients[j], f"gradients[{j}]")
-            if g.dim() == 0 or g.shape[0] != d_g:
-                raise ValueError(f"gradients[{j}] must have {d_g} rows (layer {i}'s d_G), got shape {tuple(g.shape)}")
-            width += g.numel() // d_g
-        if width != d_a:
-            raise ValueError(f"layer {i}: its gradient blocks have {width} columns, its eigvecs_a {d_a}")
-        first += blocks[i]
-    if kl_weights is not None:
-        _check_per_layer(kl_weights, count, "kl_weights", nonnegative=False)
-    lists = (("gradients", len(gradients)), ("eigvecs_a", count), ("eigvecs_g", count), ("inverse_spectra", count))
+    _check_preconditioned_layers(gradients, blocks, eigvecs_a, eigvecs_g, ("eigvecs_a", "eigvecs_g"), kl_weights)
+    if len(inverse_spectra) != len(eigvecs_a):
+        raise ValueError(f"inverse_spectra needs one entry per layer ({len(eigvecs_a)}), got {len(inverse_spectra)}")
+    for i, (qa, qg, inverse) in enumerate(zip(eigvecs_a, eigvecs_g, inverse_spectra, strict=True)):
+        _check_tensor(inverse, f"inverse_spectra[{i}]")
+        if inverse.dtype != qa.dtype:
+            raise TypeError(f"layer {i}: eigenvectors and inverse spectra must all be {qa.dtype}")
+        if inverse.shape != (qg.shape[0], qa.shape[0]):
+            raise ValueError(
+                f"inverse_spectra[{i}] must have shape ({qg.shape[0]}, {qa.shape[0]}), got {tuple(inverse.shape)}"
+            )
     _check_device(
-        [*gradients, *eigvecs_a, *eigvecs_g, *inverse_spectra, kl_weights],
-        lambda: [f"{name}[{i}]" for name, k in lists for i in range(k)] + ["kl_weights"],
+        [eigvecs_a[0], *inverse_spectra],
+        lambda: ["eigvecs_a[0]"] + [f"inverse_spectra[{i}]" for i in range(len(inverse_spectra))],
     )
     return impl(list(gradients), list(blocks), list(eigvecs_a), list(eigvecs_g), list(inverse_spectra), kl_weights)
+
+
+def kron_inverse_precondition_(
+    gradients: Sequence[Tensor],
+    blocks: Sequence[int],
+    inverses_a: Sequence[Tensor],
+    inverses_g: Sequence[Tensor],
+    kl_weights: Tensor | None = None,
+    *,
+    validate: bool = True,
+) -> Tensor:
+    """K-FAC's preconditioning with factored damping, in place: ``V_i ← ν G_i⁻¹ V_i A_i⁻¹`` per layer.
+
+    With ``A_i⁻¹ = (A + π√δ I)⁻¹`` and ``G_i⁻¹ = (G + √δ/π I)⁻¹`` (from :func:`damped_inverses`)
+    this is ``ν (Ḡ ⊗ Ā)⁻¹ vec V_i``, two GEMMs per layer. Blocks, ``kl_weights``, ν and
+    ``validate`` as in :func:`kron_precondition_`, with ``⟨V_i, G_i⁻¹ V_i A_i⁻¹⟩`` in ν.
+
+    Args:
+        gradients: the blocks, any floating dtype, each ``(d_G of its layer, ...)``; overwritten.
+        blocks: L positive counts of consecutive blocks per layer.
+        inverses_a: L float32/float64 symmetric matrices ``(d_A, d_A)``.
+        inverses_g: L symmetric matrices ``(d_G, d_G)`` of the same dtype.
+        kl_weights: ``(L,)`` weights (``lr_i² / kl_clip``), or None for ν = 1.
+        validate: check the arguments here first (see :func:`kron_precondition_`).
+
+    Returns:
+        ν, a 0-d tensor in the inverses' dtype (no host synchronisation on a GPU).
+    """
+    impl = torch.ops.fastlaplace.kron_inverse_precondition_ if _EXTENSION else reference.kron_inverse_precondition_
+    if validate:
+        _check_preconditioned_layers(
+            gradients, blocks, inverses_a, inverses_g, ("inverses_a", "inverses_g"), kl_weights
+        )
+    return impl(list(gradients), list(blocks), list(inverses_a), list(inverses_g), kl_weights)
+
+
+def damped_inverses(matrices: Sequence[Tensor], shifts: Tensor) -> list[Tensor]:
+    """``(M_i + s_i I)⁻¹`` of symmetric positive semi-definite matrices of mixed sizes, in one call.
+
+    By Cholesky factorisation; a matrix whose shifted factorisation fails in floating point
+    is inverted through its eigendecomposition (eigenvalues clamped at 0) instead.
+
+    Args:
+        matrices: L float32/float64 tensors ``(d_i, d_i)``; lower triangles are read.
+        shifts: ``(L,)`` positive shifts s_i, on the matrices' device.
+
+    Returns:
+        L symmetric tensors ``(d_i, d_i)`` in the matrices' dtypes.
+
+    Raises:
+        ValueError: on a non-square or integer matrix, or a shift that is not positive.
+        RuntimeError: on NaN or Inf in a matrix.
+    """
+    count = len(matrices)
+    if count == 0:
+        return []
+    for i, m in enumerate(matrices):
+        _check_tensor(m, f"matrices[{i}]", 2)
+        _check_accumulator(m, f"matrices[{i}]")
+        _check_square(m, m.shape[0], f"matrices[{i}]")
+    _check_per_layer(shifts, count, "shifts", nonnegative=False)
+    if not bool((shifts > 0).all()):
+        raise ValueError(f"shifts must be positive, got {shifts.tolist()}")
+    _check_device([*matrices, shifts], lambda: [f"matrices[{i}]" for i in range(count)] + ["shifts"])
+    if _EXTENSION:  # the compiled kernel checks for NaN and Inf itself, in one pass per matrix
+        return list(torch.ops.fastlaplace.damped_inverses(list(matrices), shifts))
+    for i, m in enumerate(matrices):
+        if not bool(torch.isfinite(m).all()):
+            raise RuntimeError(f"matrices[{i}] contains NaN or Inf; its inverse is undefined")
+    return reference.damped_inverses(list(matrices), shifts)
 
 
 def kron_logdet(eigvals_a: Sequence[Tensor], eigvals_g: Sequence[Tensor], scale: Tensor, delta: Tensor) -> Tensor:
@@ -567,6 +669,14 @@ if _EXTENSION:
     @torch.library.register_fake("fastlaplace::kron_precondition_")
     def _kron_precondition_fake(gradients, blocks, eigvecs_a, eigvecs_g, inverse_spectra, kl_weights=None):
         return eigvecs_a[0].new_empty(())
+
+    @torch.library.register_fake("fastlaplace::kron_inverse_precondition_")
+    def _kron_inverse_precondition_fake(gradients, blocks, inverses_a, inverses_g, kl_weights=None):
+        return inverses_a[0].new_empty(())
+
+    @torch.library.register_fake("fastlaplace::damped_inverses")
+    def _damped_inverses_fake(matrices, shifts):
+        return [m.new_empty(m.shape) for m in matrices]
 
     @torch.library.register_fake("fastlaplace::kron_logdet")
     def _kron_logdet_fake(eigvals_a, eigvals_g, scale, delta):

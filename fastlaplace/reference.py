@@ -19,6 +19,8 @@ Conventions (see DESIGN.md):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -177,6 +179,35 @@ def kron_solve(
     return out
 
 
+def _precondition_layers_(
+    gradients: list[Tensor],
+    blocks: list[int],
+    solves: list[Callable[[Tensor], Tensor]],
+    dtype: torch.dtype,
+    kl_weights: Tensor | None,
+) -> Tensor:
+    """In place, per layer: ``V_i ← ν solves[i](V_i)``, V_i the layer's blocks side by side; returns ν."""
+    updates, dots, first = [], [], 0
+    for solve, count in zip(solves, blocks, strict=True):
+        layer = gradients[first : first + count]
+        v = torch.cat([g.reshape(g.shape[0], -1).to(dtype) for g in layer], dim=1)
+        updates.append(solve(v))
+        dots.append((v * updates[-1]).sum())
+        first += count
+    scale = torch.ones((), dtype=dtype, device=updates[0].device)
+    if kl_weights is not None:
+        scale = (torch.stack(dots) @ kl_weights.to(scale.dtype)).clamp_min(0).rsqrt().clamp_max(1)
+    first = 0
+    for update, count in zip(updates, blocks, strict=True):
+        offset = 0
+        for g in gradients[first : first + count]:
+            width = g.numel() // g.shape[0]
+            g.copy_((scale * update[:, offset : offset + width]).reshape(g.shape))
+            offset += width
+        first += count
+    return scale
+
+
 def kron_precondition_(
     gradients: list[Tensor],
     blocks: list[int],
@@ -202,26 +233,42 @@ def kron_precondition_(
     Returns:
         ν, a 0-d tensor in the eigenvectors' dtype.
     """
-    updates, dots, first = [], [], 0
-    for qa, qg, inverse, count in zip(eigvecs_a, eigvecs_g, inverse_spectra, blocks, strict=True):
-        layer = gradients[first : first + count]
-        v = torch.cat([g.reshape(qg.shape[0], -1).to(qa.dtype) for g in layer], dim=1)
-        rotated = qg.T @ v @ qa
-        updates.append(qg @ (rotated * inverse) @ qa.T)
-        dots.append((v * updates[-1]).sum())
-        first += count
-    scale = torch.ones((), dtype=eigvecs_a[0].dtype, device=eigvecs_a[0].device)
-    if kl_weights is not None:
-        scale = (torch.stack(dots) @ kl_weights.to(scale.dtype)).clamp_min(0).rsqrt().clamp_max(1)
-    first = 0
-    for update, count in zip(updates, blocks, strict=True):
-        offset = 0
-        for g in gradients[first : first + count]:
-            width = g.numel() // g.shape[0]
-            g.copy_((scale * update[:, offset : offset + width]).reshape(g.shape))
-            offset += width
-        first += count
-    return scale
+    solves = [
+        lambda v, qa=qa, qg=qg, s=s: qg @ ((qg.T @ v @ qa) * s) @ qa.T
+        for qa, qg, s in zip(eigvecs_a, eigvecs_g, inverse_spectra, strict=True)
+    ]
+    return _precondition_layers_(gradients, blocks, solves, eigvecs_a[0].dtype, kl_weights)
+
+
+def kron_inverse_precondition_(
+    gradients: list[Tensor],
+    blocks: list[int],
+    inverses_a: list[Tensor],
+    inverses_g: list[Tensor],
+    kl_weights: Tensor | None = None,
+) -> Tensor:
+    """In place, per layer: ``V_i ← ν G_i⁻¹ V_i A_i⁻¹`` (blocks and ν as :func:`kron_precondition_`); returns ν.
+
+    Args:
+        gradients: the blocks, ``(d_G, ...)`` each, any floating dtype; overwritten.
+        blocks: L counts of consecutive gradient blocks per layer.
+        inverses_a: L symmetric matrices ``(d_A, d_A)`` (damped inverses of the input factors).
+        inverses_g: L symmetric matrices ``(d_G, d_G)``.
+        kl_weights: ``(L,)`` or None.
+
+    Returns:
+        ν, a 0-d tensor in the inverses' dtype.
+    """
+    solves = [lambda v, a=a, g=g: g @ v @ a for a, g in zip(inverses_a, inverses_g, strict=True)]
+    return _precondition_layers_(gradients, blocks, solves, inverses_a[0].dtype, kl_weights)
+
+
+def damped_inverses(matrices: list[Tensor], shifts: Tensor) -> list[Tensor]:
+    """``(M_i + s_i I)⁻¹`` for L symmetric matrices ``(d_i, d_i)`` and shifts ``(L,)``."""
+    return [
+        torch.linalg.inv(m + s.to(m.dtype) * torch.eye(m.shape[0], dtype=m.dtype, device=m.device))
+        for m, s in zip(matrices, shifts, strict=True)
+    ]
 
 
 def kron_logdet(eigvals_a: list[Tensor], eigvals_g: list[Tensor], scale: Tensor, delta: Tensor) -> Tensor:

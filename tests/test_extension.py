@@ -18,6 +18,8 @@ OPERATORS = [
     "kron_solve",
     "kron_logdet",
     "kron_precondition_",
+    "kron_inverse_precondition_",
+    "damped_inverses",
     "kron_predictive_variance",
 ]
 

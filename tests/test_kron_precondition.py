@@ -151,7 +151,7 @@ def test_bad_inputs_name_the_argument():
         ops.kron_precondition_([], [0], [qa], [qg], [inverse])
     with pytest.raises(ValueError, match=r"inverse_spectra\[0\] must have shape \(2, 3\)"):
         ops.kron_precondition_([torch.randn(2, 3, dtype=torch.float64)], [1], [qa], [qg], [inverse.T])
-    with pytest.raises(TypeError, match="eigenvectors and inverse spectra must all be torch.float64"):
+    with pytest.raises(TypeError, match="eigvecs_a and eigvecs_g must all be torch.float64"):
         ops.kron_precondition_([torch.randn(2, 3, dtype=torch.float64)], [1], [qa], [qg.float()], [inverse])
     with pytest.raises(ValueError, match=r"kl_weights must have one entry per layer \(1\)"):
         ops.kron_precondition_([torch.randn(2, 3, dtype=torch.float64)], [1], [qa], [qg], [inverse], torch.ones(2))

@@ -3,19 +3,13 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <limits>
 #include <numeric>
 
 namespace fastlaplace {
-namespace {
-
-// Largest thread load, relative to an even share, at which items are still spread over
-// the threads rather than run in turn with threaded kernels.
-constexpr double kMaxImbalance = 1.15;
-
-}  // namespace
 
 void run_balanced(const std::vector<double>& costs, int64_t threads,
-                  const std::function<void(int64_t)>& body) {
+                  const std::function<void(int64_t)>& body, double max_imbalance) {
   const int64_t count = static_cast<int64_t>(costs.size());
   std::vector<int64_t> order(count);
   std::iota(order.begin(), order.end(), 0);
@@ -32,7 +26,7 @@ void run_balanced(const std::vector<double>& costs, int64_t threads,
     total += costs[item];
   }
   if (threads == 1 ||
-      *std::max_element(load.begin(), load.end()) > kMaxImbalance * total / threads) {
+      *std::max_element(load.begin(), load.end()) > max_imbalance * total / threads) {
     for (int64_t item : order) body(item);
     return;
   }
@@ -41,6 +35,22 @@ void run_balanced(const std::vector<double>& costs, int64_t threads,
       for (int64_t item : buckets[t]) body(item);
     }
   });
+}
+
+void run_lapack(const std::vector<int64_t>& sizes, int64_t threads,
+                const std::function<void(int64_t)>& body) {
+  std::vector<int64_t> small;
+  std::vector<double> costs;
+  for (int64_t i = 0; i < static_cast<int64_t>(sizes.size()); ++i) {
+    if (sizes[i] >= kThreadedLapackSize) {
+      body(i);
+    } else {
+      small.push_back(i);
+      costs.push_back(double(sizes[i]) * sizes[i] * sizes[i]);
+    }
+  }
+  run_balanced(costs, threads, [&](int64_t j) { body(small[j]); },
+               std::numeric_limits<double>::infinity());
 }
 
 }  // namespace fastlaplace
