@@ -9,15 +9,17 @@ on the digits CNN of examples/train_digits.py, and each checked against its targ
   side by side; the overhead is the median over the repetitions of each K-FAC block's time
   over its neighbouring SGD block's (quartiles shown), in wall-clock time and in the
   process's CPU time: a shared machine's load drifts, and neighbours see the same. Ten steps
-  make one full cycle at ``inv_update_steps=10``, so the eigendecompositions are
-  included. Rows for ``factor_update_steps`` 1 and 10, with batches of 64 (the example's)
+  make one full cycle at ``inv_update_steps=10``, so the eigendecompositions (or, with
+  ``damping_mode="factored"``, the Cholesky inversions) are included. Rows for
+  ``factor_update_steps`` 1 and 10, both damping modes, with batches of 64 (the example's)
   and 256.
 - convergence (target: K-FAC at least 2x fewer epochs than Adam): epochs until the test
   accuracy reaches 97%, over the same seeds (median; a run that never gets there, or
   diverges, counts as the epoch limit + 1, shown as ">limit"), for every configuration
-  of two grids of the same size: K-FAC (SGD underneath, factors and eigendecompositions
-  every 10 steps, the overhead row's schedule) over lr x damping x momentum,
-  Adam over lr x beta1. Each optimiser is judged by its best configuration.
+  of the grids: K-FAC (SGD underneath, factors and eigendecompositions every 10 steps, the
+  overhead rows' schedule) over lr x damping x momentum for each damping mode, Adam over
+  lr x beta1 (a grid of the same size). Each optimiser (and damping mode) is judged by its
+  best configuration.
 
 Results: benchmarks/results/optim_cpu.json and .md.
 """
@@ -44,16 +46,18 @@ from train_digits import KFAC_OPTIONS, digits, make_model, train  # noqa: E402
 
 TARGET = 0.97
 OVERHEAD_TARGET = 0.25
-#: the grids, 8 configurations each: K-FAC (lr, damping, SGD momentum), Adam (lr, beta1)
+#: the grids, 8 configurations each (K-FAC's for each damping mode): K-FAC (lr, damping, SGD momentum),
+#: Adam (lr, beta1)
 KFAC_GRID = {"lr": (0.1, 0.3), "damping": (0.003, 0.01), "momentum": (0.5, 0.9)}
 ADAM_GRID = {"lr": (3e-3, 1e-2, 3e-2, 1e-1), "momentum": (0.5, 0.9)}
 #: K-FAC options besides the tuned ones: the schedule of the overhead target's row (factors and
 #: eigendecompositions every 10 steps), with the running average's decay per update set to
 #: 0.95^10 = 0.6, the memory (in steps) of 0.95 at every step
 KFAC_FIXED = {"factor_update_steps": 10, "inv_update_steps": 10, "factor_decay": 0.6, "kl_clip": 1e-3}
+DAMPING_MODES = ("eigen", "factored")
 
 
-def ten_steps(factor_update_steps: int | None, batch_size: int = 64):
+def ten_steps(factor_update_steps: int | None, batch_size: int = 64, damping_mode: str = "eigen"):
     """A function running ten CNN training steps on digits, with K-FAC unless ``factor_update_steps`` is None."""
     x_train, y_train, _, _ = digits()
     torch.manual_seed(0)
@@ -61,7 +65,12 @@ def ten_steps(factor_update_steps: int | None, batch_size: int = 64):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     preconditioner = None
     if factor_update_steps is not None:
-        options = {**KFAC_OPTIONS, "factor_update_steps": factor_update_steps, "inv_update_steps": 10}
+        options = {
+            **KFAC_OPTIONS,
+            "factor_update_steps": factor_update_steps,
+            "inv_update_steps": 10,
+            "damping_mode": damping_mode,
+        }
         preconditioner = KFACPreconditioner(model, lr=optimizer, **options)
     rows = [torch.arange(i, i + batch_size) % x_train.shape[0] for i in range(0, 10 * batch_size, batch_size)]
     batches = [(x_train[r], y_train[r]) for r in rows]
@@ -130,7 +139,7 @@ def epochs_to_target(optimizer: str, config: dict, seeds: int, max_epochs: int) 
     for seed in range(seeds):
         options = None
         if optimizer == "kfac":
-            options = {**KFAC_FIXED, "damping": config["damping"]}
+            options = {**KFAC_FIXED, "damping": config["damping"], "damping_mode": config["damping_mode"]}
         try:
             run = train(
                 "cnn",
@@ -161,8 +170,13 @@ def epochs_to_target(optimizer: str, config: dict, seeds: int, max_epochs: int) 
 
 def _setting(row: dict) -> str:
     if row["optimizer"] == "kfac":
-        return f"lr={row['lr']:g}, damping={row['damping']:g}, momentum={row['momentum']:g}"
+        return f"{row['damping_mode']}, lr={row['lr']:g}, damping={row['damping']:g}, momentum={row['momentum']:g}"
     return f"lr={row['lr']:g}, beta1={row['momentum']:g}"
+
+
+def _optimiser(row: dict) -> str:
+    """The optimiser a result row is judged as: adam, or kfac with its damping mode."""
+    return f"kfac {row['damping_mode']}" if row["optimizer"] == "kfac" else row["optimizer"]
 
 
 def main() -> None:
@@ -176,10 +190,12 @@ def main() -> None:
     repeats, seeds, max_epochs = (5, 1, 10) if args.quick else (41, 5, 30)
 
     overhead = []
-    for batch_size, factor_steps in [(64, 1), (64, 10), (256, 1), (256, 10)]:
-        t = side_by_side_medians(ten_steps(factor_steps, batch_size), ten_steps(None, batch_size), repeats)
+    schedules = [(b, f, m) for b in (64, 256) for f in (1, 10) for m in DAMPING_MODES]
+    for batch_size, factor_steps, mode in schedules:
+        t = side_by_side_medians(ten_steps(factor_steps, batch_size, mode), ten_steps(None, batch_size), repeats)
         row = {
             "batch_size": batch_size,
+            "damping_mode": mode,
             "factor_update_steps": factor_steps,
             "inv_update_steps": 10,
             "kfac_step_s": t["wall"] / 10,
@@ -193,29 +209,39 @@ def main() -> None:
         row["met"] = row["overhead"] <= OVERHEAD_TARGET
         overhead.append(row)
         print(
-            f"batch {batch_size}, factor_update_steps={factor_steps}: {row['kfac_step_s'] * 1e3:.2f} ms vs "
+            f"batch {batch_size}, {mode}, factor_update_steps={factor_steps}: {row['kfac_step_s'] * 1e3:.2f} ms vs "
             f"{row['sgd_step_s'] * 1e3:.2f} ms per step ({row['overhead']:+.0%}, quartiles "
             f"{row['overhead_quartiles'][0]:+.0%} to {row['overhead_quartiles'][1]:+.0%}; "
             f"CPU time {row['overhead_cpu']:+.0%})"
         )
 
-    convergence = [epochs_to_target("kfac", c, seeds, max_epochs) for c in grid(KFAC_GRID)]
+    convergence = [
+        epochs_to_target("kfac", {"damping_mode": m, **c}, seeds, max_epochs)
+        for m in DAMPING_MODES
+        for c in grid(KFAC_GRID)
+    ]
     convergence += [epochs_to_target("adam", c, seeds, max_epochs) for c in grid(ADAM_GRID)]
     for row in convergence:
         print(f"{row['optimizer']} {_setting(row)}: epochs to {TARGET:.0%} {row['epochs']}")
+    names = [f"kfac {m}" for m in DAMPING_MODES] + ["adam"]
     best = {
-        name: min((r for r in convergence if r["optimizer"] == name), key=lambda r: r["median_epochs"])
-        for name in ("kfac", "adam")
+        name: min((r for r in convergence if _optimiser(r) == name), key=lambda r: r["median_epochs"]) for name in names
     }
-    ratio = best["adam"]["median_epochs"] / best["kfac"]["median_epochs"]
+    ratios = {m: best["adam"]["median_epochs"] / best[f"kfac {m}"]["median_epochs"] for m in DAMPING_MODES}
     targets = {
         "overhead": {
             "target": f"SGD + K-FAC step at most {OVERHEAD_TARGET:+.0%} over an SGD step, inv_update_steps=10",
             "met_by": [
-                f"batch {r['batch_size']}, factor_update_steps={r['factor_update_steps']}" for r in overhead if r["met"]
+                f"batch {r['batch_size']}, {r['damping_mode']}, factor_update_steps={r['factor_update_steps']}"
+                for r in overhead
+                if r["met"]
             ],
         },
-        "epochs": {"target": "K-FAC at least 2x fewer epochs to 97% than Adam", "ratio": ratio, "met": ratio >= 2.0},
+        "epochs": {
+            "target": "K-FAC at least 2x fewer epochs to 97% than Adam",
+            "ratio": ratios,
+            "met": {m: r >= 2.0 for m, r in ratios.items()},
+        },
     }
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -246,13 +272,13 @@ def main() -> None:
         "cycle); overhead: the median (and quartiles) of each K-FAC repetition's time over the SGD "
         "repetition next to it; target: overhead at most +25%.",
         "",
-        "| batch | preconditioner schedule | SGD + K-FAC step | SGD step | overhead (quartiles) "
+        "| batch | damping_mode | preconditioner schedule | SGD + K-FAC step | SGD step | overhead (quartiles) "
         "| overhead (CPU time) | target |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in overhead:
         lines.append(
-            f"| {r['batch_size']} | factor_update_steps={r['factor_update_steps']}, "
+            f"| {r['batch_size']} | {r['damping_mode']} | factor_update_steps={r['factor_update_steps']}, "
             f"inv_update_steps={r['inv_update_steps']} "
             f"| {r['kfac_step_s'] * 1e3:.2f} ms | {r['sgd_step_s'] * 1e3:.2f} ms | {r['overhead']:+.0%} "
             f"({r['overhead_quartiles'][0]:+.0%} to {r['overhead_quartiles'][1]:+.0%}) "
@@ -261,8 +287,8 @@ def main() -> None:
     lines += [
         "",
         f"Epochs to {TARGET:.0%} test accuracy (median of {seeds} seeds, at most {max_epochs}), every "
-        f"configuration of two grids of {len(grid(KFAC_GRID))}: K-FAC {KFAC_GRID} with SGD underneath and "
-        f"{KFAC_FIXED}; Adam {ADAM_GRID} (momentum = beta1).",
+        f"configuration of grids of {len(grid(KFAC_GRID))}: K-FAC {KFAC_GRID} for each damping mode, with SGD "
+        f"underneath and {KFAC_FIXED}; Adam {ADAM_GRID} (momentum = beta1).",
         "",
         "| optimiser | setting | epochs per seed | median | final accuracy | time per epoch |",
         "|---|---|---|---|---|---|",
@@ -274,12 +300,15 @@ def main() -> None:
             f"| {r['optimizer']} | {_setting(r)} | {epochs} | {median} "
             f"| {', '.join(f'{a:.3f}' for a in r['final_accuracy'])} | {r['seconds_per_epoch'] * 1e3:.0f} ms |"
         )
-    met = targets["epochs"]["met"]
+    lines.append("")
+    for m in DAMPING_MODES:
+        kfac = best[f"kfac {m}"]
+        lines.append(
+            f"Best K-FAC {m} ({_setting(kfac)}): median {kfac['median_epochs']:g} epochs; best Adam "
+            f"({_setting(best['adam'])}): {best['adam']['median_epochs']:g}. K-FAC needs {ratios[m]:.1f}x fewer "
+            f"epochs (target 2x: {'met' if targets['epochs']['met'][m] else 'not met'})."
+        )
     lines += [
-        "",
-        f"Best K-FAC ({_setting(best['kfac'])}): median {best['kfac']['median_epochs']:g} epochs; best Adam "
-        f"({_setting(best['adam'])}): {best['adam']['median_epochs']:g}. K-FAC needs {ratio:.1f}x fewer epochs "
-        f"(target 2x: {'met' if met else 'not met'}).",
         "",
         "Overhead target (at most +25%, wall clock): "
         + (f"met for {', '.join(targets['overhead']['met_by'])}." if targets["overhead"]["met_by"] else "not met."),

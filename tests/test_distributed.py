@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fastlaplace import Laplace, distributed
 from fastlaplace.optim import KFACPreconditioner
+from fastlaplace.optim.kfac import BROADCASTS, DAMPING_MODES
 
 WORLD = 2
 STEPS = 3
@@ -45,13 +46,19 @@ def shard(tensor: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return tensor[rank * size : (rank + 1) * size]
 
 
-def kfac_run(broadcast: str, rank: int = 0, world: int = 1) -> dict:
+def kfac_run(broadcast: str, damping_mode: str = "eigen", rank: int = 0, world: int = 1) -> dict:
     """STEPS steps of SGD + K-FAC on this rank's shard of each batch (DDP averages the gradients)."""
     model = cnn()
     trained = DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     pre = KFACPreconditioner(
-        trained, damping=0.01, inv_update_steps=2, factor_decay=0.8, lr=optimizer, broadcast=broadcast
+        trained,
+        damping=0.01,
+        inv_update_steps=2,
+        factor_decay=0.8,
+        lr=optimizer,
+        broadcast=broadcast,
+        damping_mode=damping_mode,
     )
     gradients = []
     for step in range(STEPS):
@@ -65,7 +72,7 @@ def kfac_run(broadcast: str, rank: int = 0, world: int = 1) -> dict:
         "gradients": gradients,
         "input_factors": pre.curvature.input_factors,
         "output_factors": pre.curvature.output_factors,
-        "eigendecomposition": pre.eigendecomposition(),
+        "in_use": pre.eigendecomposition() if damping_mode == "eigen" else pre.damped_inverses(),
     }
 
 
@@ -113,7 +120,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     try:
         results = {
             "collectives": collectives_run(rank, world),
-            "kfac": {b: kfac_run(b, rank, world) for b in ("eigen", "gradient")},
+            "kfac": {(b, m): kfac_run(b, m, rank, world) for b in BROADCASTS for m in DAMPING_MODES},
             "laplace": {s: laplace_run(s, rank, world) for s in STRUCTURES},
             "laplace_split": {s: laplace_run(s, rank, world, split=True) for s in ("kron", "diag")},
         }
@@ -155,11 +162,12 @@ def test_one_process_is_a_no_op():
     assert distributed.rank_and_size() == (0, 1)
 
 
-@pytest.mark.parametrize("broadcast", ["eigen", "gradient"])
-def test_kfac_over_two_ranks_equals_one_process_on_all_data(ranks, broadcast):
-    expected = kfac_run(broadcast)
+@pytest.mark.parametrize("damping_mode", DAMPING_MODES)
+@pytest.mark.parametrize("broadcast", BROADCASTS)
+def test_kfac_over_two_ranks_equals_one_process_on_all_data(ranks, broadcast, damping_mode):
+    expected = kfac_run(broadcast, damping_mode)
     for rank, result in enumerate(ranks):
-        got = result["kfac"][broadcast]
+        got = result["kfac"][broadcast, damping_mode]
         for name in ("input_factors", "output_factors"):
             for f, e in zip(got[name], expected[name], strict=True):
                 torch.testing.assert_close(f, e, rtol=1e-12, atol=1e-14)
@@ -168,14 +176,18 @@ def test_kfac_over_two_ranks_equals_one_process_on_all_data(ranks, broadcast):
                 torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
         factors = zip(expected["input_factors"], expected["output_factors"], strict=True)
         held = 0
-        for eigen, (a, g) in zip(got["eigendecomposition"], factors, strict=True):
-            if eigen is None:
+        for in_use, expected_in_use, (a, g) in zip(got["in_use"], expected["in_use"], factors, strict=True):
+            if in_use is None:
                 continue
             held += 1
-            qa, la, qg, lg = eigen
+            if damping_mode == "factored":  # the damped inverses of the averaged factors
+                for t, e in zip(in_use, expected_in_use, strict=True):
+                    torch.testing.assert_close(t, e, rtol=1e-10, atol=1e-12)
+                continue
+            qa, la, qg, lg = in_use
             torch.testing.assert_close(qa @ torch.diag(la) @ qa.T, a, rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(qg @ torch.diag(lg) @ qg.T, g, rtol=1e-10, atol=1e-12)
-        # "eigen": every rank holds all eigenpairs; "gradient": each layer's only on its owner
+        # "eigen": every rank holds all layers' eigenpairs or inverses; "gradient": each layer's only on its owner
         assert held == 3 if broadcast == "eigen" else 0 < held < 3, (rank, held)
 
 

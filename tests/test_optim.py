@@ -365,7 +365,7 @@ def test_hooks_are_registered_only_for_factor_update_steps():
 
 @pytest.mark.parametrize("mode", ["eigen", "factored"])
 def test_changing_damping_and_learning_rate_between_eigendecompositions(mode):
-    # The damped spectra are kept from step to step: a new damping or lr must still be used at once.
+    # The damped spectra (or inverses) are kept from step to step: a new damping or lr must still be used at once.
     model = make("cnn")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
     dampings = iter([0.05, 0.05, 0.2, 0.01])
@@ -384,12 +384,10 @@ def test_changing_damping_and_learning_rate_between_eigendecompositions(mode):
         grads = [gradient_matrix(m) for m in kron_layers(model)]
         pre.step()
         delta = current["delta"]
-        natural = []
-        for (qa, la, qg, lg), grad in zip(pre.eigendecomposition(), grads, strict=True):
-            if mode == "factored":
-                la, lg = KFACPreconditioner._factored_spectrum(la, lg, delta)
-            layer_delta = delta if mode == "eigen" else 0.0
-            natural.append(
+        if step == 0:  # the factors that step's update averaged, in use from then on
+            in_use = [(a.clone(), g.clone()) for a, g in zip(pre.curvature.input_factors, pre.curvature.output_factors)]
+        if mode == "eigen":
+            natural = [
                 ops.kron_solve(
                     [qa],
                     [la],
@@ -397,14 +395,66 @@ def test_changing_damping_and_learning_rate_between_eigendecompositions(mode):
                     [lg],
                     [grad],
                     torch.ones(1, dtype=qa.dtype),
-                    torch.full((1,), layer_delta, dtype=qa.dtype),
+                    torch.full((1,), delta, dtype=qa.dtype),
                 )[0]
-            )
+                for (qa, la, qg, lg), grad in zip(pre.eigendecomposition(), grads, strict=True)
+            ]
+        else:
+            natural = [
+                dense_natural_gradient(a, g, grad, delta, mode) for (a, g), grad in zip(in_use, grads, strict=True)
+            ]
         total = (0.3 / (step + 1)) ** 2 * sum((g * n).sum() for g, n in zip(grads, natural, strict=True))
         nu = min(1.0, math.sqrt(1e-4 / total))
         assert nu < 1
         for m, n in zip(kron_layers(model), natural, strict=True):
             torch.testing.assert_close(gradient_matrix(m), n * nu, rtol=1e-9, atol=1e-12)
+
+
+def test_factored_mode_keeps_damped_inverses_not_eigenpairs():
+    model = make("cnn")
+    x, y = data("cnn")
+    delta = 0.04
+    pre = KFACPreconditioner(model, damping=delta, damping_mode="factored")
+    with pytest.raises(RuntimeError, match="no factors yet"):
+        pre.damped_inverses()
+    backward(model, x, y)
+    pre.step()
+    for (inverse_a, inverse_g), a, g in zip(
+        pre.damped_inverses(), pre.curvature.input_factors, pre.curvature.output_factors, strict=True
+    ):
+        pi = math.sqrt((a.trace() / a.shape[0]) / (g.trace() / g.shape[0]))
+        eye_a, eye_g = (torch.eye(f.shape[0], dtype=f.dtype) for f in (a, g))
+        torch.testing.assert_close(inverse_a, torch.linalg.inv(a + pi * math.sqrt(delta) * eye_a))
+        torch.testing.assert_close(inverse_g, torch.linalg.inv(g + math.sqrt(delta) / pi * eye_g))
+    with pytest.raises(RuntimeError, match="keeps no eigendecomposition"):
+        pre.eigendecomposition()
+    with pytest.raises(RuntimeError, match="keeps eigenpairs, not damped inverses"):
+        KFACPreconditioner(make("cnn")).damped_inverses()
+
+
+@pytest.mark.parametrize("with_factors_in_use", [True, False])
+def test_factored_state_dict_resumes_from_the_factors_in_use(with_factors_in_use):
+    def step(pre, model, seed):
+        backward(model, *data("cnn", seed=seed))
+        pre.step()
+        return [gradient_matrix(m) for m in kron_layers(model)]
+
+    options = {"damping_mode": "factored", "damping": 0.02, "inv_update_steps": 4}
+    model = make("cnn")
+    pre = KFACPreconditioner(model, **options)
+    for seed in range(6):  # inverted at step 4, factors updated again at step 5
+        step(pre, model, seed)
+    state = pre.state_dict(include_eigendecomposition=with_factors_in_use)
+    expected = step(pre, model, 6)
+    resumed = KFACPreconditioner(model, **options)  # no optimiser step: the same weights
+    pre.remove()
+    resumed.load_state_dict(state)
+    got = step(resumed, model, 6)
+    # Without the factors in use the inverses are remade from the step-5 factors.
+    same = [torch.allclose(g, e, rtol=1e-12, atol=1e-14) for g, e in zip(got, expected, strict=True)]
+    assert all(same) if with_factors_in_use else not any(same)
+    with pytest.raises(ValueError, match="saved with damping_mode='factored', this preconditioner has 'eigen'"):
+        KFACPreconditioner(make("cnn")).load_state_dict(state)
 
 
 def test_digits_example_trains():
@@ -417,12 +467,13 @@ def test_digits_example_trains():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
-def test_cuda_natural_gradient_equals_cpu():
+@pytest.mark.parametrize("mode", ["eigen", "factored"])
+def test_cuda_natural_gradient_equals_cpu(mode):
     results = []
     for device in ("cpu", "cuda"):
         model = make("cnn").to(device)
         x, y = data("cnn")
-        pre = KFACPreconditioner(model, damping=0.05)
+        pre = KFACPreconditioner(model, damping=0.05, damping_mode=mode)
         backward(model, x.to(device), y.to(device))
         pre.step()
         results.append([p.grad.cpu() for p in model.parameters()])

@@ -131,10 +131,17 @@ class KFACPreconditioner:
     A layer that runs several forwards before a step (gradient accumulation, weight
     sharing) has them counted as one batch of all their samples.
 
+    With ``damping_mode="factored"`` nothing is eigendecomposed: each update keeps the
+    averaged factors and inverts ``A + π√δ I`` and ``G + √δ/π I`` by Cholesky (a fraction
+    of an eigendecomposition's cost), and a step is two GEMMs per layer. Every rank inverts
+    the factors it needs itself (they are the same averaged factors on every rank), so
+    there is no owner and no broadcast of inverses; ``broadcast="gradient"`` still has
+    each layer's owner alone precondition it.
+
     Cost per step: the forward hooks are registered only while the coming step updates the
-    factors (other forwards run hook-free); the damped spectra ``1 / (μ λᵀ + δ)`` are kept
-    between eigendecomposition updates (remade when the damping changes), so a step that
-    updates nothing is four GEMMs per layer and no host synchronisation.
+    factors (other forwards run hook-free); the damped spectra ``1 / (μ λᵀ + δ)`` (or the
+    damped inverses) are kept between updates (remade when the damping changes), so a step
+    that updates nothing is four (factored: two) GEMMs per layer and no host synchronisation.
 
     Args:
         model: the network (or its DistributedDataParallel wrapper).
@@ -204,7 +211,10 @@ class KFACPreconditioner:
         self.curvature = KronCurvature(kfac_approx, decay=0.0)
         self.steps = 0
         self._captures: list[list[_Capture]] = [[] for _ in self.layers]
+        # Per layer, what the preconditioning is made from, as of the last update: the eigenpairs
+        # (Q_A, λ_A, Q_G, λ_G) in "eigen" mode, the averaged factors (A, G) in "factored" mode.
         self._eigen: list[tuple[Tensor, Tensor, Tensor, Tensor] | None] = [None] * len(self.layers)
+        self._factors_in_use: list[tuple[Tensor, Tensor] | None] = [None] * len(self.layers)
         # Per layer, fixed for the preconditioner's life (the factors' sizes depend on them):
         # its weight, trainable bias (or None) and number of weight columns.
         self._parameters = [(m.weight, trainable_bias(m), m.weight[0].numel()) for _, m in self.layers]
@@ -213,9 +223,11 @@ class KFACPreconditioner:
         self._layer_owners = distributed.assign_owners(
             [d_a**3 + d_g**3 for d_a, d_g in sizes], distributed.rank_and_size()[1]
         )
-        # Per layer, the damped spectrum's reciprocal (d_G, d_A) in use, for the damping it was made with;
-        # recomputed after each eigendecomposition update or change of damping, not at every step.
+        # Per layer, the damped spectrum's reciprocal (d_G, d_A) ("eigen") or the damped inverses
+        # (A⁻¹, G⁻¹) ("factored") in use, for the damping they were made with; recomputed after each
+        # update or change of damping, not at every step.
         self._weights: list[Tensor | None] = [None] * len(self.layers)
+        self._inverses: list[tuple[Tensor, Tensor] | None] = [None] * len(self.layers)
         self._weights_damping: float | None = None
         # The KL clip's per-layer weights lr_l² / kl_clip, kept with the (kl_clip, layers, lr_l²) they were made for.
         self._kl_weights_key: tuple | None = None
@@ -331,8 +343,9 @@ class KFACPreconditioner:
     def update_eigendecomposition(self) -> None:
         """Average the factors over the ranks and eigendecompose them (each factor on its owner rank).
 
-        :meth:`step` calls it every ``inv_update_steps`` steps; call it yourself after
-        changing the factors.
+        In "factored" mode the averaged factors are kept instead, to be inverted with the
+        damping of the coming step. :meth:`step` calls it every ``inv_update_steps`` steps;
+        call it yourself after changing the factors.
         """
         if not self.curvature.names:
             raise RuntimeError("no factors yet: call step() after a forward and backward first")
@@ -346,6 +359,13 @@ class KFACPreconditioner:
             )
         rank, size = distributed.rank_and_size()
         count = len(self.layers)
+        if self.damping_mode == "factored":
+            needed = self._needed_owners()
+            self._factors_in_use = [
+                (factors[i].clone(), factors[count + i].clone()) if needed[i] else None for i in range(count)
+            ]
+            self._eigen_changed()
+            return
         if size == 1:
             values, vectors = ops.batched_eigh(factors)
             self._eigen = [(vectors[i], values[i], vectors[count + i], values[count + i]) for i in range(count)]
@@ -371,12 +391,34 @@ class KFACPreconditioner:
         self._eigen_changed()
 
     def _eigen_changed(self) -> None:
-        """Drop the damped spectra made from the previous eigenpairs."""
+        """Drop the damped spectra or inverses made from the previous eigenpairs or factors."""
         self._weights = [None] * len(self.layers)
+        self._inverses = [None] * len(self.layers)
 
     def eigendecomposition(self) -> list[tuple[Tensor, Tensor, Tensor, Tensor] | None]:
-        """Per layer ``(Q_A, λ_A, Q_G, λ_G)`` in use (None for a layer owned by another rank in "gradient" mode)."""
+        """Per layer ``(Q_A, λ_A, Q_G, λ_G)`` in use (None for a layer owned by another rank in "gradient" mode).
+
+        Raises:
+            RuntimeError: in "factored" mode, which keeps no eigendecomposition (see :meth:`damped_inverses`).
+        """
+        if self.damping_mode == "factored":
+            raise RuntimeError("damping_mode='factored' keeps no eigendecomposition; see damped_inverses()")
         return list(self._eigen)
+
+    def damped_inverses(self) -> list[tuple[Tensor, Tensor] | None]:
+        """In "factored" mode, per layer ``((A + π√δ I)⁻¹, (G + √δ/π I)⁻¹)`` for the current damping.
+
+        ``π² = (tr A / d_A) / (tr G / d_G)`` (1 when a factor is zero), from the factors as
+        averaged at the last update; None for a layer owned by another rank in "gradient" mode.
+
+        Raises:
+            RuntimeError: in "eigen" mode (see :meth:`eigendecomposition`), or before any update.
+        """
+        if self.damping_mode != "factored":
+            raise RuntimeError("damping_mode='eigen' keeps eigenpairs, not damped inverses; see eigendecomposition()")
+        if not self.curvature.names:
+            raise RuntimeError("no factors yet: call step() after a forward and backward first")
+        return list(self._damped_inverses([i for i, f in enumerate(self._factors_in_use) if f is not None]))
 
     def _precondition(self) -> None:
         rank, size = distributed.rank_and_size()
@@ -387,8 +429,7 @@ class KFACPreconditioner:
             self._precondition_distributed(with_grad, rank)
             return
         # One fused call for all layers: (F + δ)⁻¹ vec V scaled by the KL clip, written into the gradients,
-        # with the damped spectra kept from step to step.
-        weights = self._damped_weights(with_grad)
+        # with the damped spectra (or inverses) kept from step to step.
         gradients, blocks = [], []
         for i in with_grad:
             weight, bias, _ = self._parameters[i]
@@ -396,31 +437,39 @@ class KFACPreconditioner:
             if bias is not None:  # a bias without a gradient is a zero column whose update is dropped
                 gradients.append(bias.grad if bias.grad is not None else weight.grad.new_zeros(weight.shape[0]))
             blocks.append(1 + (bias is not None))
+        self._solve_(gradients, blocks, with_grad, None if self.kl_clip is None else self._kl_weights(with_grad))
+
+    def _solve_(self, gradients: list[Tensor], blocks: list[int], layers: list[int], kl_weights: Tensor | None) -> None:
+        """``ν (F + δ)⁻¹`` in place on the gradient blocks of the given layers (the fused operator of the mode)."""
+        if self.damping_mode == "factored":
+            inverses = self._damped_inverses(layers)
+            ops.kron_inverse_precondition_(
+                gradients,
+                blocks,
+                [inverses[i][0] for i in layers],
+                [inverses[i][1] for i in layers],
+                kl_weights,
+                validate=False,  # built here from the layers' own tensors, at every step
+            )
+            return
+        weights = self._damped_weights(layers)
         ops.kron_precondition_(
             gradients,
             blocks,
-            [self._eigen[i][0] for i in with_grad],
-            [self._eigen[i][2] for i in with_grad],
-            [weights[i] for i in with_grad],
-            None if self.kl_clip is None else self._kl_weights(with_grad),
-            validate=False,  # built here from the layers' own tensors, at every step
+            [self._eigen[i][0] for i in layers],
+            [self._eigen[i][2] for i in layers],
+            [weights[i] for i in layers],
+            kl_weights,
+            validate=False,
         )
 
     def _precondition_distributed(self, with_grad: list[int], rank: int) -> None:
         """``broadcast="gradient"``: each layer's owner solves and broadcasts its natural gradient."""
         compute = [i for i in with_grad if self._layer_owners[i] == rank]
-        weights = self._damped_weights(compute)
         gradients = {i: self._gradient_matrix(i) for i in with_grad}
         natural = {i: gradients[i].clone() for i in compute}
         if compute:
-            ops.kron_precondition_(
-                [natural[i] for i in compute],
-                [1] * len(compute),
-                [self._eigen[i][0] for i in compute],
-                [self._eigen[i][2] for i in compute],
-                [weights[i] for i in compute],
-                validate=False,
-            )
+            self._solve_([natural[i] for i in compute], [1] * len(compute), compute, None)
         for i in with_grad:
             natural.setdefault(i, torch.empty_like(gradients[i]))
         distributed.broadcast_from_owners_(
@@ -456,36 +505,41 @@ class KFACPreconditioner:
         matrix = torch.cat([grad, bias.grad.unsqueeze(1)], dim=1)
         return matrix if matrix.dtype == dtype else matrix.to(dtype)
 
-    def _damped_weights(self, layers: list[int]) -> list[Tensor | None]:
-        """Per layer ``1 / (μ λᵀ + δ)`` (eigen) or ``1 / ((μ + √δ/π)(λ + π√δ)ᵀ)`` (factored), clamped spectra.
-
-        Kept until the eigendecomposition or the damping changes: the damping is read at every call.
-        """
+    def _damping(self) -> float:
+        """δ, read now; a new value drops the damped spectra and inverses made with the previous one."""
         delta = _value(self.damping)
         if delta <= 0:
             raise ValueError(f"damping must be positive, got {delta}")
         if delta != self._weights_damping:
-            self._weights = [None] * len(self.layers)
+            self._eigen_changed()
             self._weights_damping = delta
+        return delta
+
+    def _damped_weights(self, layers: list[int]) -> list[Tensor | None]:
+        """In "eigen" mode, per layer ``1 / (μ λᵀ + δ)`` of the clamped spectra, kept until they or δ change."""
+        delta = self._damping()
         for i in layers:
             if self._weights[i] is None:
                 _, la, _, lg = self._eigen[i]
-                if self.damping_mode == "eigen":
-                    damped = torch.outer(lg.clamp_min(0), la.clamp_min(0)).add_(delta)
-                else:
-                    la, lg = self._factored_spectrum(la, lg, delta)
-                    damped = torch.outer(lg, la)
-                self._weights[i] = damped.reciprocal_()
+                self._weights[i] = torch.outer(lg.clamp_min(0), la.clamp_min(0)).add_(delta).reciprocal_()
         return self._weights
 
-    @staticmethod
-    def _factored_spectrum(la: Tensor, lg: Tensor, delta: float) -> tuple[Tensor, Tensor]:
-        """Eigenvalues of ``A + π√δ I`` and ``G + √δ/π I`` (π = 1 when a factor is zero)."""
-        la, lg = la.clamp_min(0), lg.clamp_min(0)
-        mean_a, mean_g = la.mean(), lg.mean()
-        pi = torch.where((mean_a > 0) & (mean_g > 0), (mean_a / mean_g.clamp_min(torch.finfo(lg.dtype).tiny)).sqrt(), 1)
-        root = math.sqrt(delta)
-        return la + pi * root, lg + root / pi
+    def _damped_inverses(self, layers: list[int]) -> list[tuple[Tensor, Tensor] | None]:
+        """In "factored" mode, per layer ``((A + π√δ I)⁻¹, (G + √δ/π I)⁻¹)``, kept until the factors or δ change.
+
+        ``π² = (tr A / d_A) / (tr G / d_G)``, 1 when either trace is zero (Martens & Grosse 2015).
+        """
+        root = math.sqrt(self._damping())
+        missing = [i for i in layers if self._inverses[i] is None]
+        if missing:
+            factors = [self._factors_in_use[i][0] for i in missing] + [self._factors_in_use[i][1] for i in missing]
+            means = torch.stack([f.diagonal().mean() for f in factors]).clamp_min(0).view(2, -1)
+            both = (means > 0).all(0)
+            pi = torch.where(both, means[0] / torch.where(both, means[1], 1), 1).sqrt()
+            inverses = ops.damped_inverses(factors, torch.cat([pi * root, root / pi]))
+            for k, i in enumerate(missing):
+                self._inverses[i] = (inverses[k], inverses[k + len(missing)])
+        return self._inverses
 
     def _kl_weights(self, layers: list[int]) -> Tensor:
         """``(len(layers),)`` weights ``lr_l² / kl_clip`` of the KL clip, remade when a setting changes.
@@ -520,20 +574,23 @@ class KFACPreconditioner:
     def state_dict(self, include_eigendecomposition: bool = True) -> dict:
         """The step counter, the factors and (by default) the eigenpairs in use, to resume training.
 
-        With the eigenpairs a resumed run continues exactly as an uninterrupted one; without
-        them :meth:`load_state_dict` recomputes them from the saved factors, which differ
-        from the ones in use when saved between two eigendecomposition updates. Under
-        torch.distributed, factors between two updates are this rank's running averages.
+        In "factored" mode the averaged factors of the last update stand for the eigenpairs.
+        With them a resumed run continues exactly as an uninterrupted one; without them
+        :meth:`load_state_dict` recomputes them from the saved factors, which differ from the
+        ones in use when saved between two updates. Under torch.distributed, factors between
+        two updates are this rank's running averages.
         """
+        in_use = self._factors_in_use if self.damping_mode == "factored" else self._eigen
         return {
             "steps": self.steps,
             "layers": [name for name, _ in self.layers],
+            "damping_mode": self.damping_mode,
             "input_factors": [f.clone() for f in self.curvature.input_factors],
             "output_factors": [f.clone() for f in self.curvature.output_factors],
             "locations": list(self.curvature.locations),
             "num_data": self.curvature.num_data,
             "eigendecomposition": (
-                [None if e is None else tuple(t.clone() for t in e) for e in self._eigen]
+                [None if e is None else tuple(t.clone() for t in e) for e in in_use]
                 if include_eigendecomposition
                 else None
             ),
@@ -543,11 +600,16 @@ class KFACPreconditioner:
         """Restore a :meth:`state_dict` saved for the same layers (no communication: every rank loads the same).
 
         Raises:
-            ValueError: if the state was saved for other layers.
+            ValueError: if the state was saved for other layers, or with another damping_mode.
         """
         names = [name for name, _ in self.layers]
         if list(state["layers"]) != names:
             raise ValueError(f"the state was saved for layers {list(state['layers'])}, this preconditioner has {names}")
+        if state["damping_mode"] != self.damping_mode:
+            raise ValueError(
+                f"the state was saved with damping_mode={state['damping_mode']!r}, "
+                f"this preconditioner has {self.damping_mode!r}"
+            )
         device = self.layers[0][1].weight.device
         self.steps = int(state["steps"])
         self._captures = [[] for _ in self.layers]
@@ -559,15 +621,23 @@ class KFACPreconditioner:
         self.curvature.num_data = int(state["num_data"])
         saved = state.get("eigendecomposition") or [None] * len(names)
         needed = self._needed_owners()
-        self._eigen = [
+        in_use = [
             tuple(t.to(device, copy=True) for t in e) if e is not None and want else None
             for e, want in zip(saved, needed, strict=True)
         ]
-        missing = [i for i, want in enumerate(needed) if want and self._eigen[i] is None]
+        missing = [i for i, want in enumerate(needed) if want and in_use[i] is None]
         if missing and self.curvature.names:  # recomputed locally, the same on every rank
             factors = [self.curvature.input_factors[i] for i in missing]
             factors += [self.curvature.output_factors[i] for i in missing]
-            values, vectors = ops.batched_eigh(factors)
-            for k, i in enumerate(missing):
-                self._eigen[i] = (vectors[k], values[k], vectors[k + len(missing)], values[k + len(missing)])
+            if self.damping_mode == "factored":
+                for k, i in enumerate(missing):
+                    in_use[i] = (factors[k].clone(), factors[k + len(missing)].clone())
+            else:
+                values, vectors = ops.batched_eigh(factors)
+                for k, i in enumerate(missing):
+                    in_use[i] = (vectors[k], values[k], vectors[k + len(missing)], values[k + len(missing)])
+        if self.damping_mode == "factored":
+            self._factors_in_use = in_use
+        else:
+            self._eigen = in_use
         self._eigen_changed()
