@@ -56,11 +56,19 @@ bench: build
 	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) benchmarks/bench_backend.py
 
 # On the GPU machine (torch with CUDA, no internet): build the CUDA extension, run the
-# GPU tests and the GPU benchmarks; results land in benchmarks/results/.
+# GPU tests and the GPU benchmarks, then the CUDA tests again under compute-sanitizer's
+# memcheck and racecheck (a report fails the target); results and the sanitizer logs land
+# in benchmarks/results/.
+SANITIZER ?= $(CUDA_HOME)/bin/compute-sanitizer
 gpu-check:
 	FASTLAPLACE_FORCE_CUDA=1 $(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
 	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) -m pytest -q tests
 	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) benchmarks/bench_ops.py --device cuda
+	@mkdir -p benchmarks/results
+	for tool in memcheck racecheck; do \
+		FASTLAPLACE_REQUIRE_EXT=1 $(SANITIZER) --tool $$tool --error-exitcode 1 \
+			--log-file benchmarks/results/gpu_$$tool.txt $(PYTHON) -m pytest -q -k cuda tests || exit 1; \
+	done
 
 clean:
 	rm -rf build fastlaplace/_C*.so *.egg-info

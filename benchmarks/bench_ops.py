@@ -254,6 +254,80 @@ def kron_solve(device: str, quick: bool) -> Pair:
     return Pair(f"MLP's 3 layers, V of {shapes}", fast, baseline)
 
 
+def mlp_gradients(device: str, quick: bool) -> tuple[list[torch.Tensor], list[int]]:
+    """The MLP's weight and bias gradients, in the layout of kron_precondition_'s blocks."""
+    d_in, d_out, _ = mlp(quick)
+    blocks = []
+    for i, o in zip(d_in, d_out, strict=True):
+        blocks += [torch.randn(o, i, device=device), torch.randn(o, device=device)]
+    return blocks, [2] * len(d_in)
+
+
+def precondition_pair(device: str, quick: bool, fast_solve, layer_solves) -> Pair:
+    """K-FAC's preconditioning of the MLP's gradients in place, KL clip included, from fresh gradients."""
+    pristine, blocks = mlp_gradients(device, quick)
+    kl = torch.tensor([0.1, 0.2, 0.3], device=device)
+    fast_grads, base_grads = [g.clone() for g in pristine], [g.clone() for g in pristine]
+
+    def fast():
+        torch._foreach_copy_(fast_grads, pristine)
+        fast_solve(fast_grads, blocks, kl)
+        return fast_grads
+
+    def baseline():
+        torch._foreach_copy_(base_grads, pristine)
+        matrices = [torch.cat([w, b[:, None]], 1) for w, b in zip(base_grads[::2], base_grads[1::2], strict=True)]
+        natural = [solve(v) for solve, v in zip(layer_solves, matrices, strict=True)]
+        quadratic = sum(k * (v * n).sum() for k, v, n in zip(kl, matrices, natural, strict=True))
+        nu = quadratic.rsqrt().clamp_max(1)
+        for w, b, n in zip(base_grads[::2], base_grads[1::2], natural, strict=True):
+            w.copy_(nu * n[:, :-1])
+            b.copy_(nu * n[:, -1])
+        return base_grads
+
+    return Pair("MLP's 3 layers, weight and bias gradients", fast, baseline)
+
+
+def kron_precondition(device: str, quick: bool) -> Pair:
+    k = kron_layers(device, quick)
+    spectra = [1.0 / k.damped(i) for i in range(3)]
+    solves = [lambda v, i=i: k.qg[i] @ ((k.qg[i].T @ v @ k.qa[i]) * spectra[i]) @ k.qa[i].T for i in range(3)]
+    return precondition_pair(
+        device, quick, lambda grads, blocks, kl: ops.kron_precondition_(grads, blocks, k.qa, k.qg, spectra, kl), solves
+    )
+
+
+def damped_factors(device: str, quick: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The MLP's six factors and a shift for each."""
+    d_in, d_out, _ = mlp(quick)
+    factors = [spd(d + 1, device) for d in d_in] + [spd(d, device) for d in d_out]
+    return factors, torch.tensor([0.1, 0.05, 0.2, 0.3, 0.1, 0.4], device=device)
+
+
+def kron_inverse_precondition(device: str, quick: bool) -> Pair:
+    factors, shifts = damped_factors(device, quick)
+    inverses = ops.damped_inverses(factors, shifts)
+    a, g = inverses[:3], inverses[3:]
+    solves = [lambda v, i=i: g[i] @ v @ a[i] for i in range(3)]
+    return precondition_pair(
+        device, quick, lambda grads, blocks, kl: ops.kron_inverse_precondition_(grads, blocks, a, g, kl), solves
+    )
+
+
+def damped_inverses(device: str, quick: bool) -> Pair:
+    factors, shifts = damped_factors(device, quick)
+
+    def baseline():
+        eyes = [torch.eye(f.shape[0], device=device) for f in factors]
+        return [
+            torch.cholesky_inverse(torch.linalg.cholesky(f + s * e))
+            for f, s, e in zip(factors, shifts, eyes, strict=True)
+        ]
+
+    sizes = [f.shape[0] for f in factors]
+    return Pair(f"the MLP's 6 factors {sizes}", lambda: ops.damped_inverses(factors, shifts), baseline)
+
+
 def kron_logdet(device: str, quick: bool) -> Pair:
     k = kron_layers(device, quick)
 
@@ -333,8 +407,11 @@ BENCHES = [
     Bench("diag_ggn", "per-sample gradients: einsum, square, sum", diag_ggn_per_sample),
     Bench("batched_eigh", "loop of torch.linalg.eigh", eigh_mlp),
     Bench("batched_eigh", "loop of torch.linalg.eigh", eigh_many_small),
+    Bench("damped_inverses", "loop of cholesky_inverse(cholesky(F + sI))", damped_inverses),
     Bench("kron_solve", "Qg @ ((Qgᵀ V Qa) / (outer(lg, la) s + δ)) @ Qaᵀ per layer", kron_solve),
     Bench("kron_logdet", "log(outer(lg, la) s + δ).sum() per layer", kron_logdet),
+    Bench("kron_precondition_", "per layer cat, 4 matmuls, ⊙ S; KL dot; copy back", kron_precondition),
+    Bench("kron_inverse_precondition_", "per layer cat, G⁻¹ V A⁻¹; KL dot; copy back", kron_inverse_precondition),
     Bench("kron_predictive_variance", "eigenbasis in torch: rotate, square, divide", predictive_last_layer_eigenbasis),
     Bench("kron_predictive_variance", "dense J, then J (P⁻¹ Jᵀ) by the torch Kron solve", predictive_last_layer_dense),
     Bench("kron_predictive_variance", "eigenbasis in torch: rotate, square, divide, einsum", predictive_all_layers),
