@@ -71,15 +71,18 @@ at::Tensor kron_inverse_precondition_aten(at::TensorList gradients, at::IntArray
                                           at::TensorList inverses_a, at::TensorList inverses_g,
                                           const std::optional<at::Tensor>& kl_weights);
 std::vector<at::Tensor> damped_inverses_aten(at::TensorList matrices, const at::Tensor& shifts);
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> jacobi_eigh_emulated(
+    at::TensorList matrices, int64_t threads);
 at::Tensor kron_predictive_variance_aten(
     at::TensorList inputs, const c10::List<std::optional<at::Tensor>>& output_jacobians,
     at::TensorList eigvecs_a, at::TensorList eigvals_a, at::TensorList eigvecs_g,
     at::TensorList eigvals_g, const at::Tensor& scale, const at::Tensor& delta,
     c10::List<bool> append_ones, bool full_covariance);
 
-// Whether every entry of a floating-point tensor is finite (one host synchronisation on a
-// GPU): LAPACK may loop or return garbage on NaN / Inf.
-bool all_finite(const at::Tensor& t);
+// Checks matrices[i] for the LAPACK / cuSOLVER calls: square, float32 or float64, on one
+// device, and free of NaN and Inf (on which LAPACK loops or returns garbage; the error
+// says `consequence`). One host synchronisation for all GPU matrices.
+void check_finite_square_matrices(at::TensorList matrices, const char* consequence);
 
 // Host threads for work spread over the CPU; a GPU's work stays on the caller's thread
 // (and so on its current stream).

@@ -29,6 +29,8 @@ TORCH_LIBRARY(fastlaplace, m) {
   m.def("diag_ggn(Tensor[] inputs, Tensor[] output_grads, bool[] append_ones) -> Tensor[]");
   m.def("batched_eigh(Tensor[] matrices) -> (Tensor[], Tensor[])");
   m.def("damped_inverses(Tensor[] matrices, Tensor shifts) -> Tensor[]");
+  // The CUDA batched_eigh's Jacobi solver run on the host, for the tests.
+  m.def("_jacobi_eigh_emulated(Tensor[] matrices, int threads) -> (Tensor[], Tensor[])");
   m.def(
       "kron_solve(Tensor[] eigvecs_a, Tensor[] eigvals_a, Tensor[] eigvecs_g, "
       "Tensor[] eigvals_g, Tensor[] rhs, Tensor scale, Tensor delta, "

@@ -279,6 +279,11 @@ def diag_ggn(inputs: Sequence[Tensor], output_grads: Sequence[Tensor], append_on
 def batched_eigh(matrices: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
     """Eigenpairs of symmetric matrices of mixed sizes in one call.
 
+    On the CPU, LAPACK per matrix, small ones side by side on the threads. On CUDA, the
+    matrices of at most 112 rows that fit one block's shared memory are diagonalised in one
+    launch per dtype, one block per matrix (a Jacobi solver working in double); larger
+    ones go to cuSOLVER one by one.
+
     Args:
         matrices: L float32/float64 tensors ``(d_i, d_i)``; lower triangles are read.
 

@@ -16,16 +16,9 @@ namespace fastlaplace {
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> batched_eigh_aten(
     at::TensorList matrices) {
   const int64_t count = static_cast<int64_t>(matrices.size());
+  check_finite_square_matrices(matrices, "its eigendecomposition is undefined");
   std::vector<int64_t> sizes(count);
-  for (int64_t i = 0; i < count; ++i) {
-    const at::Tensor& m = matrices[i];
-    check_factor_dtype(m, "matrices", i);
-    TORCH_CHECK(m.dim() == 2 && m.size(0) == m.size(1), "matrices[", i,
-                "] must be square, got ", m.sizes());
-    TORCH_CHECK(all_finite(m), "matrices[", i,
-                "] contains NaN or Inf; its eigendecomposition is undefined");
-    sizes[i] = m.size(0);
-  }
+  for (int64_t i = 0; i < count; ++i) sizes[i] = matrices[i].size(0);
   std::vector<at::Tensor> values(count), vectors(count);
   const int64_t threads = count > 0 ? host_threads(matrices[0]) : 1;
   run_lapack(sizes, threads, [&](int64_t i) {

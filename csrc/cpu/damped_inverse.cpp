@@ -27,20 +27,10 @@ std::vector<at::Tensor> damped_inverses_aten(at::TensorList matrices, const at::
   TORCH_CHECK(count > 0, "damped_inverses needs at least one matrix");
   TORCH_CHECK(shifts.dim() == 1 && shifts.size(0) == count, "shifts must be (", count,
               ",), one per matrix, got ", shifts.sizes());
+  check_finite_square_matrices(matrices, "its inverse is undefined");
   std::vector<int64_t> sizes(count);
-  for (int64_t i = 0; i < count; ++i) {
-    const at::Tensor& m = matrices[i];
-    check_factor_dtype(m, "matrices", i);
-    TORCH_CHECK(m.dim() == 2 && m.size(0) == m.size(1), "matrices[", i,
-                "] must be square, got ", m.sizes());
-    check_same_device(m, matrices[0], "matrices");
-    sizes[i] = m.size(0);
-  }
+  for (int64_t i = 0; i < count; ++i) sizes[i] = matrices[i].size(0);
   check_same_device(shifts, matrices[0], "shifts");
-  for (int64_t i = 0; i < count; ++i) {
-    TORCH_CHECK(all_finite(matrices[i]), "matrices[", i,
-                "] contains NaN or Inf; its inverse is undefined");
-  }
   // A shift must be positive for the shifted matrix to be positive definite. On the CPU the
   // shifts are read once, as doubles; a GPU's stay on the device.
   const at::Tensor host_shifts = shifts.is_cpu() ? shifts.to(at::kDouble).contiguous() : at::Tensor();
