@@ -1,5 +1,6 @@
 """Shared fixtures: devices, dtypes, tolerances and random test data."""
 
+import contextlib
 import os
 
 import pytest
@@ -64,3 +65,43 @@ def eigen_layer(d_a: int, d_g: int, dtype=torch.float64, generator=None, rank_a=
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(1234)
+
+
+@contextlib.contextmanager
+def host_threads(count: int):
+    """torch's intra-op threads set to ``count`` inside the block (the CPU kernels spread layers over them)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def gradient_blocks(d_in: int, d_g: int, bias: bool, transposed: bool) -> list[torch.Tensor]:
+    """A layer's float64 weight gradient ``(d_g, d_in)`` (stored transposed if asked) and its bias gradient."""
+    weight = (
+        torch.randn(d_in, d_g, dtype=torch.float64).T if transposed else torch.randn(d_g, d_in, dtype=torch.float64)
+    )
+    return [weight] + ([torch.randn(d_g, dtype=torch.float64)] if bias else [])
+
+
+def assert_in_place_like_reference(op, reference, grads: list[torch.Tensor], *args) -> None:
+    """``op(grads, *args)`` equals ``reference`` on copies: the same ν, and blocks written in their own layout."""
+    expected = [g.clone() for g in grads]
+    strides = [g.stride() for g in grads]
+    nu = op(grads, *args)
+    torch.testing.assert_close(nu, reference(expected, *args))
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)
+    assert [g.stride() for g in grads] == strides
+
+
+def assert_preconditioned(nu, grad, dtype, exact_nu, exact_grad, rounded_grad) -> None:
+    """A preconditioning op's ν and gradient against the float64 reference (and the reference in ``dtype``)."""
+    assert nu.dtype == dtype
+    torch.testing.assert_close(nu.double().cpu(), exact_nu, rtol=1e-4, atol=0)
+    if grad.dtype == torch.bfloat16:  # the result is rounded to the gradient's dtype on the way out
+        torch.testing.assert_close(grad.cpu(), exact_grad.to(grad.dtype))
+    else:
+        assert_matches_float64(grad.cpu(), exact_grad, rounded_grad)

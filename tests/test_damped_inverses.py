@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import DEVICES, FACTOR_DTYPES, PRIME_SIZES, random_spd, requires_extension
+from conftest import DEVICES, FACTOR_DTYPES, PRIME_SIZES, host_threads, random_spd, requires_extension
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -47,12 +47,8 @@ def test_a_failed_cholesky_falls_back_to_clamped_eigenvalues():
 def test_many_matrices_over_threads_match_the_reference(generator):
     matrices = [random_spd(d, generator=generator) for d in (30, 30, 30, 30, 5)]
     shifts = torch.linspace(0.1, 1.0, 5, dtype=torch.float64)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with host_threads(2):
         result = ops.damped_inverses(matrices, shifts)
-    finally:
-        torch.set_num_threads(threads)
     for got, want in zip(result, reference.damped_inverses(matrices, shifts), strict=True):
         torch.testing.assert_close(got, want)
 

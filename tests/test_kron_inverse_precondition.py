@@ -2,7 +2,16 @@
 
 import pytest
 import torch
-from conftest import DEVICES, PRIME_SIZES, assert_matches_float64, random_spd, requires_extension
+from conftest import (
+    DEVICES,
+    PRIME_SIZES,
+    assert_in_place_like_reference,
+    assert_preconditioned,
+    gradient_blocks,
+    host_threads,
+    random_spd,
+    requires_extension,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -68,12 +77,7 @@ def test_matches_float64_reference(device, dtype, grad_dtype, generator):
     reference.kron_inverse_precondition_(rounded_grads, [1], [cast[0]], [cast[1]], weights)
     grads = [grad.to(device, copy=True)]
     nu = ops.kron_inverse_precondition_(grads, [1], [cast[0].to(device)], [cast[1].to(device)], weights.to(device))
-    assert nu.dtype == dtype and grads[0].dtype == grad_dtype
-    torch.testing.assert_close(nu.double().cpu(), exact_nu, rtol=1e-4, atol=0)
-    if grad_dtype == torch.bfloat16:  # the result is rounded to the gradient's dtype on the way out
-        torch.testing.assert_close(grads[0].cpu(), exact_grads[0].to(grad_dtype))
-    else:
-        assert_matches_float64(grads[0].cpu(), exact_grads[0], rounded_grads[0])
+    assert_preconditioned(nu, grads[0], dtype, exact_nu, exact_grads[0], rounded_grads[0])
 
 
 @given(
@@ -88,18 +92,9 @@ def test_property_odd_sizes_and_layouts(d_in, d_g, bias, transposed, transposed_
     _, _, inverse_a, inverse_g = damped_pair(d_in + bias, d_g)
     if transposed_inverse:  # column-major storage of the same symmetric matrix
         inverse_a = inverse_a.T.contiguous().T
-    weight = (
-        torch.randn(d_in, d_g, dtype=torch.float64).T if transposed else torch.randn(d_g, d_in, dtype=torch.float64)
-    )
-    grads = [weight] + ([torch.randn(d_g, dtype=torch.float64)] if bias else [])
-    expected = [g.clone() for g in grads]
     args = ([1 + bias], [inverse_a], [inverse_g], torch.tensor([3.0], dtype=torch.float64) if kl else None)
-    nu = ops.kron_inverse_precondition_(grads, *args)
-    expected_nu = reference.kron_inverse_precondition_(expected, *args)
-    torch.testing.assert_close(nu, expected_nu)
-    for got, want in zip(grads, expected, strict=True):
-        torch.testing.assert_close(got, want)
-    assert grads[0].stride() == weight.stride()  # written in place, in its own layout
+    grads = gradient_blocks(d_in, d_g, bias, transposed)
+    assert_in_place_like_reference(ops.kron_inverse_precondition_, reference.kron_inverse_precondition_, grads, *args)
 
 
 def test_opcheck():
@@ -134,19 +129,13 @@ def test_layers_shared_over_threads_match_the_reference(generator):
     sizes = [(9, 6)] * 4 + [(4, 3)]
     layers = [damped_pair(d_a, d_g, generator) for d_a, d_g in sizes]
     grads = [torch.randn(d_g, d_a, dtype=torch.float64, generator=generator) for d_a, d_g in sizes]
-    expected = [g.clone() for g in grads]
     args = (
         [1] * len(sizes),
         [layer[2] for layer in layers],
         [layer[3] for layer in layers],
         torch.linspace(0.5, 2.0, len(sizes), dtype=torch.float64),
     )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        nu = ops.kron_inverse_precondition_(grads, *args)
-    finally:
-        torch.set_num_threads(threads)
-    torch.testing.assert_close(nu, reference.kron_inverse_precondition_(expected, *args))
-    for got, want in zip(grads, expected, strict=True):
-        torch.testing.assert_close(got, want)
+    with host_threads(2):
+        assert_in_place_like_reference(
+            ops.kron_inverse_precondition_, reference.kron_inverse_precondition_, grads, *args
+        )

@@ -2,7 +2,16 @@
 
 import pytest
 import torch
-from conftest import DEVICES, PRIME_SIZES, assert_matches_float64, eigen_layer, requires_extension
+from conftest import (
+    DEVICES,
+    PRIME_SIZES,
+    assert_in_place_like_reference,
+    assert_preconditioned,
+    eigen_layer,
+    gradient_blocks,
+    host_threads,
+    requires_extension,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -88,12 +97,7 @@ def test_matches_float64_reference(device, dtype, grad_dtype, generator):
         [damped_inverse(on_device[1], on_device[3], 0.05)],
         weights.to(device),
     )
-    assert nu.dtype == dtype and grads[0].dtype == grad_dtype
-    torch.testing.assert_close(nu.double().cpu(), exact_nu, rtol=1e-4, atol=0)
-    if grad_dtype == torch.bfloat16:  # the result is rounded to the gradient's dtype on the way out
-        torch.testing.assert_close(grads[0].cpu(), exact_grads[0].to(grad_dtype))
-    else:
-        assert_matches_float64(grads[0].cpu(), exact_grads[0], rounded_grads[0])
+    assert_preconditioned(nu, grads[0], dtype, exact_nu, exact_grads[0], rounded_grads[0])
 
 
 @given(
@@ -106,27 +110,12 @@ def test_matches_float64_reference(device, dtype, grad_dtype, generator):
 )
 def test_property_odd_sizes_and_layouts(d_in, d_g, bias, transposed, column_major_spectrum, kl):
     qa, la, qg, lg, *_ = eigen_layer(d_in + bias, d_g)
-    weight = (
-        torch.randn(d_in, d_g, dtype=torch.float64).T if transposed else torch.randn(d_g, d_in, dtype=torch.float64)
-    )
-    grads = [weight] + ([torch.randn(d_g, dtype=torch.float64)] if bias else [])
-    expected = [g.clone() for g in grads]
     inverse = damped_inverse(la, lg, 0.2)
     if column_major_spectrum:  # not the CPU kernel's fused one-pass layout
         inverse = inverse.T.contiguous().T
-    args = (
-        [1 + bias],
-        [qa],
-        [qg],
-        [inverse],
-        torch.tensor([3.0], dtype=torch.float64) if kl else None,
-    )
-    nu = ops.kron_precondition_(grads, *args)
-    expected_nu = reference.kron_precondition_(expected, *args)
-    torch.testing.assert_close(nu, expected_nu)
-    for got, want in zip(grads, expected, strict=True):
-        torch.testing.assert_close(got, want)
-    assert grads[0].stride() == weight.stride()  # written in place, in its own layout
+    args = ([1 + bias], [qa], [qg], [inverse], torch.tensor([3.0], dtype=torch.float64) if kl else None)
+    grads = gradient_blocks(d_in, d_g, bias, transposed)
+    assert_in_place_like_reference(ops.kron_precondition_, reference.kron_precondition_, grads, *args)
 
 
 def test_opcheck():
@@ -164,7 +153,6 @@ def test_layers_shared_over_threads_match_the_reference(generator):
     sizes = [(9, 6)] * 4 + [(4, 3)]
     layers = [eigen_layer(d_a, d_g, generator=generator) for d_a, d_g in sizes]
     grads = [torch.randn(d_g, d_a, dtype=torch.float64, generator=generator) for d_a, d_g in sizes]
-    expected = [g.clone() for g in grads]
     args = (
         [1] * len(sizes),
         [layer[0] for layer in layers],
@@ -172,12 +160,5 @@ def test_layers_shared_over_threads_match_the_reference(generator):
         [damped_inverse(layer[1], layer[3], 0.1) for layer in layers],
         torch.linspace(0.5, 2.0, len(sizes), dtype=torch.float64),
     )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        nu = ops.kron_precondition_(grads, *args)
-    finally:
-        torch.set_num_threads(threads)
-    torch.testing.assert_close(nu, reference.kron_precondition_(expected, *args))
-    for got, want in zip(grads, expected, strict=True):
-        torch.testing.assert_close(got, want)
+    with host_threads(2):
+        assert_in_place_like_reference(ops.kron_precondition_, reference.kron_precondition_, grads, *args)
