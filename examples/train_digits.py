@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from fastlaplace import distributed
-from fastlaplace.optim import KFACPreconditioner
+from fastlaplace.optim import DAMPING_MODES, KFACPreconditioner
 
 OPTIMIZERS = ("sgd", "adam", "kfac")
 MODELS = ("mlp", "cnn")
@@ -160,14 +160,23 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=None, help="default: per optimiser, see DEFAULT_LR")
     parser.add_argument("--batch-size", type=int, default=64, help="per process")
+    parser.add_argument(
+        "--damping-mode",
+        choices=DAMPING_MODES,
+        default="eigen",
+        help="K-FAC's damping: exact in the eigenbasis, or factored (Cholesky inverses, cheaper per step)",
+    )
     args = parser.parse_args()
+    kfac_options = {**KFAC_OPTIONS, "damping_mode": args.damping_mode}
     if "WORLD_SIZE" in os.environ:  # started by torchrun
         dist.init_process_group("gloo")  # the example trains on the CPU
     try:
         rank = distributed.rank_and_size()[0]
         for model_name in MODELS if args.model == "all" else (args.model,):
             for optimizer_name in OPTIMIZERS if args.optimizer == "all" else (args.optimizer,):
-                run = train(model_name, optimizer_name, args.epochs, args.lr, args.batch_size)
+                run = train(
+                    model_name, optimizer_name, args.epochs, args.lr, args.batch_size, kfac_options=kfac_options
+                )
                 if rank == 0:
                     curve = " ".join(f"{a:.3f}" for a in run.accuracies)
                     print(

@@ -464,6 +464,9 @@ def test_digits_example_trains():
     lines = result.stdout.splitlines()
     assert [line.split()[:2] for line in lines] == [["cnn", "sgd"], ["cnn", "adam"], ["cnn", "kfac"]]
     assert float(lines[-1].split("epoch")[1].split()[0]) > 0.8  # K-FAC after one epoch
+    factored = command + ["--optimizer", "kfac", "--damping-mode", "factored"]
+    result = subprocess.run(factored, capture_output=True, text=True, timeout=120, check=True)
+    assert float(result.stdout.split("epoch")[1].split()[0]) > 0.8
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")

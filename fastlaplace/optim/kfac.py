@@ -605,10 +605,10 @@ class KFACPreconditioner:
         names = [name for name, _ in self.layers]
         if list(state["layers"]) != names:
             raise ValueError(f"the state was saved for layers {list(state['layers'])}, this preconditioner has {names}")
-        if state["damping_mode"] != self.damping_mode:
+        saved_mode = state.get("damping_mode", "eigen")  # states saved before it was recorded hold eigenpairs
+        if saved_mode != self.damping_mode:
             raise ValueError(
-                f"the state was saved with damping_mode={state['damping_mode']!r}, "
-                f"this preconditioner has {self.damping_mode!r}"
+                f"the state was saved with damping_mode={saved_mode!r}, this preconditioner has {self.damping_mode!r}"
             )
         device = self.layers[0][1].weight.device
         self.steps = int(state["steps"])
