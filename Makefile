@@ -10,7 +10,7 @@ CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
 CUDA_OBJECTS := $(patsubst csrc/cuda/%.cu,build/nvcc-check/%.o,$(CUDA_SOURCES))
 CPP_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: test demo bench deps build cuda-compile-check gpu-check lint clean
+.PHONY: test demo bench deps build cuda-compile-check gpu-check gpu-build gpu-test gpu-bench gpu-sanitize lint clean
 
 # torch first, from the CPU wheel (never a CUDA build on a CPU machine), then the rest;
 # laplace-torch (test-only) without its requirements, which would pull a CUDA torch.
@@ -58,12 +58,21 @@ bench: build
 # On the GPU machine (torch with CUDA, no internet): build the CUDA extension, run the
 # GPU tests and the GPU benchmarks, then the CUDA tests again under compute-sanitizer's
 # memcheck and racecheck (a report fails the target); results and the sanitizer logs land
-# in benchmarks/results/.
+# in benchmarks/results/. Each step is a target of its own, for sessions with little GPU
+# time: gpu-build first, then any of gpu-test, gpu-bench, gpu-sanitize.
 SANITIZER ?= $(CUDA_HOME)/bin/compute-sanitizer
-gpu-check:
+gpu-check: gpu-test gpu-bench gpu-sanitize
+
+gpu-build:
 	FASTLAPLACE_FORCE_CUDA=1 $(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+
+gpu-test: gpu-build
 	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) -m pytest -q tests
+
+gpu-bench: gpu-build
 	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) benchmarks/bench_ops.py --device cuda
+
+gpu-sanitize: gpu-build
 	@mkdir -p benchmarks/results
 	for tool in memcheck racecheck; do \
 		FASTLAPLACE_REQUIRE_EXT=1 $(SANITIZER) --tool $$tool --error-exitcode 1 \
