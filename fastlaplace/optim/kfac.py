@@ -212,9 +212,9 @@ class KFACPreconditioner:
         self.steps = 0
         self._captures: list[list[_Capture]] = [[] for _ in self.layers]
         # Per layer, what the preconditioning is made from, as of the last update: the eigenpairs
-        # (Q_A, λ_A, Q_G, λ_G) in "eigen" mode, the averaged factors (A, G) in "factored" mode.
-        self._eigen: list[tuple[Tensor, Tensor, Tensor, Tensor] | None] = [None] * len(self.layers)
-        self._factors_in_use: list[tuple[Tensor, Tensor] | None] = [None] * len(self.layers)
+        # (Q_A, λ_A, Q_G, λ_G) in "eigen" mode, the averaged factors (A, G) in "factored" mode;
+        # None where another rank owns the layer in "gradient" mode.
+        self._in_use: list[tuple[Tensor, ...] | None] = [None] * len(self.layers)
         # Per layer, fixed for the preconditioner's life (the factors' sizes depend on them):
         # its weight, trainable bias (or None) and number of weight columns.
         self._parameters = [(m.weight, trainable_bias(m), m.weight[0].numel()) for _, m in self.layers]
@@ -223,12 +223,11 @@ class KFACPreconditioner:
         self._layer_owners = distributed.assign_owners(
             [d_a**3 + d_g**3 for d_a, d_g in sizes], distributed.rank_and_size()[1]
         )
-        # Per layer, the damped spectrum's reciprocal (d_G, d_A) ("eigen") or the damped inverses
-        # (A⁻¹, G⁻¹) ("factored") in use, for the damping they were made with; recomputed after each
+        # Per layer, made from _in_use for the damping _damped_with: the damped spectrum's reciprocal
+        # (d_G, d_A) ("eigen") or the damped inverses (A⁻¹, G⁻¹) ("factored"); recomputed after each
         # update or change of damping, not at every step.
-        self._weights: list[Tensor | None] = [None] * len(self.layers)
-        self._inverses: list[tuple[Tensor, Tensor] | None] = [None] * len(self.layers)
-        self._weights_damping: float | None = None
+        self._damped: list[Tensor | tuple[Tensor, Tensor] | None] = [None] * len(self.layers)
+        self._damped_with: float | None = None
         # The KL clip's per-layer weights lr_l² / kl_clip, kept with the (kl_clip, layers, lr_l²) they were made for.
         self._kl_weights_key: tuple | None = None
         self._kl_weights_tensor: Tensor | None = None
@@ -359,17 +358,10 @@ class KFACPreconditioner:
             )
         rank, size = distributed.rank_and_size()
         count = len(self.layers)
-        if self.damping_mode == "factored":
-            needed = self._needed_owners()
-            self._factors_in_use = [
-                (factors[i].clone(), factors[count + i].clone()) if needed[i] else None for i in range(count)
-            ]
-            self._eigen_changed()
-            return
-        if size == 1:
-            values, vectors = ops.batched_eigh(factors)
-            self._eigen = [(vectors[i], values[i], vectors[count + i], values[count + i]) for i in range(count)]
-            self._eigen_changed()
+        if self.damping_mode == "factored" or size == 1:  # every rank makes what it needs itself
+            needed = [i for i, want in enumerate(self._needed_owners()) if want]
+            made = self._made_from([factors[i] for i in needed], [factors[count + i] for i in needed])
+            self._set_in_use(dict(zip(needed, made, strict=True)))
             return
         if self.broadcast == "eigen":
             owners = distributed.assign_owners([f.shape[0] ** 3 for f in factors], size)
@@ -384,16 +376,26 @@ class KFACPreconditioner:
         if self.broadcast == "eigen":
             distributed.broadcast_from_owners_(all_values + all_vectors, owners * 2, self.bucket_mb)
         needed = self._needed_owners()
-        self._eigen = [
-            (all_vectors[i], all_values[i], all_vectors[count + i], all_values[count + i]) if needed[i] else None
-            for i in range(count)
-        ]
-        self._eigen_changed()
+        self._set_in_use(
+            {
+                i: (all_vectors[i], all_values[i], all_vectors[count + i], all_values[count + i])
+                for i in range(count)
+                if needed[i]
+            }
+        )
 
-    def _eigen_changed(self) -> None:
-        """Drop the damped spectra or inverses made from the previous eigenpairs or factors."""
-        self._weights = [None] * len(self.layers)
-        self._inverses = [None] * len(self.layers)
+    def _made_from(self, input_factors: list[Tensor], output_factors: list[Tensor]) -> list[tuple[Tensor, ...]]:
+        """Per layer what its preconditioning is made from: ``(Q_A, λ_A, Q_G, λ_G)`` or copies of ``(A, G)``."""
+        if self.damping_mode == "factored":
+            return [(a.clone(), g.clone()) for a, g in zip(input_factors, output_factors, strict=True)]
+        count = len(input_factors)
+        values, vectors = ops.batched_eigh(input_factors + output_factors)
+        return [(vectors[k], values[k], vectors[count + k], values[count + k]) for k in range(count)]
+
+    def _set_in_use(self, in_use: dict[int, tuple[Tensor, ...]]) -> None:
+        """Use these layers' eigenpairs or factors (None for the others), dropping what was made from the old ones."""
+        self._in_use = [in_use.get(i) for i in range(len(self.layers))]
+        self._damped = [None] * len(self.layers)
 
     def eigendecomposition(self) -> list[tuple[Tensor, Tensor, Tensor, Tensor] | None]:
         """Per layer ``(Q_A, λ_A, Q_G, λ_G)`` in use (None for a layer owned by another rank in "gradient" mode).
@@ -403,7 +405,7 @@ class KFACPreconditioner:
         """
         if self.damping_mode == "factored":
             raise RuntimeError("damping_mode='factored' keeps no eigendecomposition; see damped_inverses()")
-        return list(self._eigen)
+        return list(self._in_use)
 
     def damped_inverses(self) -> list[tuple[Tensor, Tensor] | None]:
         """In "factored" mode, per layer ``((A + π√δ I)⁻¹, (G + √δ/π I)⁻¹)`` for the current damping.
@@ -418,7 +420,7 @@ class KFACPreconditioner:
             raise RuntimeError("damping_mode='eigen' keeps eigenpairs, not damped inverses; see eigendecomposition()")
         if not self.curvature.names:
             raise RuntimeError("no factors yet: call step() after a forward and backward first")
-        return list(self._damped_inverses([i for i, f in enumerate(self._factors_in_use) if f is not None]))
+        return list(self._damped_inverses([i for i, f in enumerate(self._in_use) if f is not None]))
 
     def _precondition(self) -> None:
         rank, size = distributed.rank_and_size()
@@ -456,8 +458,8 @@ class KFACPreconditioner:
         ops.kron_precondition_(
             gradients,
             blocks,
-            [self._eigen[i][0] for i in layers],
-            [self._eigen[i][2] for i in layers],
+            [self._in_use[i][0] for i in layers],
+            [self._in_use[i][2] for i in layers],
             [weights[i] for i in layers],
             kl_weights,
             validate=False,
@@ -510,19 +512,19 @@ class KFACPreconditioner:
         delta = _value(self.damping)
         if delta <= 0:
             raise ValueError(f"damping must be positive, got {delta}")
-        if delta != self._weights_damping:
-            self._eigen_changed()
-            self._weights_damping = delta
+        if delta != self._damped_with:
+            self._damped = [None] * len(self.layers)
+            self._damped_with = delta
         return delta
 
     def _damped_weights(self, layers: list[int]) -> list[Tensor | None]:
         """In "eigen" mode, per layer ``1 / (μ λᵀ + δ)`` of the clamped spectra, kept until they or δ change."""
         delta = self._damping()
         for i in layers:
-            if self._weights[i] is None:
-                _, la, _, lg = self._eigen[i]
-                self._weights[i] = torch.outer(lg.clamp_min(0), la.clamp_min(0)).add_(delta).reciprocal_()
-        return self._weights
+            if self._damped[i] is None:
+                _, la, _, lg = self._in_use[i]
+                self._damped[i] = torch.outer(lg.clamp_min(0), la.clamp_min(0)).add_(delta).reciprocal_()
+        return self._damped
 
     def _damped_inverses(self, layers: list[int]) -> list[tuple[Tensor, Tensor] | None]:
         """In "factored" mode, per layer ``((A + π√δ I)⁻¹, (G + √δ/π I)⁻¹)``, kept until the factors or δ change.
@@ -530,16 +532,16 @@ class KFACPreconditioner:
         ``π² = (tr A / d_A) / (tr G / d_G)``, 1 when either trace is zero (Martens & Grosse 2015).
         """
         root = math.sqrt(self._damping())
-        missing = [i for i in layers if self._inverses[i] is None]
+        missing = [i for i in layers if self._damped[i] is None]
         if missing:
-            factors = [self._factors_in_use[i][0] for i in missing] + [self._factors_in_use[i][1] for i in missing]
+            factors = [self._in_use[i][0] for i in missing] + [self._in_use[i][1] for i in missing]
             means = torch.stack([f.diagonal().mean() for f in factors]).clamp_min(0).view(2, -1)
             both = (means > 0).all(0)
             pi = torch.where(both, means[0] / torch.where(both, means[1], 1), 1).sqrt()
             inverses = ops.damped_inverses(factors, torch.cat([pi * root, root / pi]))
             for k, i in enumerate(missing):
-                self._inverses[i] = (inverses[k], inverses[k + len(missing)])
-        return self._inverses
+                self._damped[i] = (inverses[k], inverses[k + len(missing)])
+        return self._damped
 
     def _kl_weights(self, layers: list[int]) -> Tensor:
         """``(len(layers),)`` weights ``lr_l² / kl_clip`` of the KL clip, remade when a setting changes.
@@ -580,7 +582,6 @@ class KFACPreconditioner:
         ones in use when saved between two updates. Under torch.distributed, factors between
         two updates are this rank's running averages.
         """
-        in_use = self._factors_in_use if self.damping_mode == "factored" else self._eigen
         return {
             "steps": self.steps,
             "layers": [name for name, _ in self.layers],
@@ -590,7 +591,7 @@ class KFACPreconditioner:
             "locations": list(self.curvature.locations),
             "num_data": self.curvature.num_data,
             "eigendecomposition": (
-                [None if e is None else tuple(t.clone() for t in e) for e in in_use]
+                [None if e is None else tuple(t.clone() for t in e) for e in self._in_use]
                 if include_eigendecomposition
                 else None
             ),
@@ -621,23 +622,15 @@ class KFACPreconditioner:
         self.curvature.num_data = int(state["num_data"])
         saved = state.get("eigendecomposition") or [None] * len(names)
         needed = self._needed_owners()
-        in_use = [
-            tuple(t.to(device, copy=True) for t in e) if e is not None and want else None
-            for e, want in zip(saved, needed, strict=True)
-        ]
-        missing = [i for i, want in enumerate(needed) if want and in_use[i] is None]
+        in_use = {
+            i: tuple(t.to(device, copy=True) for t in e)
+            for i, (e, want) in enumerate(zip(saved, needed, strict=True))
+            if e is not None and want
+        }
+        missing = [i for i, want in enumerate(needed) if want and i not in in_use]
         if missing and self.curvature.names:  # recomputed locally, the same on every rank
-            factors = [self.curvature.input_factors[i] for i in missing]
-            factors += [self.curvature.output_factors[i] for i in missing]
-            if self.damping_mode == "factored":
-                for k, i in enumerate(missing):
-                    in_use[i] = (factors[k].clone(), factors[k + len(missing)].clone())
-            else:
-                values, vectors = ops.batched_eigh(factors)
-                for k, i in enumerate(missing):
-                    in_use[i] = (vectors[k], values[k], vectors[k + len(missing)], values[k + len(missing)])
-        if self.damping_mode == "factored":
-            self._factors_in_use = in_use
-        else:
-            self._eigen = in_use
-        self._eigen_changed()
+            made = self._made_from(
+                [self.curvature.input_factors[i] for i in missing], [self.curvature.output_factors[i] for i in missing]
+            )
+            in_use.update(zip(missing, made, strict=True))
+        self._set_in_use(in_use)
