@@ -112,6 +112,14 @@ def _check_square(t: Tensor, size: int, name: str) -> None:
         raise ValueError(f"{name} must have shape ({size}, {size}), got {tuple(t.shape)}")
 
 
+def _check_square_matrices(matrices: Sequence[Tensor]) -> None:
+    """Each ``matrices[i]`` a square float32/float64 tensor."""
+    for i, m in enumerate(matrices):
+        _check_tensor(m, f"matrices[{i}]", 2)
+        _check_accumulator(m, f"matrices[{i}]")
+        _check_square(m, m.shape[0], f"matrices[{i}]")
+
+
 def _check_per_layer(t: object, count: int, name: str, nonnegative: bool) -> Tensor:
     _check_tensor(t, name, 1)
     if t.shape[0] != count:
@@ -296,10 +304,7 @@ def batched_eigh(matrices: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]
     """
     if len(matrices) == 0:
         return [], []
-    for i, m in enumerate(matrices):
-        _check_tensor(m, f"matrices[{i}]", 2)
-        _check_accumulator(m, f"matrices[{i}]")
-        _check_square(m, m.shape[0], f"matrices[{i}]")
+    _check_square_matrices(matrices)
     _check_device(list(matrices), lambda: [f"matrices[{i}]" for i in range(len(matrices))])
     impl = torch.ops.fastlaplace.batched_eigh if _EXTENSION else reference.batched_eigh
     values, vectors = impl(list(matrices))
@@ -513,10 +518,7 @@ def damped_inverses(matrices: Sequence[Tensor], shifts: Tensor) -> list[Tensor]:
     count = len(matrices)
     if count == 0:
         return []
-    for i, m in enumerate(matrices):
-        _check_tensor(m, f"matrices[{i}]", 2)
-        _check_accumulator(m, f"matrices[{i}]")
-        _check_square(m, m.shape[0], f"matrices[{i}]")
+    _check_square_matrices(matrices)
     _check_per_layer(shifts, count, "shifts", nonnegative=False)
     if not bool((shifts > 0).all()):
         raise ValueError(f"shifts must be positive, got {shifts.tolist()}")
