@@ -76,7 +76,7 @@ struct Workspace {
   double* partial;  // per thread, a partial sum; then the total in partial[threads]
 };
 
-FL_HOST_DEVICE inline Workspace carve(double* memory, int64_t n, int64_t threads) {
+FL_HOST_DEVICE inline Workspace carve(double* memory, int64_t n) {
   const int64_t ld = leading_dimension(n), pairs = (n + 1) / 2;
   Workspace w;
   w.a = memory;
@@ -86,9 +86,15 @@ FL_HOST_DEVICE inline Workspace carve(double* memory, int64_t n, int64_t threads
   w.first = w.sine + pairs;
   w.second = w.first + pairs;
   w.rank = w.second + pairs;
-  w.partial = w.rank + n;
-  (void)threads;
+  w.partial = w.rank + n;  // threads + 1 slots, the last of workspace_elements
   return w;
+}
+
+// (x, y) <- (c x - s y, s x + c y): one entry pair of the rotation J(p, q, θ).
+FL_HOST_DEVICE inline void rotate(double* x, double* y, double c, double s) {
+  const double a = *x, b = *y;
+  *x = c * a - s * b;
+  *y = s * a + c * b;
 }
 
 template <typename scalar_t>
@@ -177,10 +183,7 @@ FL_HOST_DEVICE void eigh(const Threads& threads, const Workspace& w, const scala
           const int k = e / n, j = e % n;
           const int p = int(w.first[k]), q = int(w.second[k]);
           if (p >= n || q >= n || w.sine[k] == 0) continue;
-          const double c = w.cosine[k], s = w.sine[k];
-          const double x = w.a[p * ld + j], y = w.a[q * ld + j];
-          w.a[p * ld + j] = c * x - s * y;
-          w.a[q * ld + j] = s * x + c * y;
+          rotate(&w.a[p * ld + j], &w.a[q * ld + j], w.cosine[k], w.sine[k]);
         }
       });
       // A <- A J and V <- V J: columns p and q of each pair.
@@ -189,13 +192,8 @@ FL_HOST_DEVICE void eigh(const Threads& threads, const Workspace& w, const scala
           const int k = e / n, i = e % n;
           const int p = int(w.first[k]), q = int(w.second[k]);
           if (p >= n || q >= n || w.sine[k] == 0) continue;
-          const double c = w.cosine[k], s = w.sine[k];
-          const double x = w.a[i * ld + p], y = w.a[i * ld + q];
-          w.a[i * ld + p] = c * x - s * y;
-          w.a[i * ld + q] = s * x + c * y;
-          const double vx = w.v[i * ld + p], vy = w.v[i * ld + q];
-          w.v[i * ld + p] = c * vx - s * vy;
-          w.v[i * ld + q] = s * vx + c * vy;
+          rotate(&w.a[i * ld + p], &w.a[i * ld + q], w.cosine[k], w.sine[k]);
+          rotate(&w.v[i * ld + p], &w.v[i * ld + q], w.cosine[k], w.sine[k]);
         }
       });
     }

@@ -71,8 +71,6 @@ at::Tensor kron_inverse_precondition_aten(at::TensorList gradients, at::IntArray
                                           at::TensorList inverses_a, at::TensorList inverses_g,
                                           const std::optional<at::Tensor>& kl_weights);
 std::vector<at::Tensor> damped_inverses_aten(at::TensorList matrices, const at::Tensor& shifts);
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> jacobi_eigh_emulated(
-    at::TensorList matrices, int64_t threads);
 at::Tensor kron_predictive_variance_aten(
     at::TensorList inputs, const c10::List<std::optional<at::Tensor>>& output_jacobians,
     at::TensorList eigvecs_a, at::TensorList eigvals_a, at::TensorList eigvecs_g,

@@ -25,8 +25,6 @@ struct HostThreads {
   }
 };
 
-}  // namespace
-
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> jacobi_eigh_emulated(
     at::TensorList matrices, int64_t threads) {
   check_finite_square_matrices(matrices, "its eigendecomposition is undefined");
@@ -42,7 +40,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> jacobi_eigh_emulate
     at::Tensor vector = at::empty({n, n}, input.options());  // row j: eigenvector j
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "_jacobi_eigh_emulated", [&] {
       std::vector<double> memory(jacobi::workspace_elements(n, threads));
-      const auto workspace = jacobi::carve(memory.data(), n, threads);
+      const auto workspace = jacobi::carve(memory.data(), n);
       jacobi::eigh(HostThreads{threads}, workspace, input.const_data_ptr<scalar_t>(), int(n),
                    value.mutable_data_ptr<scalar_t>(), vector.mutable_data_ptr<scalar_t>(),
                    jacobi::max_sweeps<scalar_t>());
@@ -53,6 +51,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> jacobi_eigh_emulate
   return {values, vectors};
 }
 
+}  // namespace
 }  // namespace fastlaplace
 
 TORCH_LIBRARY_IMPL(fastlaplace, CPU, m) {

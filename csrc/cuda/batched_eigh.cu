@@ -54,7 +54,7 @@ template <typename scalar_t>
 __global__ void jacobi_eigh_kernel(const Job<scalar_t>* jobs) {
   extern __shared__ double shared[];
   const Job<scalar_t> job = jobs[blockIdx.x];
-  const jacobi::Workspace workspace = jacobi::carve(shared, job.n, blockDim.x);
+  const jacobi::Workspace workspace = jacobi::carve(shared, job.n);
   jacobi::eigh(DeviceThreads{}, workspace, job.input, job.n, job.values, job.vectors,
                jacobi::max_sweeps<scalar_t>());
 }
