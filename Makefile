@@ -30,7 +30,7 @@ build: build/.installed
 # Every CUDA file must compile even where no GPU (and no CUDA torch) exists.
 cuda-compile-check: $(CUDA_OBJECTS)
 
-build/nvcc-check/%.o: csrc/cuda/%.cu csrc/ops.h | deps
+build/nvcc-check/%.o: csrc/cuda/%.cu $(wildcard csrc/*.h csrc/cuda/*.h csrc/cuda/*.cuh) | deps
 	@mkdir -p $(dir $@)
 	$(NVCC) -c -std=c++20 --expt-relaxed-constexpr -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
 		$(foreach a,$(CUDA_ARCHS),-gencode=arch=compute_$(a),code=sm_$(a)) -Xcompiler -fPIC \

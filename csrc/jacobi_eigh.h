@@ -1,9 +1,6 @@
 // The one-block-per-matrix Jacobi eigensolver of the CUDA batched_eigh, written once for
-// the GPU and for the host: the block's threads run phases separated by barriers, and a
-// Threads policy says how. On the GPU (csrc/cuda/batched_eigh.cu) each phase is the
-// thread's own call followed by __syncthreads(); on the host (csrc/cpu/jacobi_emulation.cpp,
-// for the tests) a phase runs for every thread id in turn, which is the same computation
-// in the same order per thread, so the host tests check the kernel's arithmetic.
+// the GPU (csrc/cuda/batched_eigh.cu) and for its host emulation
+// (csrc/cpu/jacobi_emulation.cpp, for the tests); see host_device.h for how.
 //
 // Two-sided cyclic Jacobi (Golub & Van Loan, Algorithm 8.5.3) in the parallel
 // round-robin ordering: a sweep is m - 1 rounds (m = n rounded up to even) of m / 2
@@ -21,11 +18,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define FL_HOST_DEVICE __host__ __device__
-#else
-#define FL_HOST_DEVICE
-#endif
+#include "host_device.h"
 
 namespace fastlaplace {
 namespace jacobi {

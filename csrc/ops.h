@@ -42,6 +42,26 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& ref,
               " but the other arguments are on ", ref.device());
 }
 
+// Checks the arguments of factor_accumulate_ (one entry per layer, dtypes, devices, shapes).
+void check_factor_accumulate(at::TensorList factors, at::TensorList inputs,
+                             const c10::List<bool>& append_ones);
+
+// The shape of a Conv2d's patches: C * kh * kw features at out_h * out_w positions.
+struct ConvGeometry {
+  int64_t channels, height, width, kh, kw, out_h, out_w;
+  int64_t stride[2], padding[2], dilation[2];
+  int64_t positions() const { return out_h * out_w; }
+  int64_t offsets() const { return kh * kw; }
+  int64_t features() const { return channels * kh * kw; }
+  int64_t pixels() const { return height * width * channels; }
+};
+
+// Checks the arguments of conv_input_factor_ and returns the patches' shape.
+ConvGeometry conv_input_geometry(const at::Tensor& factor, const at::Tensor& input,
+                                 at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 bool append_ones);
+
 // Largest block edge used when a symmetric Gram matrix is accumulated block by
 // block (only blocks on or above the diagonal are multiplied).
 constexpr int64_t kGramBlock = 96;

@@ -37,18 +37,9 @@ constexpr int64_t kPixelGramBytes = 32 << 20;
 // multiply-adds per cycle, the gather's loop about one addition).
 constexpr double kGatherWeight = 8.0;
 
-struct Geometry {
-  int64_t channels, height, width, kh, kw, out_h, out_w;
-  int64_t stride[2], padding[2], dilation[2];
-  int64_t positions() const { return out_h * out_w; }
-  int64_t offsets() const { return kh * kw; }
-  int64_t features() const { return channels * kh * kw; }
-  int64_t pixels() const { return height * width * channels; }
-};
-
 // For each kernel offset k, the input pixel (row-major in H x W) that output position
 // o sees under it, or -1 where that falls into the zero padding.
-std::vector<std::vector<int64_t>> offset_pixels(const Geometry& g) {
+std::vector<std::vector<int64_t>> offset_pixels(const ConvGeometry& g) {
   std::vector<std::vector<int64_t>> pixels(g.offsets(), std::vector<int64_t>(g.positions()));
   for (int64_t ki = 0; ki < g.kh; ++ki) {
     for (int64_t kj = 0; kj < g.kw; ++kj) {
@@ -68,7 +59,7 @@ std::vector<std::vector<int64_t>> offset_pixels(const Geometry& g) {
 
 // Multiply-adds (GEMM-equivalent) of the pixel path, or a negative value where T
 // would be too large.
-double pixel_path_cost(const Geometry& g, int64_t images, int64_t element_size) {
+double pixel_path_cost(const ConvGeometry& g, int64_t images, int64_t element_size) {
   const double pixels = static_cast<double>(g.pixels());
   if (pixels * pixels * element_size > kPixelGramBytes) return -1.0;
   const double offsets = static_cast<double>(g.offsets());
@@ -77,7 +68,7 @@ double pixel_path_cost(const Geometry& g, int64_t images, int64_t element_size) 
 }
 
 template <typename scalar_t>
-void pixel_factor(const at::Tensor& factor, const at::Tensor& input, const Geometry& g,
+void pixel_factor(const at::Tensor& factor, const at::Tensor& input, const ConvGeometry& g,
                   bool append_ones, double alpha, double beta) {
   const int64_t images = input.size(0);
   const int64_t channels = g.channels, pixels = g.pixels();
@@ -159,16 +150,17 @@ void pixel_factor(const at::Tensor& factor, const at::Tensor& input, const Geome
 
 }  // namespace
 
-void conv_input_factor_aten(const at::Tensor& factor, const at::Tensor& input,
-                           at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                           at::IntArrayRef padding, at::IntArrayRef dilation,
-                           bool append_ones, double alpha, double beta) {
+ConvGeometry conv_input_geometry(const at::Tensor& factor, const at::Tensor& input,
+                                 at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 bool append_ones) {
   check_factor_dtype(factor, "factor");
   check_floating(input, "input");
+  check_same_device(input, factor, "input");
   TORCH_CHECK(input.dim() == 4, "input must be (N, C, H, W), got ", input.sizes());
   TORCH_CHECK(factor.is_contiguous(), "factor must be contiguous");
-  Geometry g{input.size(1), input.size(2), input.size(3), kernel_size[0], kernel_size[1], 0, 0,
-             {stride[0], stride[1]}, {padding[0], padding[1]}, {dilation[0], dilation[1]}};
+  ConvGeometry g{input.size(1), input.size(2), input.size(3), kernel_size[0], kernel_size[1], 0, 0,
+                 {stride[0], stride[1]}, {padding[0], padding[1]}, {dilation[0], dilation[1]}};
   int64_t out[2];
   for (int64_t axis = 0; axis < 2; ++axis) {
     const int64_t span = dilation[axis] * (kernel_size[axis] - 1) + 1;
@@ -179,12 +171,20 @@ void conv_input_factor_aten(const at::Tensor& factor, const at::Tensor& input,
   }
   g.out_h = out[0];
   g.out_w = out[1];
-  const int64_t positions = g.positions();
-  const int64_t features = g.features();
-  const int64_t size = features + (append_ones ? 1 : 0);
+  const int64_t size = g.features() + (append_ones ? 1 : 0);
   TORCH_CHECK(factor.dim() == 2 && factor.size(0) == size && factor.size(1) == size,
               "factor must be (", size, ", ", size, "), got ", factor.sizes());
+  return g;
+}
 
+void conv_input_factor_aten(const at::Tensor& factor, const at::Tensor& input,
+                           at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                           at::IntArrayRef padding, at::IntArrayRef dilation,
+                           bool append_ones, double alpha, double beta) {
+  const ConvGeometry g = conv_input_geometry(factor, input, kernel_size, stride, padding,
+                                             dilation, append_ones);
+  const int64_t positions = g.positions();
+  const int64_t features = g.features();
   const int64_t images = input.size(0);
   if (factor.is_cpu() && images > 0) {
     const double pixel_cost = pixel_path_cost(g, images, factor.element_size());

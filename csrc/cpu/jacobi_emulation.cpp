@@ -15,16 +15,6 @@
 namespace fastlaplace {
 namespace {
 
-// A block of `threads` threads on one host thread: a phase runs for every thread id.
-struct HostThreads {
-  int64_t threads;
-  int64_t count() const { return threads; }
-  template <typename Phase>
-  void each(Phase phase) const {
-    for (int t = 0; t < threads; ++t) phase(t);
-  }
-};
-
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> jacobi_eigh_emulated(
     at::TensorList matrices, int64_t threads) {
   check_finite_square_matrices(matrices, "its eigendecomposition is undefined");

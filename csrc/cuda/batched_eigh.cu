@@ -5,7 +5,6 @@
 // per matrix above n = 32, which is what the one-launch path avoids.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
 #include <ATen/ops/linalg_eigh.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -19,27 +18,10 @@
 
 #include "../jacobi_eigh.h"
 #include "../ops.h"
+#include "device_table.h"
 
 namespace fastlaplace {
 namespace {
-
-// Threads of a block: a phase of the solver is the thread's own call, then a barrier.
-struct DeviceThreads {
-  __host__ __device__ int64_t count() const {
-#ifdef __CUDA_ARCH__
-    return blockDim.x;
-#else
-    return 1;
-#endif
-  }
-  template <typename Phase>
-  __host__ __device__ void each(Phase phase) const {
-#ifdef __CUDA_ARCH__
-    phase(static_cast<int>(threadIdx.x));
-    __syncthreads();
-#endif
-  }
-};
 
 // One matrix of the launch: its contiguous input, and where its eigenpairs go.
 template <typename scalar_t>
@@ -83,9 +65,7 @@ void launch_jacobi(at::TensorList matrices, const std::vector<int64_t>& which,
     inputs.push_back(input);
     largest = std::max(largest, n);
   }
-  const int64_t bytes = static_cast<int64_t>(jobs.size() * sizeof(Job<scalar_t>));
-  at::Tensor table = at::empty({bytes}, matrices[which[0]].options().dtype(at::kByte));
-  table.copy_(at::from_blob(jobs.data(), {bytes}, at::TensorOptions().dtype(at::kByte)));
+  const at::Tensor table = device_table(jobs, matrices[which[0]]);
   const int64_t threads = block_threads(largest);
   const size_t shared = jacobi::workspace_elements(largest, threads) * sizeof(double);
   C10_CUDA_CHECK(cudaFuncSetAttribute(jacobi_eigh_kernel<scalar_t>,

@@ -1,8 +1,28 @@
-// CUDA dispatch of fastlaplace::conv_input_factor_: the ATen-composed implementation of
-// csrc/cpu/conv_input_factor.cpp, whose products run as cuBLAS / cuSOLVER calls on the current
-// stream. A fused kernel replaces it once one is measured faster on the GPU.
+// CUDA kernel of fastlaplace::conv_input_factor_: the fused Gram kernel of
+// csrc/gram_tiles.h reading the patches straight from the (N, C, H, W) input (implicit
+// im2col: no unfolded tensor exists), rows split over the GPU when the factor is small.
 #include <torch/library.h>
 
 #include "../ops.h"
+#include "gram_tiles.cuh"
 
-TORCH_LIBRARY_IMPL(fastlaplace, CUDA, m) { m.impl("conv_input_factor_", &fastlaplace::conv_input_factor_aten); }
+namespace fastlaplace {
+namespace {
+
+void conv_input_factor_cuda(const at::Tensor& factor, const at::Tensor& input,
+                            at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation, bool append_ones,
+                            double alpha, double beta) {
+  const ConvGeometry g = conv_input_geometry(factor, input, kernel_size, stride, padding,
+                                             dilation, append_ones);
+  const c10::cuda::CUDAGuard guard(factor.device());
+  gram::accumulate_conv_factor(factor, input, g, append_ones, alpha, beta,
+                               gram::target_blocks(factor), gram::DeviceRun{factor});
+}
+
+}  // namespace
+}  // namespace fastlaplace
+
+TORCH_LIBRARY_IMPL(fastlaplace, CUDA, m) {
+  m.impl("conv_input_factor_", &fastlaplace::conv_input_factor_cuda);
+}

@@ -1,8 +1,27 @@
-// CUDA dispatch of fastlaplace::factor_accumulate_: the ATen-composed implementation of
-// csrc/cpu/factor_accumulate.cpp, whose products run as cuBLAS / cuSOLVER calls on the current
-// stream. A fused kernel replaces it once one is measured faster on the GPU.
+// CUDA kernel of fastlaplace::factor_accumulate_: the fused Gram kernel of
+// csrc/gram_tiles.h, every layer of the call in one launch per dtype pair, reading bf16 /
+// fp16 / fp32 / fp64 inputs where they lie (strided, expanded) and accumulating in the
+// factor's dtype, with the ones column implicit.
 #include <torch/library.h>
 
 #include "../ops.h"
+#include "gram_tiles.cuh"
 
-TORCH_LIBRARY_IMPL(fastlaplace, CUDA, m) { m.impl("factor_accumulate_", &fastlaplace::factor_accumulate_aten); }
+namespace fastlaplace {
+namespace {
+
+void factor_accumulate_cuda(at::TensorList factors, at::TensorList inputs,
+                            c10::List<bool> append_ones, double alpha, double beta) {
+  check_factor_accumulate(factors, inputs, append_ones);
+  if (factors.empty()) return;
+  const c10::cuda::CUDAGuard guard(factors[0].device());
+  gram::accumulate_input_factors(factors, inputs, append_ones, alpha, beta,
+                                 gram::target_blocks(factors[0]), gram::DeviceRun{factors[0]});
+}
+
+}  // namespace
+}  // namespace fastlaplace
+
+TORCH_LIBRARY_IMPL(fastlaplace, CUDA, m) {
+  m.impl("factor_accumulate_", &fastlaplace::factor_accumulate_cuda);
+}

@@ -1,0 +1,133 @@
+// fastlaplace::_factor_accumulate_emulated_ and _conv_input_factor_emulated_: the CUDA
+// factor ops' fused Gram kernel (csrc/gram_tiles.h) and its launch code run on the host,
+// every block in turn and each phase for every thread id in turn (the tensor cores' warp
+// operations by plain float32 loops), so that the tests check the kernel's arithmetic
+// where there is no GPU. target_blocks plays the GPU's size (it
+// decides when rows are split). Not a fast path.
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <memory>
+#include <vector>
+
+#include "../gram_tiles_launch.h"
+#include "../ops.h"
+
+namespace fastlaplace {
+namespace {
+
+// The warps' tensor-core fragments of gram::accumulate_tile_mma: lane 0 of a warp does the
+// warp's collective operation, with float32 arithmetic.
+struct HostFragments {
+  static constexpr int kElements = gram::kFragment * gram::kFragment;  // row-major
+  std::vector<float> running, stage;
+
+  HostFragments()
+      : running(gram::kWarps * gram::kFragmentsPerWarp * kElements),
+        stage(gram::kWarps * gram::kFragmentsPerWarp * kElements) {}
+  static float* of(std::vector<float>& fragments, int t, int f) {
+    return fragments.data() + ((t / 32) * gram::kFragmentsPerWarp + f) * kElements;
+  }
+  void zero(int t) {
+    if (t % 32 != 0) return;
+    for (int f = 0; f < gram::kFragmentsPerWarp; ++f) {
+      std::fill_n(of(running, t, f), kElements, 0.0f);
+      std::fill_n(of(stage, t, f), kElements, 0.0f);
+    }
+  }
+  template <typename half_t>
+  void multiply(int t, int f, const half_t* a, const half_t* b, int ldm) {
+    if (t % 32 != 0) return;
+    float* c = of(stage, t, f);
+    for (int i = 0; i < gram::kFragment; ++i) {
+      for (int j = 0; j < gram::kFragment; ++j) {
+        float sum = c[i * gram::kFragment + j];
+        for (int k = 0; k < gram::kFragment; ++k) {
+          sum += static_cast<float>(a[k * ldm + i]) * static_cast<float>(b[k * ldm + j]);
+        }
+        c[i * gram::kFragment + j] = sum;
+      }
+    }
+  }
+  void finish_stage(int t) {
+    if (t % 32 != 0) return;
+    for (int f = 0; f < gram::kFragmentsPerWarp; ++f) {
+      float* sums = of(running, t, f);
+      float* products = of(stage, t, f);
+      for (int e = 0; e < kElements; ++e) {
+        sums[e] += products[e];
+        products[e] = 0.0f;
+      }
+    }
+  }
+  void store(int t, int f, float* out, int ldm) {
+    if (t % 32 != 0) return;
+    const float* sums = of(running, t, f);
+    for (int i = 0; i < gram::kFragment; ++i) {
+      std::copy_n(sums + i * gram::kFragment, gram::kFragment, out + i * ldm);
+    }
+  }
+};
+
+struct HostRun {
+  template <typename L>
+  void operator()(const std::vector<L>& layers, int64_t blocks, typename L::acc_t* workspace,
+                  bool finishing, typename L::acc_t alpha, typename L::acc_t beta) const {
+    using acc_t = typename L::acc_t;
+    const HostThreads threads{gram::kThreads};
+    const int64_t count = static_cast<int64_t>(layers.size());
+    if (finishing) {
+      for (int64_t block = 0; block < blocks; ++block) {
+        gram::finish_tile(threads, layers.data(), count, workspace, block, alpha, beta);
+      }
+    } else if constexpr (gram::uses_tensor_cores<L>) {
+      auto stage = std::make_unique<gram::MmaStage<typename L::Source::input_t>>();
+      HostFragments fragments;
+      for (int64_t block = 0; block < blocks; ++block) {
+        gram::accumulate_tile_mma(threads, *stage, fragments, layers.data(), count, workspace,
+                                  block, alpha, beta);
+      }
+    } else {
+      auto stage = std::make_unique<gram::Stage<acc_t>>();
+      HostRegisters<acc_t, gram::kMicro * gram::kMicro> sums(gram::kThreads);
+      for (int64_t block = 0; block < blocks; ++block) {
+        gram::accumulate_tile(threads, *stage, sums, layers.data(), count, workspace, block,
+                              alpha, beta);
+      }
+    }
+  }
+};
+
+void check_target_blocks(int64_t target_blocks) {
+  TORCH_CHECK(target_blocks >= 1, "target_blocks must be at least 1, got ", target_blocks);
+}
+
+void factor_accumulate_emulated(at::TensorList factors, at::TensorList inputs,
+                                c10::List<bool> append_ones, double alpha, double beta,
+                                int64_t target_blocks) {
+  check_factor_accumulate(factors, inputs, append_ones);
+  check_target_blocks(target_blocks);
+  gram::accumulate_input_factors(factors, inputs, append_ones, alpha, beta, target_blocks,
+                                 HostRun{});
+}
+
+void conv_input_factor_emulated(const at::Tensor& factor, const at::Tensor& input,
+                                at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation,
+                                bool append_ones, double alpha, double beta,
+                                int64_t target_blocks) {
+  const ConvGeometry g = conv_input_geometry(factor, input, kernel_size, stride, padding,
+                                             dilation, append_ones);
+  check_target_blocks(target_blocks);
+  gram::accumulate_conv_factor(factor, input, g, append_ones, alpha, beta, target_blocks,
+                               HostRun{});
+}
+
+}  // namespace
+}  // namespace fastlaplace
+
+TORCH_LIBRARY_IMPL(fastlaplace, CPU, m) {
+  m.impl("_factor_accumulate_emulated_", &fastlaplace::factor_accumulate_emulated);
+  m.impl("_conv_input_factor_emulated_", &fastlaplace::conv_input_factor_emulated);
+}

@@ -1,0 +1,424 @@
+// The fused Gram-matrix kernel of the CUDA factor ops, written once for the GPU
+// (csrc/cuda/gram_tiles.cuh) and for its host emulation (csrc/cpu/gram_emulation.cpp,
+// for the tests); see host_device.h for how.
+//
+// F_l <- beta F_l + alpha U_l^T U_l for every layer l of a launch, U_l a virtual matrix
+// read element by element from its Source (a layer's input rows, or a Conv2d input's
+// patches by implicit im2col), with an optional implicit ones column. One block computes
+// one kTile x kTile tile on or above the diagonal of one layer (all layers' tiles in one
+// launch), staging kDepth rows of both operands in shared memory, converted to the
+// factor's dtype there (no converted copy of a bf16 input exists), each thread keeping a
+// kMicro x kMicro block of sums. The block writes its upper entries and their mirror
+// images, so the factor is exactly symmetric and only its upper triangle is read.
+//
+// A launch with fewer tiles than the GPU has room for splits the rows of its layers
+// into chunks: each (tile, chunk) block writes its partial sums to a workspace, and a
+// second launch adds them in chunk order (no atomics: the result does not change from
+// run to run).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "host_device.h"
+
+namespace fastlaplace {
+namespace gram {
+
+constexpr int kMicro = 4;                // each thread's sums: kMicro x kMicro
+constexpr int kSide = 16;                // threads along a tile edge
+constexpr int kTile = kSide * kMicro;    // tile edge
+constexpr int kThreads = kSide * kSide;  // threads of a block
+constexpr int kDepth = 16;               // rows of U per shared-memory stage
+constexpr int kMmaDepth = 32;            // the same on the tensor cores
+// Rows a chunk gets at least when a launch's rows are split, and the most chunks.
+constexpr int64_t kMinChunkRows = 512;
+constexpr int64_t kMaxChunks = 256;
+// The split workspace holds at most this many partial sums per launch.
+constexpr int64_t kMaxPartialSums = int64_t(1) << 24;
+
+// A Source is read as at(row(r), column(c)): the row and column parts of an element's
+// address are worked out apart, so that a thread, whose column is the same in every
+// stage, decodes it once per stage and each row once for both operands.
+
+// A layer's inputs (rows, columns), any strides (expanded and transposed included).
+template <typename input_t_>
+struct DenseRows {
+  using input_t = input_t_;
+  const input_t* data;
+  int64_t rows, columns, row_stride, column_stride;
+
+  struct Row {
+    int64_t offset;
+  };
+  struct Column {
+    int64_t offset;
+  };
+  FL_HOST_DEVICE Row row(int64_t r) const { return {r * row_stride}; }
+  FL_HOST_DEVICE Column column(int64_t c) const { return {c * column_stride}; }
+  template <typename acc_t>
+  FL_HOST_DEVICE acc_t at(Row r, Column c) const {
+    return static_cast<acc_t>(data[r.offset + c.offset]);
+  }
+};
+
+// The patches of a Conv2d input (N, C, H, W) as rows: row image * positions + (oy * out_w
+// + ox), column channel * offsets + (ki * kw + kj), the order of weight.flatten(1); zero
+// where the kernel sees the padding. Rows and columns are below 2^31 (checked by the
+// launch), so that the decoding divides in 32 bits.
+template <typename input_t_>
+struct ConvPatches {
+  using input_t = input_t_;
+  const input_t* data;
+  int64_t rows, columns;
+  int32_t positions, out_w, offsets, kw, height, width;
+  int32_t stride[2], padding[2], dilation[2];
+  int64_t image_stride, channel_stride, height_stride, width_stride;
+
+  struct Row {
+    int64_t offset;  // of the image
+    int32_t y, x;    // the input pixel under the kernel's first offset
+  };
+  struct Column {
+    int64_t offset;  // of the channel
+    int32_t dy, dx;  // the kernel offset's displacement
+  };
+  FL_HOST_DEVICE Row row(int64_t r) const {
+    const uint32_t index = static_cast<uint32_t>(r);
+    const uint32_t image = index / positions, position = index - image * positions;
+    const int32_t oy = static_cast<int32_t>(position / out_w);
+    const int32_t ox = static_cast<int32_t>(position) - oy * out_w;
+    return {image * image_stride, oy * stride[0] - padding[0], ox * stride[1] - padding[1]};
+  }
+  FL_HOST_DEVICE Column column(int64_t c) const {
+    const uint32_t index = static_cast<uint32_t>(c);
+    const uint32_t channel = index / offsets, offset = index - channel * offsets;
+    const int32_t ki = static_cast<int32_t>(offset / kw);
+    const int32_t kj = static_cast<int32_t>(offset) - ki * kw;
+    return {channel * channel_stride, ki * dilation[0], kj * dilation[1]};
+  }
+  template <typename acc_t>
+  FL_HOST_DEVICE acc_t at(Row r, Column c) const {
+    const int32_t y = r.y + c.dy, x = r.x + c.dx;
+    if (y < 0 || y >= height || x < 0 || x >= width) return acc_t(0);
+    return static_cast<acc_t>(data[r.offset + c.offset + y * height_stride + x * width_stride]);
+  }
+};
+
+// One factor of a launch and the blocks that compute it.
+template <typename Source_, typename acc_t_>
+struct Layer {
+  using Source = Source_;
+  using acc_t = acc_t_;
+  Source source;
+  acc_t* out;                // size x size, contiguous
+  int64_t size;              // source.columns, plus the ones column
+  bool ones;
+  int64_t tiles = 0;         // ceil(size / kTile): tiles along an edge
+  int64_t chunks = 1;        // row chunks; partial sums in the workspace when > 1
+  int64_t first_block = 0;   // blocks of the layers before it in the launch
+  int64_t first_finishing_block = 0;  // the same in the launch that adds the chunks
+  int64_t partial_offset = 0;         // its chunks' partial sums in the workspace
+
+  FL_HOST_DEVICE int64_t pairs() const { return tiles * (tiles + 1) / 2; }
+  FL_HOST_DEVICE int64_t blocks() const { return pairs() * chunks; }
+  FL_HOST_DEVICE int64_t finishing_blocks() const { return chunks > 1 ? pairs() : 0; }
+  FL_HOST_DEVICE int64_t chunk_rows() const {
+    const int64_t per = (source.rows + chunks - 1) / chunks;
+    return (per + kMmaDepth - 1) / kMmaDepth * kMmaDepth;  // whole stages of either kind
+  }
+};
+
+struct Plan {
+  int64_t blocks = 0, finishing_blocks = 0, partial_sums = 0;
+};
+
+// Tiles, chunks and block numbering of a launch meant to fill about target_blocks blocks.
+template <typename L>
+Plan plan(std::vector<L>& layers, int64_t target_blocks) {
+  int64_t pairs = 0;
+  for (L& layer : layers) {
+    layer.tiles = (layer.size + kTile - 1) / kTile;
+    pairs += layer.pairs();
+  }
+  Plan p;
+  const int64_t wanted = pairs == 0 ? 1 : (target_blocks + pairs - 1) / pairs;
+  for (L& layer : layers) {
+    const int64_t by_rows = (layer.source.rows + kMinChunkRows - 1) / kMinChunkRows;
+    const int64_t sums = layer.size * layer.size;
+    const int64_t room = sums == 0 ? 1 : (kMaxPartialSums - p.partial_sums) / sums;
+    layer.chunks = std::max<int64_t>(1, std::min({wanted, by_rows, kMaxChunks, room}));
+    layer.first_block = p.blocks;
+    layer.first_finishing_block = p.finishing_blocks;
+    layer.partial_offset = p.partial_sums;
+    p.blocks += layer.blocks();
+    p.finishing_blocks += layer.finishing_blocks();
+    if (layer.chunks > 1) p.partial_sums += layer.chunks * sums;
+  }
+  return p;
+}
+
+// What block `block` of a launch computes.
+struct Job {
+  int64_t layer, chunk, tile_row, tile_column;
+};
+
+template <typename L>
+FL_HOST_DEVICE Job locate(const L* layers, int64_t count, int64_t block, bool finishing) {
+  // The last layer whose first block is at most `block` (layers without blocks share
+  // their first block with the next one and are skipped by taking the last).
+  auto first = [finishing](const L& layer) {
+    return finishing ? layer.first_finishing_block : layer.first_block;
+  };
+  int64_t low = 0;
+  for (int64_t span = count; span > 1;) {  // layers[low, low + span) holds the answer
+    const int64_t half = span / 2;
+    if (first(layers[low + half]) <= block) {
+      low += half;
+      span -= half;
+    } else {
+      span = half;
+    }
+  }
+  const L& layer = layers[low];
+  int64_t index = block - first(layer);
+  Job job{low, index / layer.pairs(), 0, 0};
+  index -= job.chunk * layer.pairs();
+  while (index >= layer.tiles - job.tile_row) {  // row r of the triangle has tiles - r tiles
+    index -= layer.tiles - job.tile_row;
+    ++job.tile_row;
+  }
+  job.tile_column = job.tile_row + index;
+  return job;
+}
+
+// Column c of [U, 1, 0...] as one thread loads it: from the source, the ones column, or
+// the zeros past the factor's edge.
+template <typename L>
+struct Operand {
+  typename L::Source::Column column;
+  bool from_source, one;
+
+  FL_HOST_DEVICE Operand(const L& layer, int64_t c)
+      : column(layer.source.column(c < layer.source.columns ? c : 0)),
+        from_source(c < layer.source.columns),
+        one(c == layer.source.columns && layer.ones) {}
+  template <typename T>
+  FL_HOST_DEVICE T value(const L& layer, typename L::Source::Row row) const {
+    return from_source ? layer.source.template at<T>(row, column) : T(one ? 1.0f : 0.0f);
+  }
+};
+
+// What a block of the accumulating launch computes: tile (row0.., column0..) of a layer,
+// over its rows [begin, end).
+struct Tile {
+  Job job;
+  int64_t row0, column0, begin, end;
+};
+
+template <typename L>
+FL_HOST_DEVICE Tile tile_of(const L* layers, int64_t count, int64_t block) {
+  const Job job = locate(layers, count, block, false);
+  const L& layer = layers[job.layer];
+  const int64_t begin = job.chunk * layer.chunk_rows();
+  return {job, job.tile_row * kTile, job.tile_column * kTile, begin,
+          std::min(layer.source.rows, begin + layer.chunk_rows())};
+}
+
+// Rows k0 .. k0 + depth of both operands into shared memory, as T. Thread t loads column
+// t % kTile, in rows t / kTile + multiples of kThreads / kTile: consecutive threads read
+// consecutive columns, and a thread decodes its column once and each row once for both.
+template <int depth, typename T, typename L, typename Threads>
+FL_HOST_DEVICE void load_stage(const Threads& threads, const L& layer, const Tile& tile,
+                               int64_t k0, T (*left)[kTile], T (*right)[kTile]) {
+  static_assert(depth % (kThreads / kTile) == 0, "every thread loads as many rows");
+  threads.each([&](int t) {
+    const int c = t % kTile;
+    const Operand<L> a(layer, tile.row0 + c), b(layer, tile.column0 + c);
+    FL_UNROLL for (int k = t / kTile; k < depth; k += kThreads / kTile) {
+      if (k0 + k < tile.end) {
+        const auto row = layer.source.row(k0 + k);
+        left[k][c] = a.template value<T>(layer, row);
+        right[k][c] = b.template value<T>(layer, row);
+      } else {
+        left[k][c] = right[k][c] = T(0.0f);
+      }
+    }
+  });
+}
+
+// Upper entry (i, j) and its mirror image get beta F(i, j) + alpha sum (beta == 0 ignores
+// the old entry, NaN included, as BLAS does).
+template <typename acc_t>
+FL_HOST_DEVICE void store(acc_t* out, int64_t size, int64_t i, int64_t j, acc_t sum,
+                          acc_t alpha, acc_t beta) {
+  const acc_t result = beta == acc_t(0) ? alpha * sum : beta * out[i * size + j] + alpha * sum;
+  out[i * size + j] = result;
+  out[j * size + i] = result;
+}
+
+// A block's sum for entry (i, j) of its tile, if that is an upper entry of the factor: into
+// the factor, or as its chunk's partial sum.
+template <typename L>
+FL_HOST_DEVICE void deliver(const L& layer, const Tile& tile, int64_t i, int64_t j,
+                            typename L::acc_t sum, typename L::acc_t* workspace,
+                            typename L::acc_t alpha, typename L::acc_t beta) {
+  const int64_t size = layer.size;
+  if (i >= size || j >= size || i > j) return;
+  if (layer.chunks > 1) {
+    workspace[layer.partial_offset + (tile.job.chunk * size + i) * size + j] = sum;
+  } else {
+    store(layer.out, size, i, j, sum, alpha, beta);
+  }
+}
+
+template <typename acc_t>
+struct Stage {
+  acc_t left[kDepth][kTile];   // U[k0 + k, tile rows]
+  acc_t right[kDepth][kTile];  // U[k0 + k, tile columns]
+};
+
+// Block `block` of the accumulating launch on the arithmetic units, for every dtype.
+// Registers: DeviceRegisters or HostRegisters of kMicro * kMicro acc_t; `threads` must
+// have kThreads threads.
+template <typename L, typename Threads, typename Registers>
+FL_HOST_DEVICE void accumulate_tile(const Threads& threads, Stage<typename L::acc_t>& stage,
+                                    Registers& sums, const L* layers, int64_t count,
+                                    typename L::acc_t* workspace, int64_t block,
+                                    typename L::acc_t alpha, typename L::acc_t beta) {
+  using acc_t = typename L::acc_t;
+  const Tile tile = tile_of(layers, count, block);
+  const L& layer = layers[tile.job.layer];
+  threads.each([&](int t) {
+    acc_t* mine = sums.of(t);
+    FL_UNROLL for (int o = 0; o < kMicro * kMicro; ++o) mine[o] = acc_t(0);
+  });
+  for (int64_t k0 = tile.begin; k0 < tile.end; k0 += kDepth) {
+    load_stage<kDepth>(threads, layer, tile, k0, stage.left, stage.right);
+    threads.each([&](int t) {
+      const int ty = t / kSide, tx = t % kSide;
+      acc_t* mine = sums.of(t);
+      FL_UNROLL for (int k = 0; k < kDepth; ++k) {
+        acc_t a[kMicro], b[kMicro];
+        FL_UNROLL for (int m = 0; m < kMicro; ++m) {
+          a[m] = stage.left[k][ty + kSide * m];
+          b[m] = stage.right[k][tx + kSide * m];
+        }
+        FL_UNROLL for (int m = 0; m < kMicro; ++m) {
+          FL_UNROLL for (int n = 0; n < kMicro; ++n) mine[m * kMicro + n] += a[m] * b[n];
+        }
+      }
+    });
+  }
+  threads.each([&](int t) {
+    const int ty = t / kSide, tx = t % kSide;
+    const acc_t* mine = sums.of(t);
+    FL_UNROLL for (int m = 0; m < kMicro; ++m) {
+      FL_UNROLL for (int n = 0; n < kMicro; ++n) {
+        deliver(layer, tile, tile.row0 + ty + kSide * m, tile.column0 + tx + kSide * n,
+                mine[m * kMicro + n], workspace, alpha, beta);
+      }
+    }
+  });
+}
+
+// The tensor-core variant, for bf16 / fp16 inputs and float32 factors: the stage keeps
+// the inputs' own 16-bit values, and each warp multiplies kFragmentsPerWarp 16 x 16
+// output fragments of the tile (those below the diagonal of a diagonal tile skipped)
+// with 16 x 16 x 16 matrix multiply-adds. A stage's products go to a zeroed fragment that
+// is then added to the running sums on the arithmetic units: the tensor cores' own
+// float32 accumulation (not rounded to nearest) then only ever adds kMmaDepth products.
+constexpr int kFragment = 16;
+constexpr int kWarps = kThreads / 32;
+constexpr int kFragmentsPerWarp = (kTile / kFragment) * (kTile / kFragment) / kWarps;
+
+template <typename half_t>
+struct MmaStage {
+  alignas(128) half_t left[kMmaDepth][kTile];
+  alignas(128) half_t right[kMmaDepth][kTile];
+  alignas(128) float sums[kTile][kTile];
+};
+
+// Fragment f of warp w covers tile rows 16 (g / 4).., columns 16 (g % 4).., g = w * F + f.
+FL_HOST_DEVICE inline int fragment_row(int warp, int f) {
+  return (warp * kFragmentsPerWarp + f) / (kTile / kFragment) * kFragment;
+}
+FL_HOST_DEVICE inline int fragment_column(int warp, int f) {
+  return (warp * kFragmentsPerWarp + f) % (kTile / kFragment) * kFragment;
+}
+
+// Fragments: the warps' accumulators and their collective operations (DeviceFragments on
+// the GPU, called by all 32 lanes of a warp; HostFragments in the emulation): zero(t),
+// multiply(t, f, a, b, ldm) adds the product of the col-major 16 x 16 a and the row-major
+// b to the stage fragment f of thread t's warp, and finish_stage(t) adds the stage
+// fragments to the running ones (and zeroes them); store(t, f, out, ldm) writes the running fragment f
+// row-major.
+template <typename L, typename Threads, typename Fragments>
+FL_HOST_DEVICE void accumulate_tile_mma(const Threads& threads,
+                                        MmaStage<typename L::Source::input_t>& stage,
+                                        Fragments& fragments, const L* layers, int64_t count,
+                                        float* workspace, int64_t block, float alpha,
+                                        float beta) {
+  const Tile tile = tile_of(layers, count, block);
+  const L& layer = layers[tile.job.layer];
+  const bool diagonal = tile.job.tile_row == tile.job.tile_column;
+  // A warp's fragment is needed unless it lies wholly below a diagonal tile's diagonal.
+  auto needed = [&](int warp, int f) {
+    return !diagonal || fragment_row(warp, f) <= fragment_column(warp, f);
+  };
+  threads.each([&](int t) { fragments.zero(t); });
+  for (int64_t k0 = tile.begin; k0 < tile.end; k0 += kMmaDepth) {
+    load_stage<kMmaDepth>(threads, layer, tile, k0, stage.left, stage.right);
+    threads.each([&](int t) {
+      const int warp = t / 32;
+      FL_UNROLL for (int f = 0; f < kFragmentsPerWarp; ++f) {
+        if (!needed(warp, f)) continue;
+        FL_UNROLL for (int k = 0; k < kMmaDepth; k += kFragment) {
+          fragments.multiply(t, f, &stage.left[k][fragment_row(warp, f)],
+                             &stage.right[k][fragment_column(warp, f)], kTile);
+        }
+      }
+      fragments.finish_stage(t);
+    });
+  }
+  threads.each([&](int t) {
+    const int warp = t / 32;
+    FL_UNROLL for (int f = 0; f < kFragmentsPerWarp; ++f) {
+      fragments.store(t, f, &stage.sums[fragment_row(warp, f)][fragment_column(warp, f)], kTile);
+    }
+  });
+  threads.each([&](int t) {
+    for (int e = t; e < kTile * kTile; e += kThreads) {
+      const int i = e / kTile, j = e % kTile;
+      deliver(layer, tile, tile.row0 + i, tile.column0 + j, stage.sums[i][j], workspace, alpha,
+              beta);
+    }
+  });
+}
+
+// Block `block` of the finishing launch: a tile's chunk sums added in chunk order.
+template <typename L, typename Threads>
+FL_HOST_DEVICE void finish_tile(const Threads& threads, const L* layers, int64_t count,
+                                const typename L::acc_t* workspace, int64_t block,
+                                typename L::acc_t alpha, typename L::acc_t beta) {
+  using acc_t = typename L::acc_t;
+  const Job job = locate(layers, count, block, true);
+  const L& layer = layers[job.layer];
+  const int64_t size = layer.size;
+  threads.each([&](int t) {
+    for (int e = t; e < kTile * kTile; e += kThreads) {
+      const int64_t i = job.tile_row * kTile + e / kTile;
+      const int64_t j = job.tile_column * kTile + e % kTile;
+      if (i >= size || j >= size || i > j) continue;
+      acc_t sum = acc_t(0);
+      for (int64_t chunk = 0; chunk < layer.chunks; ++chunk) {
+        sum += workspace[layer.partial_offset + (chunk * size + i) * size + j];
+      }
+      store(layer.out, size, i, j, sum, alpha, beta);
+    }
+  });
+}
+
+}  // namespace gram
+}  // namespace fastlaplace

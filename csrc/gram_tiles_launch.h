@@ -1,0 +1,120 @@
+// The host side of the fused Gram kernel (gram_tiles.h), shared by the CUDA dispatch and
+// the host emulation so that the tests also check it: the launch's layers built from the
+// op's tensors, one launch per (input dtype, factor dtype), the split workspace.
+//
+// A Run is called as run(layers, blocks, workspace, finishing, alpha, beta): it runs
+// `blocks` blocks of gram::accumulate_tile (finishing = false), then of gram::finish_tile,
+// over the layer table `layers` (a std::vector<gram::Layer<...>>).
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <type_traits>
+#include <vector>
+
+#include "gram_tiles.h"
+#include "ops.h"
+
+namespace fastlaplace {
+namespace gram {
+
+// Whether a launch's blocks run gram::accumulate_tile_mma (where the GPU has tensor cores
+// for it) instead of gram::accumulate_tile: 16-bit inputs into float32 factors.
+template <typename L>
+constexpr bool uses_tensor_cores =
+    (std::is_same_v<typename L::Source::input_t, c10::Half> ||
+     std::is_same_v<typename L::Source::input_t, c10::BFloat16>) &&
+    std::is_same_v<typename L::acc_t, float>;
+
+template <typename L, typename Run>
+void run_layers(std::vector<L>& layers, int64_t target_blocks, const at::Tensor& like,
+                double alpha, double beta, const Run& run) {
+  using acc_t = typename L::acc_t;
+  const Plan p = plan(layers, target_blocks);
+  if (p.blocks == 0) return;
+  at::Tensor workspace = at::empty({p.partial_sums}, like.options());
+  acc_t* partial = workspace.mutable_data_ptr<acc_t>();
+  run(layers, p.blocks, partial, false, static_cast<acc_t>(alpha), static_cast<acc_t>(beta));
+  if (p.finishing_blocks > 0) {
+    run(layers, p.finishing_blocks, partial, true, static_cast<acc_t>(alpha),
+        static_cast<acc_t>(beta));
+  }
+}
+
+// factor_accumulate_ on checked arguments (check_factor_accumulate): all layers whose
+// inputs and factors share dtypes in one launch.
+template <typename Run>
+void accumulate_input_factors(at::TensorList factors, at::TensorList inputs,
+                              const c10::List<bool>& append_ones, double alpha, double beta,
+                              int64_t target_blocks, const Run& run) {
+  const size_t count = factors.size();
+  std::vector<bool> done(count, false);
+  for (size_t first = 0; first < count; ++first) {
+    if (done[first]) continue;
+    const at::ScalarType input_dtype = inputs[first].scalar_type();
+    const at::ScalarType factor_dtype = factors[first].scalar_type();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input_dtype, "gram_tiles", [&] {
+      using input_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES(factor_dtype, "gram_tiles", [&] {
+        std::vector<Layer<DenseRows<input_t>, scalar_t>> layers;
+        for (size_t i = first; i < count; ++i) {
+          const at::Tensor& x = inputs[i];
+          if (done[i] || x.scalar_type() != input_dtype ||
+              factors[i].scalar_type() != factor_dtype) {
+            continue;
+          }
+          done[i] = true;
+          const DenseRows<input_t> rows{x.const_data_ptr<input_t>(), x.size(0), x.size(1),
+                                        x.stride(0), x.stride(1)};
+          layers.push_back({rows, factors[i].mutable_data_ptr<scalar_t>(), factors[i].size(0),
+                            append_ones[i]});
+        }
+        run_layers(layers, target_blocks, factors[first], alpha, beta, run);
+      });
+    });
+  }
+}
+
+// conv_input_factor_ on checked arguments (conv_input_geometry's g).
+template <typename Run>
+void accumulate_conv_factor(const at::Tensor& factor, const at::Tensor& input,
+                            const ConvGeometry& g, bool append_ones, double alpha, double beta,
+                            int64_t target_blocks, const Run& run) {
+  const int64_t rows = input.size(0) * g.positions();
+  constexpr int64_t limit = int64_t(1) << 31;
+  TORCH_CHECK(rows < limit && g.features() < limit && g.height * g.width < limit,
+              "conv_input_factor_: the CUDA kernel takes fewer than 2^31 patches and features, "
+              "got ", rows, " patches of ", g.features());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "gram_tiles", [&] {
+    using input_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(factor.scalar_type(), "gram_tiles", [&] {
+      auto small = [](int64_t value) { return static_cast<int32_t>(value); };
+      const ConvPatches<input_t> patches{input.const_data_ptr<input_t>(),
+                                         rows,
+                                         g.features(),
+                                         small(g.positions()),
+                                         small(g.out_w),
+                                         small(g.offsets()),
+                                         small(g.kw),
+                                         small(g.height),
+                                         small(g.width),
+                                         {small(g.stride[0]), small(g.stride[1])},
+                                         {small(g.padding[0]), small(g.padding[1])},
+                                         {small(g.dilation[0]), small(g.dilation[1])},
+                                         input.stride(0),
+                                         input.stride(1),
+                                         input.stride(2),
+                                         input.stride(3)};
+      std::vector<Layer<ConvPatches<input_t>, scalar_t>> layers{
+          {patches, factor.mutable_data_ptr<scalar_t>(), factor.size(0), append_ones}};
+      run_layers(layers, target_blocks, factor, alpha, beta, run);
+    });
+  });
+}
+
+}  // namespace gram
+}  // namespace fastlaplace

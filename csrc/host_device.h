@@ -1,0 +1,64 @@
+// Code written once for a CUDA block and for its host emulation (the tests' way to check
+// a kernel's arithmetic where there is no GPU): the function qualifier, and the two ways
+// of running a block's threads. A block's work is a sequence of phases separated by
+// barriers; on the GPU each phase is the thread's own call followed by __syncthreads(),
+// on the host a phase runs for every thread id in turn, which is the same computation in
+// the same order per thread.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#if defined(__CUDACC__)
+#define FL_HOST_DEVICE __host__ __device__
+#define FL_UNROLL _Pragma("unroll")
+#else
+#define FL_HOST_DEVICE
+#define FL_UNROLL
+#endif
+
+namespace fastlaplace {
+
+// A CUDA block: a phase is the calling thread's call, then a barrier.
+struct DeviceThreads {
+  FL_HOST_DEVICE int64_t count() const {
+#ifdef __CUDA_ARCH__
+    return blockDim.x;
+#else
+    return 1;
+#endif
+  }
+  template <typename Phase>
+  FL_HOST_DEVICE void each(Phase phase) const {
+#ifdef __CUDA_ARCH__
+    phase(static_cast<int>(threadIdx.x));
+    __syncthreads();
+#endif
+  }
+};
+
+// A block of `threads` threads on one host thread: a phase runs for every thread id.
+struct HostThreads {
+  int64_t threads;
+  int64_t count() const { return threads; }
+  template <typename Phase>
+  void each(Phase phase) const {
+    for (int t = 0; t < threads; ++t) phase(t);
+  }
+};
+
+// Values each thread keeps across phases (registers on the GPU): of(t) is thread t's N.
+template <typename T, int N>
+struct DeviceRegisters {
+  T values[N];
+  FL_HOST_DEVICE T* of(int) { return values; }
+};
+
+template <typename T, int N>
+struct HostRegisters {
+  std::vector<T> values;
+  explicit HostRegisters(int64_t threads) : values(threads * N) {}
+  T* of(int t) { return values.data() + static_cast<int64_t>(t) * N; }
+};
+
+}  // namespace fastlaplace
