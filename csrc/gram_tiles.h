@@ -2,14 +2,16 @@
 // (csrc/cuda/gram_tiles.cuh) and for its host emulation (csrc/cpu/gram_emulation.cpp,
 // for the tests); see host_device.h for how.
 //
-// F_l <- beta F_l + alpha U_l^T U_l for every layer l of a launch, U_l a virtual matrix
-// read element by element from its Source (a layer's input rows, or a Conv2d input's
-// patches by implicit im2col), with an optional implicit ones column. One block computes
-// one kTile x kTile tile on or above the diagonal of one layer (all layers' tiles in one
-// launch), staging kDepth rows of both operands in shared memory, converted to the
-// factor's dtype there (no converted copy of a bf16 input exists), each thread keeping a
-// kMicro x kMicro block of sums. The block writes its upper entries and their mirror
-// images, so the factor is exactly symmetric and only its upper triangle is read.
+// Out_l <- beta Out_l + alpha X_l^T Y_l for every layer l of a launch, X_l and Y_l
+// virtual matrices with the same rows, read element by element from their Sources (a
+// layer's input rows, a Conv2d input's patches by implicit im2col, squared rows), each
+// with an optional implicit ones column. A symmetric layer is a Gram matrix (X = Y): only
+// its tiles on or above the diagonal are computed, and each block writes its upper
+// entries and their mirror images, so the factor is exactly symmetric and only its upper
+// triangle is read. One block computes one kTile x kTile tile of one layer (all layers'
+// tiles in one launch), staging kDepth rows of both operands in shared memory, converted
+// to the factor's dtype there (no converted copy of a bf16 input exists), each thread
+// keeping a kMicro x kMicro block of sums.
 //
 // A launch with fewer tiles than the GPU has room for splits the rows of its layers
 // into chunks: each (tile, chunk) block writes its partial sums to a workspace, and a
@@ -30,7 +32,7 @@ constexpr int kMicro = 4;                // each thread's sums: kMicro x kMicro
 constexpr int kSide = 16;                // threads along a tile edge
 constexpr int kTile = kSide * kMicro;    // tile edge
 constexpr int kThreads = kSide * kSide;  // threads of a block
-constexpr int kDepth = 16;               // rows of U per shared-memory stage
+constexpr int kDepth = 16;               // rows of X and Y per shared-memory stage
 constexpr int kMmaDepth = 32;            // the same on the tensor cores
 // Rows a chunk gets at least when a launch's rows are split, and the most chunks.
 constexpr int64_t kMinChunkRows = 512;
@@ -46,6 +48,7 @@ constexpr int64_t kMaxPartialSums = int64_t(1) << 24;
 template <typename input_t_>
 struct DenseRows {
   using input_t = input_t_;
+  static constexpr bool kSquared = false;
   const input_t* data;
   int64_t rows, columns, row_stride, column_stride;
 
@@ -70,6 +73,7 @@ struct DenseRows {
 template <typename input_t_>
 struct ConvPatches {
   using input_t = input_t_;
+  static constexpr bool kSquared = false;
   const input_t* data;
   int64_t rows, columns;
   int32_t positions, out_w, offsets, kw, height, width;
@@ -106,29 +110,73 @@ struct ConvPatches {
   }
 };
 
-// One factor of a launch and the blocks that compute it.
-template <typename Source_, typename acc_t_>
+// Squares of the rows of a (rows, inner, columns) tensor summed over `inner`: entry
+// (r, c) = sum_k x[r, k, c]^2 (inner = 1 for a matrix), in the factor's dtype. No
+// tensor-core variant: a square rounded to 16 bits would lose the input's precision.
+template <typename input_t_>
+struct SquaredRows {
+  using input_t = input_t_;
+  static constexpr bool kSquared = true;
+  const input_t* data;
+  int64_t rows, columns, row_stride, column_stride, inner, inner_stride;
+
+  struct Row {
+    int64_t offset;
+  };
+  struct Column {
+    int64_t offset;
+  };
+  FL_HOST_DEVICE Row row(int64_t r) const { return {r * row_stride}; }
+  FL_HOST_DEVICE Column column(int64_t c) const { return {c * column_stride}; }
+  template <typename acc_t>
+  FL_HOST_DEVICE acc_t at(Row r, Column c) const {
+    acc_t sum = acc_t(0);
+    for (int64_t k = 0; k < inner; ++k) {
+      const acc_t x = static_cast<acc_t>(data[r.offset + k * inner_stride + c.offset]);
+      sum += x * x;
+    }
+    return sum;
+  }
+};
+
+// One output of a launch, X^T Y, and the blocks that compute it.
+template <typename Left_, typename Right_, typename acc_t_>
 struct Layer {
-  using Source = Source_;
+  using Left = Left_;
+  using Right = Right_;
   using acc_t = acc_t_;
-  Source source;
-  acc_t* out;                // size x size, contiguous
-  int64_t size;              // source.columns, plus the ones column
-  bool ones;
-  int64_t tiles = 0;         // ceil(size / kTile): tiles along an edge
+  Left left;                 // X; left.rows == right.rows
+  Right right;               // Y
+  bool left_ones, right_ones;
+  bool symmetric;            // X = Y: a Gram matrix, upper tiles only
+  acc_t* out;                // out_rows x out_columns, contiguous
+  int64_t out_rows;          // left.columns, plus the ones column
+  int64_t out_columns;       // right.columns, plus the ones column
+  int64_t tiles_down = 0;    // ceil(out_rows / kTile)
+  int64_t tiles_across = 0;  // ceil(out_columns / kTile)
   int64_t chunks = 1;        // row chunks; partial sums in the workspace when > 1
   int64_t first_block = 0;   // blocks of the layers before it in the launch
   int64_t first_finishing_block = 0;  // the same in the launch that adds the chunks
   int64_t partial_offset = 0;         // its chunks' partial sums in the workspace
 
-  FL_HOST_DEVICE int64_t pairs() const { return tiles * (tiles + 1) / 2; }
-  FL_HOST_DEVICE int64_t blocks() const { return pairs() * chunks; }
-  FL_HOST_DEVICE int64_t finishing_blocks() const { return chunks > 1 ? pairs() : 0; }
+  FL_HOST_DEVICE int64_t rows() const { return left.rows; }
+  FL_HOST_DEVICE int64_t tiles() const {
+    return symmetric ? tiles_down * (tiles_down + 1) / 2 : tiles_down * tiles_across;
+  }
+  FL_HOST_DEVICE int64_t blocks() const { return tiles() * chunks; }
+  FL_HOST_DEVICE int64_t finishing_blocks() const { return chunks > 1 ? tiles() : 0; }
   FL_HOST_DEVICE int64_t chunk_rows() const {
-    const int64_t per = (source.rows + chunks - 1) / chunks;
+    const int64_t per = (rows() + chunks - 1) / chunks;
     return (per + kMmaDepth - 1) / kMmaDepth * kMmaDepth;  // whole stages of either kind
   }
 };
+
+// The Gram layer [X, 1]^T [X, 1] of one source (a factor of size x size).
+template <typename acc_t, typename Source>
+Layer<Source, Source, acc_t> gram_layer(const Source& x, bool ones, acc_t* out) {
+  const int64_t size = x.columns + (ones ? 1 : 0);
+  return {x, x, ones, ones, true, out, size, size};
+}
 
 struct Plan {
   int64_t blocks = 0, finishing_blocks = 0, partial_sums = 0;
@@ -137,16 +185,17 @@ struct Plan {
 // Tiles, chunks and block numbering of a launch meant to fill about target_blocks blocks.
 template <typename L>
 Plan plan(std::vector<L>& layers, int64_t target_blocks) {
-  int64_t pairs = 0;
+  int64_t tiles = 0;
   for (L& layer : layers) {
-    layer.tiles = (layer.size + kTile - 1) / kTile;
-    pairs += layer.pairs();
+    layer.tiles_down = (layer.out_rows + kTile - 1) / kTile;
+    layer.tiles_across = (layer.out_columns + kTile - 1) / kTile;
+    tiles += layer.tiles();
   }
   Plan p;
-  const int64_t wanted = pairs == 0 ? 1 : (target_blocks + pairs - 1) / pairs;
+  const int64_t wanted = tiles == 0 ? 1 : (target_blocks + tiles - 1) / tiles;
   for (L& layer : layers) {
-    const int64_t by_rows = (layer.source.rows + kMinChunkRows - 1) / kMinChunkRows;
-    const int64_t sums = layer.size * layer.size;
+    const int64_t by_rows = (layer.rows() + kMinChunkRows - 1) / kMinChunkRows;
+    const int64_t sums = layer.out_rows * layer.out_columns;
     const int64_t room = sums == 0 ? 1 : (kMaxPartialSums - p.partial_sums) / sums;
     layer.chunks = std::max<int64_t>(1, std::min({wanted, by_rows, kMaxChunks, room}));
     layer.first_block = p.blocks;
@@ -183,30 +232,36 @@ FL_HOST_DEVICE Job locate(const L* layers, int64_t count, int64_t block, bool fi
   }
   const L& layer = layers[low];
   int64_t index = block - first(layer);
-  Job job{low, index / layer.pairs(), 0, 0};
-  index -= job.chunk * layer.pairs();
-  while (index >= layer.tiles - job.tile_row) {  // row r of the triangle has tiles - r tiles
-    index -= layer.tiles - job.tile_row;
+  Job job{low, index / layer.tiles(), 0, 0};
+  index -= job.chunk * layer.tiles();
+  if (!layer.symmetric) {
+    job.tile_row = index / layer.tiles_across;
+    job.tile_column = index - job.tile_row * layer.tiles_across;
+    return job;
+  }
+  // Row r of the upper triangle has tiles_down - r tiles.
+  while (index >= layer.tiles_down - job.tile_row) {
+    index -= layer.tiles_down - job.tile_row;
     ++job.tile_row;
   }
   job.tile_column = job.tile_row + index;
   return job;
 }
 
-// Column c of [U, 1, 0...] as one thread loads it: from the source, the ones column, or
-// the zeros past the factor's edge.
-template <typename L>
+// Column c of [X, 1, 0...] as one thread loads it: from the source, the ones column, or
+// the zeros past the output's edge.
+template <typename Source>
 struct Operand {
-  typename L::Source::Column column;
+  typename Source::Column column;
   bool from_source, one;
 
-  FL_HOST_DEVICE Operand(const L& layer, int64_t c)
-      : column(layer.source.column(c < layer.source.columns ? c : 0)),
-        from_source(c < layer.source.columns),
-        one(c == layer.source.columns && layer.ones) {}
+  FL_HOST_DEVICE Operand(const Source& source, bool ones, int64_t c)
+      : column(source.column(c < source.columns ? c : 0)),
+        from_source(c < source.columns),
+        one(c == source.columns && ones) {}
   template <typename T>
-  FL_HOST_DEVICE T value(const L& layer, typename L::Source::Row row) const {
-    return from_source ? layer.source.template at<T>(row, column) : T(one ? 1.0f : 0.0f);
+  FL_HOST_DEVICE T value(const Source& source, typename Source::Row row) const {
+    return from_source ? source.template at<T>(row, column) : T(one ? 1.0f : 0.0f);
   }
 };
 
@@ -223,10 +278,10 @@ FL_HOST_DEVICE Tile tile_of(const L* layers, int64_t count, int64_t block) {
   const L& layer = layers[job.layer];
   const int64_t begin = job.chunk * layer.chunk_rows();
   return {job, job.tile_row * kTile, job.tile_column * kTile, begin,
-          std::min(layer.source.rows, begin + layer.chunk_rows())};
+          std::min(layer.rows(), begin + layer.chunk_rows())};
 }
 
-// Rows k0 .. k0 + depth of both operands into shared memory, as T. Thread t loads column
+// Rows k0 .. k0 + depth of X and Y into shared memory, as T. Thread t loads column
 // t % kTile, in rows t / kTile + multiples of kThreads / kTile: consecutive threads read
 // consecutive columns, and a thread decodes its column once and each row once for both.
 template <int depth, typename T, typename L, typename Threads>
@@ -235,12 +290,12 @@ FL_HOST_DEVICE void load_stage(const Threads& threads, const L& layer, const Til
   static_assert(depth % (kThreads / kTile) == 0, "every thread loads as many rows");
   threads.each([&](int t) {
     const int c = t % kTile;
-    const Operand<L> a(layer, tile.row0 + c), b(layer, tile.column0 + c);
+    const Operand<typename L::Left> x(layer.left, layer.left_ones, tile.row0 + c);
+    const Operand<typename L::Right> y(layer.right, layer.right_ones, tile.column0 + c);
     FL_UNROLL for (int k = t / kTile; k < depth; k += kThreads / kTile) {
       if (k0 + k < tile.end) {
-        const auto row = layer.source.row(k0 + k);
-        left[k][c] = a.template value<T>(layer, row);
-        right[k][c] = b.template value<T>(layer, row);
+        left[k][c] = x.template value<T>(layer.left, layer.left.row(k0 + k));
+        right[k][c] = y.template value<T>(layer.right, layer.right.row(k0 + k));
       } else {
         left[k][c] = right[k][c] = T(0.0f);
       }
@@ -248,35 +303,39 @@ FL_HOST_DEVICE void load_stage(const Threads& threads, const L& layer, const Til
   });
 }
 
-// Upper entry (i, j) and its mirror image get beta F(i, j) + alpha sum (beta == 0 ignores
-// the old entry, NaN included, as BLAS does).
-template <typename acc_t>
-FL_HOST_DEVICE void store(acc_t* out, int64_t size, int64_t i, int64_t j, acc_t sum,
-                          acc_t alpha, acc_t beta) {
-  const acc_t result = beta == acc_t(0) ? alpha * sum : beta * out[i * size + j] + alpha * sum;
-  out[i * size + j] = result;
-  out[j * size + i] = result;
+// Entry (i, j) of the output gets beta Out(i, j) + alpha sum (beta == 0 ignores the old
+// entry, NaN included, as BLAS does); an upper entry of a symmetric output also its
+// mirror image, and its lower ones nothing (their mirror images hold them).
+template <typename L>
+FL_HOST_DEVICE void store(const L& layer, int64_t i, int64_t j, typename L::acc_t sum,
+                          typename L::acc_t alpha, typename L::acc_t beta) {
+  using acc_t = typename L::acc_t;
+  if (i >= layer.out_rows || j >= layer.out_columns || (layer.symmetric && i > j)) return;
+  acc_t* out = layer.out;
+  const int64_t at = i * layer.out_columns + j;
+  const acc_t result = beta == acc_t(0) ? alpha * sum : beta * out[at] + alpha * sum;
+  out[at] = result;
+  if (layer.symmetric) out[j * layer.out_columns + i] = result;
 }
 
-// A block's sum for entry (i, j) of its tile, if that is an upper entry of the factor: into
-// the factor, or as its chunk's partial sum.
+// A block's sum for entry (i, j) of its tile: into the output (see store), or as its
+// chunk's partial sum.
 template <typename L>
 FL_HOST_DEVICE void deliver(const L& layer, const Tile& tile, int64_t i, int64_t j,
                             typename L::acc_t sum, typename L::acc_t* workspace,
                             typename L::acc_t alpha, typename L::acc_t beta) {
-  const int64_t size = layer.size;
-  if (i >= size || j >= size || i > j) return;
-  if (layer.chunks > 1) {
-    workspace[layer.partial_offset + (tile.job.chunk * size + i) * size + j] = sum;
-  } else {
-    store(layer.out, size, i, j, sum, alpha, beta);
+  if (layer.chunks == 1) {
+    store(layer, i, j, sum, alpha, beta);
+  } else if (i < layer.out_rows && j < layer.out_columns) {
+    workspace[layer.partial_offset + (tile.job.chunk * layer.out_rows + i) * layer.out_columns +
+              j] = sum;
   }
 }
 
 template <typename acc_t>
 struct Stage {
-  acc_t left[kDepth][kTile];   // U[k0 + k, tile rows]
-  acc_t right[kDepth][kTile];  // U[k0 + k, tile columns]
+  acc_t left[kDepth][kTile];   // X[k0 + k, the tile's rows]
+  acc_t right[kDepth][kTile];  // Y[k0 + k, the tile's columns]
 };
 
 // Block `block` of the accumulating launch on the arithmetic units, for every dtype.
@@ -349,20 +408,20 @@ FL_HOST_DEVICE inline int fragment_column(int warp, int f) {
 }
 
 // Fragments: the warps' accumulators and their collective operations (DeviceFragments on
-// the GPU, called by all 32 lanes of a warp; HostFragments in the emulation): zero(t),
+// the GPU, called by all 32 lanes of a warp; HostFragments in the emulation): zero(t);
 // multiply(t, f, a, b, ldm) adds the product of the col-major 16 x 16 a and the row-major
-// b to the stage fragment f of thread t's warp, and finish_stage(t) adds the stage
-// fragments to the running ones (and zeroes them); store(t, f, out, ldm) writes the running fragment f
-// row-major.
+// b to the stage fragment f of thread t's warp; finish_stage(t) adds the stage fragments
+// to the running ones and zeroes them; store(t, f, out, ldm) writes the running fragment
+// f row-major.
 template <typename L, typename Threads, typename Fragments>
 FL_HOST_DEVICE void accumulate_tile_mma(const Threads& threads,
-                                        MmaStage<typename L::Source::input_t>& stage,
+                                        MmaStage<typename L::Left::input_t>& stage,
                                         Fragments& fragments, const L* layers, int64_t count,
                                         float* workspace, int64_t block, float alpha,
                                         float beta) {
   const Tile tile = tile_of(layers, count, block);
   const L& layer = layers[tile.job.layer];
-  const bool diagonal = tile.job.tile_row == tile.job.tile_column;
+  const bool diagonal = layer.symmetric && tile.job.tile_row == tile.job.tile_column;
   // A warp's fragment is needed unless it lies wholly below a diagonal tile's diagonal.
   auto needed = [&](int warp, int f) {
     return !diagonal || fragment_row(warp, f) <= fragment_column(warp, f);
@@ -405,17 +464,17 @@ FL_HOST_DEVICE void finish_tile(const Threads& threads, const L* layers, int64_t
   using acc_t = typename L::acc_t;
   const Job job = locate(layers, count, block, true);
   const L& layer = layers[job.layer];
-  const int64_t size = layer.size;
   threads.each([&](int t) {
     for (int e = t; e < kTile * kTile; e += kThreads) {
       const int64_t i = job.tile_row * kTile + e / kTile;
       const int64_t j = job.tile_column * kTile + e % kTile;
-      if (i >= size || j >= size || i > j) continue;
+      if (i >= layer.out_rows || j >= layer.out_columns || (layer.symmetric && i > j)) continue;
       acc_t sum = acc_t(0);
       for (int64_t chunk = 0; chunk < layer.chunks; ++chunk) {
-        sum += workspace[layer.partial_offset + (chunk * size + i) * size + j];
+        sum += workspace[layer.partial_offset + (chunk * layer.out_rows + i) * layer.out_columns +
+                         j];
       }
-      store(layer.out, size, i, j, sum, alpha, beta);
+      store(layer, i, j, sum, alpha, beta);
     }
   });
 }

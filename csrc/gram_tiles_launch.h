@@ -26,9 +26,10 @@ namespace gram {
 // for it) instead of gram::accumulate_tile: 16-bit inputs into float32 factors.
 template <typename L>
 constexpr bool uses_tensor_cores =
-    (std::is_same_v<typename L::Source::input_t, c10::Half> ||
-     std::is_same_v<typename L::Source::input_t, c10::BFloat16>) &&
-    std::is_same_v<typename L::acc_t, float>;
+    (std::is_same_v<typename L::Left::input_t, c10::Half> ||
+     std::is_same_v<typename L::Left::input_t, c10::BFloat16>) &&
+    std::is_same_v<typename L::Left::input_t, typename L::Right::input_t> &&
+    !L::Left::kSquared && !L::Right::kSquared && std::is_same_v<typename L::acc_t, float>;
 
 template <typename L, typename Run>
 void run_layers(std::vector<L>& layers, int64_t target_blocks, const at::Tensor& like,
@@ -60,7 +61,7 @@ void accumulate_input_factors(at::TensorList factors, at::TensorList inputs,
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input_dtype, "gram_tiles", [&] {
       using input_t = scalar_t;
       AT_DISPATCH_FLOATING_TYPES(factor_dtype, "gram_tiles", [&] {
-        std::vector<Layer<DenseRows<input_t>, scalar_t>> layers;
+        std::vector<Layer<DenseRows<input_t>, DenseRows<input_t>, scalar_t>> layers;
         for (size_t i = first; i < count; ++i) {
           const at::Tensor& x = inputs[i];
           if (done[i] || x.scalar_type() != input_dtype ||
@@ -70,13 +71,64 @@ void accumulate_input_factors(at::TensorList factors, at::TensorList inputs,
           done[i] = true;
           const DenseRows<input_t> rows{x.const_data_ptr<input_t>(), x.size(0), x.size(1),
                                         x.stride(0), x.stride(1)};
-          layers.push_back({rows, factors[i].mutable_data_ptr<scalar_t>(), factors[i].size(0),
-                            append_ones[i]});
+          layers.push_back(
+              gram_layer(rows, append_ones[i], factors[i].mutable_data_ptr<scalar_t>()));
         }
         run_layers(layers, target_blocks, factors[first], alpha, beta, run);
       });
     });
   }
+}
+
+// diag_ggn on checked arguments (check_diag_ggn): (sum_k g_k o g_k)^T ([a, 1] o [a, 1]) per
+// layer, all layers of one input dtype in one launch. A layer whose inputs and gradients
+// differ in dtype has both converted to its accumulation dtype first.
+template <typename Run>
+std::vector<at::Tensor> diag_ggn_tiles(at::TensorList inputs, at::TensorList output_grads,
+                                       const c10::List<bool>& append_ones,
+                                       int64_t target_blocks, const Run& run) {
+  const size_t count = inputs.size();
+  std::vector<at::Tensor> results(count), as(count), gs(count);
+  for (size_t i = 0; i < count; ++i) {
+    const at::ScalarType dtype = inputs[i].scalar_type() == output_grads[i].scalar_type()
+                                     ? inputs[i].scalar_type()
+                                     : accumulation_dtype(inputs[i].scalar_type());
+    as[i] = inputs[i].to(dtype);
+    gs[i] = output_grads[i].to(dtype);
+  }
+  std::vector<bool> done(count, false);
+  for (size_t first = 0; first < count; ++first) {
+    if (done[first]) continue;
+    const at::ScalarType input_dtype = as[first].scalar_type();
+    const at::ScalarType out_dtype = accumulation_dtype(input_dtype);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input_dtype, "gram_tiles", [&] {
+      using input_t = scalar_t;
+      using acc_t = std::conditional_t<std::is_same_v<input_t, double>, double, float>;
+      std::vector<Layer<SquaredRows<input_t>, SquaredRows<input_t>, acc_t>> layers;
+      for (size_t i = first; i < count; ++i) {
+        const at::Tensor& a = as[i];
+        const at::Tensor& g = gs[i];
+        if (done[i] || a.scalar_type() != input_dtype) continue;
+        done[i] = true;
+        const bool summed = g.dim() == 3;  // (N, K, d_out)
+        const SquaredRows<input_t> left{g.const_data_ptr<input_t>(),
+                                        g.size(0),
+                                        g.size(-1),
+                                        g.stride(0),
+                                        g.stride(-1),
+                                        summed ? g.size(1) : 1,
+                                        summed ? g.stride(1) : 0};
+        const SquaredRows<input_t> right{a.const_data_ptr<input_t>(), a.size(0), a.size(1),
+                                         a.stride(0), a.stride(1), 1, 0};
+        const int64_t columns = a.size(1) + (append_ones[i] ? 1 : 0);
+        results[i] = at::empty({g.size(-1), columns}, a.options().dtype(out_dtype));
+        layers.push_back({left, right, false, append_ones[i], false,
+                          results[i].mutable_data_ptr<acc_t>(), g.size(-1), columns});
+      }
+      run_layers(layers, target_blocks, results[first], 1.0, 0.0, run);
+    });
+  }
+  return results;
 }
 
 // conv_input_factor_ on checked arguments (conv_input_geometry's g).
@@ -109,8 +161,8 @@ void accumulate_conv_factor(const at::Tensor& factor, const at::Tensor& input,
                                          input.stride(1),
                                          input.stride(2),
                                          input.stride(3)};
-      std::vector<Layer<ConvPatches<input_t>, scalar_t>> layers{
-          {patches, factor.mutable_data_ptr<scalar_t>(), factor.size(0), append_ones}};
+      std::vector<Layer<ConvPatches<input_t>, ConvPatches<input_t>, scalar_t>> layers{
+          gram_layer(patches, append_ones, factor.mutable_data_ptr<scalar_t>())};
       run_layers(layers, target_blocks, factor, alpha, beta, run);
     });
   });

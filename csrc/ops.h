@@ -46,6 +46,10 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& ref,
 void check_factor_accumulate(at::TensorList factors, at::TensorList inputs,
                              const c10::List<bool>& append_ones);
 
+// Checks the arguments of diag_ggn (one entry per layer, dtypes, devices, shapes).
+void check_diag_ggn(at::TensorList inputs, at::TensorList output_grads,
+                    const c10::List<bool>& append_ones);
+
 // The shape of a Conv2d's patches: C * kh * kw features at out_h * out_w positions.
 struct ConvGeometry {
   int64_t channels, height, width, kh, kw, out_h, out_w;

@@ -31,7 +31,7 @@ TORCH_LIBRARY(fastlaplace, m) {
   m.def("damped_inverses(Tensor[] matrices, Tensor shifts) -> Tensor[]");
   // The CUDA batched_eigh's Jacobi solver run on the host, for the tests.
   m.def("_jacobi_eigh_emulated(Tensor[] matrices, int threads) -> (Tensor[], Tensor[])");
-  // The CUDA factor ops' fused Gram kernel run on the host, for the tests.
+  // The CUDA curvature ops' fused Gram kernel run on the host, for the tests.
   m.def(
       "_factor_accumulate_emulated_(Tensor(a!)[] factors, Tensor[] inputs, bool[] append_ones, "
       "float alpha, float beta, int target_blocks) -> ()");
@@ -39,6 +39,9 @@ TORCH_LIBRARY(fastlaplace, m) {
       "_conv_input_factor_emulated_(Tensor(a!) factor, Tensor input, int[2] kernel_size, "
       "int[2] stride, int[2] padding, int[2] dilation, bool append_ones, float alpha, "
       "float beta, int target_blocks) -> ()");
+  m.def(
+      "_diag_ggn_emulated(Tensor[] inputs, Tensor[] output_grads, bool[] append_ones, "
+      "int target_blocks) -> Tensor[]");
   m.def(
       "kron_solve(Tensor[] eigvecs_a, Tensor[] eigvals_a, Tensor[] eigvecs_g, "
       "Tensor[] eigvals_g, Tensor[] rhs, Tensor scale, Tensor delta, "

@@ -1,4 +1,7 @@
-"""The CUDA factor ops' fused Gram kernel: its arithmetic and launch code through the host emulation, and on a GPU.
+"""The CUDA curvature ops' fused Gram kernel: its arithmetic and launch code through the host emulation, and on a GPU.
+
+It serves factor_accumulate_ and conv_input_factor_ (symmetric Gram matrices) and diag_ggn
+(a product of squared rows).
 
 The emulation runs csrc/gram_tiles.h block by block and thread by thread on the host;
 ``target_blocks`` plays the GPU's size, so a small value keeps every layer whole and a
@@ -27,6 +30,11 @@ def emulated_factor_accumulate(factors, inputs, ones, alpha, beta, target_blocks
 def emulated_conv_factor(factor, x, geometry, ones, alpha, beta, target_blocks):
     requires_extension()
     torch.ops.fastlaplace._conv_input_factor_emulated_(factor, x, *geometry, ones, alpha, beta, target_blocks)
+
+
+def emulated_diag_ggn(inputs, output_grads, ones, target_blocks):
+    requires_extension()
+    return torch.ops.fastlaplace._diag_ggn_emulated(inputs, output_grads, ones, target_blocks)
 
 
 def layout(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -186,6 +194,57 @@ def test_conv_many_patches_split_over_the_launch(generator):
     for result in (split, whole):
         assert_matches_float64(result, start.double() + rows.T @ rows, rounded)
     assert not torch.equal(split, whole), "the split path must have run"
+
+
+@settings(deadline=None, max_examples=30)
+@given(
+    samples=st.sampled_from([0, 1, 17, 2 * MIN_CHUNK_ROWS + 1]),
+    d_in=st.sampled_from(EDGE_SIZES),
+    d_out=st.sampled_from(EDGE_SIZES),
+    columns=st.sampled_from([None, 1, 3]),
+    ones=st.booleans(),
+    dtype=st.sampled_from(INPUT_DTYPES),
+    kind=st.sampled_from(["contiguous", "transposed", "strided"]),
+    target_blocks=st.sampled_from([1, 10_000]),
+)
+def test_property_diag_ggn_squares_rows_as_staged(samples, d_in, d_out, columns, ones, dtype, kind, target_blocks):
+    a = layout(torch.randn(samples, d_in).to(dtype), kind)
+    g = torch.randn(samples, d_out).to(dtype) if columns is None else torch.randn(samples, columns, d_out).to(dtype)
+    if kind == "transposed":
+        g = g.transpose(-1, -2).contiguous().transpose(-1, -2)
+    result = emulated_diag_ggn([a], [g], [ones], target_blocks)[0]
+    exact = reference.diag_ggn([a.double()], [g.double()], [ones])[0]
+    rounded = reference.diag_ggn([a], [g], [ones])[0]
+    assert result.dtype == reference.accumulation_dtype(dtype)
+    assert_matches_float64(result, exact, rounded)
+
+
+def test_diag_ggn_layers_of_mixed_dtypes_in_one_call(generator):
+    """Layers of several dtypes are grouped into launches; a layer whose gradients differ in dtype is
+    computed in its accumulation dtype, not in the inputs' bf16."""
+    a = [torch.randn(40, 70, generator=generator), torch.randn(40, 9, generator=generator).bfloat16()]
+    g = [torch.randn(40, 2, 66, generator=generator).double(), torch.randn(40, 5, generator=generator)]
+    ones = [True, False]
+    result = emulated_diag_ggn(a, g, ones, 1)
+    for got, x, y, b in zip(result, a, g, ones, strict=True):
+        assert got.dtype == torch.float32
+        exact = reference.diag_ggn([x.double()], [y.double()], [b])[0]
+        assert_matches_float64(got, exact, reference.diag_ggn([x], [y], [b])[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
+@pytest.mark.parametrize("dtype", INPUT_DTYPES)
+def test_cuda_diag_ggn_agrees_with_the_emulation(dtype, generator):
+    a = [torch.randn(n, d, generator=generator).to(dtype) for n, d in ((4096, 768), (3000, 5))]
+    g = [torch.randn(4096, 3, 130, generator=generator).to(dtype), torch.randn(3000, 10, generator=generator).to(dtype)]
+    ones = [True, False]
+    emulated = emulated_diag_ggn(a, g, ones, 528)
+    on_gpu = ops.diag_ggn([x.cuda() for x in a], [y.cuda() for y in g], ones)
+    relative = 1e-12 if dtype == torch.float64 else 1e-5
+    for got, host, x, y, b in zip(on_gpu, emulated, a, g, ones, strict=True):
+        exact = reference.diag_ggn([x.double()], [y.double()], [b])[0]
+        assert_matches_float64(got, exact, reference.diag_ggn([x], [y], [b])[0])
+        torch.testing.assert_close(got.cpu(), host, rtol=0, atol=relative * host.abs().max().item())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)

@@ -34,21 +34,30 @@ at::Tensor layer_diag_ggn(const at::Tensor& a, const at::Tensor& g, bool append_
 
 }  // namespace
 
-std::vector<at::Tensor> diag_ggn_aten(at::TensorList inputs, at::TensorList output_grads,
-                                     c10::List<bool> append_ones) {
+void check_diag_ggn(at::TensorList inputs, at::TensorList output_grads,
+                    const c10::List<bool>& append_ones) {
   TORCH_CHECK(inputs.size() == output_grads.size() && inputs.size() == append_ones.size(),
               "diag_ggn: inputs, output_grads and append_ones need one entry per layer");
-  std::vector<at::Tensor> result;
   for (int64_t i = 0; i < static_cast<int64_t>(inputs.size()); ++i) {
     const at::Tensor& a = inputs[i];
     const at::Tensor& g = output_grads[i];
     check_floating(a, "inputs", i);
     check_floating(g, "output_grads", i);
+    check_same_device(a, inputs[0], "inputs");
+    check_same_device(g, inputs[0], "output_grads");
     TORCH_CHECK(a.dim() == 2, "inputs[", i, "] must be (N, d_in), got ", a.sizes());
     TORCH_CHECK((g.dim() == 2 || g.dim() == 3) && g.size(0) == a.size(0), "output_grads[",
                 i, "] must be (N, K, d_out) or (N, d_out) with N = ", a.size(0), ", got ",
                 g.sizes());
-    result.push_back(layer_diag_ggn(a, g, append_ones[i]));
+  }
+}
+
+std::vector<at::Tensor> diag_ggn_aten(at::TensorList inputs, at::TensorList output_grads,
+                                     c10::List<bool> append_ones) {
+  check_diag_ggn(inputs, output_grads, append_ones);
+  std::vector<at::Tensor> result;
+  for (int64_t i = 0; i < static_cast<int64_t>(inputs.size()); ++i) {
+    result.push_back(layer_diag_ggn(inputs[i], output_grads[i], append_ones[i]));
   }
   return result;
 }

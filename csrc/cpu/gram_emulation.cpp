@@ -1,5 +1,5 @@
-// fastlaplace::_factor_accumulate_emulated_ and _conv_input_factor_emulated_: the CUDA
-// factor ops' fused Gram kernel (csrc/gram_tiles.h) and its launch code run on the host,
+// fastlaplace::_factor_accumulate_emulated_, _conv_input_factor_emulated_ and
+// _diag_ggn_emulated: the CUDA curvature ops' fused Gram kernel (csrc/gram_tiles.h) and its launch code run on the host,
 // every block in turn and each phase for every thread id in turn (the tensor cores' warp
 // operations by plain float32 loops), so that the tests check the kernel's arithmetic
 // where there is no GPU. target_blocks plays the GPU's size (it
@@ -82,7 +82,7 @@ struct HostRun {
         gram::finish_tile(threads, layers.data(), count, workspace, block, alpha, beta);
       }
     } else if constexpr (gram::uses_tensor_cores<L>) {
-      auto stage = std::make_unique<gram::MmaStage<typename L::Source::input_t>>();
+      auto stage = std::make_unique<gram::MmaStage<typename L::Left::input_t>>();
       HostFragments fragments;
       for (int64_t block = 0; block < blocks; ++block) {
         gram::accumulate_tile_mma(threads, *stage, fragments, layers.data(), count, workspace,
@@ -124,10 +124,18 @@ void conv_input_factor_emulated(const at::Tensor& factor, const at::Tensor& inpu
                                HostRun{});
 }
 
+std::vector<at::Tensor> diag_ggn_emulated(at::TensorList inputs, at::TensorList output_grads,
+                                          c10::List<bool> append_ones, int64_t target_blocks) {
+  check_diag_ggn(inputs, output_grads, append_ones);
+  check_target_blocks(target_blocks);
+  return gram::diag_ggn_tiles(inputs, output_grads, append_ones, target_blocks, HostRun{});
+}
+
 }  // namespace
 }  // namespace fastlaplace
 
 TORCH_LIBRARY_IMPL(fastlaplace, CPU, m) {
   m.impl("_factor_accumulate_emulated_", &fastlaplace::factor_accumulate_emulated);
   m.impl("_conv_input_factor_emulated_", &fastlaplace::conv_input_factor_emulated);
+  m.impl("_diag_ggn_emulated", &fastlaplace::diag_ggn_emulated);
 }

@@ -1,8 +1,26 @@
-// CUDA dispatch of fastlaplace::diag_ggn: the ATen-composed implementation of
-// csrc/cpu/diag_ggn.cpp, whose products run as cuBLAS / cuSOLVER calls on the current
-// stream. A fused kernel replaces it once one is measured faster on the GPU.
+// CUDA kernel of fastlaplace::diag_ggn: the fused Gram kernel of csrc/gram_tiles.h on
+// squared operands, (sum_k g_k o g_k)^T ([a, 1] o [a, 1]) for every layer of the call in
+// one launch per input dtype, squaring the rows as they are staged (no squared copies).
 #include <torch/library.h>
 
-#include "../ops.h"
+#include <vector>
 
-TORCH_LIBRARY_IMPL(fastlaplace, CUDA, m) { m.impl("diag_ggn", &fastlaplace::diag_ggn_aten); }
+#include "../ops.h"
+#include "gram_tiles.cuh"
+
+namespace fastlaplace {
+namespace {
+
+std::vector<at::Tensor> diag_ggn_cuda(at::TensorList inputs, at::TensorList output_grads,
+                                      c10::List<bool> append_ones) {
+  check_diag_ggn(inputs, output_grads, append_ones);
+  if (inputs.empty()) return {};
+  const c10::cuda::CUDAGuard guard(inputs[0].device());
+  return gram::diag_ggn_tiles(inputs, output_grads, append_ones,
+                              gram::target_blocks(inputs[0]), gram::DeviceRun{inputs[0]});
+}
+
+}  // namespace
+}  // namespace fastlaplace
+
+TORCH_LIBRARY_IMPL(fastlaplace, CUDA, m) { m.impl("diag_ggn", &fastlaplace::diag_ggn_cuda); }

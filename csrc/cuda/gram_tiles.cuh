@@ -99,8 +99,8 @@ template <typename L>
 __global__ void __launch_bounds__(kThreads)
     accumulate_tiles_mma_kernel(const L* layers, int64_t count, float* workspace, float alpha,
                                 float beta) {
-  __shared__ MmaStage<typename L::Source::input_t> stage;
-  DeviceFragments<typename L::Source::input_t> fragments;
+  __shared__ MmaStage<typename L::Left::input_t> stage;
+  DeviceFragments<typename L::Left::input_t> fragments;
   accumulate_tile_mma(DeviceThreads{}, stage, fragments, layers, count, workspace, blockIdx.x,
                       alpha, beta);
 }
