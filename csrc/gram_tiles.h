@@ -215,21 +215,10 @@ struct Job {
 
 template <typename L>
 FL_HOST_DEVICE Job locate(const L* layers, int64_t count, int64_t block, bool finishing) {
-  // The last layer whose first block is at most `block` (layers without blocks share
-  // their first block with the next one and are skipped by taking the last).
   auto first = [finishing](const L& layer) {
     return finishing ? layer.first_finishing_block : layer.first_block;
   };
-  int64_t low = 0;
-  for (int64_t span = count; span > 1;) {  // layers[low, low + span) holds the answer
-    const int64_t half = span / 2;
-    if (first(layers[low + half]) <= block) {
-      low += half;
-      span -= half;
-    } else {
-      span = half;
-    }
-  }
+  const int64_t low = job_of_block(layers, count, block, first);
   const L& layer = layers[low];
   int64_t index = block - first(layer);
   Job job{low, index / layer.tiles(), 0, 0};

@@ -61,4 +61,24 @@ struct HostRegisters {
   T* of(int t) { return values.data() + static_cast<int64_t>(t) * N; }
 };
 
+// The job that block `block` of a launch belongs to, when jobs[0, count) take consecutive
+// runs of blocks in order and first(job) is a job's first block: the last job whose first
+// block is at most `block` (a job without blocks shares its first block with the next one,
+// which wins).
+template <typename Job, typename First>
+FL_HOST_DEVICE int64_t job_of_block(const Job* jobs, int64_t count, int64_t block,
+                                    First first) {
+  int64_t low = 0;
+  for (int64_t span = count; span > 1;) {  // jobs[low, low + span) holds the answer
+    const int64_t half = span / 2;
+    if (first(jobs[low + half]) <= block) {
+      low += half;
+      span -= half;
+    } else {
+      span = half;
+    }
+  }
+  return low;
+}
+
 }  // namespace fastlaplace

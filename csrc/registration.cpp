@@ -42,6 +42,10 @@ TORCH_LIBRARY(fastlaplace, m) {
   m.def(
       "_diag_ggn_emulated(Tensor[] inputs, Tensor[] output_grads, bool[] append_ones, "
       "int target_blocks) -> Tensor[]");
+  // The CUDA kron_logdet's blocks run on the host, for the tests.
+  m.def(
+      "_kron_logdet_emulated(Tensor[] eigvals_a, Tensor[] eigvals_g, Tensor scale, "
+      "Tensor delta) -> Tensor");
   m.def(
       "kron_solve(Tensor[] eigvecs_a, Tensor[] eigvals_a, Tensor[] eigvecs_g, "
       "Tensor[] eigvals_g, Tensor[] rhs, Tensor scale, Tensor delta, "

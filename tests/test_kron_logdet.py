@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import DEVICES, PRIME_SIZES, assert_matches_float64, eigen_layer, requires_extension
+from conftest import CUDA_REASON, DEVICES, PRIME_SIZES, assert_matches_float64, eigen_layer, requires_extension
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -81,3 +81,59 @@ def test_bad_inputs_name_the_argument():
         ops.kron_logdet([la], [lg.float()], torch.ones(1), torch.ones(1))
     with pytest.raises(ValueError, match=r"eigvals_a\[0\] must have 1 dimensions"):
         ops.kron_logdet([la[None]], [lg], torch.ones(1), torch.ones(1))
+
+
+# The CUDA kernel's blocks (csrc/kron_logdet_blocks.h) run on the host: a block takes at least
+# 256 threads x 16 entries, a layer at most 1,024 blocks.
+ENTRIES_PER_BLOCK = 256 * 16
+
+
+def emulated(eigvals_a, eigvals_g, scale, delta):
+    requires_extension()
+    return torch.ops.fastlaplace._kron_logdet_emulated(eigvals_a, eigvals_g, scale, delta)
+
+
+@given(
+    sizes=st.lists(
+        st.tuples(st.sampled_from([0, 1, 7, 64, 257]), st.sampled_from([0, 1, 13, 64, 300])), min_size=1, max_size=4
+    ),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_emulated_kernel_over_layers_of_one_and_many_blocks(sizes, dtype):
+    eigvals_a = [(torch.rand(n, dtype=torch.float64) - 0.1).to(dtype) for n, _ in sizes]  # some negative: clamped
+    eigvals_g = [torch.rand(n, dtype=torch.float64).to(dtype) for _, n in sizes]
+    scale = torch.rand(len(sizes), dtype=torch.float64) + 0.5
+    delta = torch.rand(len(sizes), dtype=torch.float64) + 1e-3
+    result = emulated(eigvals_a, eigvals_g, scale, delta)
+    exact = reference.kron_logdet([a.double() for a in eigvals_a], [g.double() for g in eigvals_g], scale, delta)
+    rounded = reference.kron_logdet(eigvals_a, eigvals_g, scale.to(dtype), delta.to(dtype))
+    assert result.dtype == dtype
+    assert_matches_float64(result, exact, rounded)
+
+
+def test_emulated_kernel_caps_the_blocks_of_a_large_layer_and_keeps_nan(generator):
+    """4M entries take more than 1,024 blocks' worth, so each thread strides over several; NaN stays NaN."""
+    la = torch.rand(2048, dtype=torch.float64, generator=generator)
+    lg = torch.rand(2049, dtype=torch.float64, generator=generator)
+    assert la.numel() * lg.numel() > 1024 * ENTRIES_PER_BLOCK
+    broken = lg.clone()
+    broken[5] = float("nan")
+    scale, delta = torch.ones(2, dtype=torch.float64), torch.full((2,), 0.1, dtype=torch.float64)
+    result = emulated([la, la], [lg, broken], scale, delta)
+    exact = reference.kron_logdet([la], [lg], scale[:1], delta[:1])
+    torch.testing.assert_close(result[:1], exact, rtol=1e-13, atol=0)
+    assert torch.isnan(result[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_kernel_agrees_with_the_emulation(dtype, generator):
+    sizes = [(2049, 1000), (0, 5), (7, 1), (4609, 512)]
+    eigvals_a = [torch.rand(n, dtype=torch.float64, generator=generator).to(dtype) for n, _ in sizes]
+    eigvals_g = [torch.rand(n, dtype=torch.float64, generator=generator).to(dtype) for _, n in sizes]
+    scale = torch.full((4,), 2.0, dtype=dtype)
+    delta = torch.full((4,), 1e-2, dtype=dtype)
+    expected = emulated(eigvals_a, eigvals_g, scale, delta)
+    result = ops.kron_logdet([a.cuda() for a in eigvals_a], [g.cuda() for g in eigvals_g], scale.cuda(), delta.cuda())
+    # The same sums in the same order: only the GPU's and the host's float64 logs differ.
+    torch.testing.assert_close(result.cpu(), expected, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)

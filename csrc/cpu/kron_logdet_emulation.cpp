@@ -1,0 +1,41 @@
+// fastlaplace::_kron_logdet_emulated: the CUDA kron_logdet's blocks
+// (csrc/kron_logdet_blocks.h) run on the host, every block in turn and each phase for
+// every thread id in turn, so that the tests check the kernel's arithmetic and block
+// layout where there is no GPU. Not a fast path.
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../kron_logdet_blocks.h"
+
+namespace fastlaplace {
+namespace {
+
+struct HostRun {
+  template <typename scalar_t>
+  void operator()(const std::vector<logdet::Layer<scalar_t>>& layers, int64_t blocks,
+                  double* partial, scalar_t* out) const {
+    const HostThreads threads{logdet::kThreads};
+    std::vector<double> slots(logdet::kThreads);
+    const int64_t count = static_cast<int64_t>(layers.size());
+    for (int64_t block = 0; block < blocks; ++block) {
+      logdet::block_log_sum(threads, slots.data(), layers.data(), count, block, partial);
+    }
+    for (int64_t l = 0; l < count; ++l) logdet::layer_log_sum(layers.data(), l, partial, out);
+  }
+};
+
+at::Tensor kron_logdet_emulated(at::TensorList eigvals_a, at::TensorList eigvals_g,
+                                const at::Tensor& scale, const at::Tensor& delta) {
+  TORCH_CHECK(!eigvals_a.empty(), "kron_logdet needs at least one layer");
+  TORCH_CHECK(eigvals_a[0].is_cpu(), "_kron_logdet_emulated runs on the CPU");
+  return logdet::kron_logdet_blocks(eigvals_a, eigvals_g, scale, delta, HostRun{});
+}
+
+}  // namespace
+}  // namespace fastlaplace
+
+TORCH_LIBRARY_IMPL(fastlaplace, CPU, m) {
+  m.impl("_kron_logdet_emulated", &fastlaplace::kron_logdet_emulated);
+}
