@@ -7,7 +7,9 @@ Run ``make bench`` (CPU), ``make gpu-check`` (CUDA) or directly
 The last cases are the CUDA issue's targets at their GPU sizes (500 eigendecompositions
 of 100², 100 of 1024² with damped inverses, ResNet-18's factor set, GPT-2 small's factor
 accumulation, a 2048 -> 1000 last-layer variance): timed with ``--device cuda``, and on
-the CPU only at ``--quick`` sizes, as a smoke run of their code.
+the CPU only at ``--quick`` sizes, as a smoke run of their code. On CUDA the GPT-2 case is
+also held against the SYRK flop bound: its time over the flops of the factors' upper
+triangles at the bf16 GEMM rate measured in the same run (8192² products).
 
 The operators are called through :mod:`fastlaplace.ops` of the checkout this file sits
 in. Without the compiled extension those wrappers fall back to the slow pure-PyTorch
@@ -81,6 +83,8 @@ class Pair:
     variant: str
     fast: Callable[[], object]
     baseline: Callable[[], object]
+    #: bf16 flops the fast side cannot do without (set where a target compares it with the GEMM rate)
+    bf16_flops: float | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,8 @@ class Bench:
     max_seconds: float | None = None
     #: a target of the CUDA issue at GPU sizes: timed on CUDA, and on the CPU only with --quick (a smoke run)
     gpu_target: bool = False
+    #: on CUDA, at most this multiple of bf16_flops at the GPU's measured bf16 GEMM rate
+    max_flop_bound_ratio: float | None = None
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -470,7 +476,9 @@ def factor_accumulation_gpt2(device: str, quick: bool) -> Pair:
             f.mul_(0.95).add_((cat_ones(x) if b else x).T @ (cat_ones(x) if b else x))
         return base_factors
 
-    return Pair(f"GPT-2 small, {blocks} blocks, {tokens} tokens, bf16 in, β=0.95", fast, baseline)
+    # SYRK: the upper triangle of each factor, tokens multiply-adds per entry.
+    flops = sum(tokens * (d + b) * (d + b + 1) for d, b in ((x.shape[1], b) for x, b in zip(xs, bias, strict=True)))
+    return Pair(f"GPT-2 small, {blocks} blocks, {tokens} tokens, bf16 in, β=0.95", fast, baseline, flops)
 
 
 def predictive_last_layer_1000_classes(device: str, quick: bool) -> Pair:
@@ -523,6 +531,7 @@ BENCHES = [
         factor_accumulation_gpt2,
         min_speedup=2,
         gpu_target=True,
+        max_flop_bound_ratio=1.15,
     ),
     Bench(
         "kron_predictive_variance",
@@ -615,6 +624,28 @@ def target_note(bench: Bench, speedup: float, peak_fraction: float, seconds: flo
     return None, None
 
 
+def bf16_gemm_flops_per_second(device: str) -> float:
+    """The GPU's bf16 GEMM rate, measured: the median of 10 products of 8192² matrices."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    seconds = statistics.median(timed(lambda: a @ b, device)[0] for _ in range(11))
+    return 2 * 8192**3 / seconds
+
+
+def flop_bound_note(bench: Bench, pair: Pair, seconds: float, device: str) -> dict:
+    """The fast side's time over its bf16 flops at the measured GEMM rate (CUDA cases with that target)."""
+    if bench.max_flop_bound_ratio is None or pair.bf16_flops is None or device != "cuda":
+        return {}
+    rate = bf16_gemm_flops_per_second(device)
+    ratio = seconds / (pair.bf16_flops / rate)
+    return {
+        "bf16_gemm_tflops": rate / 1e12,
+        "flop_bound_ratio": ratio,
+        "flop_bound_target": f"within {bench.max_flop_bound_ratio:g}× of the SYRK flop bound at the bf16 GEMM rate",
+        "flop_bound_met": ratio <= bench.max_flop_bound_ratio,
+    }
+
+
 def machine_info(device: str) -> dict:
     return {
         "platform": platform.platform(),
@@ -632,6 +663,7 @@ def run_bench(index: int, args: argparse.Namespace, common: dict) -> dict:
     times_fast, times_base, diff = time_pair(pair, args.device, SECONDS_PER_CASE[args.quick])
     seconds_fast, seconds_base = statistics.median(times_fast), statistics.median(times_base)
     variant = pair.variant
+    bound = flop_bound_note(bench, pair, seconds_fast, args.device)
     if args.device == "cuda":
         peaks = [peak_mib(pair.fast, "cuda"), peak_mib(pair.baseline, "cuda")]
     else:
@@ -654,6 +686,7 @@ def run_bench(index: int, args: argparse.Namespace, common: dict) -> dict:
         "times_fastlaplace": times_fast,
         "times_baseline": times_base,
         "load_average": load_average,
+        **bound,
         **common,
     }
 
@@ -690,6 +723,13 @@ def markdown(records: list[dict], command: str) -> str:
         if r["target"] is not None:
             verdict = "met" if r["target_met"] else "NOT met"
             lines.append(f"- Target for {r['case']} ({r['variant']}): {r['target']}: {verdict}.")
+        if "flop_bound_ratio" in r:
+            verdict = "met" if r["flop_bound_met"] else "NOT met"
+            rate = f"{r['bf16_gemm_tflops']:.0f} TFLOP/s measured"
+            lines.append(
+                f"- Target for {r['case']} ({r['variant']}): {r['flop_bound_target']} ({rate}): "
+                f"{r['flop_bound_ratio']:.2f}×, {verdict}."
+            )
         if r["max_rel_diff"] > MAX_REL_DIFF:
             difference = f"max relative difference {r['max_rel_diff']:.1e}"
             lines.append(f"- fastlaplace and baseline results differ: {r['case']} ({r['variant']}), {difference}.")
