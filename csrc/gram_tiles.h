@@ -270,26 +270,41 @@ FL_HOST_DEVICE Tile tile_of(const L* layers, int64_t count, int64_t block) {
           std::min(layer.rows(), begin + layer.chunk_rows())};
 }
 
-// Rows k0 .. k0 + depth of X and Y into shared memory, as T. Thread t loads column
-// t % kTile, in rows t / kTile + multiples of kThreads / kTile: consecutive threads read
-// consecutive columns, and a thread decodes its column once and each row once for both.
-template <int depth, typename T, typename L, typename Threads>
-FL_HOST_DEVICE void load_stage(const Threads& threads, const L& layer, const Tile& tile,
-                               int64_t k0, T (*left)[kTile], T (*right)[kTile]) {
-  static_assert(depth % (kThreads / kTile) == 0, "every thread loads as many rows");
-  threads.each([&](int t) {
-    const int c = t % kTile;
-    const Operand<typename L::Left> x(layer.left, layer.left_ones, tile.row0 + c);
-    const Operand<typename L::Right> y(layer.right, layer.right_ones, tile.column0 + c);
-    FL_UNROLL for (int k = t / kTile; k < depth; k += kThreads / kTile) {
-      if (k0 + k < tile.end) {
-        left[k][c] = x.template value<T>(layer.left, layer.left.row(k0 + k));
-        right[k][c] = y.template value<T>(layer.right, layer.right.row(k0 + k));
-      } else {
-        left[k][c] = right[k][c] = T(0.0f);
-      }
-    }
-  });
+// A stage of `depth` rows of X and Y is loaded in two steps, so that the global reads of
+// the next stage overlap the multiplication of this one: fetch_stage reads thread t's
+// share into its registers (staged_values<depth>() values), put_stage writes them into
+// shared memory. Thread t takes column t % kTile of both operands, in rows t / kTile +
+// multiples of kRowsPerPass: consecutive threads read consecutive columns, and a thread
+// decodes its column once and each row once for both operands.
+constexpr int kRowsPerPass = kThreads / kTile;
+
+template <int depth>
+FL_HOST_DEVICE constexpr int staged_values() {
+  static_assert(depth % kRowsPerPass == 0, "every thread loads as many rows");
+  return 2 * depth / kRowsPerPass;
+}
+
+template <int depth, typename T, typename L>
+FL_HOST_DEVICE void fetch_stage(const L& layer, const Tile& tile, int64_t k0, int t, T* mine) {
+  const int c = t % kTile;
+  const Operand<typename L::Left> x(layer.left, layer.left_ones, tile.row0 + c);
+  const Operand<typename L::Right> y(layer.right, layer.right_ones, tile.column0 + c);
+  FL_UNROLL for (int q = 0; q < depth / kRowsPerPass; ++q) {
+    const int64_t r = k0 + t / kTile + q * kRowsPerPass;
+    const bool live = r < tile.end;
+    mine[2 * q] = live ? x.template value<T>(layer.left, layer.left.row(r)) : T(0.0f);
+    mine[2 * q + 1] = live ? y.template value<T>(layer.right, layer.right.row(r)) : T(0.0f);
+  }
+}
+
+template <int depth, typename T>
+FL_HOST_DEVICE void put_stage(int t, const T* mine, T (*left)[kTile], T (*right)[kTile]) {
+  const int c = t % kTile;
+  FL_UNROLL for (int q = 0; q < depth / kRowsPerPass; ++q) {
+    const int k = t / kTile + q * kRowsPerPass;
+    left[k][c] = mine[2 * q];
+    right[k][c] = mine[2 * q + 1];
+  }
 }
 
 // Entry (i, j) of the output gets beta Out(i, j) + alpha sum (beta == 0 ignores the old
@@ -328,11 +343,11 @@ struct Stage {
 };
 
 // Block `block` of the accumulating launch on the arithmetic units, for every dtype.
-// Registers: DeviceRegisters or HostRegisters of kMicro * kMicro acc_t; `threads` must
-// have kThreads threads.
-template <typename L, typename Threads, typename Registers>
+// Sums and Staged: DeviceRegisters or HostRegisters of kMicro * kMicro and of
+// staged_values<kDepth>() acc_t; `threads` must have kThreads threads.
+template <typename L, typename Threads, typename Sums, typename Staged>
 FL_HOST_DEVICE void accumulate_tile(const Threads& threads, Stage<typename L::acc_t>& stage,
-                                    Registers& sums, const L* layers, int64_t count,
+                                    Sums& sums, Staged& staged, const L* layers, int64_t count,
                                     typename L::acc_t* workspace, int64_t block,
                                     typename L::acc_t alpha, typename L::acc_t beta) {
   using acc_t = typename L::acc_t;
@@ -341,10 +356,12 @@ FL_HOST_DEVICE void accumulate_tile(const Threads& threads, Stage<typename L::ac
   threads.each([&](int t) {
     acc_t* mine = sums.of(t);
     FL_UNROLL for (int o = 0; o < kMicro * kMicro; ++o) mine[o] = acc_t(0);
+    fetch_stage<kDepth>(layer, tile, tile.begin, t, staged.of(t));
   });
   for (int64_t k0 = tile.begin; k0 < tile.end; k0 += kDepth) {
-    load_stage<kDepth>(threads, layer, tile, k0, stage.left, stage.right);
+    threads.each([&](int t) { put_stage<kDepth>(t, staged.of(t), stage.left, stage.right); });
     threads.each([&](int t) {
+      if (k0 + kDepth < tile.end) fetch_stage<kDepth>(layer, tile, k0 + kDepth, t, staged.of(t));
       const int ty = t / kSide, tx = t % kSide;
       acc_t* mine = sums.of(t);
       FL_UNROLL for (int k = 0; k < kDepth; ++k) {
@@ -401,13 +418,13 @@ FL_HOST_DEVICE inline int fragment_column(int warp, int f) {
 // multiply(t, f, a, b, ldm) adds the product of the col-major 16 x 16 a and the row-major
 // b to the stage fragment f of thread t's warp; finish_stage(t) adds the stage fragments
 // to the running ones and zeroes them; store(t, f, out, ldm) writes the running fragment
-// f row-major.
-template <typename L, typename Threads, typename Fragments>
+// f row-major. Staged: registers of staged_values<kMmaDepth>() 16-bit values.
+template <typename L, typename Threads, typename Fragments, typename Staged>
 FL_HOST_DEVICE void accumulate_tile_mma(const Threads& threads,
                                         MmaStage<typename L::Left::input_t>& stage,
-                                        Fragments& fragments, const L* layers, int64_t count,
-                                        float* workspace, int64_t block, float alpha,
-                                        float beta) {
+                                        Fragments& fragments, Staged& staged, const L* layers,
+                                        int64_t count, float* workspace, int64_t block,
+                                        float alpha, float beta) {
   const Tile tile = tile_of(layers, count, block);
   const L& layer = layers[tile.job.layer];
   const bool diagonal = layer.symmetric && tile.job.tile_row == tile.job.tile_column;
@@ -415,10 +432,16 @@ FL_HOST_DEVICE void accumulate_tile_mma(const Threads& threads,
   auto needed = [&](int warp, int f) {
     return !diagonal || fragment_row(warp, f) <= fragment_column(warp, f);
   };
-  threads.each([&](int t) { fragments.zero(t); });
+  threads.each([&](int t) {
+    fragments.zero(t);
+    fetch_stage<kMmaDepth>(layer, tile, tile.begin, t, staged.of(t));
+  });
   for (int64_t k0 = tile.begin; k0 < tile.end; k0 += kMmaDepth) {
-    load_stage<kMmaDepth>(threads, layer, tile, k0, stage.left, stage.right);
+    threads.each([&](int t) { put_stage<kMmaDepth>(t, staged.of(t), stage.left, stage.right); });
     threads.each([&](int t) {
+      if (k0 + kMmaDepth < tile.end) {
+        fetch_stage<kMmaDepth>(layer, tile, k0 + kMmaDepth, t, staged.of(t));
+      }
       const int warp = t / 32;
       FL_UNROLL for (int f = 0; f < kFragmentsPerWarp; ++f) {
         if (!needed(warp, f)) continue;

@@ -82,18 +82,21 @@ struct HostRun {
         gram::finish_tile(threads, layers.data(), count, workspace, block, alpha, beta);
       }
     } else if constexpr (gram::uses_tensor_cores<L>) {
-      auto stage = std::make_unique<gram::MmaStage<typename L::Left::input_t>>();
+      using half_t = typename L::Left::input_t;
+      auto stage = std::make_unique<gram::MmaStage<half_t>>();
       HostFragments fragments;
+      HostRegisters<half_t, gram::staged_values<gram::kMmaDepth>()> staged(gram::kThreads);
       for (int64_t block = 0; block < blocks; ++block) {
-        gram::accumulate_tile_mma(threads, *stage, fragments, layers.data(), count, workspace,
-                                  block, alpha, beta);
+        gram::accumulate_tile_mma(threads, *stage, fragments, staged, layers.data(), count,
+                                  workspace, block, alpha, beta);
       }
     } else {
       auto stage = std::make_unique<gram::Stage<acc_t>>();
       HostRegisters<acc_t, gram::kMicro * gram::kMicro> sums(gram::kThreads);
+      HostRegisters<acc_t, gram::staged_values<gram::kDepth>()> staged(gram::kThreads);
       for (int64_t block = 0; block < blocks; ++block) {
-        gram::accumulate_tile(threads, *stage, sums, layers.data(), count, workspace, block,
-                              alpha, beta);
+        gram::accumulate_tile(threads, *stage, sums, staged, layers.data(), count, workspace,
+                              block, alpha, beta);
       }
     }
   }

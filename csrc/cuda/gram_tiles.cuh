@@ -26,8 +26,9 @@ __global__ void __launch_bounds__(kThreads)
                             typename L::acc_t alpha, typename L::acc_t beta) {
   __shared__ Stage<typename L::acc_t> stage;
   DeviceRegisters<typename L::acc_t, kMicro * kMicro> sums;
-  accumulate_tile(DeviceThreads{}, stage, sums, layers, count, workspace, blockIdx.x, alpha,
-                  beta);
+  DeviceRegisters<typename L::acc_t, staged_values<kDepth>()> staged;
+  accumulate_tile(DeviceThreads{}, stage, sums, staged, layers, count, workspace, blockIdx.x,
+                  alpha, beta);
 }
 
 template <typename L>
@@ -99,10 +100,12 @@ template <typename L>
 __global__ void __launch_bounds__(kThreads)
     accumulate_tiles_mma_kernel(const L* layers, int64_t count, float* workspace, float alpha,
                                 float beta) {
-  __shared__ MmaStage<typename L::Left::input_t> stage;
-  DeviceFragments<typename L::Left::input_t> fragments;
-  accumulate_tile_mma(DeviceThreads{}, stage, fragments, layers, count, workspace, blockIdx.x,
-                      alpha, beta);
+  using half_t = typename L::Left::input_t;
+  __shared__ MmaStage<half_t> stage;
+  DeviceFragments<half_t> fragments;
+  DeviceRegisters<half_t, staged_values<kMmaDepth>()> staged;
+  accumulate_tile_mma(DeviceThreads{}, stage, fragments, staged, layers, count, workspace,
+                      blockIdx.x, alpha, beta);
 }
 
 // Whether the device of `t` has the tensor cores that accumulate_tiles_mma_kernel uses.
