@@ -5,7 +5,8 @@
 // Out_l <- beta Out_l + alpha X_l^T Y_l for every layer l of a launch, X_l and Y_l
 // virtual matrices with the same rows, read element by element from their Sources (a
 // layer's input rows, a Conv2d input's patches by implicit im2col, squared rows), each
-// with an optional implicit ones column. A symmetric layer is a Gram matrix (X = Y): only
+// with an optional implicit ones column (and optionally each entry times a damped Kron
+// spectrum's power: the Kron solve is four such launches). A symmetric layer is a Gram matrix (X = Y): only
 // its tiles on or above the diagonal are computed, and each block writes its upper
 // entries and their mirror images, so the factor is exactly symmetric and only its upper
 // triangle is read. One block computes one kTile x kTile tile of one layer (all layers'
@@ -20,6 +21,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -139,6 +141,25 @@ struct SquaredRows {
   }
 };
 
+// An optional factor on each entry (i, j) of an output: (s mu_i lambda_j + delta)^p, the
+// damped Kron spectrum's power (eigenvalues clamped at 0, NaN kept), for the Kron solve.
+template <typename acc_t>
+struct Spectrum {
+  const acc_t* mu = nullptr;  // null: no factor
+  const acc_t* lambda = nullptr;
+  const double* scale = nullptr;
+  const double* delta = nullptr;
+  double exponent = -1.0;
+
+  FL_HOST_DEVICE acc_t weight(int64_t i, int64_t j) const {
+    const acc_t m = mu[i] < 0 ? acc_t(0) : mu[i], l = lambda[j] < 0 ? acc_t(0) : lambda[j];
+    const acc_t damped = static_cast<acc_t>(*scale) * m * l + static_cast<acc_t>(*delta);
+    if (exponent == -1.0) return acc_t(1) / damped;
+    if (exponent == -0.5) return acc_t(1) / std::sqrt(damped);
+    return static_cast<acc_t>(std::pow(damped, static_cast<acc_t>(exponent)));
+  }
+};
+
 // One output of a launch, X^T Y, and the blocks that compute it.
 template <typename Left_, typename Right_, typename acc_t_>
 struct Layer {
@@ -158,6 +179,7 @@ struct Layer {
   int64_t first_block = 0;   // blocks of the layers before it in the launch
   int64_t first_finishing_block = 0;  // the same in the launch that adds the chunks
   int64_t partial_offset = 0;         // its chunks' partial sums in the workspace
+  Spectrum<acc_t> spectrum = {};      // a factor on every entry, where spectrum.mu is set
 
   FL_HOST_DEVICE int64_t rows() const { return left.rows; }
   FL_HOST_DEVICE int64_t tiles() const {
@@ -307,9 +329,10 @@ FL_HOST_DEVICE void put_stage(int t, const T* mine, T (*left)[kTile], T (*right)
   }
 }
 
-// Entry (i, j) of the output gets beta Out(i, j) + alpha sum (beta == 0 ignores the old
-// entry, NaN included, as BLAS does); an upper entry of a symmetric output also its
-// mirror image, and its lower ones nothing (their mirror images hold them).
+// Entry (i, j) of the output gets beta Out(i, j) + alpha sum (times the spectrum's factor,
+// if any; beta == 0 ignores the old entry, NaN included, as BLAS does); an upper entry of
+// a symmetric output also its mirror image, and its lower ones nothing (their mirror
+// images hold them).
 template <typename L>
 FL_HOST_DEVICE void store(const L& layer, int64_t i, int64_t j, typename L::acc_t sum,
                           typename L::acc_t alpha, typename L::acc_t beta) {
@@ -317,6 +340,7 @@ FL_HOST_DEVICE void store(const L& layer, int64_t i, int64_t j, typename L::acc_
   if (i >= layer.out_rows || j >= layer.out_columns || (layer.symmetric && i > j)) return;
   acc_t* out = layer.out;
   const int64_t at = i * layer.out_columns + j;
+  if (layer.spectrum.mu != nullptr) sum *= layer.spectrum.weight(i, j);
   const acc_t result = beta == acc_t(0) ? alpha * sum : beta * out[at] + alpha * sum;
   out[at] = result;
   if (layer.symmetric) out[j * layer.out_columns + i] = result;

@@ -50,6 +50,11 @@ void check_factor_accumulate(at::TensorList factors, at::TensorList inputs,
 void check_diag_ggn(at::TensorList inputs, at::TensorList output_grads,
                     const c10::List<bool>& append_ones);
 
+// Checks the arguments of kron_solve (one entry per layer, eigenpairs, rhs shapes, devices).
+void check_kron_solve(at::TensorList eigvecs_a, at::TensorList eigvals_a,
+                      at::TensorList eigvecs_g, at::TensorList eigvals_g, at::TensorList rhs,
+                      const at::Tensor& scale, const at::Tensor& delta);
+
 // The shape of a Conv2d's patches: C * kh * kw features at out_h * out_w positions.
 struct ConvGeometry {
   int64_t channels, height, width, kh, kw, out_h, out_w;

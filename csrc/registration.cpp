@@ -31,7 +31,7 @@ TORCH_LIBRARY(fastlaplace, m) {
   m.def("damped_inverses(Tensor[] matrices, Tensor shifts) -> Tensor[]");
   // The CUDA batched_eigh's Jacobi solver run on the host, for the tests.
   m.def("_jacobi_eigh_emulated(Tensor[] matrices, int threads) -> (Tensor[], Tensor[])");
-  // The CUDA curvature ops' fused Gram kernel run on the host, for the tests.
+  // The CUDA curvature ops' fused tile kernel run on the host, for the tests.
   m.def(
       "_factor_accumulate_emulated_(Tensor(a!)[] factors, Tensor[] inputs, bool[] append_ones, "
       "float alpha, float beta, int target_blocks) -> ()");
@@ -41,6 +41,10 @@ TORCH_LIBRARY(fastlaplace, m) {
       "float beta, int target_blocks) -> ()");
   m.def(
       "_diag_ggn_emulated(Tensor[] inputs, Tensor[] output_grads, bool[] append_ones, "
+      "int target_blocks) -> Tensor[]");
+  m.def(
+      "_kron_solve_emulated(Tensor[] eigvecs_a, Tensor[] eigvals_a, Tensor[] eigvecs_g, "
+      "Tensor[] eigvals_g, Tensor[] rhs, Tensor scale, Tensor delta, float exponent, "
       "int target_blocks) -> Tensor[]");
   // The CUDA kron_logdet's blocks run on the host, for the tests.
   m.def(

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import DEVICES, PRIME_SIZES, assert_matches_float64, eigen_layer, requires_extension
-from hypothesis import given
+from conftest import CUDA_REASON, DEVICES, PRIME_SIZES, assert_matches_float64, eigen_layer, requires_extension
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastlaplace.ops as ops
@@ -123,3 +123,81 @@ def test_bad_inputs_name_the_argument():
         ops.kron_solve([qa], [la], [qg], [lg.float()], [torch.randn(2, 3)], **ok)
     with pytest.raises(ValueError, match="one entry per layer"):
         ops.kron_solve([qa], [la], [qg], [lg], [], **ok)
+
+
+# The CUDA kernel (four products of the fused tile kernel, csrc/gram_tiles.h) run on the host.
+TILE = 64  # gram::kTile
+
+
+def emulated(eigvecs_a, eigvals_a, eigvecs_g, eigvals_g, rhs, scale, delta, exponent, target_blocks):
+    requires_extension()
+    return torch.ops.fastlaplace._kron_solve_emulated(
+        eigvecs_a, eigvals_a, eigvecs_g, eigvals_g, rhs, scale, delta, exponent, target_blocks
+    )
+
+
+@settings(deadline=None, max_examples=30)
+@given(
+    sizes=st.lists(st.tuples(st.sampled_from([1, 5, TILE + 1]), st.sampled_from([1, 3, TILE])), min_size=1, max_size=3),
+    batch=st.sampled_from([(), (2,)]),
+    exponent=st.sampled_from([-1.0, -0.5, 1.0, 0.3]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    column_major=st.booleans(),
+    target_blocks=st.sampled_from([1, 10_000]),
+)
+def test_emulated_kernel_products_of_strided_views(sizes, batch, exponent, dtype, column_major, target_blocks):
+    layers = [eigen_layer(d_a, d_g, rank_a=max(1, d_a // 2)) for d_a, d_g in sizes]  # rank-deficient A: clamped λ
+    # torch.linalg.eigh returns column-major eigenvectors, as the fits do
+    cast = [
+        [(t.T.contiguous().T if column_major and t.dim() == 2 else t).to(dtype) for t in layer[:4]] for layer in layers
+    ]
+    eigvecs_a, eigvals_a, eigvecs_g, eigvals_g = (list(t) for t in zip(*cast, strict=True))
+    rhs = [torch.randn(*batch, d_g, d_a, dtype=torch.float64).to(dtype) for d_a, d_g in sizes]
+    scale = torch.rand(len(sizes), dtype=dtype) + 0.5
+    delta = torch.rand(len(sizes), dtype=dtype) + 0.05
+    result = emulated(eigvecs_a, eigvals_a, eigvecs_g, eigvals_g, rhs, scale, delta, exponent, target_blocks)
+    exact = reference.kron_solve(
+        *[[t.double() for t in ts] for ts in (eigvecs_a, eigvals_a, eigvecs_g, eigvals_g, rhs)],
+        scale.double(),
+        delta.double(),
+        exponent,
+    )
+    rounded = reference.kron_solve(eigvecs_a, eigvals_a, eigvecs_g, eigvals_g, rhs, scale, delta, exponent)
+    for got, want, own, v in zip(result, exact, rounded, rhs, strict=True):
+        assert got.shape == v.shape and got.dtype == dtype
+        assert_matches_float64(got, want, own)
+
+
+def test_emulated_kernel_groups_layers_by_dtype_and_converts_rhs(generator):
+    qa, la, qg, lg, *_ = eigen_layer(70, 9, generator=generator)
+    v = torch.randn(9, 70, generator=generator).bfloat16()
+    args = ([qa.float(), qa], [la.float(), la], [qg.float(), qg], [lg.float(), lg], [v, v.double()])
+    scale, delta = torch.tensor([1.0, 2.0]), torch.tensor([0.1, 0.3])
+    result = emulated(*args, scale, delta, -1.0, 1)
+    assert [r.dtype for r in result] == [torch.float32, torch.float64]
+    exact = reference.kron_solve(*[[t.double() for t in ts] for ts in args], scale.double(), delta.double())
+    rounded = reference.kron_solve(*args, scale, delta)
+    for got, want, own in zip(result, exact, rounded, strict=True):
+        assert_matches_float64(got, want, own)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_kernel_agrees_with_the_emulation(dtype, generator):
+    layers = [eigen_layer(d_a, d_g, generator=generator) for d_a, d_g in ((785, 512), (513, 10), (3, 2))]
+    eigvecs_a, eigvals_a, eigvecs_g, eigvals_g = (
+        [t.to(dtype) for t in ts] for ts in zip(*[layer[:4] for layer in layers])
+    )
+    rhs = [torch.randn(4, layer[2].shape[0], layer[0].shape[0], generator=generator).to(dtype) for layer in layers]
+    scale, delta = torch.tensor([1.0, 2.0, 0.5], dtype=dtype), torch.tensor([0.1, 0.2, 1.0], dtype=dtype)
+    for exponent in (-1.0, -0.5):
+        expected = emulated(eigvecs_a, eigvals_a, eigvecs_g, eigvals_g, rhs, scale, delta, exponent, 528)
+        on_gpu = ops.kron_solve(
+            *[[t.cuda() for t in ts] for ts in (eigvecs_a, eigvals_a, eigvecs_g, eigvals_g, rhs)],
+            scale.cuda(),
+            delta.cuda(),
+            exponent,
+        )
+        relative = 1e-5 if dtype == torch.float32 else 1e-12
+        for got, want in zip(on_gpu, expected, strict=True):
+            torch.testing.assert_close(got.cpu(), want, rtol=0, atol=relative * want.abs().max().item())

@@ -1,5 +1,5 @@
-// fastlaplace::_factor_accumulate_emulated_, _conv_input_factor_emulated_ and
-// _diag_ggn_emulated: the CUDA curvature ops' fused Gram kernel (csrc/gram_tiles.h) and its launch code run on the host,
+// fastlaplace::_factor_accumulate_emulated_, _conv_input_factor_emulated_,
+// _diag_ggn_emulated and _kron_solve_emulated: the CUDA curvature ops' fused tile kernel (csrc/gram_tiles.h) and its launch code run on the host,
 // every block in turn and each phase for every thread id in turn (the tensor cores' warp
 // operations by plain float32 loops), so that the tests check the kernel's arithmetic
 // where there is no GPU. target_blocks plays the GPU's size (it
@@ -134,6 +134,17 @@ std::vector<at::Tensor> diag_ggn_emulated(at::TensorList inputs, at::TensorList 
   return gram::diag_ggn_tiles(inputs, output_grads, append_ones, target_blocks, HostRun{});
 }
 
+std::vector<at::Tensor> kron_solve_emulated(at::TensorList eigvecs_a, at::TensorList eigvals_a,
+                                            at::TensorList eigvecs_g, at::TensorList eigvals_g,
+                                            at::TensorList rhs, const at::Tensor& scale,
+                                            const at::Tensor& delta, double exponent,
+                                            int64_t target_blocks) {
+  check_kron_solve(eigvecs_a, eigvals_a, eigvecs_g, eigvals_g, rhs, scale, delta);
+  check_target_blocks(target_blocks);
+  return gram::kron_solve_tiles(eigvecs_a, eigvals_a, eigvecs_g, eigvals_g, rhs, scale, delta,
+                                exponent, target_blocks, HostRun{});
+}
+
 }  // namespace
 }  // namespace fastlaplace
 
@@ -141,4 +152,5 @@ TORCH_LIBRARY_IMPL(fastlaplace, CPU, m) {
   m.impl("_factor_accumulate_emulated_", &fastlaplace::factor_accumulate_emulated);
   m.impl("_conv_input_factor_emulated_", &fastlaplace::conv_input_factor_emulated);
   m.impl("_diag_ggn_emulated", &fastlaplace::diag_ggn_emulated);
+  m.impl("_kron_solve_emulated", &fastlaplace::kron_solve_emulated);
 }
