@@ -1,18 +1,20 @@
-// The fused Gram-matrix kernel of the CUDA factor ops, written once for the GPU
-// (csrc/cuda/gram_tiles.cuh) and for its host emulation (csrc/cpu/gram_emulation.cpp,
-// for the tests); see host_device.h for how.
+// The fused tile kernel of the CUDA curvature ops (factor accumulation, conv factor,
+// diagonal GGN, Kron solve), written once for the GPU (csrc/cuda/gram_tiles.cuh) and for
+// its host emulation (csrc/cpu/gram_emulation.cpp, for the tests); see host_device.h for
+// how.
 //
 // Out_l <- beta Out_l + alpha X_l^T Y_l for every layer l of a launch, X_l and Y_l
 // virtual matrices with the same rows, read element by element from their Sources (a
-// layer's input rows, a Conv2d input's patches by implicit im2col, squared rows), each
-// with an optional implicit ones column (and optionally each entry times a damped Kron
-// spectrum's power: the Kron solve is four such launches). A symmetric layer is a Gram matrix (X = Y): only
-// its tiles on or above the diagonal are computed, and each block writes its upper
-// entries and their mirror images, so the factor is exactly symmetric and only its upper
-// triangle is read. One block computes one kTile x kTile tile of one layer (all layers'
-// tiles in one launch), staging kDepth rows of both operands in shared memory, converted
-// to the factor's dtype there (no converted copy of a bf16 input exists), each thread
-// keeping a kMicro x kMicro block of sums.
+// layer's input rows, a Conv2d input's patches by implicit im2col, squared rows, strided
+// views), each with an optional implicit ones column, and optionally each entry times a
+// damped Kron spectrum's power (the Kron solve is four such launches). A symmetric layer
+// is a Gram matrix (X = Y): only its tiles on or above the diagonal are computed, and
+// each block writes its upper entries and their mirror images, so the factor is exactly
+// symmetric and only its upper triangle is read. One block computes one kTile x kTile
+// tile of one layer (all layers' tiles in one launch), staging rows of both operands in
+// shared memory, converted to the factor's dtype there (no converted copy of a bf16 input
+// exists; 16-bit inputs keep their dtype for the tensor-core variant), each thread keeping
+// a kMicro x kMicro block of sums.
 //
 // A launch with fewer tiles than the GPU has room for splits the rows of its layers
 // into chunks: each (tile, chunk) block writes its partial sums to a workspace, and a
@@ -116,25 +118,17 @@ struct ConvPatches {
 // (r, c) = sum_k x[r, k, c]^2 (inner = 1 for a matrix), in the factor's dtype. No
 // tensor-core variant: a square rounded to 16 bits would lose the input's precision.
 template <typename input_t_>
-struct SquaredRows {
-  using input_t = input_t_;
+struct SquaredRows : DenseRows<input_t_> {
+  using typename DenseRows<input_t_>::Row;
+  using typename DenseRows<input_t_>::Column;
   static constexpr bool kSquared = true;
-  const input_t* data;
-  int64_t rows, columns, row_stride, column_stride, inner, inner_stride;
+  int64_t inner, inner_stride;
 
-  struct Row {
-    int64_t offset;
-  };
-  struct Column {
-    int64_t offset;
-  };
-  FL_HOST_DEVICE Row row(int64_t r) const { return {r * row_stride}; }
-  FL_HOST_DEVICE Column column(int64_t c) const { return {c * column_stride}; }
   template <typename acc_t>
   FL_HOST_DEVICE acc_t at(Row r, Column c) const {
     acc_t sum = acc_t(0);
     for (int64_t k = 0; k < inner; ++k) {
-      const acc_t x = static_cast<acc_t>(data[r.offset + k * inner_stride + c.offset]);
+      const acc_t x = static_cast<acc_t>(this->data[r.offset + k * inner_stride + c.offset]);
       sum += x * x;
     }
     return sum;

@@ -1,6 +1,6 @@
-// The host side of the fused Gram kernel (gram_tiles.h), shared by the CUDA dispatch and
-// the host emulation so that the tests also check it: the launch's layers built from the
-// op's tensors, one launch per (input dtype, factor dtype), the split workspace.
+// The host side of the fused tile kernel (gram_tiles.h), shared by the CUDA dispatch and
+// the host emulation so that the tests also check it: each op's layers built from its
+// tensors and grouped by dtype into launches, and the split workspace.
 //
 // A Run is called as run(layers, blocks, workspace, finishing, alpha, beta): it runs
 // `blocks` blocks of gram::accumulate_tile (finishing = false), then of gram::finish_tile,
@@ -32,6 +32,8 @@ constexpr bool uses_tensor_cores =
     std::is_same_v<typename L::Left::input_t, typename L::Right::input_t> &&
     !L::Left::kSquared && !L::Right::kSquared && std::is_same_v<typename L::acc_t, float>;
 
+// One launch over `layers`, planned for about target_blocks blocks (`like`: the device and
+// dtype of its workspace), and the launch that adds its chunks if it splits rows.
 template <typename L, typename Run>
 void run_layers(std::vector<L>& layers, int64_t target_blocks, const at::Tensor& like,
                 double alpha, double beta, const Run& run) {
@@ -45,6 +47,13 @@ void run_layers(std::vector<L>& layers, int64_t target_blocks, const at::Tensor&
     run(layers, p.finishing_blocks, partial, true, static_cast<acc_t>(alpha),
         static_cast<acc_t>(beta));
   }
+}
+
+// X[k][i] = m[k][i] as a source, or with `transposed` X[k][i] = m[i][k].
+template <typename scalar_t>
+DenseRows<scalar_t> matrix_rows(const at::Tensor& m, bool transposed) {
+  const int a = transposed ? 1 : 0, b = 1 - a;
+  return {m.const_data_ptr<scalar_t>(), m.size(a), m.size(b), m.stride(a), m.stride(b)};
 }
 
 // factor_accumulate_ on checked arguments (check_factor_accumulate): all layers whose
@@ -70,10 +79,8 @@ void accumulate_input_factors(at::TensorList factors, at::TensorList inputs,
             continue;
           }
           done[i] = true;
-          const DenseRows<input_t> rows{x.const_data_ptr<input_t>(), x.size(0), x.size(1),
-                                        x.stride(0), x.stride(1)};
-          layers.push_back(
-              gram_layer(rows, append_ones[i], factors[i].mutable_data_ptr<scalar_t>()));
+          layers.push_back(gram_layer(matrix_rows<input_t>(x, false), append_ones[i],
+                                      factors[i].mutable_data_ptr<scalar_t>()));
         }
         run_layers(layers, target_blocks, factors[first], alpha, beta, run);
       });
@@ -112,15 +119,11 @@ std::vector<at::Tensor> diag_ggn_tiles(at::TensorList inputs, at::TensorList out
         if (done[i] || a.scalar_type() != input_dtype) continue;
         done[i] = true;
         const bool summed = g.dim() == 3;  // (N, K, d_out)
-        const SquaredRows<input_t> left{g.const_data_ptr<input_t>(),
-                                        g.size(0),
-                                        g.size(-1),
-                                        g.stride(0),
-                                        g.stride(-1),
-                                        summed ? g.size(1) : 1,
-                                        summed ? g.stride(1) : 0};
-        const SquaredRows<input_t> right{a.const_data_ptr<input_t>(), a.size(0), a.size(1),
-                                         a.stride(0), a.stride(1), 1, 0};
+        const SquaredRows<input_t> left{
+            {g.const_data_ptr<input_t>(), g.size(0), g.size(-1), g.stride(0), g.stride(-1)},
+            summed ? g.size(1) : 1,
+            summed ? g.stride(1) : 0};
+        const SquaredRows<input_t> right{matrix_rows<input_t>(a, false), 1, 0};
         const int64_t columns = a.size(1) + (append_ones[i] ? 1 : 0);
         results[i] = at::empty({g.size(-1), columns}, a.options().dtype(out_dtype));
         layers.push_back({left, right, false, append_ones[i], false,
@@ -130,13 +133,6 @@ std::vector<at::Tensor> diag_ggn_tiles(at::TensorList inputs, at::TensorList out
     });
   }
   return results;
-}
-
-// X[k][i] = m[k][i] as a source, or with `transposed` X[k][i] = m[i][k].
-template <typename scalar_t>
-DenseRows<scalar_t> matrix_rows(const at::Tensor& m, bool transposed) {
-  const int a = transposed ? 1 : 0, b = 1 - a;
-  return {m.const_data_ptr<scalar_t>(), m.size(a), m.size(b), m.stride(a), m.stride(b)};
 }
 
 // kron_solve on checked arguments (check_kron_solve): P^p V = Q_G [(Q_G^T V Q_A) * D^p] Q_A^T

@@ -1,7 +1,8 @@
-// The CUDA launches of the fused Gram kernel (csrc/gram_tiles.h) for factor_accumulate_
-// and conv_input_factor_: one block of gram::kThreads threads per (tile, row chunk), all
-// layers of a call in one launch per dtype pair, on the current stream; 16-bit inputs into
-// float32 factors on the tensor cores (WMMA, compute capability 8.0 and later).
+// The CUDA launches of the fused tile kernel (csrc/gram_tiles.h) for factor_accumulate_,
+// conv_input_factor_, diag_ggn and kron_solve: one block of gram::kThreads threads per
+// (tile, row chunk), all layers of a call in one launch per dtype, on the current stream;
+// 16-bit inputs into float32 factors on the tensor cores (WMMA, compute capability 8.0 and
+// later).
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
