@@ -323,7 +323,14 @@ FL_HOST_DEVICE void put_stage(int t, const T* mine, T (*left)[kTile], T (*right)
   }
 }
 
-// Entry (i, j) of the output gets beta Out(i, j) + alpha sum (times the spectrum's factor,
+// Whether (i, j) is an entry a block computes: inside the output, and for a symmetric one
+// on or above the diagonal.
+template <typename L>
+FL_HOST_DEVICE bool computed(const L& layer, int64_t i, int64_t j) {
+  return i < layer.out_rows && j < layer.out_columns && !(layer.symmetric && i > j);
+}
+
+// Entry (i, j) (computed) of the output gets beta Out(i, j) + alpha sum (times the spectrum's factor,
 // if any; beta == 0 ignores the old entry, NaN included, as BLAS does); an upper entry of
 // a symmetric output also its mirror image, and its lower ones nothing (their mirror
 // images hold them).
@@ -331,7 +338,6 @@ template <typename L>
 FL_HOST_DEVICE void store(const L& layer, int64_t i, int64_t j, typename L::acc_t sum,
                           typename L::acc_t alpha, typename L::acc_t beta) {
   using acc_t = typename L::acc_t;
-  if (i >= layer.out_rows || j >= layer.out_columns || (layer.symmetric && i > j)) return;
   acc_t* out = layer.out;
   const int64_t at = i * layer.out_columns + j;
   if (layer.spectrum.mu != nullptr) sum *= layer.spectrum.weight(i, j);
@@ -340,15 +346,16 @@ FL_HOST_DEVICE void store(const L& layer, int64_t i, int64_t j, typename L::acc_
   if (layer.symmetric) out[j * layer.out_columns + i] = result;
 }
 
-// A block's sum for entry (i, j) of its tile: into the output (see store), or as its
-// chunk's partial sum.
+// A block's sum for entry (i, j) of its tile, if computed: into the output (see store), or
+// as its chunk's partial sum.
 template <typename L>
 FL_HOST_DEVICE void deliver(const L& layer, const Tile& tile, int64_t i, int64_t j,
                             typename L::acc_t sum, typename L::acc_t* workspace,
                             typename L::acc_t alpha, typename L::acc_t beta) {
+  if (!computed(layer, i, j)) return;
   if (layer.chunks == 1) {
     store(layer, i, j, sum, alpha, beta);
-  } else if (i < layer.out_rows && j < layer.out_columns) {
+  } else {
     workspace[layer.partial_offset + (tile.job.chunk * layer.out_rows + i) * layer.out_columns +
               j] = sum;
   }
@@ -498,7 +505,7 @@ FL_HOST_DEVICE void finish_tile(const Threads& threads, const L* layers, int64_t
     for (int e = t; e < kTile * kTile; e += kThreads) {
       const int64_t i = job.tile_row * kTile + e / kTile;
       const int64_t j = job.tile_column * kTile + e % kTile;
-      if (i >= layer.out_rows || j >= layer.out_columns || (layer.symmetric && i > j)) continue;
+      if (!computed(layer, i, j)) continue;
       acc_t sum = acc_t(0);
       for (int64_t chunk = 0; chunk < layer.chunks; ++chunk) {
         sum += workspace[layer.partial_offset + (chunk * layer.out_rows + i) * layer.out_columns +
