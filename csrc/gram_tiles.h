@@ -1,5 +1,5 @@
 // The fused tile kernel of the CUDA curvature ops (factor accumulation, conv factor,
-// diagonal GGN, Kron solve), written once for the GPU (csrc/cuda/gram_tiles.cuh) and for
+// diagonal GGN, Kron solve, K-FAC preconditioning), written once for the GPU (csrc/cuda/gram_tiles.cuh) and for
 // its host emulation (csrc/cpu/gram_emulation.cpp, for the tests); see host_device.h for
 // how.
 //
@@ -7,7 +7,8 @@
 // virtual matrices with the same rows, read element by element from their Sources (a
 // layer's input rows, a Conv2d input's patches by implicit im2col, squared rows, strided
 // views), each with an optional implicit ones column, and optionally each entry times a
-// damped Kron spectrum's power (the Kron solve is four such launches). A symmetric layer
+// damped Kron spectrum's power (the Kron solve is four such launches) and a factor read on
+// the device (the K-FAC preconditioner's KL clip). A symmetric layer
 // is a Gram matrix (X = Y): only its tiles on or above the diagonal are computed, and
 // each block writes its upper entries and their mirror images, so the factor is exactly
 // symmetric and only its upper triangle is read. One block computes one kTile x kTile
@@ -135,6 +136,21 @@ struct SquaredRows : DenseRows<input_t_> {
   }
 };
 
+// Entries of a layer's rows times the same entries of a second tensor of the same strides
+// (R * S for the K-FAC preconditioner).
+template <typename input_t_>
+struct ScaledRows : DenseRows<input_t_> {
+  using typename DenseRows<input_t_>::Row;
+  using typename DenseRows<input_t_>::Column;
+  const input_t_* scale;
+
+  template <typename acc_t>
+  FL_HOST_DEVICE acc_t at(Row r, Column c) const {
+    return static_cast<acc_t>(this->data[r.offset + c.offset]) *
+           static_cast<acc_t>(scale[r.offset + c.offset]);
+  }
+};
+
 // An optional factor on each entry (i, j) of an output: (s mu_i lambda_j + delta)^p, the
 // damped Kron spectrum's power (eigenvalues clamped at 0, NaN kept), for the Kron solve.
 template <typename acc_t>
@@ -164,9 +180,10 @@ struct Layer {
   Right right;               // Y
   bool left_ones, right_ones;
   bool symmetric;            // X = Y: a Gram matrix, upper tiles only
-  acc_t* out;                // out_rows x out_columns, contiguous
+  acc_t* out;                // out_rows x out_columns, rows out_stride apart
   int64_t out_rows;          // left.columns, plus the ones column
   int64_t out_columns;       // right.columns, plus the ones column
+  int64_t out_stride;
   int64_t tiles_down = 0;    // ceil(out_rows / kTile)
   int64_t tiles_across = 0;  // ceil(out_columns / kTile)
   int64_t chunks = 1;        // row chunks; partial sums in the workspace when > 1
@@ -174,6 +191,7 @@ struct Layer {
   int64_t first_finishing_block = 0;  // the same in the launch that adds the chunks
   int64_t partial_offset = 0;         // its chunks' partial sums in the workspace
   Spectrum<acc_t> spectrum = {};      // a factor on every entry, where spectrum.mu is set
+  const acc_t* multiplier = nullptr;  // and a factor on all of them, where set
 
   FL_HOST_DEVICE int64_t rows() const { return left.rows; }
   FL_HOST_DEVICE int64_t tiles() const {
@@ -191,7 +209,7 @@ struct Layer {
 template <typename acc_t, typename Source>
 Layer<Source, Source, acc_t> gram_layer(const Source& x, bool ones, acc_t* out) {
   const int64_t size = x.columns + (ones ? 1 : 0);
-  return {x, x, ones, ones, true, out, size, size};
+  return {x, x, ones, ones, true, out, size, size, size};
 }
 
 struct Plan {
@@ -339,11 +357,12 @@ FL_HOST_DEVICE void store(const L& layer, int64_t i, int64_t j, typename L::acc_
                           typename L::acc_t alpha, typename L::acc_t beta) {
   using acc_t = typename L::acc_t;
   acc_t* out = layer.out;
-  const int64_t at = i * layer.out_columns + j;
+  const int64_t at = i * layer.out_stride + j;
   if (layer.spectrum.mu != nullptr) sum *= layer.spectrum.weight(i, j);
+  if (layer.multiplier != nullptr) sum *= *layer.multiplier;
   const acc_t result = beta == acc_t(0) ? alpha * sum : beta * out[at] + alpha * sum;
   out[at] = result;
-  if (layer.symmetric) out[j * layer.out_columns + i] = result;
+  if (layer.symmetric) out[j * layer.out_stride + i] = result;
 }
 
 // A block's sum for entry (i, j) of its tile, if computed: into the output (see store), or

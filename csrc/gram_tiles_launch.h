@@ -11,9 +11,11 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/ones.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -127,7 +129,7 @@ std::vector<at::Tensor> diag_ggn_tiles(at::TensorList inputs, at::TensorList out
         const int64_t columns = a.size(1) + (append_ones[i] ? 1 : 0);
         results[i] = at::empty({g.size(-1), columns}, a.options().dtype(out_dtype));
         layers.push_back({left, right, false, append_ones[i], false,
-                          results[i].mutable_data_ptr<acc_t>(), g.size(-1), columns});
+                          results[i].mutable_data_ptr<acc_t>(), g.size(-1), columns, columns});
       }
       run_layers(layers, target_blocks, results[first], 1.0, 0.0, run);
     });
@@ -160,7 +162,7 @@ std::vector<at::Tensor> kron_solve_tiles(at::TensorList eigvecs_a, at::TensorLis
       auto product = [](const DenseRows<scalar_t>& x, const DenseRows<scalar_t>& y,
                         const at::Tensor& out) {
         return L{x, y, false, false, false, out.mutable_data_ptr<scalar_t>(), x.columns,
-                 y.columns};
+                 y.columns, y.columns};
       };
       for (size_t i = first; i < count; ++i) {
         if (done[i] || eigvecs_a[i].scalar_type() != dtype) continue;
@@ -195,6 +197,97 @@ std::vector<at::Tensor> kron_solve_tiles(at::TensorList eigvecs_a, at::TensorLis
     });
   }
   return results;
+}
+
+// Whether kron_precondition_tiles takes these gradients: in the eigenvectors' dtype, and
+// each block's (d_G, width) rows a view of it with unit column stride.
+inline bool tiles_take_gradients(at::TensorList gradients, at::TensorList eigvecs_a,
+                                 at::TensorList eigvecs_g, const PreconditionLayout& layout) {
+  for (size_t i = 0; i < eigvecs_a.size(); ++i) {
+    const int64_t last = i + 1 < eigvecs_a.size() ? layout.firsts[i + 1]
+                                                  : static_cast<int64_t>(gradients.size());
+    for (int64_t b = layout.firsts[i]; b < last; ++b) {
+      const at::Tensor& block = gradients[b];
+      if (block.scalar_type() != eigvecs_a[i].scalar_type() || !block.is_contiguous()) {
+        return false;
+      }
+    }
+  }
+  return !eigvecs_g.empty();
+}
+
+// kron_precondition_ on checked arguments (check_kron_precondition's layout) that
+// tiles_take_gradients: for every layer, in place, V <- nu Q_G [(Q_G^T V Q_A) * S] Q_A^T
+// over its blocks V = [block_1 | block_2 | ...], as six launches over all layers (each
+// block's columns its own product where V is read or written; the KL dots
+// <R, R * S> = <V, result> as 1 x 1 products), nu = min(1, 1 / sqrt(sum_l k_l dot_l)) on the
+// device. Returns nu (1 without kl_weights) as a 0-d tensor.
+template <typename Run>
+at::Tensor kron_precondition_tiles(at::TensorList gradients, at::TensorList eigvecs_a,
+                                   at::TensorList eigvecs_g, at::TensorList inverse_spectra,
+                                   const std::optional<at::Tensor>& kl_weights,
+                                   const PreconditionLayout& layout, int64_t target_blocks,
+                                   const Run& run) {
+  const int64_t count = static_cast<int64_t>(eigvecs_a.size());
+  const at::Tensor& like = eigvecs_a[0];
+  at::Tensor nu = at::ones({}, like.options());
+  AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "kron_precondition_tiles", [&] {
+    using Rows = DenseRows<scalar_t>;
+    using Product = Layer<Rows, Rows, scalar_t>;
+    using Weighted = Layer<Rows, ScaledRows<scalar_t>, scalar_t>;
+    // Column block b of a layer: a (d_G, width) view of gradients[b] and its first column.
+    auto block_rows = [&](int64_t b, int64_t d_g) {
+      return gradients[b].view({d_g, layout.widths[b]});
+    };
+    auto product = [](const Rows& x, const Rows& y, scalar_t* out, int64_t stride) {
+      return Product{x, y, false, false, false, out, x.columns, y.columns, stride};
+    };
+    std::vector<Product> rotate, project, unrotate, write;
+    std::vector<Weighted> dots, weigh;
+    std::vector<at::Tensor> keep;  // alive until the launches are queued
+    const at::Tensor dot = at::empty({count}, like.options());
+    for (int64_t i = 0; i < count; ++i) {
+      const at::Tensor& qa = eigvecs_a[i];
+      const at::Tensor& qg = eigvecs_g[i];
+      const int64_t d_a = qa.size(0), d_g = qg.size(0);
+      const at::Tensor first = at::empty({d_g, d_a}, like.options());  // Q_G^T V, later Q_G (R S)
+      const at::Tensor rotated = at::empty({d_g, d_a}, like.options());  // R = Q_G^T V Q_A
+      const at::Tensor spectrum = inverse_spectra[i].contiguous();
+      keep.insert(keep.end(), {first, rotated, spectrum});
+      const int64_t last = i + 1 < count ? layout.firsts[i + 1]
+                                         : static_cast<int64_t>(gradients.size());
+      for (int64_t b = layout.firsts[i], offset = 0; b < last; offset += layout.widths[b], ++b) {
+        // Q_G^T V, a block's columns at a time; at the end the result, into the block.
+        rotate.push_back(product(matrix_rows<scalar_t>(qg, false),
+                                 matrix_rows<scalar_t>(block_rows(b, d_g), false),
+                                 first.mutable_data_ptr<scalar_t>() + offset, d_a));
+        write.push_back(product(matrix_rows<scalar_t>(first, true),
+                                matrix_rows<scalar_t>(qa.narrow(0, offset, layout.widths[b]), true),
+                                gradients[b].mutable_data_ptr<scalar_t>(), layout.widths[b]));
+        write.back().multiplier = nu.const_data_ptr<scalar_t>();
+      }
+      project.push_back(product(matrix_rows<scalar_t>(first, true),
+                                matrix_rows<scalar_t>(qa, false),
+                                rotated.mutable_data_ptr<scalar_t>(), d_a));
+      const ScaledRows<scalar_t> weighted{matrix_rows<scalar_t>(rotated, false),
+                                          spectrum.const_data_ptr<scalar_t>()};
+      weigh.push_back({matrix_rows<scalar_t>(qg, true), weighted, false, false, false,
+                       first.mutable_data_ptr<scalar_t>(), d_g, d_a, d_a});
+      // <R, R * S>: R and S as (d_G d_A, 1) columns.
+      const Rows column{rotated.const_data_ptr<scalar_t>(), d_g * d_a, 1, 1, 0};
+      dots.push_back({column, ScaledRows<scalar_t>{column, spectrum.const_data_ptr<scalar_t>()},
+                      false, false, false, dot.mutable_data_ptr<scalar_t>() + i, 1, 1, 1});
+    }
+    run_layers(rotate, target_blocks, like, 1.0, 0.0, run);
+    run_layers(project, target_blocks, like, 1.0, 0.0, run);
+    if (kl_weights.has_value()) {
+      run_layers(dots, target_blocks, like, 1.0, 0.0, run);
+      nu.copy_(device_kl_clip(dot, *kl_weights));
+    }
+    run_layers(weigh, target_blocks, like, 1.0, 0.0, run);
+    run_layers(write, target_blocks, like, 1.0, 0.0, run);
+  });
+  return nu;
 }
 
 // conv_input_factor_ on checked arguments (conv_input_geometry's g).

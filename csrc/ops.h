@@ -55,6 +55,24 @@ void check_kron_solve(at::TensorList eigvecs_a, at::TensorList eigvals_a,
                       at::TensorList eigvecs_g, at::TensorList eigvals_g, at::TensorList rhs,
                       const at::Tensor& scale, const at::Tensor& delta);
 
+// The checked layout of kron_precondition_'s layers: each gradient block's width (its
+// columns of the layer's (d_G, d_A) gradient), each layer's first block, and each
+// layer's multiply-adds (its share of the host threads).
+struct PreconditionLayout {
+  std::vector<int64_t> widths, firsts;
+  std::vector<double> costs;
+};
+
+// Checks the arguments of kron_precondition_ and returns the layout of its layers.
+PreconditionLayout check_kron_precondition(at::TensorList gradients, at::IntArrayRef blocks,
+                                           at::TensorList eigvecs_a, at::TensorList eigvecs_g,
+                                           at::TensorList inverse_spectra,
+                                           const std::optional<at::Tensor>& kl_weights);
+
+// K-FAC's KL clip on the device: min(1, 1 / sqrt(sum_l k_l dots_l)) as a 0-d tensor in
+// dots' dtype, with no host synchronisation.
+at::Tensor device_kl_clip(const at::Tensor& dots, const at::Tensor& kl_weights);
+
 // The shape of a Conv2d's patches: C * kh * kw features at out_h * out_w positions.
 struct ConvGeometry {
   int64_t channels, height, width, kh, kw, out_h, out_w;

@@ -46,6 +46,10 @@ TORCH_LIBRARY(fastlaplace, m) {
       "_kron_solve_emulated(Tensor[] eigvecs_a, Tensor[] eigvals_a, Tensor[] eigvecs_g, "
       "Tensor[] eigvals_g, Tensor[] rhs, Tensor scale, Tensor delta, float exponent, "
       "int target_blocks) -> Tensor[]");
+  m.def(
+      "_kron_precondition_emulated_(Tensor(a!)[] gradients, int[] blocks, Tensor[] eigvecs_a, "
+      "Tensor[] eigvecs_g, Tensor[] inverse_spectra, Tensor? kl_weights, int target_blocks) "
+      "-> Tensor");
   // The CUDA kron_logdet's blocks run on the host, for the tests.
   m.def(
       "_kron_logdet_emulated(Tensor[] eigvals_a, Tensor[] eigvals_g, Tensor scale, "

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import (
+    CUDA_REASON,
     DEVICES,
     PRIME_SIZES,
     assert_in_place_like_reference,
@@ -12,7 +13,7 @@ from conftest import (
     host_threads,
     requires_extension,
 )
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastlaplace.ops as ops
@@ -162,3 +163,76 @@ def test_layers_shared_over_threads_match_the_reference(generator):
     )
     with host_threads(2):
         assert_in_place_like_reference(ops.kron_precondition_, reference.kron_precondition_, grads, *args)
+
+
+# The CUDA kernel (six launches of the fused tile kernel, csrc/gram_tiles.h) run on the host.
+TILE = 64  # gram::kTile
+
+
+def emulated(target_blocks):
+    def op(grads, blocks, eigvecs_a, eigvecs_g, inverse_spectra, kl_weights):
+        requires_extension()
+        return torch.ops.fastlaplace._kron_precondition_emulated_(
+            grads, blocks, eigvecs_a, eigvecs_g, inverse_spectra, kl_weights, target_blocks
+        )
+
+    return op
+
+
+@settings(deadline=None, max_examples=30)
+@given(
+    sizes=st.lists(
+        st.tuples(st.sampled_from([1, 6, TILE]), st.sampled_from([1, 3, TILE + 1]), st.booleans()),
+        min_size=1,
+        max_size=3,
+    ),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    kl=st.booleans(),
+    target_blocks=st.sampled_from([1, 10_000]),
+)
+def test_emulated_kernel_writes_every_block_like_the_reference(sizes, dtype, kl, target_blocks):
+    grads, blocks, qas, qgs, spectra = [], [], [], [], []
+    for d_in, d_g, bias in sizes:
+        qa, la, qg, lg, *_ = eigen_layer(d_in + bias, d_g, rank_a=max(1, d_in // 2))
+        grads += [g.to(dtype) for g in gradient_blocks(d_in, d_g, bias, transposed=False)]
+        blocks.append(1 + bias)
+        qas.append(qa.to(dtype))
+        qgs.append(qg.to(dtype))
+        spectra.append(damped_inverse(la, lg, 0.1).to(dtype))
+    kl_weights = torch.full((len(sizes),), 1e3, dtype=dtype) if kl else None  # 1e3: the clip is active
+    expected = [g.clone() for g in grads]
+    nu = emulated(target_blocks)(grads, blocks, qas, qgs, spectra, kl_weights)
+    expected_nu = reference.kron_precondition_(expected, blocks, qas, qgs, spectra, kl_weights)
+    tolerance = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {}
+    torch.testing.assert_close(nu, expected_nu, **tolerance)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, **tolerance)
+
+
+def test_emulated_kernel_refuses_gradients_it_does_not_take(generator):
+    (qa, la, qg, lg, *_), grads, blocks = eigen_layer(5, 3, generator=generator), [torch.randn(5, 3).T], [1]
+    with pytest.raises(RuntimeError, match="takes contiguous gradients in the eigenvectors' dtype"):
+        emulated(1)(grads, blocks, [qa], [qg], [damped_inverse(la, lg, 0.1)], None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_kernel_agrees_with_the_emulation(dtype, generator):
+    grads, blocks, qas, qgs, spectra = [], [], [], [], []
+    for d_in, d_g in ((784, 512), (512, 10)):
+        qa, la, qg, lg, *_ = eigen_layer(d_in + 1, d_g, generator=generator)
+        grads += [g.to(dtype) for g in gradient_blocks(d_in, d_g, True, transposed=False)]
+        blocks.append(2)
+        qas.append(qa.to(dtype))
+        qgs.append(qg.to(dtype))
+        spectra.append(damped_inverse(la, lg, 0.1).to(dtype))
+    kl_weights = torch.full((2,), 1e3, dtype=dtype)
+    on_gpu = [g.cuda() for g in grads]
+    nu = ops.kron_precondition_(
+        on_gpu, blocks, [q.cuda() for q in qas], [q.cuda() for q in qgs], [s.cuda() for s in spectra], kl_weights.cuda()
+    )
+    expected_nu = emulated(528)(grads, blocks, qas, qgs, spectra, kl_weights)
+    relative = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(nu.cpu(), expected_nu, rtol=relative, atol=0)
+    for got, want in zip(on_gpu, grads, strict=True):
+        torch.testing.assert_close(got.cpu(), want, rtol=0, atol=relative * want.abs().max().item())

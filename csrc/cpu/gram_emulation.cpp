@@ -1,5 +1,6 @@
 // fastlaplace::_factor_accumulate_emulated_, _conv_input_factor_emulated_,
-// _diag_ggn_emulated and _kron_solve_emulated: the CUDA curvature ops' fused tile kernel (csrc/gram_tiles.h) and its launch code run on the host,
+// _diag_ggn_emulated, _kron_solve_emulated and _kron_precondition_emulated_: the CUDA
+// curvature ops' fused tile kernel (csrc/gram_tiles.h) and its launch code run on the host,
 // every block in turn and each phase for every thread id in turn (the tensor cores' warp
 // operations by plain float32 loops), so that the tests check the kernel's arithmetic
 // where there is no GPU. target_blocks plays the GPU's size (it
@@ -145,6 +146,21 @@ std::vector<at::Tensor> kron_solve_emulated(at::TensorList eigvecs_a, at::Tensor
                                 exponent, target_blocks, HostRun{});
 }
 
+at::Tensor kron_precondition_emulated(at::TensorList gradients, at::IntArrayRef blocks,
+                                      at::TensorList eigvecs_a, at::TensorList eigvecs_g,
+                                      at::TensorList inverse_spectra,
+                                      const std::optional<at::Tensor>& kl_weights,
+                                      int64_t target_blocks) {
+  const PreconditionLayout layout = check_kron_precondition(gradients, blocks, eigvecs_a,
+                                                            eigvecs_g, inverse_spectra, kl_weights);
+  check_target_blocks(target_blocks);
+  TORCH_CHECK(gram::tiles_take_gradients(gradients, eigvecs_a, eigvecs_g, layout),
+              "_kron_precondition_emulated_ takes contiguous gradients in the eigenvectors' "
+              "dtype (the CUDA kernel's other cases go to the ATen path)");
+  return gram::kron_precondition_tiles(gradients, eigvecs_a, eigvecs_g, inverse_spectra,
+                                       kl_weights, layout, target_blocks, HostRun{});
+}
+
 }  // namespace
 }  // namespace fastlaplace
 
@@ -153,4 +169,5 @@ TORCH_LIBRARY_IMPL(fastlaplace, CPU, m) {
   m.impl("_conv_input_factor_emulated_", &fastlaplace::conv_input_factor_emulated);
   m.impl("_diag_ggn_emulated", &fastlaplace::diag_ggn_emulated);
   m.impl("_kron_solve_emulated", &fastlaplace::kron_solve_emulated);
+  m.impl("_kron_precondition_emulated_", &fastlaplace::kron_precondition_emulated);
 }

@@ -1,5 +1,6 @@
-// Kernels of fastlaplace::kron_precondition_ and kron_inverse_precondition_ (CPU, and the
-// CUDA dispatch until fused kernels replace them): in place, per layer,
+// Kernels of fastlaplace::kron_precondition_ and kron_inverse_precondition_ (CPU; on CUDA
+// they serve kron_inverse_precondition_ and the gradients the fused kernel does not take):
+// in place, per layer,
 //   eigen:    V <- nu Q_G [(Q_G^T V Q_A) * S] Q_A^T, S a damped inverse spectrum;
 //   inverse:  V <- nu G^-1 V A^-1, G^-1 and A^-1 damped inverses of the factors;
 // with V = [block_1 | block_2 | ...] the layer's gradient blocks side by side (a weight and
@@ -110,17 +111,10 @@ double dot_cpu(const at::Tensor& a, const at::Tensor& b) {
   return dot;
 }
 
-// The checked layout of the layers: each block's width, each layer's first block, and
-// each layer's multiply-adds (its share of the host threads).
-struct Layers {
-  std::vector<int64_t> widths, firsts;
-  std::vector<double> costs;
-};
-
 // Checks the arguments both ops share: per layer a square (d_A, d_A) matrix of mats_a, a
 // square (d_G, d_G) one of mats_g, both float32 or float64 of one dtype, and its blocks of
 // d_G rows and d_A columns in all.
-Layers check_layers(const char* op, at::TensorList gradients, at::IntArrayRef blocks,
+PreconditionLayout check_layers(const char* op, at::TensorList gradients, at::IntArrayRef blocks,
                     at::TensorList mats_a, at::TensorList mats_g, const char* name_a,
                     const char* name_g, const std::optional<at::Tensor>& kl_weights) {
   const int64_t layers = static_cast<int64_t>(mats_a.size());
@@ -140,7 +134,7 @@ Layers check_layers(const char* op, at::TensorList gradients, at::IntArrayRef bl
                 "kl_weights must be (", layers, ",), one entry per layer, got ", kl_weights->sizes());
   }
   const at::ScalarType dtype = mats_a[0].scalar_type();
-  Layers plan{std::vector<int64_t>(gradients.size()), std::vector<int64_t>(layers),
+  PreconditionLayout plan{std::vector<int64_t>(gradients.size()), std::vector<int64_t>(layers),
               std::vector<double>(layers)};
   for (int64_t i = 0, first = 0; i < layers; first += blocks[i], ++i) {
     const at::Tensor& a = mats_a[i];
@@ -175,8 +169,7 @@ struct Clip {
 };
 
 Clip kl_clip(const std::optional<at::Tensor>& kl_weights, bool on_host,
-             const std::vector<double>& host_dots, const std::vector<at::Tensor>& device_dots,
-             at::ScalarType dtype) {
+             const std::vector<double>& host_dots, const std::vector<at::Tensor>& device_dots) {
   Clip clip;
   if (!kl_weights.has_value()) return clip;
   if (on_host) {
@@ -186,8 +179,7 @@ Clip kl_clip(const std::optional<at::Tensor>& kl_weights, bool on_host,
     for (size_t i = 0; i < host_dots.size(); ++i) ratio += k[i] * host_dots[i];
     clip.host = ratio > 1.0 ? 1.0 / std::sqrt(ratio) : 1.0;
   } else {
-    const at::Tensor ratio = at::vdot(at::stack(device_dots), kl_weights->to(dtype));
-    clip.device = ratio.clamp_min(0).rsqrt().clamp_max(1);
+    clip.device = device_kl_clip(at::stack(device_dots), *kl_weights);
   }
   return clip;
 }
@@ -200,12 +192,12 @@ at::Tensor clip_result(const Clip& clip, const at::Tensor& like) {
 
 }  // namespace
 
-at::Tensor kron_precondition_aten(at::TensorList gradients, at::IntArrayRef blocks,
-                                  at::TensorList eigvecs_a, at::TensorList eigvecs_g,
-                                  at::TensorList inverse_spectra,
-                                  const std::optional<at::Tensor>& kl_weights) {
-  const Layers plan = check_layers("kron_precondition_", gradients, blocks, eigvecs_a, eigvecs_g,
-                                   "eigvecs_a", "eigvecs_g", kl_weights);
+PreconditionLayout check_kron_precondition(at::TensorList gradients, at::IntArrayRef blocks,
+                                           at::TensorList eigvecs_a, at::TensorList eigvecs_g,
+                                           at::TensorList inverse_spectra,
+                                           const std::optional<at::Tensor>& kl_weights) {
+  PreconditionLayout plan = check_layers("kron_precondition_", gradients, blocks, eigvecs_a,
+                                         eigvecs_g, "eigvecs_a", "eigvecs_g", kl_weights);
   const int64_t layers = static_cast<int64_t>(eigvecs_a.size());
   TORCH_CHECK(static_cast<int64_t>(inverse_spectra.size()) == layers,
               "kron_precondition_: inverse_spectra needs one entry per layer");
@@ -219,6 +211,21 @@ at::Tensor kron_precondition_aten(at::TensorList gradients, at::IntArrayRef bloc
                 "inverse_spectra[", i, "] must be (", d_g, ", ", d_a, "), got ",
                 inverse_spectra[i].sizes());
   }
+  return plan;
+}
+
+at::Tensor device_kl_clip(const at::Tensor& dots, const at::Tensor& kl_weights) {
+  const at::Tensor ratio = at::vdot(dots, kl_weights.to(dots.scalar_type()));
+  return ratio.clamp_min(0).rsqrt().clamp_max(1);
+}
+
+at::Tensor kron_precondition_aten(at::TensorList gradients, at::IntArrayRef blocks,
+                                  at::TensorList eigvecs_a, at::TensorList eigvecs_g,
+                                  at::TensorList inverse_spectra,
+                                  const std::optional<at::Tensor>& kl_weights) {
+  const PreconditionLayout plan = check_kron_precondition(gradients, blocks, eigvecs_a,
+                                                          eigvecs_g, inverse_spectra, kl_weights);
+  const int64_t layers = static_cast<int64_t>(eigvecs_a.size());
   const bool on_host = eigvecs_a[0].is_cpu();
   // Per layer a (3, d_G, d_A) workspace, allocated here, outside the parallel region:
   // V; V Q_A, later the result; R = Q_G^T V Q_A. R * S and Q_G (R * S) take whichever of
@@ -257,7 +264,7 @@ at::Tensor kron_precondition_aten(at::TensorList gradients, at::IntArrayRef bloc
     updates[i] = v;
     lefts[i] = rotated;
   });
-  const Clip clip = kl_clip(kl_weights, on_host, host_dots, device_dots, dtype);
+  const Clip clip = kl_clip(kl_weights, on_host, host_dots, device_dots);
   run_balanced(plan.costs, threads, [&](int64_t i) {
     at::Tensor result = works[i][1];
     at::mm_out(lefts[i], eigvecs_g[i], updates[i]);
@@ -273,7 +280,7 @@ at::Tensor kron_precondition_aten(at::TensorList gradients, at::IntArrayRef bloc
 at::Tensor kron_inverse_precondition_aten(at::TensorList gradients, at::IntArrayRef blocks,
                                           at::TensorList inverses_a, at::TensorList inverses_g,
                                           const std::optional<at::Tensor>& kl_weights) {
-  const Layers plan = check_layers("kron_inverse_precondition_", gradients, blocks, inverses_a,
+  const PreconditionLayout plan = check_layers("kron_inverse_precondition_", gradients, blocks, inverses_a,
                                    inverses_g, "inverses_a", "inverses_g", kl_weights);
   const int64_t layers = static_cast<int64_t>(inverses_a.size());
   const bool on_host = inverses_a[0].is_cpu();
@@ -299,8 +306,7 @@ at::Tensor kron_inverse_precondition_aten(at::TensorList gradients, at::IntArray
       device_dots[i] = at::vdot(v.view(-1), result.view(-1));
     }
   });
-  const Clip clip =
-      kl_clip(kl_weights, on_host, host_dots, device_dots, inverses_a[0].scalar_type());
+  const Clip clip = kl_clip(kl_weights, on_host, host_dots, device_dots);
   for (int64_t i = 0; i < layers; ++i) {
     for (int64_t b = plan.firsts[i], offset = 0; b < plan.firsts[i] + blocks[i];
          offset += plan.widths[b], ++b) {

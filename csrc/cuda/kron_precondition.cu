@@ -1,12 +1,40 @@
-// CUDA dispatch of fastlaplace::kron_precondition_ and kron_inverse_precondition_: the
-// ATen-composed implementations of csrc/cpu/kron_precondition.cpp, whose products run as
-// cuBLAS calls on the current stream (their ν stays on the device: no host
-// synchronisation). Fused kernels replace them once one is measured faster on the GPU.
+// CUDA dispatch of fastlaplace::kron_precondition_ and kron_inverse_precondition_.
+// kron_precondition_ runs the fused tile kernel of csrc/gram_tiles.h: six launches over all
+// layers (Q_G^T V per gradient block, then Q_A, the KL dots, the spectrum and Q_G, the
+// result per block times nu) instead of ~10 per layer, nu staying on the device; gradients
+// it does not take (another dtype than the eigenvectors', not contiguous) and
+// kron_inverse_precondition_ use the ATen-composed implementations of
+// csrc/cpu/kron_precondition.cpp, whose products run as cuBLAS calls on the current stream.
 #include <torch/library.h>
 
+#include <optional>
+
 #include "../ops.h"
+#include "gram_tiles.cuh"
+
+namespace fastlaplace {
+namespace {
+
+at::Tensor kron_precondition_cuda(at::TensorList gradients, at::IntArrayRef blocks,
+                                  at::TensorList eigvecs_a, at::TensorList eigvecs_g,
+                                  at::TensorList inverse_spectra,
+                                  const std::optional<at::Tensor>& kl_weights) {
+  const PreconditionLayout layout = check_kron_precondition(gradients, blocks, eigvecs_a,
+                                                            eigvecs_g, inverse_spectra, kl_weights);
+  if (!gram::tiles_take_gradients(gradients, eigvecs_a, eigvecs_g, layout)) {
+    return kron_precondition_aten(gradients, blocks, eigvecs_a, eigvecs_g, inverse_spectra,
+                                  kl_weights);
+  }
+  const c10::cuda::CUDAGuard guard(eigvecs_a[0].device());
+  return gram::kron_precondition_tiles(gradients, eigvecs_a, eigvecs_g, inverse_spectra,
+                                       kl_weights, layout, gram::target_blocks(eigvecs_a[0]),
+                                       gram::DeviceRun{eigvecs_a[0]});
+}
+
+}  // namespace
+}  // namespace fastlaplace
 
 TORCH_LIBRARY_IMPL(fastlaplace, CUDA, m) {
-  m.impl("kron_precondition_", &fastlaplace::kron_precondition_aten);
+  m.impl("kron_precondition_", &fastlaplace::kron_precondition_cuda);
   m.impl("kron_inverse_precondition_", &fastlaplace::kron_inverse_precondition_aten);
 }
