@@ -15,8 +15,10 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "gram_tiles.h"
@@ -58,33 +60,45 @@ DenseRows<scalar_t> matrix_rows(const at::Tensor& m, bool transposed) {
   return {m.const_data_ptr<scalar_t>(), m.size(a), m.size(b), m.stride(a), m.stride(b)};
 }
 
+// The indices 0 .. count - 1 grouped by key(i) (a dtype, or a pair of them): each group in
+// index order, the groups in the order of their first members. One launch per group.
+template <typename Key>
+std::vector<std::vector<size_t>> groups_by(size_t count, const Key& key) {
+  std::vector<decltype(key(size_t(0)))> keys;
+  std::vector<std::vector<size_t>> groups;
+  for (size_t i = 0; i < count; ++i) {
+    const auto k = key(i);
+    const size_t g = std::find(keys.begin(), keys.end(), k) - keys.begin();
+    if (g == keys.size()) {
+      keys.push_back(k);
+      groups.emplace_back();
+    }
+    groups[g].push_back(i);
+  }
+  return groups;
+}
+
 // factor_accumulate_ on checked arguments (check_factor_accumulate): all layers whose
 // inputs and factors share dtypes in one launch.
 template <typename Run>
 void accumulate_input_factors(at::TensorList factors, at::TensorList inputs,
                               const c10::List<bool>& append_ones, double alpha, double beta,
                               int64_t target_blocks, const Run& run) {
-  const size_t count = factors.size();
-  std::vector<bool> done(count, false);
-  for (size_t first = 0; first < count; ++first) {
-    if (done[first]) continue;
-    const at::ScalarType input_dtype = inputs[first].scalar_type();
-    const at::ScalarType factor_dtype = factors[first].scalar_type();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input_dtype, "gram_tiles", [&] {
+  const auto groups = groups_by(factors.size(), [&](size_t i) {
+    return std::pair(inputs[i].scalar_type(), factors[i].scalar_type());
+  });
+  for (const std::vector<size_t>& group : groups) {
+    const at::Tensor& like = factors[group[0]];
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, inputs[group[0]].scalar_type(),
+                                    "gram_tiles", [&] {
       using input_t = scalar_t;
-      AT_DISPATCH_FLOATING_TYPES(factor_dtype, "gram_tiles", [&] {
+      AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "gram_tiles", [&] {
         std::vector<Layer<DenseRows<input_t>, DenseRows<input_t>, scalar_t>> layers;
-        for (size_t i = first; i < count; ++i) {
-          const at::Tensor& x = inputs[i];
-          if (done[i] || x.scalar_type() != input_dtype ||
-              factors[i].scalar_type() != factor_dtype) {
-            continue;
-          }
-          done[i] = true;
-          layers.push_back(gram_layer(matrix_rows<input_t>(x, false), append_ones[i],
+        for (size_t i : group) {
+          layers.push_back(gram_layer(matrix_rows<input_t>(inputs[i], false), append_ones[i],
                                       factors[i].mutable_data_ptr<scalar_t>()));
         }
-        run_layers(layers, target_blocks, factors[first], alpha, beta, run);
+        run_layers(layers, target_blocks, like, alpha, beta, run);
       });
     });
   }
@@ -106,20 +120,17 @@ std::vector<at::Tensor> diag_ggn_tiles(at::TensorList inputs, at::TensorList out
     as[i] = inputs[i].to(dtype);
     gs[i] = output_grads[i].to(dtype);
   }
-  std::vector<bool> done(count, false);
-  for (size_t first = 0; first < count; ++first) {
-    if (done[first]) continue;
-    const at::ScalarType input_dtype = as[first].scalar_type();
+  for (const std::vector<size_t>& group :
+       groups_by(count, [&](size_t i) { return as[i].scalar_type(); })) {
+    const at::ScalarType input_dtype = as[group[0]].scalar_type();
     const at::ScalarType out_dtype = accumulation_dtype(input_dtype);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input_dtype, "gram_tiles", [&] {
       using input_t = scalar_t;
       using acc_t = std::conditional_t<std::is_same_v<input_t, double>, double, float>;
       std::vector<Layer<SquaredRows<input_t>, SquaredRows<input_t>, acc_t>> layers;
-      for (size_t i = first; i < count; ++i) {
+      for (size_t i : group) {
         const at::Tensor& a = as[i];
         const at::Tensor& g = gs[i];
-        if (done[i] || a.scalar_type() != input_dtype) continue;
-        done[i] = true;
         const bool summed = g.dim() == 3;  // (N, K, d_out)
         const SquaredRows<input_t> left{
             {g.const_data_ptr<input_t>(), g.size(0), g.size(-1), g.stride(0), g.stride(-1)},
@@ -131,7 +142,7 @@ std::vector<at::Tensor> diag_ggn_tiles(at::TensorList inputs, at::TensorList out
         layers.push_back({left, right, false, append_ones[i], false,
                           results[i].mutable_data_ptr<acc_t>(), g.size(-1), columns, columns});
       }
-      run_layers(layers, target_blocks, results[first], 1.0, 0.0, run);
+      run_layers(layers, target_blocks, results[group[0]], 1.0, 0.0, run);
     });
   }
   return results;
@@ -151,10 +162,9 @@ std::vector<at::Tensor> kron_solve_tiles(at::TensorList eigvecs_a, at::TensorLis
   std::vector<at::Tensor> results(count);
   const at::Tensor scales = scale.to(at::kDouble).contiguous();
   const at::Tensor deltas = delta.to(at::kDouble).contiguous();
-  std::vector<bool> done(count, false);
-  for (size_t first = 0; first < count; ++first) {
-    if (done[first]) continue;
-    const at::ScalarType dtype = eigvecs_a[first].scalar_type();
+  for (const std::vector<size_t>& group :
+       groups_by(count, [&](size_t i) { return eigvecs_a[i].scalar_type(); })) {
+    const at::ScalarType dtype = eigvecs_a[group[0]].scalar_type();
     AT_DISPATCH_FLOATING_TYPES(dtype, "kron_solve_tiles", [&] {
       using L = Layer<DenseRows<scalar_t>, DenseRows<scalar_t>, scalar_t>;
       std::vector<L> products[4];
@@ -164,9 +174,7 @@ std::vector<at::Tensor> kron_solve_tiles(at::TensorList eigvecs_a, at::TensorLis
         return L{x, y, false, false, false, out.mutable_data_ptr<scalar_t>(), x.columns,
                  y.columns, y.columns};
       };
-      for (size_t i = first; i < count; ++i) {
-        if (done[i] || eigvecs_a[i].scalar_type() != dtype) continue;
-        done[i] = true;
+      for (size_t i : group) {
         const at::Tensor& qa = eigvecs_a[i];
         const at::Tensor& qg = eigvecs_g[i];
         const int64_t d_a = qa.size(0), d_g = qg.size(0);
@@ -192,7 +200,7 @@ std::vector<at::Tensor> kron_solve_tiles(at::TensorList eigvecs_a, at::TensorLis
         }
       }
       for (std::vector<L>& layers : products) {
-        run_layers(layers, target_blocks, eigvecs_a[first], 1.0, 0.0, run);
+        run_layers(layers, target_blocks, eigvecs_a[group[0]], 1.0, 0.0, run);
       }
     });
   }
@@ -201,19 +209,17 @@ std::vector<at::Tensor> kron_solve_tiles(at::TensorList eigvecs_a, at::TensorLis
 
 // Whether kron_precondition_tiles takes these gradients: in the eigenvectors' dtype, and
 // each block's (d_G, width) rows a view of it with unit column stride.
-inline bool tiles_take_gradients(at::TensorList gradients, at::TensorList eigvecs_a,
-                                 at::TensorList eigvecs_g, const PreconditionLayout& layout) {
+inline bool tiles_take_gradients(at::TensorList gradients, at::IntArrayRef blocks,
+                                 at::TensorList eigvecs_a, const PreconditionLayout& layout) {
   for (size_t i = 0; i < eigvecs_a.size(); ++i) {
-    const int64_t last = i + 1 < eigvecs_a.size() ? layout.firsts[i + 1]
-                                                  : static_cast<int64_t>(gradients.size());
-    for (int64_t b = layout.firsts[i]; b < last; ++b) {
+    for (int64_t b = layout.firsts[i]; b < layout.firsts[i] + blocks[i]; ++b) {
       const at::Tensor& block = gradients[b];
       if (block.scalar_type() != eigvecs_a[i].scalar_type() || !block.is_contiguous()) {
         return false;
       }
     }
   }
-  return !eigvecs_g.empty();
+  return true;
 }
 
 // kron_precondition_ on checked arguments (check_kron_precondition's layout) that
@@ -223,8 +229,9 @@ inline bool tiles_take_gradients(at::TensorList gradients, at::TensorList eigvec
 // <R, R * S> = <V, result> as 1 x 1 products), nu = min(1, 1 / sqrt(sum_l k_l dot_l)) on the
 // device. Returns nu (1 without kl_weights) as a 0-d tensor.
 template <typename Run>
-at::Tensor kron_precondition_tiles(at::TensorList gradients, at::TensorList eigvecs_a,
-                                   at::TensorList eigvecs_g, at::TensorList inverse_spectra,
+at::Tensor kron_precondition_tiles(at::TensorList gradients, at::IntArrayRef blocks,
+                                   at::TensorList eigvecs_a, at::TensorList eigvecs_g,
+                                   at::TensorList inverse_spectra,
                                    const std::optional<at::Tensor>& kl_weights,
                                    const PreconditionLayout& layout, int64_t target_blocks,
                                    const Run& run) {
@@ -235,14 +242,14 @@ at::Tensor kron_precondition_tiles(at::TensorList gradients, at::TensorList eigv
     using Rows = DenseRows<scalar_t>;
     using Product = Layer<Rows, Rows, scalar_t>;
     using Weighted = Layer<Rows, ScaledRows<scalar_t>, scalar_t>;
-    // Column block b of a layer: a (d_G, width) view of gradients[b] and its first column.
+    // Column block b of a layer: gradients[b] as a (d_G, width) view.
     auto block_rows = [&](int64_t b, int64_t d_g) {
       return gradients[b].view({d_g, layout.widths[b]});
     };
     auto product = [](const Rows& x, const Rows& y, scalar_t* out, int64_t stride) {
       return Product{x, y, false, false, false, out, x.columns, y.columns, stride};
     };
-    std::vector<Product> rotate, project, unrotate, write;
+    std::vector<Product> rotate, project, write;
     std::vector<Weighted> dots, weigh;
     std::vector<at::Tensor> keep;  // alive until the launches are queued
     const at::Tensor dot = at::empty({count}, like.options());
@@ -254,9 +261,8 @@ at::Tensor kron_precondition_tiles(at::TensorList gradients, at::TensorList eigv
       const at::Tensor rotated = at::empty({d_g, d_a}, like.options());  // R = Q_G^T V Q_A
       const at::Tensor spectrum = inverse_spectra[i].contiguous();
       keep.insert(keep.end(), {first, rotated, spectrum});
-      const int64_t last = i + 1 < count ? layout.firsts[i + 1]
-                                         : static_cast<int64_t>(gradients.size());
-      for (int64_t b = layout.firsts[i], offset = 0; b < last; offset += layout.widths[b], ++b) {
+      for (int64_t b = layout.firsts[i], offset = 0; b < layout.firsts[i] + blocks[i];
+           offset += layout.widths[b], ++b) {
         // Q_G^T V, a block's columns at a time; at the end the result, into the block.
         rotate.push_back(product(matrix_rows<scalar_t>(qg, false),
                                  matrix_rows<scalar_t>(block_rows(b, d_g), false),

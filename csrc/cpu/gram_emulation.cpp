@@ -154,11 +154,12 @@ at::Tensor kron_precondition_emulated(at::TensorList gradients, at::IntArrayRef 
   const PreconditionLayout layout = check_kron_precondition(gradients, blocks, eigvecs_a,
                                                             eigvecs_g, inverse_spectra, kl_weights);
   check_target_blocks(target_blocks);
-  TORCH_CHECK(gram::tiles_take_gradients(gradients, eigvecs_a, eigvecs_g, layout),
+  TORCH_CHECK(gram::tiles_take_gradients(gradients, blocks, eigvecs_a, layout),
               "_kron_precondition_emulated_ takes contiguous gradients in the eigenvectors' "
               "dtype (the CUDA kernel's other cases go to the ATen path)");
-  return gram::kron_precondition_tiles(gradients, eigvecs_a, eigvecs_g, inverse_spectra,
-                                       kl_weights, layout, target_blocks, HostRun{});
+  return gram::kron_precondition_tiles(gradients, blocks, eigvecs_a, eigvecs_g,
+                                       inverse_spectra, kl_weights, layout, target_blocks,
+                                       HostRun{});
 }
 
 }  // namespace

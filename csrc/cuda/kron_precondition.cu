@@ -21,13 +21,14 @@ at::Tensor kron_precondition_cuda(at::TensorList gradients, at::IntArrayRef bloc
                                   const std::optional<at::Tensor>& kl_weights) {
   const PreconditionLayout layout = check_kron_precondition(gradients, blocks, eigvecs_a,
                                                             eigvecs_g, inverse_spectra, kl_weights);
-  if (!gram::tiles_take_gradients(gradients, eigvecs_a, eigvecs_g, layout)) {
+  if (!gram::tiles_take_gradients(gradients, blocks, eigvecs_a, layout)) {
     return kron_precondition_aten(gradients, blocks, eigvecs_a, eigvecs_g, inverse_spectra,
                                   kl_weights);
   }
   const c10::cuda::CUDAGuard guard(eigvecs_a[0].device());
-  return gram::kron_precondition_tiles(gradients, eigvecs_a, eigvecs_g, inverse_spectra,
-                                       kl_weights, layout, gram::target_blocks(eigvecs_a[0]),
+  return gram::kron_precondition_tiles(gradients, blocks, eigvecs_a, eigvecs_g,
+                                       inverse_spectra, kl_weights, layout,
+                                       gram::target_blocks(eigvecs_a[0]),
                                        gram::DeviceRun{eigvecs_a[0]});
 }
 
