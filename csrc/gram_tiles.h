@@ -1,7 +1,7 @@
 // The fused tile kernel of the CUDA curvature ops (factor accumulation, conv factor,
-// diagonal GGN, Kron solve, K-FAC preconditioning), written once for the GPU (csrc/cuda/gram_tiles.cuh) and for
-// its host emulation (csrc/cpu/gram_emulation.cpp, for the tests); see host_device.h for
-// how.
+// diagonal GGN, Kron solve, K-FAC preconditioning), written once for the GPU
+// (csrc/cuda/gram_tiles.cuh) and for its host emulation (csrc/cpu/gram_emulation.cpp, for
+// the tests); see host_device.h for how.
 //
 // Out_l <- beta Out_l + alpha X_l^T Y_l for every layer l of a launch, X_l and Y_l
 // virtual matrices with the same rows, read element by element from their Sources (a
@@ -348,10 +348,9 @@ FL_HOST_DEVICE bool computed(const L& layer, int64_t i, int64_t j) {
   return i < layer.out_rows && j < layer.out_columns && !(layer.symmetric && i > j);
 }
 
-// Entry (i, j) (computed) of the output gets beta Out(i, j) + alpha sum (times the spectrum's factor,
-// if any; beta == 0 ignores the old entry, NaN included, as BLAS does); an upper entry of
-// a symmetric output also its mirror image, and its lower ones nothing (their mirror
-// images hold them).
+// Entry (i, j) (computed) of the output gets beta Out(i, j) + alpha sum, the sum times the
+// spectrum's factor and the multiplier where set (beta == 0 ignores the old entry, NaN
+// included, as BLAS does); an upper entry of a symmetric output also its mirror image.
 template <typename L>
 FL_HOST_DEVICE void store(const L& layer, int64_t i, int64_t j, typename L::acc_t sum,
                           typename L::acc_t alpha, typename L::acc_t beta) {

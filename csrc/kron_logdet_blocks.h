@@ -113,7 +113,8 @@ int64_t plan(at::TensorList eigvals_a, at::TensorList eigvals_g, const at::Tenso
                           g.numel(), scales + i, deltas + i};
     const int64_t per_block = kThreads * kEntriesPerThread;
     layer.first_block = blocks;
-    layer.blocks = std::min(kMaxBlocksPerLayer, (a.numel() * g.numel() + per_block - 1) / per_block);
+    layer.blocks =
+        std::min(kMaxBlocksPerLayer, (a.numel() * g.numel() + per_block - 1) / per_block);
     blocks += layer.blocks;
     layers.push_back(layer);
   }

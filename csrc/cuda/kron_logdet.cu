@@ -34,17 +34,20 @@ struct DeviceRun {
   void operator()(const std::vector<logdet::Layer<scalar_t>>& layers, int64_t blocks,
                   double* partial, scalar_t* out) const {
     const at::Tensor table = device_table(layers, like);
-    const auto* on_device = reinterpret_cast<const logdet::Layer<scalar_t>*>(table.const_data_ptr());
+    const auto* on_device =
+        reinterpret_cast<const logdet::Layer<scalar_t>*>(table.const_data_ptr());
     const int64_t count = static_cast<int64_t>(layers.size());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     if (blocks > 0) {
-      block_log_sum_kernel<scalar_t><<<static_cast<unsigned>(blocks), logdet::kThreads, 0, stream>>>(
-          on_device, count, partial);
+      block_log_sum_kernel<scalar_t>
+          <<<static_cast<unsigned>(blocks), logdet::kThreads, 0, stream>>>(on_device, count,
+                                                                             partial);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     constexpr int threads = 128;
-    layer_log_sum_kernel<scalar_t><<<static_cast<unsigned>((count + threads - 1) / threads), threads,
-                                     0, stream>>>(on_device, count, partial, out);
+    layer_log_sum_kernel<scalar_t>
+        <<<static_cast<unsigned>((count + threads - 1) / threads), threads, 0, stream>>>(
+            on_device, count, partial, out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
