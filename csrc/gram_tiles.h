@@ -1,17 +1,18 @@
 // The fused tile kernel of the CUDA curvature ops (factor accumulation, conv factor,
-// diagonal GGN, Kron solve, K-FAC preconditioning), written once for the GPU
-// (csrc/cuda/gram_tiles.cuh) and for its host emulation (csrc/cpu/gram_emulation.cpp, for
-// the tests); see host_device.h for how.
+// diagonal GGN, Kron solve, K-FAC preconditioning, Kron predictive variance), written once
+// for the GPU (csrc/cuda/gram_tiles.cuh) and for its host emulation
+// (csrc/cpu/gram_emulation.cpp, for the tests); see host_device.h for how.
 //
 // Out_l <- beta Out_l + alpha X_l^T Y_l for every layer l of a launch, X_l and Y_l
 // virtual matrices with the same rows, read element by element from their Sources (a
-// layer's input rows, a Conv2d input's patches by implicit im2col, squared rows, strided
-// views), each with an optional implicit ones column, and optionally each entry times a
-// damped Kron spectrum's power (the Kron solve is four such launches) and a factor read on
-// the device (the K-FAC preconditioner's KL clip). A symmetric layer
-// is a Gram matrix (X = Y): only its tiles on or above the diagonal are computed, and
-// each block writes its upper entries and their mirror images, so the factor is exactly
-// symmetric and only its upper triangle is read. One block computes one kTile x kTile
+// layer's input rows, a Conv2d input's patches by implicit im2col, squared or scaled
+// rows, strided views, a row of ones below a layer's rows, a damped Kron spectrum), each
+// with an optional implicit ones column, and optionally each entry times a damped Kron
+// spectrum's power (the Kron solve is four such launches) and a factor read on the device
+// (the K-FAC preconditioner's KL clip). A symmetric layer's product is a symmetric matrix
+// (a Gram matrix X = Y, or B^T diag(w) B): only its tiles on or above the diagonal are
+// computed, and each block writes its upper entries and their mirror images, so the
+// result is exactly symmetric. One block computes one kTile x kTile
 // tile of one layer (all layers' tiles in one launch), staging rows of both operands in
 // shared memory, converted to the factor's dtype there (no converted copy of a bf16 input
 // exists; 16-bit inputs keep their dtype for the tensor-core variant), each thread keeping
@@ -44,6 +45,25 @@ constexpr int64_t kMinChunkRows = 512;
 constexpr int64_t kMaxChunks = 256;
 // The split workspace holds at most this many partial sums per launch.
 constexpr int64_t kMaxPartialSums = int64_t(1) << 24;
+
+// (s mu_i lambda_j + delta)^p, the damped Kron spectrum's power (eigenvalues clamped at 0,
+// NaN kept): a factor on each entry (i, j) of an output (the Kron solve), or a Source.
+template <typename acc_t>
+struct Spectrum {
+  const acc_t* mu = nullptr;  // null: no factor
+  const acc_t* lambda = nullptr;
+  const double* scale = nullptr;
+  const double* delta = nullptr;
+  double exponent = -1.0;
+
+  FL_HOST_DEVICE acc_t weight(int64_t i, int64_t j) const {
+    const acc_t m = mu[i] < 0 ? acc_t(0) : mu[i], l = lambda[j] < 0 ? acc_t(0) : lambda[j];
+    const acc_t damped = static_cast<acc_t>(*scale) * m * l + static_cast<acc_t>(*delta);
+    if (exponent == -1.0) return acc_t(1) / damped;
+    if (exponent == -0.5) return acc_t(1) / std::sqrt(damped);
+    return static_cast<acc_t>(std::pow(damped, static_cast<acc_t>(exponent)));
+  }
+};
 
 // A Source is read as at(row(r), column(c)): the row and column parts of an element's
 // address are worked out apart, so that a thread, whose column is the same in every
@@ -136,37 +156,69 @@ struct SquaredRows : DenseRows<input_t_> {
   }
 };
 
-// Entries of a layer's rows times the same entries of a second tensor of the same strides
-// (R * S for the K-FAC preconditioner).
+// Entries of a layer's rows times the entries of a second tensor at the same (row, column)
+// under its own strides (R * S for the K-FAC preconditioner; stride 0 repeats a vector).
 template <typename input_t_>
 struct ScaledRows : DenseRows<input_t_> {
-  using typename DenseRows<input_t_>::Row;
-  using typename DenseRows<input_t_>::Column;
   const input_t_* scale;
+  int64_t scale_row_stride, scale_column_stride;
 
+  struct Row {
+    int64_t offset, scale_offset;
+  };
+  struct Column {
+    int64_t offset, scale_offset;
+  };
+  FL_HOST_DEVICE Row row(int64_t r) const { return {r * this->row_stride, r * scale_row_stride}; }
+  FL_HOST_DEVICE Column column(int64_t c) const {
+    return {c * this->column_stride, c * scale_column_stride};
+  }
   template <typename acc_t>
   FL_HOST_DEVICE acc_t at(Row r, Column c) const {
     return static_cast<acc_t>(this->data[r.offset + c.offset]) *
-           static_cast<acc_t>(scale[r.offset + c.offset]);
+           static_cast<acc_t>(scale[r.scale_offset + c.scale_offset]);
   }
 };
 
-// An optional factor on each entry (i, j) of an output: (s mu_i lambda_j + delta)^p, the
-// damped Kron spectrum's power (eigenvalues clamped at 0, NaN kept), for the Kron solve.
-template <typename acc_t>
-struct Spectrum {
-  const acc_t* mu = nullptr;  // null: no factor
-  const acc_t* lambda = nullptr;
-  const double* scale = nullptr;
-  const double* delta = nullptr;
-  double exponent = -1.0;
+// A layer's rows and, where `ones` is set, a row of ones below them (the last of `rows`):
+// [X; 1], the transposed inputs of a layer with a bias.
+template <typename input_t_>
+struct RowsWithOnes : DenseRows<input_t_> {
+  using typename DenseRows<input_t_>::Column;
+  bool ones;
 
-  FL_HOST_DEVICE acc_t weight(int64_t i, int64_t j) const {
-    const acc_t m = mu[i] < 0 ? acc_t(0) : mu[i], l = lambda[j] < 0 ? acc_t(0) : lambda[j];
-    const acc_t damped = static_cast<acc_t>(*scale) * m * l + static_cast<acc_t>(*delta);
-    if (exponent == -1.0) return acc_t(1) / damped;
-    if (exponent == -0.5) return acc_t(1) / std::sqrt(damped);
-    return static_cast<acc_t>(std::pow(damped, static_cast<acc_t>(exponent)));
+  struct Row {
+    int64_t offset;
+    bool one;
+  };
+  FL_HOST_DEVICE Row row(int64_t r) const {
+    return {r * this->row_stride, ones && r == this->rows - 1};
+  }
+  template <typename acc_t>
+  FL_HOST_DEVICE acc_t at(Row r, Column c) const {
+    return r.one ? acc_t(1) : static_cast<acc_t>(this->data[r.offset + c.offset]);
+  }
+};
+
+// The damped Kron spectrum's power as a matrix: entry (i, j) = spectrum.weight(i, j).
+template <typename input_t_>
+struct SpectrumRows {
+  using input_t = input_t_;
+  static constexpr bool kSquared = false;
+  Spectrum<input_t> spectrum;
+  int64_t rows, columns;
+
+  struct Row {
+    int64_t index;
+  };
+  struct Column {
+    int64_t index;
+  };
+  FL_HOST_DEVICE Row row(int64_t r) const { return {r}; }
+  FL_HOST_DEVICE Column column(int64_t c) const { return {c}; }
+  template <typename acc_t>
+  FL_HOST_DEVICE acc_t at(Row r, Column c) const {
+    return static_cast<acc_t>(spectrum.weight(r.index, c.index));
   }
 };
 
@@ -179,7 +231,7 @@ struct Layer {
   Left left;                 // X; left.rows == right.rows
   Right right;               // Y
   bool left_ones, right_ones;
-  bool symmetric;            // X = Y: a Gram matrix, upper tiles only
+  bool symmetric;            // X^T Y is symmetric: upper tiles only, mirrored
   acc_t* out;                // out_rows x out_columns, rows out_stride apart
   int64_t out_rows;          // left.columns, plus the ones column
   int64_t out_columns;       // right.columns, plus the ones column

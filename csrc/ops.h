@@ -73,6 +73,19 @@ PreconditionLayout check_kron_precondition(at::TensorList gradients, at::IntArra
 // dots' dtype, with no host synchronisation.
 at::Tensor device_kl_clip(const at::Tensor& dots, const at::Tensor& kl_weights);
 
+// The checked shape of kron_predictive_variance's result: (samples, outputs[, outputs]).
+struct VarianceShape {
+  int64_t samples, outputs;
+};
+
+// Checks the arguments of kron_predictive_variance (one entry per layer, eigenpairs,
+// input and Jacobian shapes, devices) and returns the result's shape.
+VarianceShape check_kron_predictive_variance(
+    at::TensorList inputs, const c10::List<std::optional<at::Tensor>>& output_jacobians,
+    at::TensorList eigvecs_a, at::TensorList eigvals_a, at::TensorList eigvecs_g,
+    at::TensorList eigvals_g, const at::Tensor& scale, const at::Tensor& delta,
+    const c10::List<bool>& append_ones);
+
 // The shape of a Conv2d's patches: C * kh * kw features at out_h * out_w positions.
 struct ConvGeometry {
   int64_t channels, height, width, kh, kw, out_h, out_w;

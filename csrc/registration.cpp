@@ -50,6 +50,11 @@ TORCH_LIBRARY(fastlaplace, m) {
       "_kron_precondition_emulated_(Tensor(a!)[] gradients, int[] blocks, Tensor[] eigvecs_a, "
       "Tensor[] eigvecs_g, Tensor[] inverse_spectra, Tensor? kl_weights, int target_blocks) "
       "-> Tensor");
+  m.def(
+      "_kron_predictive_variance_emulated(Tensor[] inputs, Tensor?[] output_jacobians, "
+      "Tensor[] eigvecs_a, Tensor[] eigvals_a, Tensor[] eigvecs_g, Tensor[] eigvals_g, "
+      "Tensor scale, Tensor delta, bool[] append_ones, bool full_covariance, "
+      "int target_blocks) -> Tensor");
   // The CUDA kron_logdet's blocks run on the host, for the tests.
   m.def(
       "_kron_logdet_emulated(Tensor[] eigvals_a, Tensor[] eigvals_g, Tensor scale, "

@@ -2,13 +2,27 @@
 
 import pytest
 import torch
-from conftest import DEVICES, PRIME_SIZES, assert_matches_float64, eigen_layer, random_spd, requires_extension
-from hypothesis import given
+from conftest import (
+    CUDA_REASON,
+    DEVICES,
+    PRIME_SIZES,
+    assert_matches_float64,
+    eigen_layer,
+    random_spd,
+    requires_extension,
+)
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.func import functional_call, jacrev, vmap
 
 import fastlaplace.ops as ops
 import fastlaplace.reference as reference
+
+JACOBIAN_LAYOUTS = {  # (N, C, d_G) views of three storage orders; a batched backward gives the last
+    "contiguous": lambda n, c, d: torch.randn(n, c, d, dtype=torch.float64),
+    "classes_inner": lambda n, c, d: torch.randn(n, d, c, dtype=torch.float64).transpose(1, 2),
+    "classes_outer": lambda n, c, d: torch.randn(c, n, d, dtype=torch.float64).transpose(0, 1),
+}
 
 
 class TwoLayerNet(torch.nn.Module):
@@ -117,12 +131,7 @@ def test_property_odd_sizes_and_layouts(
         if transposed
         else torch.randn(samples, d_in, dtype=torch.float64)
     )
-    layouts = {  # (N, C, d_G) views of three storage orders; a batched backward gives the last
-        "contiguous": lambda: torch.randn(samples, classes, d_g, dtype=torch.float64),
-        "classes_inner": lambda: torch.randn(samples, d_g, classes, dtype=torch.float64).transpose(1, 2),
-        "classes_outer": lambda: torch.randn(classes, samples, d_g, dtype=torch.float64).transpose(0, 1),
-    }
-    jac = None if last_layer else layouts[jacobian_layout]()
+    jac = None if last_layer else JACOBIAN_LAYOUTS[jacobian_layout](samples, classes, d_g)
     args = (
         [a],
         [jac],
@@ -213,3 +222,146 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="delta must be non-negative"):
         ops.kron_predictive_variance([torch.randn(2, 3)], [None], [qa], [la], [qg], [lg], ok[0], -ok[1], [True])
     assert random_spd(2).shape == (2, 2)
+
+
+# The CUDA kernel (products of the fused tile kernel, csrc/gram_tiles.h, and the sums of
+# csrc/square_sums.h) run on the host.
+TILE = 64  # gram::kTile
+
+
+def emulated(*args, target_blocks):
+    requires_extension()
+    return torch.ops.fastlaplace._kron_predictive_variance_emulated(*args, target_blocks)
+
+
+@settings(deadline=None, max_examples=30)
+@given(
+    samples=st.sampled_from([1, 3, TILE + 2]),
+    classes=st.sampled_from([1, 2, TILE + 1]),
+    sizes=st.lists(
+        st.tuples(st.sampled_from([1, 6, TILE + 1]), st.sampled_from([1, 4, TILE + 3])), min_size=1, max_size=3
+    ),
+    bias=st.lists(st.booleans(), min_size=3, max_size=3),
+    last_layer=st.booleans(),
+    full=st.booleans(),
+    layouts=st.lists(st.sampled_from(sorted(JACOBIAN_LAYOUTS)), min_size=3, max_size=3),
+    transposed_inputs=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    target_blocks=st.sampled_from([1, 10_000]),
+)
+def test_emulated_kernel_matches_float64_reference(
+    samples, classes, sizes, bias, last_layer, full, layouts, transposed_inputs, dtype, target_blocks
+):
+    if last_layer:  # d_G = C for every layer
+        sizes = [(d_a, classes) for d_a, _ in sizes]
+    layers = [eigen_layer(d_a, d_g, rank_a=max(1, d_a // 2)) for d_a, d_g in sizes]  # clamped λ
+    bias = bias[: len(sizes)]
+    inputs = [
+        torch.randn(d_a - b, samples, dtype=torch.float64).T
+        if transposed_inputs
+        else torch.randn(samples, d_a - b, dtype=torch.float64)
+        for (d_a, _), b in zip(sizes, bias)
+    ]
+    jacobians = [
+        None if last_layer else JACOBIAN_LAYOUTS[layout](samples, classes, d_g)
+        for (_, d_g), layout in zip(sizes, layouts)
+    ]
+    eig64 = [[layer[k] for layer in layers] for k in range(4)]
+    scale = torch.rand(len(sizes), dtype=torch.float64) + 0.5
+    delta = torch.rand(len(sizes), dtype=torch.float64) + 0.05
+    exact = reference.kron_predictive_variance(inputs, jacobians, *eig64, scale, delta, bias, full)
+    cast = [[None if t is None else t.to(dtype) for t in group] for group in (inputs, jacobians, *eig64)]
+    # torch.linalg.eigh's eigenvectors are column-major, as the fits pass them
+    cast[2] = [q.T.contiguous().T for q in cast[2]]
+    args = (*cast, scale.to(dtype), delta.to(dtype), bias, full)
+    result = emulated(*args, target_blocks=target_blocks)
+    assert result.dtype == dtype
+    assert_matches_float64(result, exact, reference.kron_predictive_variance(*args))
+    if full:
+        assert torch.equal(result, result.mT)  # the upper triangle mirrored
+
+
+@pytest.mark.parametrize("first", sorted(JACOBIAN_LAYOUTS))
+def test_emulated_kernel_takes_a_mix_of_jacobian_layouts(first, generator):
+    # The first Jacobian's (N, C) order is the workspace's; the others are read or copied in it.
+    layouts = [first, *sorted(JACOBIAN_LAYOUTS)]
+    layers = [eigen_layer(5, 4 + i, generator=generator) for i in range(len(layouts))]
+    inputs = [torch.randn(6, 5, dtype=torch.float64, generator=generator) for _ in layouts]
+    jacobians = [JACOBIAN_LAYOUTS[layout](6, 3, 4 + i) for i, layout in enumerate(layouts)]
+    eig = [[layer[k] for layer in layers] for k in range(4)]
+    scale = torch.rand(len(layouts), dtype=torch.float64, generator=generator) + 0.5
+    delta = torch.rand(len(layouts), dtype=torch.float64, generator=generator) + 0.1
+    for full in (False, True):
+        args = (inputs, jacobians, *eig, scale, delta, [False] * len(layouts), full)
+        torch.testing.assert_close(emulated(*args, target_blocks=1), reference.kron_predictive_variance(*args))
+
+
+def test_emulated_kernel_reads_16_bit_inputs_and_zero_samples(generator):
+    qa, la, qg, lg, *_ = eigen_layer(TILE + 1, 5, generator=generator)
+    a = torch.randn(7, TILE, generator=generator).bfloat16()
+    jac = torch.randn(7, 3, 5, generator=generator).half()
+    eig = [qa.float(), la.float(), qg.float(), lg.float()]
+    scale, delta = torch.tensor([2.0]), torch.tensor([0.3])
+    for full in (False, True):
+        args = ([a], [jac], *[[t] for t in eig], scale, delta, [True], full)
+        exact = reference.kron_predictive_variance(
+            [a], [jac], *[[t.double()] for t in eig], scale.double(), delta.double(), [True], full
+        )
+        assert_matches_float64(emulated(*args, target_blocks=1), exact, reference.kron_predictive_variance(*args))
+        empty = emulated([a[:0]], [jac[:0]], *args[2:], target_blocks=1)
+        assert empty.shape == ((0, 3, 3) if full else (0, 3))
+
+
+def test_emulated_kernel_refuses_what_the_cuda_path_leaves_to_aten(generator):
+    qa, la, qg, lg, *_ = eigen_layer(4, 3, generator=generator)
+    a, jac = torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 3, 3, dtype=torch.float64)
+    ones = torch.ones(2, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="an output Jacobian for every layer or for none"):
+        emulated(
+            [a, a], [jac, None], [qa, qa], [la, la], [qg, qg], [lg, lg], ones, ones, [False] * 2, True, target_blocks=1
+        )
+    with pytest.raises(RuntimeError, match="eigenvectors of one dtype"):
+        emulated(
+            [a, a],
+            [jac, jac],
+            [qa, qa.float()],
+            [la, la.float()],
+            [qg, qg.float()],
+            [lg, lg.float()],
+            ones,
+            ones,
+            [False] * 2,
+            True,
+            target_blocks=1,
+        )
+    with pytest.raises(RuntimeError, match="target_blocks must be at least 1"):
+        emulated([a], [jac], [qa], [la], [qg], [lg], ones[:1], ones[:1], [False], True, target_blocks=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("last_layer", [False, True])
+def test_cuda_kernel_agrees_with_the_emulation(dtype, last_layer, generator):
+    sizes = [(785, 10), (513, 10)] if last_layer else [(785, 512), (513, 10), (3, 2)]
+    layers = [eigen_layer(d_a, d_g, generator=generator) for d_a, d_g in sizes]
+    eig = [[t.to(dtype) for t in ts] for ts in zip(*[layer[:4] for layer in layers])]
+    inputs = [torch.randn(67, d_a - 1, generator=generator).to(dtype) for d_a, _ in sizes]
+    jacobians = [
+        None if last_layer else torch.randn(10, 67, d_g, generator=generator).to(dtype).transpose(0, 1)
+        for _, d_g in sizes
+    ]
+    scale, delta = torch.rand(len(sizes), dtype=dtype) + 0.5, torch.rand(len(sizes), dtype=dtype) + 0.1
+    bias = [True] * len(sizes)
+    for full in (False, True):
+        expected = emulated(inputs, jacobians, *eig, scale, delta, bias, full, target_blocks=528)
+        on_gpu = ops.kron_predictive_variance(
+            [t.cuda() for t in inputs],
+            [None if t is None else t.cuda() for t in jacobians],
+            *[[t.cuda() for t in ts] for ts in eig],
+            scale.cuda(),
+            delta.cuda(),
+            bias,
+            full,
+        )
+        relative = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(on_gpu.cpu(), expected, rtol=0, atol=relative * expected.abs().max().item())

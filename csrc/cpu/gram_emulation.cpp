@@ -1,6 +1,7 @@
 // fastlaplace::_factor_accumulate_emulated_, _conv_input_factor_emulated_,
-// _diag_ggn_emulated, _kron_solve_emulated and _kron_precondition_emulated_: the CUDA
-// curvature ops' fused tile kernel (csrc/gram_tiles.h) and its launch code run on the host,
+// _diag_ggn_emulated, _kron_solve_emulated, _kron_precondition_emulated_ and
+// _kron_predictive_variance_emulated: the CUDA curvature ops' fused tile kernel
+// (csrc/gram_tiles.h, and csrc/square_sums.h's sums) and its launch code run on the host,
 // every block in turn and each phase for every thread id in turn (the tensor cores' warp
 // operations by plain float32 loops), so that the tests check the kernel's arithmetic
 // where there is no GPU. target_blocks plays the GPU's size (it
@@ -103,6 +104,13 @@ struct HostRun {
   }
 };
 
+struct HostSquareSums {
+  template <typename scalar_t>
+  void operator()(const variance::SquareSums<scalar_t>& sums) const {
+    for (int64_t entry = 0; entry < sums.entries(); ++entry) sums.sum(entry);
+  }
+};
+
 void check_target_blocks(int64_t target_blocks) {
   TORCH_CHECK(target_blocks >= 1, "target_blocks must be at least 1, got ", target_blocks);
 }
@@ -162,6 +170,24 @@ at::Tensor kron_precondition_emulated(at::TensorList gradients, at::IntArrayRef 
                                        HostRun{});
 }
 
+at::Tensor kron_predictive_variance_emulated(
+    at::TensorList inputs, const c10::List<std::optional<at::Tensor>>& output_jacobians,
+    at::TensorList eigvecs_a, at::TensorList eigvals_a, at::TensorList eigvecs_g,
+    at::TensorList eigvals_g, const at::Tensor& scale, const at::Tensor& delta,
+    c10::List<bool> append_ones, bool full_covariance, int64_t target_blocks) {
+  const VarianceShape shape =
+      check_kron_predictive_variance(inputs, output_jacobians, eigvecs_a, eigvals_a, eigvecs_g,
+                                     eigvals_g, scale, delta, append_ones);
+  check_target_blocks(target_blocks);
+  TORCH_CHECK(gram::tiles_take_variance(output_jacobians, eigvecs_a, eigvecs_g),
+              "_kron_predictive_variance_emulated takes eigenvectors of one dtype and an output "
+              "Jacobian for every layer or for none (the CUDA kernel's other cases go to the "
+              "ATen path)");
+  return gram::kron_variance_tiles(inputs, output_jacobians, eigvecs_a, eigvals_a, eigvecs_g,
+                                   eigvals_g, scale, delta, append_ones, full_covariance, shape,
+                                   target_blocks, HostRun{}, HostSquareSums{});
+}
+
 }  // namespace
 }  // namespace fastlaplace
 
@@ -171,4 +197,5 @@ TORCH_LIBRARY_IMPL(fastlaplace, CPU, m) {
   m.impl("_diag_ggn_emulated", &fastlaplace::diag_ggn_emulated);
   m.impl("_kron_solve_emulated", &fastlaplace::kron_solve_emulated);
   m.impl("_kron_precondition_emulated_", &fastlaplace::kron_precondition_emulated);
+  m.impl("_kron_predictive_variance_emulated", &fastlaplace::kron_predictive_variance_emulated);
 }

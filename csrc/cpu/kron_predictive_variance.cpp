@@ -55,11 +55,11 @@ at::Tensor layer_variance(const at::Tensor& a, const std::optional<at::Tensor>& 
 
 }  // namespace
 
-at::Tensor kron_predictive_variance_aten(
+VarianceShape check_kron_predictive_variance(
     at::TensorList inputs, const c10::List<std::optional<at::Tensor>>& output_jacobians,
     at::TensorList eigvecs_a, at::TensorList eigvals_a, at::TensorList eigvecs_g,
     at::TensorList eigvals_g, const at::Tensor& scale, const at::Tensor& delta,
-    c10::List<bool> append_ones, bool full_covariance) {
+    const c10::List<bool>& append_ones) {
   const int64_t layers = static_cast<int64_t>(inputs.size());
   TORCH_CHECK(layers > 0, "kron_predictive_variance needs at least one layer");
   TORCH_CHECK(static_cast<int64_t>(output_jacobians.size()) == layers &&
@@ -71,28 +71,55 @@ at::Tensor kron_predictive_variance_aten(
               "kron_predictive_variance: every list needs one entry per layer");
   check_per_layer(scale, layers, "scale");
   check_per_layer(delta, layers, "delta");
-  at::Tensor total;
+  const at::Tensor& like = eigvecs_a[0];
+  check_same_device(scale, like, "scale");
+  check_same_device(delta, like, "delta");
+  VarianceShape shape{inputs[0].dim() > 0 ? inputs[0].size(0) : 0, 0};
   for (int64_t i = 0; i < layers; ++i) {
     const at::Tensor& a = inputs[i];
     const std::optional<at::Tensor> jacobian = output_jacobians.get(i);
     check_eigenpair(eigvecs_a[i], eigvals_a[i], "eigvecs_a", "eigvals_a", i);
     check_eigenpair(eigvecs_g[i], eigvals_g[i], "eigvecs_g", "eigvals_g", i);
     check_floating(a, "inputs", i);
+    check_same_device(a, like, argument_name("inputs", i).c_str());
+    check_same_device(eigvecs_a[i], like, argument_name("eigvecs_a", i).c_str());
+    check_same_device(eigvals_a[i], like, argument_name("eigvals_a", i).c_str());
+    check_same_device(eigvecs_g[i], like, argument_name("eigvecs_g", i).c_str());
+    check_same_device(eigvals_g[i], like, argument_name("eigvals_g", i).c_str());
     TORCH_CHECK(a.dim() == 2 && a.size(1) + (append_ones[i] ? 1 : 0) == eigvals_a[i].size(0),
                 "inputs[", i, "] must be (N, ", eigvals_a[i].size(0) - (append_ones[i] ? 1 : 0),
                 "), got ", a.sizes());
+    int64_t outputs = eigvals_g[i].size(0);
     if (jacobian.has_value()) {
+      check_floating(*jacobian, "output_jacobians", i);
+      check_same_device(*jacobian, like, argument_name("output_jacobians", i).c_str());
       TORCH_CHECK(jacobian->dim() == 3 && jacobian->size(0) == a.size(0) &&
                       jacobian->size(2) == eigvals_g[i].size(0),
                   "output_jacobians[", i, "] must be (", a.size(0), ", C, ",
                   eigvals_g[i].size(0), "), got ", jacobian->sizes());
+      outputs = jacobian->size(1);
     }
-    at::Tensor term =
-        layer_variance(a, jacobian, eigvecs_a[i], eigvals_a[i], eigvecs_g[i], eigvals_g[i],
-                       scale[i], delta[i], append_ones[i], full_covariance);
+    if (i == 0) shape.outputs = outputs;
+    TORCH_CHECK(a.size(0) == shape.samples && outputs == shape.outputs, "layer ", i, " gives ",
+                a.size(0), " samples x ", outputs, " outputs but layer 0 gives ", shape.samples,
+                " x ", shape.outputs);
+  }
+  return shape;
+}
+
+at::Tensor kron_predictive_variance_aten(
+    at::TensorList inputs, const c10::List<std::optional<at::Tensor>>& output_jacobians,
+    at::TensorList eigvecs_a, at::TensorList eigvals_a, at::TensorList eigvecs_g,
+    at::TensorList eigvals_g, const at::Tensor& scale, const at::Tensor& delta,
+    c10::List<bool> append_ones, bool full_covariance) {
+  check_kron_predictive_variance(inputs, output_jacobians, eigvecs_a, eigvals_a, eigvecs_g,
+                                 eigvals_g, scale, delta, append_ones);
+  at::Tensor total;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    at::Tensor term = layer_variance(inputs[i], output_jacobians.get(i), eigvecs_a[i],
+                                     eigvals_a[i], eigvecs_g[i], eigvals_g[i], scale[i],
+                                     delta[i], append_ones[i], full_covariance);
     if (total.defined()) {
-      TORCH_CHECK(term.sizes() == total.sizes(), "layer ", i, " gives a (co)variance of shape ",
-                  term.sizes(), " but layer 0 gives ", total.sizes());
       total.add_(term);
     } else {
       total = term;
