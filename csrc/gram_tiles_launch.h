@@ -10,6 +10,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/_foreach_copy.h>
+#include <ATen/ops/_foreach_mul.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/ones.h>
@@ -60,6 +62,13 @@ template <typename scalar_t>
 DenseRows<scalar_t> matrix_rows(const at::Tensor& m, bool transposed) {
   const int a = transposed ? 1 : 0, b = 1 - a;
   return {m.const_data_ptr<scalar_t>(), m.size(a), m.size(b), m.stride(a), m.stride(b)};
+}
+
+// The product X^T Y of two sources into out (rows out_stride apart): no ones columns, not
+// symmetric.
+template <typename Left, typename Right, typename acc_t>
+Layer<Left, Right, acc_t> product(const Left& x, const Right& y, acc_t* out, int64_t out_stride) {
+  return {x, y, false, false, false, out, x.columns, y.columns, out_stride};
 }
 
 // The indices 0 .. count - 1 grouped by key(i) (a dtype, or a pair of them): each group in
@@ -171,10 +180,9 @@ std::vector<at::Tensor> kron_solve_tiles(at::TensorList eigvecs_a, at::TensorLis
       using L = Layer<DenseRows<scalar_t>, DenseRows<scalar_t>, scalar_t>;
       std::vector<L> products[4];
       std::vector<at::Tensor> keep;  // alive until the launches are queued
-      auto product = [](const DenseRows<scalar_t>& x, const DenseRows<scalar_t>& y,
-                        const at::Tensor& out) {
-        return L{x, y, false, false, false, out.mutable_data_ptr<scalar_t>(), x.columns,
-                 y.columns, y.columns};
+      auto into = [](const DenseRows<scalar_t>& x, const DenseRows<scalar_t>& y,
+                     const at::Tensor& out) {
+        return product(x, y, out.mutable_data_ptr<scalar_t>(), y.columns);
       };
       for (size_t i : group) {
         const at::Tensor& qa = eigvecs_a[i];
@@ -187,18 +195,18 @@ std::vector<at::Tensor> kron_solve_tiles(at::TensorList eigvecs_a, at::TensorLis
         const at::Tensor la = eigvals_a[i].contiguous(), lg = eigvals_g[i].contiguous();
         keep.insert(keep.end(), {v, rotated, weighted, la, lg});
         for (int64_t b = 0; b < v.size(0); ++b) {
-          products[0].push_back(product(matrix_rows<scalar_t>(qg, false),
-                                        matrix_rows<scalar_t>(v[b], false), rotated[b]));
-          L second = product(matrix_rows<scalar_t>(rotated[b], true),
-                             matrix_rows<scalar_t>(qa, false), weighted[b]);
+          products[0].push_back(into(matrix_rows<scalar_t>(qg, false),
+                                     matrix_rows<scalar_t>(v[b], false), rotated[b]));
+          L second = into(matrix_rows<scalar_t>(rotated[b], true),
+                          matrix_rows<scalar_t>(qa, false), weighted[b]);
           second.spectrum = {lg.const_data_ptr<scalar_t>(), la.const_data_ptr<scalar_t>(),
                              scales.const_data_ptr<double>() + i,
                              deltas.const_data_ptr<double>() + i, exponent};
           products[1].push_back(second);
-          products[2].push_back(product(matrix_rows<scalar_t>(qg, true),
-                                        matrix_rows<scalar_t>(weighted[b], false), rotated[b]));
-          products[3].push_back(product(matrix_rows<scalar_t>(rotated[b], true),
-                                        matrix_rows<scalar_t>(qa, true), out[b]));
+          products[2].push_back(into(matrix_rows<scalar_t>(qg, true),
+                                     matrix_rows<scalar_t>(weighted[b], false), rotated[b]));
+          products[3].push_back(into(matrix_rows<scalar_t>(rotated[b], true),
+                                     matrix_rows<scalar_t>(qa, true), out[b]));
         }
       }
       for (std::vector<L>& layers : products) {
@@ -224,12 +232,19 @@ inline bool tiles_take_gradients(at::TensorList gradients, at::IntArrayRef block
   return true;
 }
 
+// The KL weights k_l of a preconditioning call in the dtype of `like`, on its device (each
+// KL dot's multiplier), where given.
+inline at::Tensor kl_multipliers(const std::optional<at::Tensor>& kl_weights,
+                                 const at::Tensor& like) {
+  return kl_weights.has_value() ? kl_weights->to(like.scalar_type()).contiguous() : at::Tensor();
+}
+
 // kron_precondition_ on checked arguments (check_kron_precondition's layout) that
 // tiles_take_gradients: for every layer, in place, V <- nu Q_G [(Q_G^T V Q_A) * S] Q_A^T
 // over its blocks V = [block_1 | block_2 | ...], as six launches over all layers (each
 // block's columns its own product where V is read or written; the KL dots
-// <R, R * S> = <V, result> as 1 x 1 products), nu = min(1, 1 / sqrt(sum_l k_l dot_l)) on the
-// device. Returns nu (1 without kl_weights) as a 0-d tensor.
+// k_l <R, R * S> = k_l <V, result> as 1 x 1 products), nu = min(1, 1 / sqrt(sum of the
+// dots)) on the device. Returns nu (1 without kl_weights) as a 0-d tensor.
 template <typename Run>
 at::Tensor kron_precondition_tiles(at::TensorList gradients, at::IntArrayRef blocks,
                                    at::TensorList eigvecs_a, at::TensorList eigvecs_g,
@@ -240,17 +255,11 @@ at::Tensor kron_precondition_tiles(at::TensorList gradients, at::IntArrayRef blo
   const int64_t count = static_cast<int64_t>(eigvecs_a.size());
   const at::Tensor& like = eigvecs_a[0];
   at::Tensor nu = at::ones({}, like.options());
+  const at::Tensor weights = kl_multipliers(kl_weights, like);
   AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "kron_precondition_tiles", [&] {
     using Rows = DenseRows<scalar_t>;
     using Product = Layer<Rows, Rows, scalar_t>;
     using Weighted = Layer<Rows, ScaledRows<scalar_t>, scalar_t>;
-    // Column block b of a layer: gradients[b] as a (d_G, width) view.
-    auto block_rows = [&](int64_t b, int64_t d_g) {
-      return gradients[b].view({d_g, layout.widths[b]});
-    };
-    auto product = [](const Rows& x, const Rows& y, scalar_t* out, int64_t stride) {
-      return Product{x, y, false, false, false, out, x.columns, y.columns, stride};
-    };
     std::vector<Product> rotate, project, write;
     std::vector<Weighted> dots, weigh;
     std::vector<at::Tensor> keep;  // alive until the launches are queued
@@ -265,13 +274,14 @@ at::Tensor kron_precondition_tiles(at::TensorList gradients, at::IntArrayRef blo
       keep.insert(keep.end(), {first, rotated, spectrum});
       for (int64_t b = layout.firsts[i], offset = 0; b < layout.firsts[i] + blocks[i];
            offset += layout.widths[b], ++b) {
+        const int64_t width = layout.widths[b];
         // Q_G^T V, a block's columns at a time; at the end the result, into the block.
         rotate.push_back(product(matrix_rows<scalar_t>(qg, false),
-                                 matrix_rows<scalar_t>(block_rows(b, d_g), false),
+                                 matrix_rows<scalar_t>(gradients[b].view({d_g, width}), false),
                                  first.mutable_data_ptr<scalar_t>() + offset, d_a));
         write.push_back(product(matrix_rows<scalar_t>(first, true),
-                                matrix_rows<scalar_t>(qa.narrow(0, offset, layout.widths[b]), true),
-                                gradients[b].mutable_data_ptr<scalar_t>(), layout.widths[b]));
+                                matrix_rows<scalar_t>(qa.narrow(0, offset, width), true),
+                                gradients[b].mutable_data_ptr<scalar_t>(), width));
         write.back().multiplier = nu.const_data_ptr<scalar_t>();
       }
       project.push_back(product(matrix_rows<scalar_t>(first, true),
@@ -279,22 +289,88 @@ at::Tensor kron_precondition_tiles(at::TensorList gradients, at::IntArrayRef blo
                                 rotated.mutable_data_ptr<scalar_t>(), d_a));
       const ScaledRows<scalar_t> weighted{matrix_rows<scalar_t>(rotated, false),
                                           spectrum.const_data_ptr<scalar_t>(), d_a, 1};
-      weigh.push_back({matrix_rows<scalar_t>(qg, true), weighted, false, false, false,
-                       first.mutable_data_ptr<scalar_t>(), d_g, d_a, d_a});
-      // <R, R * S>: R and S as (d_G d_A, 1) columns.
+      weigh.push_back(product(matrix_rows<scalar_t>(qg, true), weighted,
+                              first.mutable_data_ptr<scalar_t>(), d_a));
+      if (!kl_weights.has_value()) continue;
+      // k_l <R, R * S>: R and S as (d_G d_A, 1) columns.
       const Rows column{rotated.const_data_ptr<scalar_t>(), d_g * d_a, 1, 1, 0};
-      dots.push_back({column, ScaledRows<scalar_t>{column, spectrum.const_data_ptr<scalar_t>(), 1, 0},
-                      false, false, false, dot.mutable_data_ptr<scalar_t>() + i, 1, 1, 1});
+      const ScaledRows<scalar_t> scaled{column, spectrum.const_data_ptr<scalar_t>(), 1, 0};
+      dots.push_back(product(column, scaled, dot.mutable_data_ptr<scalar_t>() + i, 1));
+      dots.back().multiplier = weights.const_data_ptr<scalar_t>() + i;
     }
     run_layers(rotate, target_blocks, like, 1.0, 0.0, run);
     run_layers(project, target_blocks, like, 1.0, 0.0, run);
     if (kl_weights.has_value()) {
       run_layers(dots, target_blocks, like, 1.0, 0.0, run);
-      nu.copy_(device_kl_clip(dot, *kl_weights));
+      nu.copy_(device_kl_clip(dot.sum()));
     }
     run_layers(weigh, target_blocks, like, 1.0, 0.0, run);
     run_layers(write, target_blocks, like, 1.0, 0.0, run);
   });
+  return nu;
+}
+
+// kron_inverse_precondition_ on checked arguments (its layout) that tiles_take_gradients:
+// for every layer, in place, V <- nu G^-1 V A^-1 over its blocks, as two launches over all
+// layers: T = G^-1 V, a block's columns at a time, then each block's columns of T A^-1,
+// into the block itself. With kl_weights the second goes to a workspace instead, block
+// after block, for the KL dots k_l <V_b, U_b> (1 x 1 products of the flattened blocks, one
+// launch), nu = min(1, 1 / sqrt(sum of the dots)) on the device, and nu U into the blocks
+// (two foreach calls). Returns nu (1 without kl_weights) as a 0-d tensor.
+template <typename Run>
+at::Tensor kron_inverse_precondition_tiles(at::TensorList gradients, at::IntArrayRef blocks,
+                                           at::TensorList inverses_a, at::TensorList inverses_g,
+                                           const std::optional<at::Tensor>& kl_weights,
+                                           const PreconditionLayout& layout,
+                                           int64_t target_blocks, const Run& run) {
+  const int64_t count = static_cast<int64_t>(inverses_a.size());
+  const at::Tensor& like = inverses_a[0];
+  at::Tensor nu = at::ones({}, like.options());
+  const at::Tensor weights = kl_multipliers(kl_weights, like);
+  const bool clipped = kl_weights.has_value();
+  int64_t entries = 0;
+  for (const at::Tensor& block : gradients) entries += block.numel();
+  const at::Tensor results = at::empty({clipped ? entries : 0}, like.options());
+  const at::Tensor dot = at::empty({static_cast<int64_t>(gradients.size())}, like.options());
+  std::vector<at::Tensor> result_blocks;
+  AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "kron_inverse_precondition_tiles", [&] {
+    using Rows = DenseRows<scalar_t>;
+    std::vector<Layer<Rows, Rows, scalar_t>> left, right, dots;
+    std::vector<at::Tensor> keep;  // alive until the launches are queued
+    for (int64_t i = 0, start = 0; i < count; ++i) {
+      const at::Tensor& inverse_a = inverses_a[i];
+      const int64_t d_a = inverse_a.size(0), d_g = inverses_g[i].size(0);
+      const at::Tensor t = at::empty({d_g, d_a}, like.options());  // G^-1 V
+      keep.push_back(t);
+      for (int64_t b = layout.firsts[i], offset = 0; b < layout.firsts[i] + blocks[i];
+           offset += layout.widths[b], ++b) {
+        const int64_t width = layout.widths[b], size = d_g * width;
+        left.push_back(product(matrix_rows<scalar_t>(inverses_g[i], true),
+                               matrix_rows<scalar_t>(gradients[b].view({d_g, width}), false),
+                               t.mutable_data_ptr<scalar_t>() + offset, d_a));
+        scalar_t* out = clipped ? results.mutable_data_ptr<scalar_t>() + start
+                                : gradients[b].mutable_data_ptr<scalar_t>();
+        right.push_back(product(matrix_rows<scalar_t>(t, true),
+                                matrix_rows<scalar_t>(inverse_a.narrow(1, offset, width), false),
+                                out, width));
+        if (!clipped) continue;
+        const Rows v{gradients[b].const_data_ptr<scalar_t>(), size, 1, 1, 0};
+        const Rows u{out, size, 1, 1, 0};
+        dots.push_back(product(v, u, dot.mutable_data_ptr<scalar_t>() + b, 1));
+        dots.back().multiplier = weights.const_data_ptr<scalar_t>() + i;
+        result_blocks.push_back(results.narrow(0, start, size).view(gradients[b].sizes()));
+        start += size;
+      }
+    }
+    run_layers(left, target_blocks, like, 1.0, 0.0, run);
+    run_layers(right, target_blocks, like, 1.0, 0.0, run);
+    if (clipped) run_layers(dots, target_blocks, like, 1.0, 0.0, run);
+  });
+  if (clipped) {
+    nu.copy_(device_kl_clip(dot.sum()));
+    at::_foreach_mul_(result_blocks, nu);
+    at::_foreach_copy_(gradients, result_blocks);
+  }
   return nu;
 }
 
@@ -378,11 +454,6 @@ at::Tensor kron_variance_tiles(at::TensorList inputs,
     scalar_t* rotated = rotated_inputs.mutable_data_ptr<scalar_t>();
     scalar_t* w = weights.mutable_data_ptr<scalar_t>();
     scalar_t* b = rotated_jacobians.mutable_data_ptr<scalar_t>();
-    auto product = [](const auto& x, const auto& y, scalar_t* out, int64_t rows,
-                      int64_t columns, int64_t stride) {
-      return Layer<std::decay_t<decltype(x)>, std::decay_t<decltype(y)>, scalar_t>{
-          x, y, false, false, false, out, rows, columns, stride};
-    };
     for (size_t i = 0; i < count; ++i) {
       const at::Tensor a = inputs[i].to(like.scalar_type());
       const at::Tensor& qa = eigvecs_a[i];
@@ -393,16 +464,15 @@ at::Tensor kron_variance_tiles(at::TensorList inputs,
       // X[k][m] = [a, 1][m][k]
       const RowsWithOnes<scalar_t> features{
           {a.const_data_ptr<scalar_t>(), d_a, n, a.stride(1), a.stride(0)}, append_ones[i]};
-      rotate_inputs.push_back(product(features, matrix_rows<scalar_t>(qa, false),
-                                      rotated + offsets_a[i], n, d_a, width_a));
+      rotate_inputs.push_back(
+          product(features, matrix_rows<scalar_t>(qa, false), rotated + offsets_a[i], width_a));
       const Rows rotated_rows{rotated + offsets_a[i], d_a, n, 1, width_a};
       const Spectrum<scalar_t> inverse{la.const_data_ptr<scalar_t>(),
                                        lg.const_data_ptr<scalar_t>(),
                                        scales.const_data_ptr<double>() + i,
                                        deltas.const_data_ptr<double>() + i, -1.0};
       weigh.push_back(product(ScaledRows<scalar_t>{rotated_rows, rotated_rows.data, 1, width_a},
-                              SpectrumRows<scalar_t>{inverse, d_a, d_g}, w + offsets_g[i], n,
-                              d_g, width));
+                              SpectrumRows<scalar_t>{inverse, d_a, d_g}, w + offsets_g[i], width));
       if (!jacobians) continue;
       at::Tensor jac = output_jacobians.get(i)->to(like.scalar_type());
       std::optional<int64_t> step =
@@ -413,8 +483,8 @@ at::Tensor kron_variance_tiles(at::TensorList inputs,
       }
       keep.push_back(jac);
       const Rows columns{jac.const_data_ptr<scalar_t>(), d_g, n * c, jac.stride(2), *step};
-      rotate_jacobians.push_back(product(columns, matrix_rows<scalar_t>(qg, false),
-                                         b + offsets_g[i], n * c, d_g, width));
+      rotate_jacobians.push_back(
+          product(columns, matrix_rows<scalar_t>(qg, false), b + offsets_g[i], width));
     }
     run_layers(rotate_inputs, target_blocks, like, 1.0, 0.0, run);
     run_layers(weigh, target_blocks, like, 1.0, 0.0, run);

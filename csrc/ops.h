@@ -69,9 +69,16 @@ PreconditionLayout check_kron_precondition(at::TensorList gradients, at::IntArra
                                            at::TensorList inverse_spectra,
                                            const std::optional<at::Tensor>& kl_weights);
 
-// K-FAC's KL clip on the device: min(1, 1 / sqrt(sum_l k_l dots_l)) as a 0-d tensor in
-// dots' dtype, with no host synchronisation.
-at::Tensor device_kl_clip(const at::Tensor& dots, const at::Tensor& kl_weights);
+// Checks the arguments of kron_inverse_precondition_ and returns the layout of its layers.
+PreconditionLayout check_kron_inverse_precondition(at::TensorList gradients,
+                                                   at::IntArrayRef blocks,
+                                                   at::TensorList inverses_a,
+                                                   at::TensorList inverses_g,
+                                                   const std::optional<at::Tensor>& kl_weights);
+
+// K-FAC's KL clip on the device: min(1, 1 / sqrt(ratio)) as a 0-d tensor in ratio's dtype,
+// ratio = sum_l k_l <V_l, result_l> a 0-d tensor, with no host synchronisation.
+at::Tensor device_kl_clip(const at::Tensor& ratio);
 
 // The checked shape of kron_predictive_variance's result: (samples, outputs[, outputs]).
 struct VarianceShape {

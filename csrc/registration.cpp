@@ -51,6 +51,10 @@ TORCH_LIBRARY(fastlaplace, m) {
       "Tensor[] eigvecs_g, Tensor[] inverse_spectra, Tensor? kl_weights, int target_blocks) "
       "-> Tensor");
   m.def(
+      "_kron_inverse_precondition_emulated_(Tensor(a!)[] gradients, int[] blocks, "
+      "Tensor[] inverses_a, Tensor[] inverses_g, Tensor? kl_weights, int target_blocks) "
+      "-> Tensor");
+  m.def(
       "_kron_predictive_variance_emulated(Tensor[] inputs, Tensor?[] output_jacobians, "
       "Tensor[] eigvecs_a, Tensor[] eigvals_a, Tensor[] eigvecs_g, Tensor[] eigvals_g, "
       "Tensor scale, Tensor delta, bool[] append_ones, bool full_covariance, "

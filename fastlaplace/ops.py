@@ -574,6 +574,10 @@ def kron_predictive_variance(
 ) -> Tensor:
     """GLM predictive (co)variance ``Σ_l J_l P_l⁻¹ J_lᵀ`` without any ``C x #params`` Jacobian.
 
+    On CUDA all layers go through a few fused launches, which keep every layer's rotated
+    Jacobian ``B_l Q_G`` at once: an ``(N, C, Σ_l d_G)`` workspace, the size of the
+    Jacobians passed.
+
     Args:
         inputs: L tensors ``(N, d_in)``, the inputs of each Kron layer.
         output_jacobians: L tensors ``(N, C, d_G)``: the output's Jacobian w.r.t. the

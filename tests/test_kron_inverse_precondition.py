@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import (
+    CUDA_REASON,
     DEVICES,
     PRIME_SIZES,
     assert_in_place_like_reference,
@@ -12,7 +13,7 @@ from conftest import (
     random_spd,
     requires_extension,
 )
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastlaplace.ops as ops
@@ -139,3 +140,93 @@ def test_layers_shared_over_threads_match_the_reference(generator):
         assert_in_place_like_reference(
             ops.kron_inverse_precondition_, reference.kron_inverse_precondition_, grads, *args
         )
+
+
+# The CUDA kernel (two or three launches of the fused tile kernel, csrc/gram_tiles.h, and
+# two foreach calls) run on the host.
+TILE = 64  # gram::kTile
+
+
+def emulated(target_blocks):
+    def op(grads, blocks, inverses_a, inverses_g, kl_weights):
+        requires_extension()
+        return torch.ops.fastlaplace._kron_inverse_precondition_emulated_(
+            grads, blocks, inverses_a, inverses_g, kl_weights, target_blocks
+        )
+
+    return op
+
+
+@settings(deadline=None, max_examples=30)
+@given(
+    sizes=st.lists(
+        st.tuples(st.sampled_from([1, 6, TILE]), st.sampled_from([1, 3, TILE + 1]), st.booleans()),
+        min_size=1,
+        max_size=3,
+    ),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    kl=st.booleans(),
+    column_major=st.booleans(),
+    target_blocks=st.sampled_from([1, 10_000]),
+)
+def test_emulated_kernel_writes_every_block_like_the_reference(sizes, dtype, kl, column_major, target_blocks):
+    grads, blocks, inverses_a, inverses_g = [], [], [], []
+    for d_in, d_g, bias in sizes:
+        _, _, inverse_a, inverse_g = damped_pair(d_in + bias, d_g, rank_a=max(1, d_in // 2))
+        grads += [g.to(dtype) for g in gradient_blocks(d_in, d_g, bias, transposed=False)]
+        blocks.append(1 + bias)
+        # strided views; asymmetric rounding shows which side a matrix multiplies from
+        inverses_a.append((inverse_a.T.contiguous().T if column_major else inverse_a).to(dtype))
+        inverses_g.append(inverse_g.to(dtype))
+    # 1e3: the clip is active; unequal weights: each block's dot gets its layer's
+    kl_weights = torch.linspace(1e3, 3e3, len(sizes), dtype=dtype) if kl else None
+    expected = [g.clone() for g in grads]
+    nu = emulated(target_blocks)(grads, blocks, inverses_a, inverses_g, kl_weights)
+    expected_nu = reference.kron_inverse_precondition_(expected, blocks, inverses_a, inverses_g, kl_weights)
+    tolerance = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {}
+    torch.testing.assert_close(nu, expected_nu, **tolerance)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, **tolerance)
+
+
+def test_emulated_kernel_multiplies_from_the_sides_the_reference_does(generator):
+    # Asymmetric "inverses" tell G⁻¹ V A⁻¹ from G⁻ᵀ V A⁻ᵀ.
+    inverse_a = torch.randn(5, 5, dtype=torch.float64, generator=generator)
+    inverse_g = torch.randn(3, 3, dtype=torch.float64, generator=generator)
+    grads = [torch.randn(3, 4, dtype=torch.float64, generator=generator), torch.randn(3, dtype=torch.float64)]
+    assert_in_place_like_reference(
+        emulated(1), reference.kron_inverse_precondition_, grads, [2], [inverse_a], [inverse_g], None
+    )
+
+
+def test_emulated_kernel_refuses_gradients_it_does_not_take(generator):
+    _, _, inverse_a, inverse_g = damped_pair(5, 3, generator)
+    with pytest.raises(RuntimeError, match="takes contiguous gradients in the inverses' dtype"):
+        emulated(1)([torch.randn(5, 3, dtype=torch.float64).T], [1], [inverse_a], [inverse_g], None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kl", [False, True])
+def test_cuda_kernel_agrees_with_the_emulation(dtype, kl, generator):
+    grads, blocks, inverses_a, inverses_g = [], [], [], []
+    for d_in, d_g in ((784, 512), (512, 10)):
+        _, _, inverse_a, inverse_g = damped_pair(d_in + 1, d_g, generator)
+        grads += [g.to(dtype) for g in gradient_blocks(d_in, d_g, True, transposed=False)]
+        blocks.append(2)
+        inverses_a.append(inverse_a.to(dtype))
+        inverses_g.append(inverse_g.to(dtype))
+    kl_weights = torch.full((2,), 1e3, dtype=dtype) if kl else None
+    on_gpu = [g.cuda() for g in grads]
+    nu = ops.kron_inverse_precondition_(
+        on_gpu,
+        blocks,
+        [m.cuda() for m in inverses_a],
+        [m.cuda() for m in inverses_g],
+        None if kl_weights is None else kl_weights.cuda(),
+    )
+    expected_nu = emulated(528)(grads, blocks, inverses_a, inverses_g, kl_weights)
+    relative = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(nu.cpu(), expected_nu, rtol=relative, atol=0)
+    for got, want in zip(on_gpu, grads, strict=True):
+        torch.testing.assert_close(got.cpu(), want, rtol=0, atol=relative * want.abs().max().item())

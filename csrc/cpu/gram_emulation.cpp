@@ -1,11 +1,11 @@
 // fastlaplace::_factor_accumulate_emulated_, _conv_input_factor_emulated_,
-// _diag_ggn_emulated, _kron_solve_emulated, _kron_precondition_emulated_ and
-// _kron_predictive_variance_emulated: the CUDA curvature ops' fused tile kernel
-// (csrc/gram_tiles.h, and csrc/square_sums.h's sums) and its launch code run on the host,
-// every block in turn and each phase for every thread id in turn (the tensor cores' warp
-// operations by plain float32 loops), so that the tests check the kernel's arithmetic
-// where there is no GPU. target_blocks plays the GPU's size (it
-// decides when rows are split). Not a fast path.
+// _diag_ggn_emulated, _kron_solve_emulated, _kron_precondition_emulated_,
+// _kron_inverse_precondition_emulated_ and _kron_predictive_variance_emulated: the CUDA
+// curvature ops' fused tile kernel (csrc/gram_tiles.h, and csrc/square_sums.h's sums) and
+// its launch code run on the host, every block in turn and each phase for every thread id
+// in turn (the tensor cores' warp operations by plain float32 loops), so that the tests
+// check the kernel's arithmetic where there is no GPU. target_blocks plays the GPU's size
+// (it decides when rows are split). Not a fast path.
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
@@ -170,6 +170,21 @@ at::Tensor kron_precondition_emulated(at::TensorList gradients, at::IntArrayRef 
                                        HostRun{});
 }
 
+at::Tensor kron_inverse_precondition_emulated(at::TensorList gradients, at::IntArrayRef blocks,
+                                              at::TensorList inverses_a,
+                                              at::TensorList inverses_g,
+                                              const std::optional<at::Tensor>& kl_weights,
+                                              int64_t target_blocks) {
+  const PreconditionLayout layout =
+      check_kron_inverse_precondition(gradients, blocks, inverses_a, inverses_g, kl_weights);
+  check_target_blocks(target_blocks);
+  TORCH_CHECK(gram::tiles_take_gradients(gradients, blocks, inverses_a, layout),
+              "_kron_inverse_precondition_emulated_ takes contiguous gradients in the inverses' "
+              "dtype (the CUDA kernel's other cases go to the ATen path)");
+  return gram::kron_inverse_precondition_tiles(gradients, blocks, inverses_a, inverses_g,
+                                               kl_weights, layout, target_blocks, HostRun{});
+}
+
 at::Tensor kron_predictive_variance_emulated(
     at::TensorList inputs, const c10::List<std::optional<at::Tensor>>& output_jacobians,
     at::TensorList eigvecs_a, at::TensorList eigvals_a, at::TensorList eigvecs_g,
@@ -197,5 +212,7 @@ TORCH_LIBRARY_IMPL(fastlaplace, CPU, m) {
   m.impl("_diag_ggn_emulated", &fastlaplace::diag_ggn_emulated);
   m.impl("_kron_solve_emulated", &fastlaplace::kron_solve_emulated);
   m.impl("_kron_precondition_emulated_", &fastlaplace::kron_precondition_emulated);
+  m.impl("_kron_inverse_precondition_emulated_",
+         &fastlaplace::kron_inverse_precondition_emulated);
   m.impl("_kron_predictive_variance_emulated", &fastlaplace::kron_predictive_variance_emulated);
 }

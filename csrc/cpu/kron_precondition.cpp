@@ -132,6 +132,7 @@ PreconditionLayout check_layers(const char* op, at::TensorList gradients, at::In
   if (kl_weights.has_value()) {
     TORCH_CHECK(kl_weights->dim() == 1 && kl_weights->size(0) == layers,
                 "kl_weights must be (", layers, ",), one entry per layer, got ", kl_weights->sizes());
+    check_same_device(*kl_weights, mats_a[0], "kl_weights");
   }
   const at::ScalarType dtype = mats_a[0].scalar_type();
   PreconditionLayout plan{std::vector<int64_t>(gradients.size()), std::vector<int64_t>(layers),
@@ -179,7 +180,8 @@ Clip kl_clip(const std::optional<at::Tensor>& kl_weights, bool on_host,
     for (size_t i = 0; i < host_dots.size(); ++i) ratio += k[i] * host_dots[i];
     clip.host = ratio > 1.0 ? 1.0 / std::sqrt(ratio) : 1.0;
   } else {
-    clip.device = device_kl_clip(at::stack(device_dots), *kl_weights);
+    const at::Tensor dots = at::stack(device_dots);
+    clip.device = device_kl_clip(at::vdot(dots, kl_weights->to(dots.scalar_type())));
   }
   return clip;
 }
@@ -214,8 +216,16 @@ PreconditionLayout check_kron_precondition(at::TensorList gradients, at::IntArra
   return plan;
 }
 
-at::Tensor device_kl_clip(const at::Tensor& dots, const at::Tensor& kl_weights) {
-  const at::Tensor ratio = at::vdot(dots, kl_weights.to(dots.scalar_type()));
+PreconditionLayout check_kron_inverse_precondition(at::TensorList gradients,
+                                                   at::IntArrayRef blocks,
+                                                   at::TensorList inverses_a,
+                                                   at::TensorList inverses_g,
+                                                   const std::optional<at::Tensor>& kl_weights) {
+  return check_layers("kron_inverse_precondition_", gradients, blocks, inverses_a, inverses_g,
+                      "inverses_a", "inverses_g", kl_weights);
+}
+
+at::Tensor device_kl_clip(const at::Tensor& ratio) {
   return ratio.clamp_min(0).rsqrt().clamp_max(1);
 }
 
@@ -280,8 +290,8 @@ at::Tensor kron_precondition_aten(at::TensorList gradients, at::IntArrayRef bloc
 at::Tensor kron_inverse_precondition_aten(at::TensorList gradients, at::IntArrayRef blocks,
                                           at::TensorList inverses_a, at::TensorList inverses_g,
                                           const std::optional<at::Tensor>& kl_weights) {
-  const PreconditionLayout plan = check_layers("kron_inverse_precondition_", gradients, blocks, inverses_a,
-                                   inverses_g, "inverses_a", "inverses_g", kl_weights);
+  const PreconditionLayout plan =
+      check_kron_inverse_precondition(gradients, blocks, inverses_a, inverses_g, kl_weights);
   const int64_t layers = static_cast<int64_t>(inverses_a.size());
   const bool on_host = inverses_a[0].is_cpu();
   // Per layer a (3, d_G, d_A) workspace, allocated outside the parallel region: V, G^-1 V,
