@@ -33,7 +33,8 @@ std::vector<at::Tensor> damped_inverses_aten(at::TensorList matrices, const at::
   check_same_device(shifts, matrices[0], "shifts");
   // A shift must be positive for the shifted matrix to be positive definite. On the CPU the
   // shifts are read once, as doubles; a GPU's stay on the device.
-  const at::Tensor host_shifts = shifts.is_cpu() ? shifts.to(at::kDouble).contiguous() : at::Tensor();
+  const at::Tensor host_shifts =
+      shifts.is_cpu() ? shifts.to(at::kDouble).contiguous() : at::Tensor();
   if (host_shifts.defined()) {
     const double* s = host_shifts.const_data_ptr<double>();
     for (int64_t i = 0; i < count; ++i) {

@@ -114,9 +114,10 @@ double dot_cpu(const at::Tensor& a, const at::Tensor& b) {
 // Checks the arguments both ops share: per layer a square (d_A, d_A) matrix of mats_a, a
 // square (d_G, d_G) one of mats_g, both float32 or float64 of one dtype, and its blocks of
 // d_G rows and d_A columns in all.
-PreconditionLayout check_layers(const char* op, at::TensorList gradients, at::IntArrayRef blocks,
-                    at::TensorList mats_a, at::TensorList mats_g, const char* name_a,
-                    const char* name_g, const std::optional<at::Tensor>& kl_weights) {
+PreconditionLayout check_layers(const char* op, at::TensorList gradients,
+                                at::IntArrayRef blocks, at::TensorList mats_a,
+                                at::TensorList mats_g, const char* name_a, const char* name_g,
+                                const std::optional<at::Tensor>& kl_weights) {
   const int64_t layers = static_cast<int64_t>(mats_a.size());
   TORCH_CHECK(layers > 0, op, " needs at least one layer");
   TORCH_CHECK(static_cast<int64_t>(blocks.size()) == layers &&
@@ -131,12 +132,13 @@ PreconditionLayout check_layers(const char* op, at::TensorList gradients, at::In
               " gradient blocks announced by blocks, got ", gradients.size());
   if (kl_weights.has_value()) {
     TORCH_CHECK(kl_weights->dim() == 1 && kl_weights->size(0) == layers,
-                "kl_weights must be (", layers, ",), one entry per layer, got ", kl_weights->sizes());
+                "kl_weights must be (", layers, ",), one entry per layer, got ",
+                kl_weights->sizes());
     check_same_device(*kl_weights, mats_a[0], "kl_weights");
   }
   const at::ScalarType dtype = mats_a[0].scalar_type();
   PreconditionLayout plan{std::vector<int64_t>(gradients.size()), std::vector<int64_t>(layers),
-              std::vector<double>(layers)};
+                          std::vector<double>(layers)};
   for (int64_t i = 0, first = 0; i < layers; first += blocks[i], ++i) {
     const at::Tensor& a = mats_a[i];
     const at::Tensor& g = mats_g[i];
@@ -189,7 +191,8 @@ Clip kl_clip(const std::optional<at::Tensor>& kl_weights, bool on_host,
 // The op's result: nu as a 0-d tensor in the matrices' dtype.
 at::Tensor clip_result(const Clip& clip, const at::Tensor& like) {
   if (clip.device.defined()) return clip.device;
-  return like.is_cpu() ? at::scalar_tensor(clip.host, like.options()) : at::ones({}, like.options());
+  return like.is_cpu() ? at::scalar_tensor(clip.host, like.options())
+                       : at::ones({}, like.options());
 }
 
 }  // namespace
@@ -299,7 +302,8 @@ at::Tensor kron_inverse_precondition_aten(at::TensorList gradients, at::IntArray
   std::vector<at::Tensor> works(layers), device_dots(layers);
   std::vector<double> host_dots(layers, 0.0);
   for (int64_t i = 0; i < layers; ++i) {
-    works[i] = at::empty({3, inverses_g[i].size(0), inverses_a[i].size(0)}, inverses_a[i].options());
+    works[i] =
+        at::empty({3, inverses_g[i].size(0), inverses_a[i].size(0)}, inverses_a[i].options());
   }
   run_balanced(plan.costs, host_threads(inverses_a[0]), [&](int64_t i) {
     at::Tensor v = works[i][0], left = works[i][1], result = works[i][2];
