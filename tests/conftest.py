@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 from hypothesis import settings
+from hypothesis import strategies as st
 
 import fastlaplace.ops as ops
 
@@ -20,6 +21,13 @@ DEVICES = [
 INPUT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 FACTOR_DTYPES = [torch.float32, torch.float64]
 PRIME_SIZES = [1, 2, 3, 5, 7, 13]
+TILE = 64  # gram::kTile, the edge of the fused CUDA kernel's tiles (csrc/gram_tiles.h)
+
+
+def preconditioned_layers():
+    """Hypothesis lists of 1-3 layers ``(d_in, d_g, bias)`` on either side of a tile's edge."""
+    sizes = st.tuples(st.sampled_from([1, 6, TILE]), st.sampled_from([1, 3, TILE + 1]), st.booleans())
+    return st.lists(sizes, min_size=1, max_size=3)
 
 
 def requires_extension() -> None:

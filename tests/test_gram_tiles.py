@@ -10,14 +10,13 @@ large one splits rows into chunks that a second launch adds up.
 
 import pytest
 import torch
-from conftest import CUDA_REASON, INPUT_DTYPES, assert_matches_float64, random_spd, requires_extension
+from conftest import CUDA_REASON, INPUT_DTYPES, TILE, assert_matches_float64, random_spd, requires_extension
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastlaplace.ops as ops
 import fastlaplace.reference as reference
 
-TILE = 64  # gram::kTile
 MIN_CHUNK_ROWS = 512  # gram::kMinChunkRows
 EDGE_SIZES = [1, 2, 5, TILE - 1, TILE, TILE + 1, 2 * TILE + 3]
 

@@ -10,6 +10,7 @@ from conftest import (
     assert_preconditioned,
     gradient_blocks,
     host_threads,
+    preconditioned_layers,
     random_spd,
     requires_extension,
 )
@@ -144,7 +145,6 @@ def test_layers_shared_over_threads_match_the_reference(generator):
 
 # The CUDA kernel (two or three launches of the fused tile kernel, csrc/gram_tiles.h, and
 # two foreach calls) run on the host.
-TILE = 64  # gram::kTile
 
 
 def emulated(target_blocks):
@@ -159,11 +159,7 @@ def emulated(target_blocks):
 
 @settings(deadline=None, max_examples=30)
 @given(
-    sizes=st.lists(
-        st.tuples(st.sampled_from([1, 6, TILE]), st.sampled_from([1, 3, TILE + 1]), st.booleans()),
-        min_size=1,
-        max_size=3,
-    ),
+    sizes=preconditioned_layers(),
     dtype=st.sampled_from([torch.float32, torch.float64]),
     kl=st.booleans(),
     column_major=st.booleans(),

@@ -11,6 +11,7 @@ from conftest import (
     eigen_layer,
     gradient_blocks,
     host_threads,
+    preconditioned_layers,
     requires_extension,
 )
 from hypothesis import given, settings
@@ -166,7 +167,6 @@ def test_layers_shared_over_threads_match_the_reference(generator):
 
 
 # The CUDA kernel (six launches of the fused tile kernel, csrc/gram_tiles.h) run on the host.
-TILE = 64  # gram::kTile
 
 
 def emulated(target_blocks):
@@ -181,11 +181,7 @@ def emulated(target_blocks):
 
 @settings(deadline=None, max_examples=30)
 @given(
-    sizes=st.lists(
-        st.tuples(st.sampled_from([1, 6, TILE]), st.sampled_from([1, 3, TILE + 1]), st.booleans()),
-        min_size=1,
-        max_size=3,
-    ),
+    sizes=preconditioned_layers(),
     dtype=st.sampled_from([torch.float32, torch.float64]),
     kl=st.booleans(),
     target_blocks=st.sampled_from([1, 10_000]),

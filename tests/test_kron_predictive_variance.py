@@ -6,6 +6,7 @@ from conftest import (
     CUDA_REASON,
     DEVICES,
     PRIME_SIZES,
+    TILE,
     assert_matches_float64,
     eigen_layer,
     random_spd,
@@ -226,7 +227,6 @@ def test_bad_inputs_name_the_argument():
 
 # The CUDA kernel (products of the fused tile kernel, csrc/gram_tiles.h, and the sums of
 # csrc/square_sums.h) run on the host.
-TILE = 64  # gram::kTile
 
 
 def emulated(*args, target_blocks):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import CUDA_REASON, DEVICES, PRIME_SIZES, assert_matches_float64, eigen_layer, requires_extension
+from conftest import CUDA_REASON, DEVICES, PRIME_SIZES, TILE, assert_matches_float64, eigen_layer, requires_extension
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -126,7 +126,6 @@ def test_bad_inputs_name_the_argument():
 
 
 # The CUDA kernel (four products of the fused tile kernel, csrc/gram_tiles.h) run on the host.
-TILE = 64  # gram::kTile
 
 
 def emulated(eigvecs_a, eigvals_a, eigvecs_g, eigvals_g, rhs, scale, delta, exponent, target_blocks):
