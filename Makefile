@@ -10,7 +10,7 @@ CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
 CUDA_OBJECTS := $(patsubst csrc/cuda/%.cu,build/nvcc-check/%.o,$(CUDA_SOURCES))
 CPP_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: test demo bench deps build cuda-compile-check gpu-check gpu-build gpu-test gpu-bench gpu-sanitize lint clean
+.PHONY: test demo bench deps build cuda-compile-check gpu-check gpu-wheels gpu-build gpu-test gpu-bench gpu-sanitize lint clean
 
 # torch first, from the CPU wheel (never a CUDA build on a CPU machine), then the rest;
 # laplace-torch (test-only) without its requirements, which would pull a CUDA torch.
@@ -55,28 +55,41 @@ bench: build
 	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) benchmarks/bench_optim.py
 	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) benchmarks/bench_backend.py
 
-# On the GPU machine (torch with CUDA, no internet): build the CUDA extension, run the
-# GPU tests and the GPU benchmarks, then the CUDA tests again under compute-sanitizer's
-# memcheck and racecheck (a report fails the target); results and the sanitizer logs land
-# in benchmarks/results/. Each step is a target of its own, for sessions with little GPU
-# time: gpu-build first, then any of gpu-test, gpu-bench, gpu-sanitize.
+# On the GPU machine (torch with CUDA, no internet): build the CUDA extension in place,
+# run the tests (the GPU ones included) and the GPU benchmarks, then the CUDA tests again
+# under compute-sanitizer's memcheck and racecheck (a report fails the target); results
+# and the sanitizer logs land in benchmarks/results/. Each step is a target of its own,
+# for sessions with little GPU time: gpu-build first, then any of gpu-test, gpu-bench,
+# gpu-sanitize. The comparison tests' packages that the machine's image lacks travel as
+# wheels: `make gpu-wheels` here puts them in .whl/ (ignored by git; carry it), and
+# gpu-build installs them into $(GPU_SITE).
+GPU_SITE ?= /tmp/site
+GPU_WHEELS := $(shell grep -iE '^(laplace-torch|asdfghjkl|backpack-for-pytorch|curvlinops-for-pytorch|einconv|unfoldNd)==' requirements-compare.txt)
+GPU_RUN = PYTHONPATH=$(GPU_SITE):$(CURDIR) FASTLAPLACE_REQUIRE_EXT=1
 SANITIZER ?= $(CUDA_HOME)/bin/compute-sanitizer
 gpu-check: gpu-test gpu-bench gpu-sanitize
 
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+
 gpu-build:
-	FASTLAPLACE_FORCE_CUDA=1 $(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+	if [ -d .whl ]; then $(PYTHON) -m pip install -q --no-index --no-deps --no-compile \
+		--upgrade --target $(GPU_SITE) .whl/*.whl; fi
+	FASTLAPLACE_FORCE_CUDA=1 MAX_JOBS=$$(nproc) $(PYTHON) setup.py -q build_ext --inplace
 
 gpu-test: gpu-build
-	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) -m pytest -q tests
+	$(GPU_RUN) $(PYTHON) -m pytest -q tests
 
 gpu-bench: gpu-build
-	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) benchmarks/bench_ops.py --device cuda
+	$(GPU_RUN) $(PYTHON) benchmarks/bench_ops.py --device cuda
 
 gpu-sanitize: gpu-build
 	@mkdir -p benchmarks/results
 	for tool in memcheck racecheck; do \
-		FASTLAPLACE_REQUIRE_EXT=1 $(SANITIZER) --tool $$tool --error-exitcode 1 \
-			--log-file benchmarks/results/gpu_$$tool.txt $(PYTHON) -m pytest -q -k cuda tests || exit 1; \
+		$(GPU_RUN) $(SANITIZER) --tool $$tool --error-exitcode 1 \
+			--log-file benchmarks/results/gpu_$$tool.txt $(PYTHON) -m pytest -q -k cuda tests \
+			|| exit 1; \
 	done
 
 clean:
