@@ -107,7 +107,10 @@ struct HostRun {
 struct HostSquareSums {
   template <typename scalar_t>
   void operator()(const variance::SquareSums<scalar_t>& sums) const {
-    for (int64_t entry = 0; entry < sums.entries(); ++entry) sums.sum(entry);
+    std::vector<scalar_t> lane_sums(variance::kThreads);
+    for (int64_t block = 0; block < sums.blocks(); ++block) {
+      sums.block_sums(HostThreads{variance::kThreads}, lane_sums.data(), block);
+    }
   }
 };
 

@@ -18,19 +18,17 @@ namespace {
 template <typename scalar_t>
 __global__ void __launch_bounds__(variance::kThreads)
     square_sums_kernel(variance::SquareSums<scalar_t> sums) {
-  const int64_t entry = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (entry < sums.entries()) sums.sum(entry);
+  __shared__ scalar_t lane_sums[variance::kThreads];
+  sums.block_sums(DeviceThreads{}, lane_sums, blockIdx.x);
 }
 
 struct DeviceSquareSums {
   template <typename scalar_t>
   void operator()(const variance::SquareSums<scalar_t>& sums) const {
-    const int64_t entries = sums.entries();
-    if (entries == 0) return;
-    const auto blocks = static_cast<unsigned>((entries + variance::kThreads - 1) /
-                                              variance::kThreads);
+    if (sums.entries() == 0) return;
     square_sums_kernel<scalar_t>
-        <<<blocks, variance::kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(sums);
+        <<<static_cast<unsigned>(sums.blocks()), variance::kThreads, 0,
+           c10::cuda::getCurrentCUDAStream()>>>(sums);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
