@@ -351,13 +351,18 @@ def kron_logdet(device: str, quick: bool) -> Pair:
     return Pair("MLP's 3 layers", lambda: ops.kron_logdet(k.la, k.lg, k.scale, k.delta), baseline)
 
 
-def predictive_eigenbasis(k: KronLayers, layers: list[int], inputs: list, jacobians: list) -> torch.Tensor:
-    """Σ_l J_l P_l⁻¹ J_lᵀ (diagonal) in plain torch: rotate, square, divide, contract."""
+def predictive_eigenbasis(
+    k: KronLayers, layers: list[int], inputs: list, jacobians: list, full: bool = False
+) -> torch.Tensor:
+    """Σ_l J_l P_l⁻¹ J_lᵀ (its diagonal unless ``full``) in plain torch: rotate, square, divide, contract."""
     total = 0
     for i, a, jac in zip(layers, inputs, jacobians, strict=True):
         weights = (cat_ones(a) @ k.qa[i]).square() @ (1 / k.damped(i)).T  # (N, d_G)
         if jac is None:
             total = total + weights @ k.qg[i].square().T
+        elif full:
+            rotated = jac @ k.qg[i]  # (N, C, d_G)
+            total = total + (rotated * weights.unsqueeze(1)) @ rotated.mT
         else:
             total = total + torch.einsum("ncj,nj->nc", (jac @ k.qg[i]).square(), weights)
     return total
@@ -411,6 +416,22 @@ def predictive_all_layers(device: str, quick: bool) -> Pair:
 
     variant = f"MLP's 3 layers, N={n}, B of (N, {classes}, d_out) per layer"
     return Pair(variant, fast, lambda: predictive_eigenbasis(k, [0, 1, 2], inputs, jacobians))
+
+
+def predictive_all_layers_covariance(device: str, quick: bool) -> Pair:
+    """The posterior's call: (N, C, C) covariances, B from a batched backward ((C, N, d_out) storage)."""
+    k = kron_layers(device, quick)
+    n, classes = predictive_samples(quick), k.qg[2].shape[0]
+    inputs = [torch.randn(n, q.shape[0] - 1, device=device) for q in k.qa]
+    jacobians = [torch.randn(classes, n, q.shape[0], device=device).transpose(0, 1) for q in k.qg]
+
+    def fast():
+        return ops.kron_predictive_variance(
+            inputs, jacobians, *k.eigenpairs(), k.scale, k.delta, [True] * 3, full_covariance=True
+        )
+
+    variant = f"MLP's 3 layers, N={n}, (N, {classes}, {classes}) covariances"
+    return Pair(variant, fast, lambda: predictive_eigenbasis(k, [0, 1, 2], inputs, jacobians, full=True))
 
 
 # ----------------------------------------------------------------------------- the CUDA issue's targets
@@ -516,6 +537,11 @@ BENCHES = [
     Bench("kron_predictive_variance", "eigenbasis in torch: rotate, square, divide", predictive_last_layer_eigenbasis),
     Bench("kron_predictive_variance", "dense J, then J (P⁻¹ Jᵀ) by the torch Kron solve", predictive_last_layer_dense),
     Bench("kron_predictive_variance", "eigenbasis in torch: rotate, square, divide, einsum", predictive_all_layers),
+    Bench(
+        "kron_predictive_variance",
+        "eigenbasis in torch: rotate, divide, B diag(w) Bᵀ per layer",
+        predictive_all_layers_covariance,
+    ),
     Bench("batched_eigh", "loop of torch.linalg.eigh", eigh_500_of_100, max_seconds=0.010, gpu_target=True),
     Bench(
         "batched_eigh",
