@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import DEVICES, FACTOR_DTYPES, PRIME_SIZES, random_spd, requires_extension
+from conftest import CUDA_REASON, DEVICES, FACTOR_DTYPES, PRIME_SIZES, random_spd, requires_extension
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -30,6 +30,21 @@ def test_mixed_sizes_including_large_and_rank_deficient(device, dtype, generator
     assert len(values) == len(vectors) == len(matrices)
     for m, lam, q in zip(matrices, values, vectors):
         assert lam.dtype == q.dtype == dtype
+        assert_eigenpairs(m, lam, q)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
+@pytest.mark.parametrize("dtype", FACTOR_DTYPES)
+def test_cuda_large_matrices_side_by_side_on_a_side_stream(dtype, generator):
+    # More large matrices than cuSOLVER lanes (8), so a lane solves several, and Jacobi ones too.
+    sizes = [113, 700, 200, 513, 150, 300, 120, 400, 256, 640, 40, 7]
+    factors = [torch.randn(n, n, dtype=dtype, generator=generator).cuda() for n in sizes]
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):  # the inputs made on this stream just before the call
+        matrices = [f @ f.T / f.shape[0] for f in factors]
+        values, vectors = ops.batched_eigh(matrices)
+    stream.synchronize()
+    for m, lam, q in zip(matrices, values, vectors, strict=True):
         assert_eigenpairs(m, lam, q)
 
 

@@ -1,8 +1,10 @@
 // CUDA kernel of fastlaplace::batched_eigh: every matrix small enough for one block's
 // shared memory is diagonalised by the Jacobi solver of csrc/jacobi_eigh.h, one block
 // per matrix and one launch per dtype for all of them; larger ones go to cuSOLVER
-// (at::linalg_eigh), one after the other. torch.linalg.eigh loops over cuSOLVER's syevd
-// per matrix above n = 32, which is what the one-launch path avoids.
+// (at::linalg_eigh), several at once on streams of their own. torch.linalg.eigh loops over
+// cuSOLVER's syevd per matrix above n = 32, waiting for each, which is what both paths
+// avoid.
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linalg_eigh.h>
@@ -13,6 +15,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <exception>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -78,6 +82,69 @@ void launch_jacobi(at::TensorList matrices, const std::vector<int64_t>& which,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The most cuSOLVER solves batched_eigh keeps on the GPU at once.
+constexpr size_t kSolverLanes = 8;
+
+// A CUDA event, destroyed with its owner (a pending one is released once it completes).
+struct Event {
+  cudaEvent_t event;
+  explicit Event(cudaStream_t stream) {
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+    C10_CUDA_CHECK(cudaEventRecord(event, stream));
+  }
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+  ~Event() { cudaEventDestroy(event); }
+};
+
+// Diagonalises matrices[i] for i in `which` by cuSOLVER (at::linalg_eigh). Its error check
+// waits for the GPU after every matrix, so up to kSolverLanes host threads (each with the
+// caller's thread-local state) solve on streams of torch's pool, several matrices on the
+// GPU at once, and none waits for the caller's stream beyond `inputs_ready`. The caller's
+// stream waits for them before anything it queues later.
+void solve_concurrently(at::TensorList matrices, const std::vector<int64_t>& which,
+                        const Event& inputs_ready, std::vector<at::Tensor>& values,
+                        std::vector<at::Tensor>& vectors) {
+  const size_t lanes = std::min(kSolverLanes, which.size());
+  if (lanes == 0) return;
+  const c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream();
+  const at::ThreadLocalState state;
+  std::vector<c10::cuda::CUDAStream> streams;
+  for (size_t lane = 0; lane < lanes; ++lane) {
+    streams.push_back(c10::cuda::getStreamFromPool(false, caller.device_index()));
+  }
+  std::vector<std::exception_ptr> errors(lanes);
+  std::vector<std::thread> threads;
+  for (size_t lane = 0; lane < lanes; ++lane) {
+    threads.emplace_back([&, lane] {
+      try {
+        const at::ThreadLocalStateGuard local(state);
+        const c10::cuda::CUDAStreamGuard guard(streams[lane]);
+        C10_CUDA_CHECK(cudaStreamWaitEvent(streams[lane].stream(), inputs_ready.event, 0));
+        for (size_t k = lane; k < which.size(); k += lanes) {
+          const int64_t i = which[k];
+          // The allocator learns which streams use which memory: the input is read on the
+          // pooled stream, and the results made there are read on the caller's.
+          at::Tensor(matrices[i]).record_stream(streams[lane]);
+          std::tie(values[i], vectors[i]) = at::linalg_eigh(matrices[i]);
+          values[i].record_stream(caller);
+          vectors[i].record_stream(caller);
+        }
+      } catch (...) {
+        errors[lane] = std::current_exception();
+      }
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  for (const c10::cuda::CUDAStream& stream : streams) {
+    const Event done(stream.stream());
+    C10_CUDA_CHECK(cudaStreamWaitEvent(caller.stream(), done.event, 0));
+  }
+  for (const std::exception_ptr& error : errors) {
+    if (error) std::rethrow_exception(error);
+  }
+}
+
 }  // namespace
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> batched_eigh_cuda(
@@ -91,19 +158,23 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> batched_eigh_cuda(
   int limit = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin,
                                         matrices[0].device().index()));
-  std::vector<int64_t> small_float, small_double;
+  std::vector<int64_t> small_float, small_double, large;
   for (int64_t i = 0; i < count; ++i) {
     const int64_t n = matrices[i].size(0);
     const int64_t shared =
         jacobi::workspace_elements(n, block_threads(n)) * static_cast<int64_t>(sizeof(double));
     if (n > jacobi::kMaxSize || shared > limit) {
-      std::tie(values[i], vectors[i]) = at::linalg_eigh(matrices[i]);
+      large.push_back(i);
     } else {
       (matrices[i].scalar_type() == at::kFloat ? small_float : small_double).push_back(i);
     }
   }
+  // The inputs are ready after the caller's work so far; the Jacobi launches, queued first,
+  // run while the host waits for cuSOLVER.
+  const Event inputs_ready(c10::cuda::getCurrentCUDAStream().stream());
   if (!small_float.empty()) launch_jacobi<float>(matrices, small_float, values, vectors);
   if (!small_double.empty()) launch_jacobi<double>(matrices, small_double, values, vectors);
+  solve_concurrently(matrices, large, inputs_ready, values, vectors);
   return {values, vectors};
 }
 
