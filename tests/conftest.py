@@ -37,6 +37,13 @@ def requires_extension() -> None:
         pytest.skip("compiled extension fastlaplace._C is not built")
 
 
+def emulated_op(name: str, target_blocks: int):
+    """``torch.ops.fastlaplace.<name>``, a CUDA kernel's host emulation, with ``target_blocks`` (the GPU's size)."""
+    requires_extension()
+    op = getattr(torch.ops.fastlaplace, name)
+    return lambda *args: op(*args, target_blocks)
+
+
 def assert_matches_float64(result, exact, rounded=None, k: float = 8.0) -> None:
     """Compare to the float64 ground truth ``exact``.
 
@@ -103,6 +110,14 @@ def assert_in_place_like_reference(op, reference, grads: list[torch.Tensor], *ar
     for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, want)
     assert [g.stride() for g in grads] == strides
+
+
+def assert_like_emulated_reference(nu, grads, expected_nu, expected, dtype) -> None:
+    """An emulated preconditioner's ν and blocks against the reference's, at float32's or float64's tolerance."""
+    tolerance = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {}
+    torch.testing.assert_close(nu, expected_nu, **tolerance)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, **tolerance)
 
 
 def assert_preconditioned(nu, grad, dtype, exact_nu, exact_grad, rounded_grad) -> None:

@@ -7,7 +7,9 @@ from conftest import (
     DEVICES,
     PRIME_SIZES,
     assert_in_place_like_reference,
+    assert_like_emulated_reference,
     assert_preconditioned,
+    emulated_op,
     gradient_blocks,
     host_threads,
     preconditioned_layers,
@@ -148,13 +150,7 @@ def test_layers_shared_over_threads_match_the_reference(generator):
 
 
 def emulated(target_blocks):
-    def op(grads, blocks, inverses_a, inverses_g, kl_weights):
-        requires_extension()
-        return torch.ops.fastlaplace._kron_inverse_precondition_emulated_(
-            grads, blocks, inverses_a, inverses_g, kl_weights, target_blocks
-        )
-
-    return op
+    return emulated_op("_kron_inverse_precondition_emulated_", target_blocks)
 
 
 @settings(deadline=None, max_examples=30)
@@ -179,10 +175,7 @@ def test_emulated_kernel_writes_every_block_like_the_reference(sizes, dtype, kl,
     expected = [g.clone() for g in grads]
     nu = emulated(target_blocks)(grads, blocks, inverses_a, inverses_g, kl_weights)
     expected_nu = reference.kron_inverse_precondition_(expected, blocks, inverses_a, inverses_g, kl_weights)
-    tolerance = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {}
-    torch.testing.assert_close(nu, expected_nu, **tolerance)
-    for got, want in zip(grads, expected, strict=True):
-        torch.testing.assert_close(got, want, **tolerance)
+    assert_like_emulated_reference(nu, grads, expected_nu, expected, dtype)
 
 
 def test_emulated_kernel_multiplies_from_the_sides_the_reference_does(generator):

@@ -7,8 +7,10 @@ from conftest import (
     DEVICES,
     PRIME_SIZES,
     assert_in_place_like_reference,
+    assert_like_emulated_reference,
     assert_preconditioned,
     eigen_layer,
+    emulated_op,
     gradient_blocks,
     host_threads,
     preconditioned_layers,
@@ -170,13 +172,7 @@ def test_layers_shared_over_threads_match_the_reference(generator):
 
 
 def emulated(target_blocks):
-    def op(grads, blocks, eigvecs_a, eigvecs_g, inverse_spectra, kl_weights):
-        requires_extension()
-        return torch.ops.fastlaplace._kron_precondition_emulated_(
-            grads, blocks, eigvecs_a, eigvecs_g, inverse_spectra, kl_weights, target_blocks
-        )
-
-    return op
+    return emulated_op("_kron_precondition_emulated_", target_blocks)
 
 
 @settings(deadline=None, max_examples=30)
@@ -199,10 +195,7 @@ def test_emulated_kernel_writes_every_block_like_the_reference(sizes, dtype, kl,
     expected = [g.clone() for g in grads]
     nu = emulated(target_blocks)(grads, blocks, qas, qgs, spectra, kl_weights)
     expected_nu = reference.kron_precondition_(expected, blocks, qas, qgs, spectra, kl_weights)
-    tolerance = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {}
-    torch.testing.assert_close(nu, expected_nu, **tolerance)
-    for got, want in zip(grads, expected, strict=True):
-        torch.testing.assert_close(got, want, **tolerance)
+    assert_like_emulated_reference(nu, grads, expected_nu, expected, dtype)
 
 
 def test_emulated_kernel_refuses_gradients_it_does_not_take(generator):

@@ -9,6 +9,7 @@ from conftest import (
     TILE,
     assert_matches_float64,
     eigen_layer,
+    emulated_op,
     random_spd,
     requires_extension,
 )
@@ -230,8 +231,7 @@ def test_bad_inputs_name_the_argument():
 
 
 def emulated(*args, target_blocks):
-    requires_extension()
-    return torch.ops.fastlaplace._kron_predictive_variance_emulated(*args, target_blocks)
+    return emulated_op("_kron_predictive_variance_emulated", target_blocks)(*args)
 
 
 @settings(deadline=None, max_examples=30)
