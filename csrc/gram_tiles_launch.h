@@ -217,14 +217,15 @@ std::vector<at::Tensor> kron_solve_tiles(at::TensorList eigvecs_a, at::TensorLis
   return results;
 }
 
-// Whether kron_precondition_tiles takes these gradients: in the eigenvectors' dtype, and
-// each block's (d_G, width) rows a view of it with unit column stride.
+// Whether kron_precondition_tiles and kron_inverse_precondition_tiles take these gradients:
+// in the dtype of the layer's matrices (mats_a: eigenvectors or inverses), and each block's
+// (d_G, width) rows a view of it with unit column stride.
 inline bool tiles_take_gradients(at::TensorList gradients, at::IntArrayRef blocks,
-                                 at::TensorList eigvecs_a, const PreconditionLayout& layout) {
-  for (size_t i = 0; i < eigvecs_a.size(); ++i) {
+                                 at::TensorList mats_a, const PreconditionLayout& layout) {
+  for (size_t i = 0; i < mats_a.size(); ++i) {
     for (int64_t b = layout.firsts[i]; b < layout.firsts[i] + blocks[i]; ++b) {
       const at::Tensor& block = gradients[b];
-      if (block.scalar_type() != eigvecs_a[i].scalar_type() || !block.is_contiguous()) {
+      if (block.scalar_type() != mats_a[i].scalar_type() || !block.is_contiguous()) {
         return false;
       }
     }
@@ -374,14 +375,14 @@ at::Tensor kron_inverse_precondition_tiles(at::TensorList gradients, at::IntArra
   return nu;
 }
 
-// Whether kron_variance_tiles takes these layers: eigenvectors of one dtype, and an output
-// Jacobian for every layer or for none (a last layer's closed form).
+// Whether kron_variance_tiles takes these checked layers (a layer's Q_A and Q_G share a
+// dtype): every layer's eigenvectors of one dtype, and an output Jacobian for every layer
+// or for none (a last layer's closed form).
 inline bool tiles_take_variance(const c10::List<std::optional<at::Tensor>>& output_jacobians,
-                                at::TensorList eigvecs_a, at::TensorList eigvecs_g) {
+                                at::TensorList eigvecs_a) {
   const bool jacobians = output_jacobians.get(0).has_value();
   for (size_t i = 0; i < eigvecs_a.size(); ++i) {
     if (eigvecs_a[i].scalar_type() != eigvecs_a[0].scalar_type() ||
-        eigvecs_g[i].scalar_type() != eigvecs_a[0].scalar_type() ||
         output_jacobians.get(i).has_value() != jacobians) {
       return false;
     }

@@ -197,7 +197,7 @@ at::Tensor kron_predictive_variance_emulated(
       check_kron_predictive_variance(inputs, output_jacobians, eigvecs_a, eigvals_a, eigvecs_g,
                                      eigvals_g, scale, delta, append_ones);
   check_target_blocks(target_blocks);
-  TORCH_CHECK(gram::tiles_take_variance(output_jacobians, eigvecs_a, eigvecs_g),
+  TORCH_CHECK(gram::tiles_take_variance(output_jacobians, eigvecs_a),
               "_kron_predictive_variance_emulated takes eigenvectors of one dtype and an output "
               "Jacobian for every layer or for none (the CUDA kernel's other cases go to the "
               "ATen path)");

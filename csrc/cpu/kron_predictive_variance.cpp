@@ -80,6 +80,8 @@ VarianceShape check_kron_predictive_variance(
     const std::optional<at::Tensor> jacobian = output_jacobians.get(i);
     check_eigenpair(eigvecs_a[i], eigvals_a[i], "eigvecs_a", "eigvals_a", i);
     check_eigenpair(eigvecs_g[i], eigvals_g[i], "eigvecs_g", "eigvals_g", i);
+    TORCH_CHECK(eigvecs_g[i].scalar_type() == eigvecs_a[i].scalar_type(), "eigvecs_g[", i,
+                "] must have the dtype of eigvecs_a[", i, "]");
     check_floating(a, "inputs", i);
     check_same_device(a, like, argument_name("inputs", i).c_str());
     check_same_device(eigvecs_a[i], like, argument_name("eigvecs_a", i).c_str());

@@ -41,7 +41,7 @@ at::Tensor kron_predictive_variance_cuda(
   const VarianceShape shape =
       check_kron_predictive_variance(inputs, output_jacobians, eigvecs_a, eigvals_a, eigvecs_g,
                                      eigvals_g, scale, delta, append_ones);
-  if (!gram::tiles_take_variance(output_jacobians, eigvecs_a, eigvecs_g)) {
+  if (!gram::tiles_take_variance(output_jacobians, eigvecs_a)) {
     return kron_predictive_variance_aten(inputs, output_jacobians, eigvecs_a, eigvals_a,
                                          eigvecs_g, eigvals_g, scale, delta, append_ones,
                                          full_covariance);
