@@ -37,15 +37,26 @@ struct DeviceThreads {
   }
 };
 
-// A block of `threads` threads on one host thread: a phase runs for every thread id.
+// A block of `threads` threads on one host thread: a phase runs for every thread id, from
+// the first or (reversed) from the last. A kernel whose results differ between the two
+// orders has a thread that reads or writes what another writes in the same phase: a race
+// on the GPU, where the threads of a phase run in any order.
 struct HostThreads {
   int64_t threads;
+  bool reversed = false;
   int64_t count() const { return threads; }
   template <typename Phase>
   void each(Phase phase) const {
-    for (int t = 0; t < threads; ++t) phase(t);
+    for (int64_t i = 0; i < threads; ++i) phase(static_cast<int>(reversed ? threads - 1 - i : i));
   }
 };
+
+// run(block) for every block of a launch on the host, from the first or (reversed) from the
+// last: the blocks of a launch run in any order on the GPU too.
+template <typename Run>
+void host_blocks(int64_t blocks, bool reversed, Run run) {
+  for (int64_t i = 0; i < blocks; ++i) run(reversed ? blocks - 1 - i : i);
+}
 
 // Values each thread keeps across phases (registers on the GPU): of(t) is thread t's N.
 template <typename T, int N>

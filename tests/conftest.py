@@ -37,11 +37,58 @@ def requires_extension() -> None:
         pytest.skip("compiled extension fastlaplace._C is not built")
 
 
-def emulated_op(name: str, target_blocks: int):
-    """``torch.ops.fastlaplace.<name>``, a CUDA kernel's host emulation, with ``target_blocks`` (the GPU's size)."""
+def emulated_op(name: str, *trailing):
+    """``torch.ops.fastlaplace.<name>``, a CUDA kernel's host emulation, with ``trailing`` arguments appended.
+
+    Every call runs the kernel twice: blocks and each phase's threads from the first, and
+    on copies of the arguments it writes, from the last. On the GPU both run in any order,
+    so results that differ between the two (a thread reading what another writes in the
+    same phase, a block what another block writes) are a race, and fail the call. The
+    in-order run's result comes back; the arguments it writes are the caller's.
+    """
     requires_extension()
     op = getattr(torch.ops.fastlaplace, name)
-    return lambda *args: op(*args, target_blocks)
+    written = [i for i, argument in enumerate(op.default._schema.arguments) if argument.alias_info is not None]
+
+    def run(*args):
+        args = (*args, *trailing)
+        copies = [copy_with_strides(a) if i in written else a for i, a in enumerate(args)]
+        reversed_result = op(*copies, reverse_order=True)
+        result = op(*args)
+        for got, want in zip(
+            tensors_of(reversed_result, *(copies[i] for i in written)),
+            tensors_of(result, *(args[i] for i in written)),
+            strict=True,
+        ):
+            torch.testing.assert_close(
+                got,
+                want,
+                rtol=0,
+                atol=0,
+                equal_nan=True,
+                msg=lambda detail: f"{name} depends on the order of its blocks or threads (a race): {detail}",
+            )
+        return result
+
+    return run
+
+
+def copy_with_strides(value):
+    """A copy of a tensor (or of each tensor of a list) with the original's strides."""
+    if isinstance(value, torch.Tensor):
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device).copy_(value)
+    return [copy_with_strides(v) for v in value]
+
+
+def tensors_of(*values) -> list[torch.Tensor]:
+    """The tensors in ``values`` (tensors and nested lists or tuples of them, None skipped), in order."""
+    found = []
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, list | tuple):
+            found.extend(tensors_of(*value))
+    return found
 
 
 def assert_matches_float64(result, exact, rounded=None, k: float = 8.0) -> None:

@@ -10,7 +10,14 @@ large one splits rows into chunks that a second launch adds up.
 
 import pytest
 import torch
-from conftest import CUDA_REASON, INPUT_DTYPES, TILE, assert_matches_float64, random_spd, requires_extension
+from conftest import (
+    CUDA_REASON,
+    INPUT_DTYPES,
+    TILE,
+    assert_matches_float64,
+    emulated_op,
+    random_spd,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,18 +29,15 @@ EDGE_SIZES = [1, 2, 5, TILE - 1, TILE, TILE + 1, 2 * TILE + 3]
 
 
 def emulated_factor_accumulate(factors, inputs, ones, alpha, beta, target_blocks):
-    requires_extension()
-    torch.ops.fastlaplace._factor_accumulate_emulated_(factors, inputs, ones, alpha, beta, target_blocks)
+    emulated_op("_factor_accumulate_emulated_", target_blocks)(factors, inputs, ones, alpha, beta)
 
 
 def emulated_conv_factor(factor, x, geometry, ones, alpha, beta, target_blocks):
-    requires_extension()
-    torch.ops.fastlaplace._conv_input_factor_emulated_(factor, x, *geometry, ones, alpha, beta, target_blocks)
+    emulated_op("_conv_input_factor_emulated_", target_blocks)(factor, x, *geometry, ones, alpha, beta)
 
 
 def emulated_diag_ggn(inputs, output_grads, ones, target_blocks):
-    requires_extension()
-    return torch.ops.fastlaplace._diag_ggn_emulated(inputs, output_grads, ones, target_blocks)
+    return emulated_op("_diag_ggn_emulated", target_blocks)(inputs, output_grads, ones)
 
 
 def layout(x: torch.Tensor, kind: str) -> torch.Tensor:

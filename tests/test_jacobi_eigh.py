@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import CUDA_REASON, FACTOR_DTYPES, PRIME_SIZES, random_spd, requires_extension
+from conftest import CUDA_REASON, FACTOR_DTYPES, PRIME_SIZES, emulated_op, random_spd, requires_extension
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -12,8 +12,7 @@ MAX_SIZE = 112  # jacobi::kMaxSize
 
 
 def emulated(matrices, threads=64):
-    requires_extension()
-    values, vectors = torch.ops.fastlaplace._jacobi_eigh_emulated(matrices, threads)
+    values, vectors = emulated_op("_jacobi_eigh_emulated", threads)(matrices)
     return list(values), list(vectors)
 
 

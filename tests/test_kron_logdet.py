@@ -2,7 +2,15 @@
 
 import pytest
 import torch
-from conftest import CUDA_REASON, DEVICES, PRIME_SIZES, assert_matches_float64, eigen_layer, requires_extension
+from conftest import (
+    CUDA_REASON,
+    DEVICES,
+    PRIME_SIZES,
+    assert_matches_float64,
+    eigen_layer,
+    emulated_op,
+    requires_extension,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -89,8 +97,7 @@ ENTRIES_PER_BLOCK = 256 * 16
 
 
 def emulated(eigvals_a, eigvals_g, scale, delta):
-    requires_extension()
-    return torch.ops.fastlaplace._kron_logdet_emulated(eigvals_a, eigvals_g, scale, delta)
+    return emulated_op("_kron_logdet_emulated")(eigvals_a, eigvals_g, scale, delta)
 
 
 @given(

@@ -2,7 +2,16 @@
 
 import pytest
 import torch
-from conftest import CUDA_REASON, DEVICES, PRIME_SIZES, TILE, assert_matches_float64, eigen_layer, requires_extension
+from conftest import (
+    CUDA_REASON,
+    DEVICES,
+    PRIME_SIZES,
+    TILE,
+    assert_matches_float64,
+    eigen_layer,
+    emulated_op,
+    requires_extension,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -129,9 +138,8 @@ def test_bad_inputs_name_the_argument():
 
 
 def emulated(eigvecs_a, eigvals_a, eigvecs_g, eigvals_g, rhs, scale, delta, exponent, target_blocks):
-    requires_extension()
-    return torch.ops.fastlaplace._kron_solve_emulated(
-        eigvecs_a, eigvals_a, eigvecs_g, eigvals_g, rhs, scale, delta, exponent, target_blocks
+    return emulated_op("_kron_solve_emulated", target_blocks)(
+        eigvecs_a, eigvals_a, eigvecs_g, eigvals_g, rhs, scale, delta, exponent
     )
 
 

@@ -5,7 +5,8 @@
 // its launch code run on the host, every block in turn and each phase for every thread id
 // in turn (the tensor cores' warp operations by plain float32 loops), so that the tests
 // check the kernel's arithmetic where there is no GPU. target_blocks plays the GPU's size
-// (it decides when rows are split). Not a fast path.
+// (it decides when rows are split); reverse_order runs blocks and threads from the last,
+// for the tests' race check (see HostThreads). Not a fast path.
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
@@ -72,45 +73,48 @@ struct HostFragments {
   }
 };
 
+// Runs the launches in thread and block order, or in reverse (see HostThreads).
 struct HostRun {
+  bool reversed;
   template <typename L>
   void operator()(const std::vector<L>& layers, int64_t blocks, typename L::acc_t* workspace,
                   bool finishing, typename L::acc_t alpha, typename L::acc_t beta) const {
     using acc_t = typename L::acc_t;
-    const HostThreads threads{gram::kThreads};
+    const HostThreads threads{gram::kThreads, reversed};
     const int64_t count = static_cast<int64_t>(layers.size());
     if (finishing) {
-      for (int64_t block = 0; block < blocks; ++block) {
+      host_blocks(blocks, reversed, [&](int64_t block) {
         gram::finish_tile(threads, layers.data(), count, workspace, block, alpha, beta);
-      }
+      });
     } else if constexpr (gram::uses_tensor_cores<L>) {
       using half_t = typename L::Left::input_t;
       auto stage = std::make_unique<gram::MmaStage<half_t>>();
       HostFragments fragments;
       HostRegisters<half_t, gram::staged_values<gram::kMmaDepth>()> staged(gram::kThreads);
-      for (int64_t block = 0; block < blocks; ++block) {
+      host_blocks(blocks, reversed, [&](int64_t block) {
         gram::accumulate_tile_mma(threads, *stage, fragments, staged, layers.data(), count,
                                   workspace, block, alpha, beta);
-      }
+      });
     } else {
       auto stage = std::make_unique<gram::Stage<acc_t>>();
       HostRegisters<acc_t, gram::kMicro * gram::kMicro> sums(gram::kThreads);
       HostRegisters<acc_t, gram::staged_values<gram::kDepth>()> staged(gram::kThreads);
-      for (int64_t block = 0; block < blocks; ++block) {
+      host_blocks(blocks, reversed, [&](int64_t block) {
         gram::accumulate_tile(threads, *stage, sums, staged, layers.data(), count, workspace,
                               block, alpha, beta);
-      }
+      });
     }
   }
 };
 
 struct HostSquareSums {
+  bool reversed;
   template <typename scalar_t>
   void operator()(const variance::SquareSums<scalar_t>& sums) const {
     std::vector<scalar_t> lane_sums(variance::kThreads);
-    for (int64_t block = 0; block < sums.blocks(); ++block) {
-      sums.block_sums(HostThreads{variance::kThreads}, lane_sums.data(), block);
-    }
+    host_blocks(sums.blocks(), reversed, [&](int64_t block) {
+      sums.block_sums(HostThreads{variance::kThreads, reversed}, lane_sums.data(), block);
+    });
   }
 };
 
@@ -120,48 +124,50 @@ void check_target_blocks(int64_t target_blocks) {
 
 void factor_accumulate_emulated(at::TensorList factors, at::TensorList inputs,
                                 c10::List<bool> append_ones, double alpha, double beta,
-                                int64_t target_blocks) {
+                                int64_t target_blocks, bool reverse_order) {
   check_factor_accumulate(factors, inputs, append_ones);
   check_target_blocks(target_blocks);
   gram::accumulate_input_factors(factors, inputs, append_ones, alpha, beta, target_blocks,
-                                 HostRun{});
+                                 HostRun{reverse_order});
 }
 
 void conv_input_factor_emulated(const at::Tensor& factor, const at::Tensor& input,
                                 at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef dilation,
                                 bool append_ones, double alpha, double beta,
-                                int64_t target_blocks) {
+                                int64_t target_blocks, bool reverse_order) {
   const ConvGeometry g = conv_input_geometry(factor, input, kernel_size, stride, padding,
                                              dilation, append_ones);
   check_target_blocks(target_blocks);
   gram::accumulate_conv_factor(factor, input, g, append_ones, alpha, beta, target_blocks,
-                               HostRun{});
+                               HostRun{reverse_order});
 }
 
 std::vector<at::Tensor> diag_ggn_emulated(at::TensorList inputs, at::TensorList output_grads,
-                                          c10::List<bool> append_ones, int64_t target_blocks) {
+                                          c10::List<bool> append_ones, int64_t target_blocks,
+                                          bool reverse_order) {
   check_diag_ggn(inputs, output_grads, append_ones);
   check_target_blocks(target_blocks);
-  return gram::diag_ggn_tiles(inputs, output_grads, append_ones, target_blocks, HostRun{});
+  return gram::diag_ggn_tiles(inputs, output_grads, append_ones, target_blocks,
+                              HostRun{reverse_order});
 }
 
 std::vector<at::Tensor> kron_solve_emulated(at::TensorList eigvecs_a, at::TensorList eigvals_a,
                                             at::TensorList eigvecs_g, at::TensorList eigvals_g,
                                             at::TensorList rhs, const at::Tensor& scale,
                                             const at::Tensor& delta, double exponent,
-                                            int64_t target_blocks) {
+                                            int64_t target_blocks, bool reverse_order) {
   check_kron_solve(eigvecs_a, eigvals_a, eigvecs_g, eigvals_g, rhs, scale, delta);
   check_target_blocks(target_blocks);
   return gram::kron_solve_tiles(eigvecs_a, eigvals_a, eigvecs_g, eigvals_g, rhs, scale, delta,
-                                exponent, target_blocks, HostRun{});
+                                exponent, target_blocks, HostRun{reverse_order});
 }
 
 at::Tensor kron_precondition_emulated(at::TensorList gradients, at::IntArrayRef blocks,
                                       at::TensorList eigvecs_a, at::TensorList eigvecs_g,
                                       at::TensorList inverse_spectra,
                                       const std::optional<at::Tensor>& kl_weights,
-                                      int64_t target_blocks) {
+                                      int64_t target_blocks, bool reverse_order) {
   const PreconditionLayout layout = check_kron_precondition(gradients, blocks, eigvecs_a,
                                                             eigvecs_g, inverse_spectra, kl_weights);
   check_target_blocks(target_blocks);
@@ -170,14 +176,14 @@ at::Tensor kron_precondition_emulated(at::TensorList gradients, at::IntArrayRef 
               "dtype (the CUDA kernel's other cases go to the ATen path)");
   return gram::kron_precondition_tiles(gradients, blocks, eigvecs_a, eigvecs_g,
                                        inverse_spectra, kl_weights, layout, target_blocks,
-                                       HostRun{});
+                                       HostRun{reverse_order});
 }
 
 at::Tensor kron_inverse_precondition_emulated(at::TensorList gradients, at::IntArrayRef blocks,
                                               at::TensorList inverses_a,
                                               at::TensorList inverses_g,
                                               const std::optional<at::Tensor>& kl_weights,
-                                              int64_t target_blocks) {
+                                              int64_t target_blocks, bool reverse_order) {
   const PreconditionLayout layout =
       check_kron_inverse_precondition(gradients, blocks, inverses_a, inverses_g, kl_weights);
   check_target_blocks(target_blocks);
@@ -185,14 +191,16 @@ at::Tensor kron_inverse_precondition_emulated(at::TensorList gradients, at::IntA
               "_kron_inverse_precondition_emulated_ takes contiguous gradients in the inverses' "
               "dtype (the CUDA kernel's other cases go to the ATen path)");
   return gram::kron_inverse_precondition_tiles(gradients, blocks, inverses_a, inverses_g,
-                                               kl_weights, layout, target_blocks, HostRun{});
+                                               kl_weights, layout, target_blocks,
+                                               HostRun{reverse_order});
 }
 
 at::Tensor kron_predictive_variance_emulated(
     at::TensorList inputs, const c10::List<std::optional<at::Tensor>>& output_jacobians,
     at::TensorList eigvecs_a, at::TensorList eigvals_a, at::TensorList eigvecs_g,
     at::TensorList eigvals_g, const at::Tensor& scale, const at::Tensor& delta,
-    c10::List<bool> append_ones, bool full_covariance, int64_t target_blocks) {
+    c10::List<bool> append_ones, bool full_covariance, int64_t target_blocks,
+    bool reverse_order) {
   const VarianceShape shape =
       check_kron_predictive_variance(inputs, output_jacobians, eigvecs_a, eigvals_a, eigvecs_g,
                                      eigvals_g, scale, delta, append_ones);
@@ -203,7 +211,8 @@ at::Tensor kron_predictive_variance_emulated(
               "ATen path)");
   return gram::kron_variance_tiles(inputs, output_jacobians, eigvecs_a, eigvals_a, eigvecs_g,
                                    eigvals_g, scale, delta, append_ones, full_covariance, shape,
-                                   target_blocks, HostRun{}, HostSquareSums{});
+                                   target_blocks, HostRun{reverse_order},
+                                   HostSquareSums{reverse_order});
 }
 
 }  // namespace

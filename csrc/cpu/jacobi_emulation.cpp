@@ -1,6 +1,7 @@
 // fastlaplace::_jacobi_eigh_emulated: the CUDA batched_eigh's Jacobi solver
-// (csrc/jacobi_eigh.h) run on the host, each phase for every thread id in turn, so that
-// the tests check the kernel's arithmetic where there is no GPU. Not a fast path.
+// (csrc/jacobi_eigh.h) run on the host, each phase for every thread id in turn (from the
+// last with reverse_order, the tests' race check: see HostThreads), so that the tests check
+// the kernel's arithmetic where there is no GPU. Not a fast path.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -16,7 +17,7 @@ namespace fastlaplace {
 namespace {
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> jacobi_eigh_emulated(
-    at::TensorList matrices, int64_t threads) {
+    at::TensorList matrices, int64_t threads, bool reverse_order) {
   check_finite_square_matrices(matrices, "its eigendecomposition is undefined");
   TORCH_CHECK(threads >= 1 && threads <= 1024, "threads must lie in [1, 1024], got ", threads);
   std::vector<at::Tensor> values, vectors;
@@ -31,9 +32,9 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> jacobi_eigh_emulate
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "_jacobi_eigh_emulated", [&] {
       std::vector<double> memory(jacobi::workspace_elements(n, threads));
       const auto workspace = jacobi::carve(memory.data(), n);
-      jacobi::eigh(HostThreads{threads}, workspace, input.const_data_ptr<scalar_t>(), int(n),
-                   value.mutable_data_ptr<scalar_t>(), vector.mutable_data_ptr<scalar_t>(),
-                   jacobi::max_sweeps<scalar_t>());
+      jacobi::eigh(HostThreads{threads, reverse_order}, workspace,
+                   input.const_data_ptr<scalar_t>(), int(n), value.mutable_data_ptr<scalar_t>(),
+                   vector.mutable_data_ptr<scalar_t>(), jacobi::max_sweeps<scalar_t>());
     });
     values.push_back(value);
     vectors.push_back(vector.t());  // eigenvectors as columns, column-major like LAPACK's

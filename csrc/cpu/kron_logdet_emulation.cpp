@@ -13,24 +13,26 @@ namespace fastlaplace {
 namespace {
 
 struct HostRun {
+  bool reversed;  // blocks and threads from the last (see HostThreads)
   template <typename scalar_t>
   void operator()(const std::vector<logdet::Layer<scalar_t>>& layers, int64_t blocks,
                   double* partial, scalar_t* out) const {
-    const HostThreads threads{logdet::kThreads};
+    const HostThreads threads{logdet::kThreads, reversed};
     std::vector<double> slots(logdet::kThreads);
     const int64_t count = static_cast<int64_t>(layers.size());
-    for (int64_t block = 0; block < blocks; ++block) {
+    host_blocks(blocks, reversed, [&](int64_t block) {
       logdet::block_log_sum(threads, slots.data(), layers.data(), count, block, partial);
-    }
+    });
     for (int64_t l = 0; l < count; ++l) logdet::layer_log_sum(layers.data(), l, partial, out);
   }
 };
 
 at::Tensor kron_logdet_emulated(at::TensorList eigvals_a, at::TensorList eigvals_g,
-                                const at::Tensor& scale, const at::Tensor& delta) {
+                                const at::Tensor& scale, const at::Tensor& delta,
+                                bool reverse_order) {
   TORCH_CHECK(!eigvals_a.empty(), "kron_logdet needs at least one layer");
   TORCH_CHECK(eigvals_a[0].is_cpu(), "_kron_logdet_emulated runs on the CPU");
-  return logdet::kron_logdet_blocks(eigvals_a, eigvals_g, scale, delta, HostRun{});
+  return logdet::kron_logdet_blocks(eigvals_a, eigvals_g, scale, delta, HostRun{reverse_order});
 }
 
 }  // namespace
