@@ -436,7 +436,7 @@ at::Tensor kron_variance_tiles(at::TensorList inputs,
   bool classes_outer = false;
   at::Tensor rotated_jacobians;
   if (jacobians) {
-    const at::Tensor& first = *output_jacobians.get(0);
+    const at::Tensor first = *output_jacobians.get(0);  // get() returns a copy
     classes_outer = !flattened_stride(first, 0, 1) && flattened_stride(first, 1, 0);
     rotated_jacobians = at::empty({n * c, width}, like.options());
   } else {
