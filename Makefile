@@ -10,7 +10,7 @@ CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
 CUDA_OBJECTS := $(patsubst csrc/cuda/%.cu,build/nvcc-check/%.o,$(CUDA_SOURCES))
 CPP_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: test demo bench deps build cuda-compile-check gpu-check gpu-wheels gpu-build gpu-test gpu-bench gpu-sanitize lint clean
+.PHONY: test demo bench deps build cuda-compile-check gpu-check gpu-wheels gpu-build gpu-test gpu-bench gpu-sanitize sanitize-cpu lint clean
 
 # torch first, from the CPU wheel (never a CUDA build on a CPU machine), then the rest;
 # laplace-torch (test-only) without its requirements, which would pull a CUDA torch.
@@ -37,6 +37,26 @@ build/nvcc-check/%.o: csrc/cuda/%.cu $(wildcard csrc/*.h csrc/cuda/*.h csrc/cuda
 		$(shell $(PYTHON) -c "import sysconfig, torch.utils.cpp_extension as c; \
 			print(' '.join('-I' + p for p in c.include_paths() + [sysconfig.get_paths()['include']]))") \
 		-I$(CUDA_HOME)/include -Icsrc $< -o $@
+
+# The CPU operators and the CUDA kernels' host emulations under AddressSanitizer and
+# UndefinedBehaviorSanitizer: a build of their own in build/sanitize (beside a copy of the
+# package's Python files), then the whole test suite against it. Not part of `make test`
+# (it would add a third to CI's time); run it after a change to csrc/.
+SANITIZE_DIR := build/sanitize
+SANITIZE_FLAGS := -fsanitize=address,undefined -fno-sanitize=vptr \
+	-fno-sanitize-recover=undefined -fno-omit-frame-pointer -O1
+# The sanitizers' runtimes, and libstdc++ after them so that ASan finds __cxa_throw.
+SANITIZE_PRELOAD = $(foreach lib,libasan.so libubsan.so libstdc++.so.6,$(shell $(CXX) -print-file-name=$(lib)))
+SANITIZE_RUN = ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 LD_PRELOAD="$(SANITIZE_PRELOAD)"
+sanitize-cpu: deps
+	rm -rf $(SANITIZE_DIR) && mkdir -p $(SANITIZE_DIR)
+	cp -r fastlaplace $(SANITIZE_DIR)/ && rm -f $(SANITIZE_DIR)/fastlaplace/_C*.so
+	CFLAGS="$(SANITIZE_FLAGS)" LDFLAGS="-fsanitize=address,undefined" FASTLAPLACE_FORCE_CPU=1 \
+		$(PYTHON) setup.py -q build_ext --build-temp $(SANITIZE_DIR)/temp --build-lib $(SANITIZE_DIR)
+	cd $(SANITIZE_DIR) && $(SANITIZE_RUN) $(PYTHON) -c \
+		"import fastlaplace._C as c, os; assert os.path.realpath(c.__file__).startswith(os.getcwd())"
+	$(SANITIZE_RUN) PYTHONPATH=$(CURDIR)/$(SANITIZE_DIR) FASTLAPLACE_REQUIRE_EXT=1 \
+		$(PYTHON) -m pytest -q -p no:cacheprovider tests
 
 lint: build
 	$(PYTHON) -m ruff check fastlaplace tests benchmarks examples setup.py
