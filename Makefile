@@ -10,7 +10,7 @@ CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
 CUDA_OBJECTS := $(patsubst csrc/cuda/%.cu,build/nvcc-check/%.o,$(CUDA_SOURCES))
 CPP_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: test demo bench deps build cuda-compile-check gpu-check gpu-wheels gpu-build gpu-test gpu-bench gpu-sanitize sanitize-cpu lint clean
+.PHONY: test demo bench deps build cuda-compile-check gpu-check gpu-wheels gpu-build gpu-test gpu-bench gpu-sanitize gpu-dry-run sanitize-cpu lint clean
 
 # torch first, from the CPU wheel (never a CUDA build on a CPU machine), then the rest;
 # laplace-torch (test-only) without its requirements, which would pull a CUDA torch.
@@ -59,8 +59,8 @@ sanitize-cpu: deps
 		$(PYTHON) -m pytest -q -p no:cacheprovider tests
 
 lint: build
-	$(PYTHON) -m ruff check fastlaplace tests benchmarks examples setup.py
-	$(PYTHON) -m ruff format --check fastlaplace tests benchmarks examples setup.py
+	$(PYTHON) -m ruff check fastlaplace tests benchmarks examples tools setup.py
+	$(PYTHON) -m ruff format --check fastlaplace tests benchmarks examples tools setup.py
 
 test: build cuda-compile-check lint
 	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) -m pytest -q tests
@@ -88,6 +88,15 @@ GPU_WHEELS := $(shell grep -iE '^(laplace-torch|asdfghjkl|backpack-for-pytorch|c
 GPU_RUN = PYTHONPATH=$(GPU_SITE):$(CURDIR) FASTLAPLACE_REQUIRE_EXT=1
 SANITIZER ?= $(CUDA_HOME)/bin/compute-sanitizer
 gpu-check: gpu-test gpu-bench gpu-sanitize
+
+# Here, before a GPU session: the GPU tests and `gpu-bench --quick` with "cuda" standing
+# for the CPU (tools/cuda_as_cpu.py), so that errors in their own code show before the
+# GPU's few minutes. The kernels that run are the CPU ones.
+gpu-dry-run: build
+	PYTHONPATH=$(CURDIR)/tools:$$PYTHONPATH FASTLAPLACE_REQUIRE_EXT=1 \
+		$(PYTHON) -m pytest -q -p cuda_as_cpu -k cuda tests
+	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) tools/cuda_as_cpu.py benchmarks/bench_ops.py \
+		--device cuda --quick --out build/gpu-dry-run
 
 gpu-wheels:
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \

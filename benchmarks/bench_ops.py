@@ -9,7 +9,8 @@ of 100², 100 of 1024² with damped inverses, ResNet-18's factor set, GPT-2 smal
 accumulation, a 2048 -> 1000 last-layer variance): timed with ``--device cuda``, and on
 the CPU only at ``--quick`` sizes, as a smoke run of their code. On CUDA the GPT-2 case is
 also held against the SYRK flop bound: its time over the flops of the factors' upper
-triangles at the bf16 GEMM rate measured in the same run (8192² products).
+triangles at the bf16 GEMM rate measured in the same run (8192² products, 512² with
+``--quick``).
 
 The operators are called through :mod:`fastlaplace.ops` of the checkout this file sits
 in. Without the compiled extension those wrappers fall back to the slow pure-PyTorch
@@ -650,19 +651,19 @@ def target_note(bench: Bench, speedup: float, peak_fraction: float, seconds: flo
     return None, None
 
 
-def bf16_gemm_flops_per_second(device: str) -> float:
-    """The GPU's bf16 GEMM rate, measured: the median of 10 products of 8192² matrices."""
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+def bf16_gemm_flops_per_second(device: str, size: int) -> float:
+    """The GPU's bf16 GEMM rate, measured: the median of 11 products of ``size``² matrices."""
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     seconds = statistics.median(timed(lambda: a @ b, device)[0] for _ in range(11))
-    return 2 * 8192**3 / seconds
+    return 2 * size**3 / seconds
 
 
-def flop_bound_note(bench: Bench, pair: Pair, seconds: float, device: str) -> dict:
+def flop_bound_note(bench: Bench, pair: Pair, seconds: float, device: str, quick: bool) -> dict:
     """The fast side's time over its bf16 flops at the measured GEMM rate (CUDA cases with that target)."""
     if bench.max_flop_bound_ratio is None or pair.bf16_flops is None or device != "cuda":
         return {}
-    rate = bf16_gemm_flops_per_second(device)
+    rate = bf16_gemm_flops_per_second(device, 512 if quick else 8192)
     ratio = seconds / (pair.bf16_flops / rate)
     return {
         "bf16_gemm_tflops": rate / 1e12,
@@ -689,7 +690,7 @@ def run_bench(index: int, args: argparse.Namespace, common: dict) -> dict:
     times_fast, times_base, diff = time_pair(pair, args.device, SECONDS_PER_CASE[args.quick])
     seconds_fast, seconds_base = statistics.median(times_fast), statistics.median(times_base)
     variant = pair.variant
-    bound = flop_bound_note(bench, pair, seconds_fast, args.device)
+    bound = flop_bound_note(bench, pair, seconds_fast, args.device, args.quick)
     if args.device == "cuda":
         peaks = [peak_mib(pair.fast, "cuda"), peak_mib(pair.baseline, "cuda")]
     else:
