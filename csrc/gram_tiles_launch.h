@@ -26,7 +26,7 @@
 
 #include "gram_tiles.h"
 #include "ops.h"
-#include "square_sums.h"
+#include "product_sums.h"
 
 namespace fastlaplace {
 namespace gram {
@@ -405,11 +405,12 @@ inline std::optional<int64_t> flattened_stride(const at::Tensor& t, int outer, i
 // w = A~^2 D^-1 (D = s lambda mu^T + delta, a SpectrumRows) in one (N, sum d_G); the
 // rotated Jacobians B~ = B Q_G in one (N, C, sum d_G), in the storage order of the first
 // Jacobian's (N, C) (a batched backward gives (C, N, d_G)); then per sample
-// B~_n diag(w_n) B~_n^T (covariances, symmetric products) or sum_squares's
-// sum_j B~_n^2 w_n (variances). A last layer's B~ is its Q_G for every sample (the
+// B~_n diag(w_n) B~_n^T: for more than variance::kMaxPairOutputs outputs as symmetric
+// products of the tile kernel, else (and for variances, its diagonal) by sum_products's
+// warp-per-entry sums. A last layer's B~ is its Q_G for every sample (the
 // layers' Q_G side by side, with a sample stride of 0). The sum over layers is a sum
 // over the concatenated eigen-directions of one product: no atomics.
-template <typename Run, typename SumSquares>
+template <typename Run, typename SumProducts>
 at::Tensor kron_variance_tiles(at::TensorList inputs,
                                const c10::List<std::optional<at::Tensor>>& output_jacobians,
                                at::TensorList eigvecs_a, at::TensorList eigvals_a,
@@ -417,7 +418,7 @@ at::Tensor kron_variance_tiles(at::TensorList inputs,
                                const at::Tensor& scale, const at::Tensor& delta,
                                const c10::List<bool>& append_ones, bool full_covariance,
                                const VarianceShape& shape, int64_t target_blocks,
-                               const Run& run, const SumSquares& sum_squares) {
+                               const Run& run, const SumProducts& sum_products) {
   const size_t count = inputs.size();
   const at::Tensor& like = eigvecs_a[0];
   const int64_t n = shape.samples, c = shape.outputs;
@@ -491,9 +492,9 @@ at::Tensor kron_variance_tiles(at::TensorList inputs,
     run_layers(weigh, target_blocks, like, 1.0, 0.0, run);
     run_layers(rotate_jacobians, target_blocks, like, 1.0, 0.0, run);
     scalar_t* out = result.mutable_data_ptr<scalar_t>();
-    if (!full_covariance) {
-      sum_squares(variance::SquareSums<scalar_t>{b, sample_stride, output_stride, 1, w, out, n,
-                                                 c, width});
+    if (!full_covariance || c <= variance::kMaxPairOutputs) {
+      sum_products(variance::ProductSums<scalar_t>{b, sample_stride, output_stride, 1, w, out, n,
+                                                   c, width, full_covariance});
       return;
     }
     std::vector<Layer<ScaledRows<scalar_t>, Rows, scalar_t>> covariances;

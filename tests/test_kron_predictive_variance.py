@@ -227,7 +227,10 @@ def test_bad_inputs_name_the_argument():
 
 
 # The CUDA kernel (products of the fused tile kernel, csrc/gram_tiles.h, and the sums of
-# csrc/square_sums.h) run on the host.
+# csrc/product_sums.h) run on the host.
+
+
+PAIR_OUTPUTS = 16  # variance::kMaxPairOutputs: more outputs' covariances go to the tile kernel
 
 
 def emulated(*args, target_blocks):
@@ -237,7 +240,7 @@ def emulated(*args, target_blocks):
 @settings(deadline=None, max_examples=30)
 @given(
     samples=st.sampled_from([1, 3, TILE + 2]),
-    classes=st.sampled_from([1, 2, TILE + 1]),
+    classes=st.sampled_from([1, 2, PAIR_OUTPUTS + 1, TILE + 1]),
     sizes=st.lists(
         st.tuples(st.sampled_from([1, 6, TILE + 1]), st.sampled_from([1, 4, TILE + 3])), min_size=1, max_size=3
     ),
@@ -341,13 +344,14 @@ def test_emulated_kernel_refuses_what_the_cuda_path_leaves_to_aten(generator):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("last_layer", [False, True])
-def test_cuda_kernel_agrees_with_the_emulation(dtype, last_layer, generator):
-    sizes = [(785, 10), (513, 10)] if last_layer else [(785, 512), (513, 10), (3, 2)]
+@pytest.mark.parametrize("classes", [10, 40])  # covariances by warp sums, and by tiles
+def test_cuda_kernel_agrees_with_the_emulation(dtype, last_layer, classes, generator):
+    sizes = [(785, classes), (513, classes)] if last_layer else [(785, 512), (513, 10), (3, 2)]
     layers = [eigen_layer(d_a, d_g, generator=generator) for d_a, d_g in sizes]
     eig = [[t.to(dtype) for t in ts] for ts in zip(*[layer[:4] for layer in layers])]
     inputs = [torch.randn(67, d_a - 1, generator=generator).to(dtype) for d_a, _ in sizes]
     jacobians = [
-        None if last_layer else torch.randn(10, 67, d_g, generator=generator).to(dtype).transpose(0, 1)
+        None if last_layer else torch.randn(classes, 67, d_g, generator=generator).to(dtype).transpose(0, 1)
         for _, d_g in sizes
     ]
     scale, delta = torch.rand(len(sizes), dtype=dtype) + 0.5, torch.rand(len(sizes), dtype=dtype) + 0.1

@@ -1,7 +1,7 @@
 // fastlaplace::_factor_accumulate_emulated_, _conv_input_factor_emulated_,
 // _diag_ggn_emulated, _kron_solve_emulated, _kron_precondition_emulated_,
 // _kron_inverse_precondition_emulated_ and _kron_predictive_variance_emulated: the CUDA
-// curvature ops' fused tile kernel (csrc/gram_tiles.h, and csrc/square_sums.h's sums) and
+// curvature ops' fused tile kernel (csrc/gram_tiles.h, and csrc/product_sums.h's sums) and
 // its launch code run on the host, every block in turn and each phase for every thread id
 // in turn (the tensor cores' warp operations by plain float32 loops), so that the tests
 // check the kernel's arithmetic where there is no GPU. target_blocks plays the GPU's size
@@ -107,10 +107,10 @@ struct HostRun {
   }
 };
 
-struct HostSquareSums {
+struct HostProductSums {
   bool reversed;
   template <typename scalar_t>
-  void operator()(const variance::SquareSums<scalar_t>& sums) const {
+  void operator()(const variance::ProductSums<scalar_t>& sums) const {
     std::vector<scalar_t> lane_sums(variance::kThreads);
     host_blocks(sums.blocks(), reversed, [&](int64_t block) {
       sums.block_sums(HostThreads{variance::kThreads, reversed}, lane_sums.data(), block);
@@ -212,7 +212,7 @@ at::Tensor kron_predictive_variance_emulated(
   return gram::kron_variance_tiles(inputs, output_jacobians, eigvecs_a, eigvals_a, eigvecs_g,
                                    eigvals_g, scale, delta, append_ones, full_covariance, shape,
                                    target_blocks, HostRun{reverse_order},
-                                   HostSquareSums{reverse_order});
+                                   HostProductSums{reverse_order});
 }
 
 }  // namespace

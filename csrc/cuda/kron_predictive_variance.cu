@@ -1,7 +1,8 @@
 // CUDA dispatch of fastlaplace::kron_predictive_variance: four launches of the fused tile
 // kernel of csrc/gram_tiles.h over all layers (rotated inputs, their weights, rotated
-// Jacobians, and per sample the covariance) or, for variances, three and one of
-// csrc/square_sums.h's sums, instead of ~10 launches per layer. Calls that mix layers with
+// Jacobians, and per sample the covariance) or, for variances and covariances of few
+// outputs, three and one of csrc/product_sums.h's sums, instead of ~10 launches per
+// layer. Calls that mix layers with
 // and without an output Jacobian, or eigenvector dtypes, use the ATen-composed
 // implementation of csrc/cpu/kron_predictive_variance.cpp (cuBLAS calls on the current
 // stream).
@@ -17,16 +18,16 @@ namespace {
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(variance::kThreads)
-    square_sums_kernel(variance::SquareSums<scalar_t> sums) {
+    product_sums_kernel(variance::ProductSums<scalar_t> sums) {
   __shared__ scalar_t lane_sums[variance::kThreads];
   sums.block_sums(DeviceThreads{}, lane_sums, blockIdx.x);
 }
 
-struct DeviceSquareSums {
+struct DeviceProductSums {
   template <typename scalar_t>
-  void operator()(const variance::SquareSums<scalar_t>& sums) const {
+  void operator()(const variance::ProductSums<scalar_t>& sums) const {
     if (sums.entries() == 0) return;
-    square_sums_kernel<scalar_t>
+    product_sums_kernel<scalar_t>
         <<<static_cast<unsigned>(sums.blocks()), variance::kThreads, 0,
            c10::cuda::getCurrentCUDAStream()>>>(sums);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -51,7 +52,7 @@ at::Tensor kron_predictive_variance_cuda(
   return gram::kron_variance_tiles(inputs, output_jacobians, eigvecs_a, eigvals_a, eigvecs_g,
                                    eigvals_g, scale, delta, append_ones, full_covariance, shape,
                                    gram::target_blocks(like), gram::DeviceRun{like},
-                                   DeviceSquareSums{});
+                                   DeviceProductSums{});
 }
 
 }  // namespace
