@@ -97,6 +97,23 @@ FL_HOST_DEVICE inline float machine_epsilon<float>() { return 1.1920929e-7f; }
 template <>
 FL_HOST_DEVICE inline double machine_epsilon<double>() { return 2.220446049250313e-16; }
 
+// f(i, j) for the entries e = t, t + count, ... < rows * columns of a block's thread t, as
+// (i, j) = (e / columns, e % columns) stepped without a division per entry: a GPU has no
+// integer divider, and these loops are the solver's inner ones.
+template <typename Entry>
+FL_HOST_DEVICE void for_each_entry(int t, int count, int rows, int columns, Entry f) {
+  const int step_i = count / columns, step_j = count % columns;
+  for (int i = t / columns, j = t % columns; i < rows;) {
+    f(i, j);
+    i += step_i;
+    j += step_j;
+    if (j >= columns) {
+      j -= columns;
+      ++i;
+    }
+  }
+}
+
 // Sum over the threads of each one's value, left in w.partial[threads] for all to read.
 template <typename Threads, typename Value>
 FL_HOST_DEVICE double block_sum(const Threads& threads, const Workspace& w, Value value) {
@@ -117,32 +134,27 @@ FL_HOST_DEVICE double block_sum(const Threads& threads, const Workspace& w, Valu
 template <typename scalar_t, typename Threads>
 FL_HOST_DEVICE void eigh(const Threads& threads, const Workspace& w, const scalar_t* input, int n,
                          scalar_t* values, scalar_t* vectors, int max_sweeps) {
-  // 32-bit indices: a GPU emulates 64-bit division, and n is small (see kMaxJacobiSize).
+  // 32-bit indices: n is small (see kMaxSize).
   const int count = int(threads.count()), ld = int(leading_dimension(n));
   const int m = n + (n & 1), pairs = m / 2;
   threads.each([&](int t) {
-    for (int e = t; e < n * n; e += count) {
-      const int i = e / n, j = e % n;
+    for_each_entry(t, count, n, n, [&](int i, int j) {
       w.a[i * ld + j] = i >= j ? input[i * n + j] : input[j * n + i];
       w.v[i * ld + j] = i == j ? 1.0 : 0.0;
-    }
+    });
   });
   const double eps = machine_epsilon<scalar_t>();
   const double frobenius = block_sum(threads, w, [&](int t) {
     double sum = 0;
-    for (int e = t; e < n * n; e += count) {
-      const double x = w.a[(e / n) * ld + e % n];
-      sum += x * x;
-    }
+    for_each_entry(t, count, n, n, [&](int i, int j) { sum += w.a[i * ld + j] * w.a[i * ld + j]; });
     return sum;
   });
   for (int sweep = 0; sweep < max_sweeps && n > 1; ++sweep) {
     const double off = block_sum(threads, w, [&](int t) {
       double sum = 0;
-      for (int e = t; e < n * n; e += count) {
-        const int i = e / n, j = e % n;
+      for_each_entry(t, count, n, n, [&](int i, int j) {
         if (i != j) sum += w.a[i * ld + j] * w.a[i * ld + j];
-      }
+      });
       return sum;
     });
     if (!(off > eps * eps * frobenius)) break;  // also stops on a zero matrix
@@ -172,22 +184,20 @@ FL_HOST_DEVICE void eigh(const Threads& threads, const Workspace& w, const scala
       });
       // A <- J^T A: rows p and q of each pair.
       threads.each([&](int t) {
-        for (int e = t; e < pairs * n; e += count) {
-          const int k = e / n, j = e % n;
+        for_each_entry(t, count, pairs, n, [&](int k, int j) {
           const int p = int(w.first[k]), q = int(w.second[k]);
-          if (p >= n || q >= n || w.sine[k] == 0) continue;
+          if (p >= n || q >= n || w.sine[k] == 0) return;
           rotate(&w.a[p * ld + j], &w.a[q * ld + j], w.cosine[k], w.sine[k]);
-        }
+        });
       });
       // A <- A J and V <- V J: columns p and q of each pair.
       threads.each([&](int t) {
-        for (int e = t; e < pairs * n; e += count) {
-          const int k = e / n, i = e % n;
+        for_each_entry(t, count, pairs, n, [&](int k, int i) {
           const int p = int(w.first[k]), q = int(w.second[k]);
-          if (p >= n || q >= n || w.sine[k] == 0) continue;
+          if (p >= n || q >= n || w.sine[k] == 0) return;
           rotate(&w.a[i * ld + p], &w.a[i * ld + q], w.cosine[k], w.sine[k]);
           rotate(&w.v[i * ld + p], &w.v[i * ld + q], w.cosine[k], w.sine[k]);
-        }
+        });
       });
     }
   }
@@ -204,12 +214,11 @@ FL_HOST_DEVICE void eigh(const Threads& threads, const Workspace& w, const scala
     }
   });
   threads.each([&](int t) {
-    for (int e = t; e < n * n; e += count) {
-      const int j = e / n, i = e % n;  // entry i of eigenvector j: coalesced writes
+    for_each_entry(t, count, n, n, [&](int j, int i) {  // entry i of eigenvector j: coalesced
       const int position = int(w.rank[j]);
       vectors[position * n + i] = scalar_t(w.v[i * ld + j]);
       if (i == 0) values[position] = scalar_t(w.a[j * ld + j]);
-    }
+    });
   });
 }
 
