@@ -4,10 +4,11 @@ Run ``make bench`` (CPU), ``make gpu-check`` (CUDA) or directly
 ``python benchmarks/bench_ops.py [--device cuda] [--quick] [--threads 2] [--out DIR]``.
 ``--quick`` shrinks every size for a smoke run of a few seconds.
 
-The last cases are the CUDA issue's targets at their GPU sizes (500 eigendecompositions
-of 100², 100 of 1024² with damped inverses, ResNet-18's factor set, GPT-2 small's factor
-accumulation, a 2048 -> 1000 last-layer variance): timed with ``--device cuda``, and on
-the CPU only at ``--quick`` sizes, as a smoke run of their code. On CUDA the GPT-2 case is
+The last cases are at GPU sizes: covariances of 16 and of 17 classes (either side of the
+CUDA kernel's switch from warp sums to tiles, to place it), then the CUDA issue's targets
+(500 eigendecompositions of 100², 100 of 1024² with damped inverses, ResNet-18's factor
+set, GPT-2 small's factor accumulation, a 2048 -> 1000 last-layer variance): timed with
+``--device cuda``, and on the CPU only at ``--quick`` sizes, as a smoke run of their code. On CUDA the GPT-2 case is
 also held against the SYRK flop bound: its time over the flops of the factors' upper
 triangles at the bf16 GEMM rate measured in the same run (8192² products, 512² with
 ``--quick``).
@@ -98,7 +99,8 @@ class Bench:
     min_speedup: float | None = None
     max_peak_fraction: float | None = None
     max_seconds: float | None = None
-    #: a target of the CUDA issue at GPU sizes: timed on CUDA, and on the CPU only with --quick (a smoke run)
+    #: GPU sizes (a CUDA issue's target, or a question only a GPU answers): timed on CUDA, and on the CPU
+    #: only with --quick (a smoke run)
     gpu_target: bool = False
     #: on CUDA, at most this multiple of bf16_flops at the GPU's measured bf16 GEMM rate
     max_flop_bound_ratio: float | None = None
@@ -145,6 +147,11 @@ class KronLayers:
 
 def kron_layers(device: str, quick: bool) -> KronLayers:
     d_in, d_out, _ = mlp(quick)
+    return kron_layers_of(d_in, d_out, device)
+
+
+def kron_layers_of(d_in: list[int], d_out: list[int], device: str) -> KronLayers:
+    """Three layers of d_in inputs (and a bias) and d_out outputs, the MLP's priors."""
     a = [torch.linalg.eigh(spd(d + 1, device)) for d in d_in]
     g = [torch.linalg.eigh(spd(d, device)) for d in d_out]
     return KronLayers(
@@ -435,6 +442,29 @@ def predictive_all_layers_covariance(device: str, quick: bool) -> Pair:
     return Pair(variant, fast, lambda: predictive_eigenbasis(k, [0, 1, 2], inputs, jacobians, full=True))
 
 
+def predictive_covariance_of(classes: int) -> Callable[[str, bool], Pair]:
+    """(N, C, C) covariances of a 784-512-512-C MLP for 1,024 inputs. On CUDA, C = 16 is the
+    largest summed warp by warp per entry and C = 17 the smallest by 64 x 64 tiles per sample
+    (variance::kMaxPairOutputs): their times side by side say where that threshold belongs."""
+
+    def make(device: str, quick: bool) -> Pair:
+        width, n = (16, 16) if quick else (512, 1024)
+        d_in, d_out = [2 * width if quick else 784, width, width], [width, width, classes]
+        k = kron_layers_of(d_in, d_out, device)
+        inputs = [torch.randn(n, d, device=device) for d in d_in]
+        jacobians = [torch.randn(classes, n, d, device=device).transpose(0, 1) for d in d_out]
+
+        def fast():
+            return ops.kron_predictive_variance(
+                inputs, jacobians, *k.eigenpairs(), k.scale, k.delta, [True] * 3, full_covariance=True
+            )
+
+        variant = f"{d_in[0]}-{width}-{width}-{classes} MLP, N={n}, ({n}, {classes}, {classes}) covariances"
+        return Pair(variant, fast, lambda: predictive_eigenbasis(k, [0, 1, 2], inputs, jacobians, full=True))
+
+    return make
+
+
 # ----------------------------------------------------------------------------- the CUDA issue's targets
 
 
@@ -542,6 +572,18 @@ BENCHES = [
         "kron_predictive_variance",
         "eigenbasis in torch: rotate, divide, B diag(w) Bᵀ per layer",
         predictive_all_layers_covariance,
+    ),
+    Bench(
+        "kron_predictive_variance",
+        "eigenbasis in torch: rotate, divide, B diag(w) Bᵀ per layer",
+        predictive_covariance_of(16),
+        gpu_target=True,
+    ),
+    Bench(
+        "kron_predictive_variance",
+        "eigenbasis in torch: rotate, divide, B diag(w) Bᵀ per layer",
+        predictive_covariance_of(17),
+        gpu_target=True,
     ),
     Bench("batched_eigh", "loop of torch.linalg.eigh", eigh_500_of_100, max_seconds=0.010, gpu_target=True),
     Bench(
