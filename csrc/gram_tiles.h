@@ -91,17 +91,42 @@ struct DenseRows {
   }
 };
 
+// n / d for a d fixed by the launch, by a multiply, an add and a shift (division by an
+// invariant integer, Granlund & Montgomery 1994): a GPU has no integer divider. Exact for
+// every 32-bit n and 1 <= d <= 2^31.
+struct Divider {
+  uint32_t divisor, multiplier, shift;
+
+  static Divider of(uint32_t d) {
+    uint32_t shift = 0;
+    while ((uint64_t(1) << shift) < d) ++shift;
+    // floor(2^32 (2^shift - d) / d) + 1 < 2^32: the quotient's high product
+    const uint64_t multiplier = ((uint64_t(1) << 32) * ((uint64_t(1) << shift) - d)) / d + 1;
+    return {d, static_cast<uint32_t>(multiplier), shift};
+  }
+  FL_HOST_DEVICE uint32_t quotient(uint32_t n) const {
+#ifdef __CUDA_ARCH__
+    const uint32_t high = __umulhi(n, multiplier);
+#else
+    const uint32_t high = static_cast<uint32_t>((uint64_t(n) * multiplier) >> 32);
+#endif
+    return static_cast<uint32_t>((uint64_t(high) + n) >> shift);
+  }
+};
+
 // The patches of a Conv2d input (N, C, H, W) as rows: row image * positions + (oy * out_w
 // + ox), column channel * offsets + (ki * kw + kj), the order of weight.flatten(1); zero
 // where the kernel sees the padding. Rows and columns are below 2^31 (checked by the
-// launch), so that the decoding divides in 32 bits.
+// launch), so that the decoding divides in 32 bits; a row's, decoded at every stage, by
+// Dividers.
 template <typename input_t_>
 struct ConvPatches {
   using input_t = input_t_;
   static constexpr bool kSquared = false;
   const input_t* data;
   int64_t rows, columns;
-  int32_t positions, out_w, offsets, kw, height, width;
+  Divider positions, out_w;
+  int32_t offsets, kw, height, width;
   int32_t stride[2], padding[2], dilation[2];
   int64_t image_stride, channel_stride, height_stride, width_stride;
 
@@ -115,9 +140,10 @@ struct ConvPatches {
   };
   FL_HOST_DEVICE Row row(int64_t r) const {
     const uint32_t index = static_cast<uint32_t>(r);
-    const uint32_t image = index / positions, position = index - image * positions;
-    const int32_t oy = static_cast<int32_t>(position / out_w);
-    const int32_t ox = static_cast<int32_t>(position) - oy * out_w;
+    const uint32_t image = positions.quotient(index);
+    const uint32_t position = index - image * positions.divisor;
+    const int32_t oy = static_cast<int32_t>(out_w.quotient(position));
+    const int32_t ox = static_cast<int32_t>(position) - oy * static_cast<int32_t>(out_w.divisor);
     return {image * image_stride, oy * stride[0] - padding[0], ox * stride[1] - padding[1]};
   }
   FL_HOST_DEVICE Column column(int64_t c) const {
