@@ -8,10 +8,10 @@ The last cases are at GPU sizes: covariances of 16 and of 17 classes (either sid
 CUDA kernel's switch from warp sums to tiles, to place it), then the CUDA issue's targets
 (500 eigendecompositions of 100², 100 of 1024² with damped inverses, ResNet-18's factor
 set, GPT-2 small's factor accumulation, a 2048 -> 1000 last-layer variance): timed with
-``--device cuda``, and on the CPU only at ``--quick`` sizes, as a smoke run of their code. On CUDA the GPT-2 case is
-also held against the SYRK flop bound: its time over the flops of the factors' upper
-triangles at the bf16 GEMM rate measured in the same run (8192² products, 512² with
-``--quick``).
+``--device cuda``, and on the CPU only at ``--quick`` sizes, as a smoke run of their code.
+On CUDA the GPT-2 case is also held against the SYRK flop bound: its time over the flops
+of the factors' upper triangles at the bf16 GEMM rate measured in the same run (8192²
+products, 512² with ``--quick``).
 
 The operators are called through :mod:`fastlaplace.ops` of the checkout this file sits
 in. Without the compiled extension those wrappers fall back to the slow pure-PyTorch
@@ -426,10 +426,9 @@ def predictive_all_layers(device: str, quick: bool) -> Pair:
     return Pair(variant, fast, lambda: predictive_eigenbasis(k, [0, 1, 2], inputs, jacobians))
 
 
-def predictive_all_layers_covariance(device: str, quick: bool) -> Pair:
-    """The posterior's call: (N, C, C) covariances, B from a batched backward ((C, N, d_out) storage)."""
-    k = kron_layers(device, quick)
-    n, classes = predictive_samples(quick), k.qg[2].shape[0]
+def covariance_pair(k: KronLayers, n: int, description: str, device: str) -> Pair:
+    """(N, C, C) covariances over k's three layers, B from a batched backward ((C, N, d_out) storage)."""
+    classes = k.qg[2].shape[0]
     inputs = [torch.randn(n, q.shape[0] - 1, device=device) for q in k.qa]
     jacobians = [torch.randn(classes, n, q.shape[0], device=device).transpose(0, 1) for q in k.qg]
 
@@ -438,8 +437,13 @@ def predictive_all_layers_covariance(device: str, quick: bool) -> Pair:
             inputs, jacobians, *k.eigenpairs(), k.scale, k.delta, [True] * 3, full_covariance=True
         )
 
-    variant = f"MLP's 3 layers, N={n}, (N, {classes}, {classes}) covariances"
+    variant = f"{description}, N={n}, (N, {classes}, {classes}) covariances"
     return Pair(variant, fast, lambda: predictive_eigenbasis(k, [0, 1, 2], inputs, jacobians, full=True))
+
+
+def predictive_all_layers_covariance(device: str, quick: bool) -> Pair:
+    """The posterior's call: covariances over the MLP's layers."""
+    return covariance_pair(kron_layers(device, quick), predictive_samples(quick), "MLP's 3 layers", device)
 
 
 def predictive_covariance_of(classes: int) -> Callable[[str, bool], Pair]:
@@ -449,18 +453,9 @@ def predictive_covariance_of(classes: int) -> Callable[[str, bool], Pair]:
 
     def make(device: str, quick: bool) -> Pair:
         width, n = (16, 16) if quick else (512, 1024)
-        d_in, d_out = [2 * width if quick else 784, width, width], [width, width, classes]
-        k = kron_layers_of(d_in, d_out, device)
-        inputs = [torch.randn(n, d, device=device) for d in d_in]
-        jacobians = [torch.randn(classes, n, d, device=device).transpose(0, 1) for d in d_out]
-
-        def fast():
-            return ops.kron_predictive_variance(
-                inputs, jacobians, *k.eigenpairs(), k.scale, k.delta, [True] * 3, full_covariance=True
-            )
-
-        variant = f"{d_in[0]}-{width}-{width}-{classes} MLP, N={n}, ({n}, {classes}, {classes}) covariances"
-        return Pair(variant, fast, lambda: predictive_eigenbasis(k, [0, 1, 2], inputs, jacobians, full=True))
+        d_in = [2 * width if quick else 784, width, width]
+        k = kron_layers_of(d_in, [width, width, classes], device)
+        return covariance_pair(k, n, f"{d_in[0]}-{width}-{width}-{classes} MLP", device)
 
     return make
 
