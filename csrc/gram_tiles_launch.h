@@ -332,7 +332,8 @@ at::Tensor kron_inverse_precondition_tiles(at::TensorList gradients, at::IntArra
   int64_t entries = 0;
   for (const at::Tensor& block : gradients) entries += block.numel();
   const at::Tensor results = at::empty({clipped ? entries : 0}, like.options());
-  const at::Tensor dot = at::empty({static_cast<int64_t>(gradients.size())}, like.options());
+  const int64_t block_count = static_cast<int64_t>(gradients.size());
+  const at::Tensor dot = at::empty({clipped ? block_count : 0}, like.options());
   std::vector<at::Tensor> result_blocks;
   AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "kron_inverse_precondition_tiles", [&] {
     using Rows = DenseRows<scalar_t>;
