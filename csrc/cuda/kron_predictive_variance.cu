@@ -2,10 +2,9 @@
 // kernel of csrc/gram_tiles.h over all layers (rotated inputs, their weights, rotated
 // Jacobians, and per sample the covariance) or, for variances and covariances of few
 // outputs, three and one of csrc/product_sums.h's sums, instead of ~10 launches per
-// layer. Calls that mix layers with
-// and without an output Jacobian, or eigenvector dtypes, use the ATen-composed
-// implementation of csrc/cpu/kron_predictive_variance.cpp (cuBLAS calls on the current
-// stream).
+// layer. Calls that mix layers with and without an output Jacobian, or eigenvector
+// dtypes, use the ATen-composed implementation of csrc/cpu/kron_predictive_variance.cpp
+// (cuBLAS calls on the current stream).
 #include <torch/library.h>
 
 #include <optional>
