@@ -21,7 +21,9 @@ deps:
 	@$(PYTHON) -c "import laplace" 2>/dev/null || \
 		$(PYTHON) -m pip install -q --no-deps -r requirements-compare.txt
 
-build/.installed: deps $(CPP_SOURCES) setup.py pyproject.toml
+# deps is order-only: it always runs (it is phony) but must not make the install stale,
+# so `make demo` after `make test` rebuilds nothing that has not changed.
+build/.installed: $(CPP_SOURCES) setup.py pyproject.toml | deps
 	$(PYTHON) -m pip install -q --no-build-isolation -e ".[test]"
 	@mkdir -p build && touch $@
 
