@@ -8,7 +8,7 @@ CUDA_HOME ?= $(shell $(NVCC) --dryrun -c -x cu /dev/null 2>&1 | sed -n 's/^#\$$ 
 CUDA_ARCHS ?= 80 90
 CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
 CUDA_OBJECTS := $(patsubst csrc/cuda/%.cu,build/nvcc-check/%.o,$(CUDA_SOURCES))
-CPP_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h)
+CPP_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/engines/* csrc/emulation/* csrc/cuda/*.h)
 
 .PHONY: test demo bench deps build cuda-compile-check gpu-check gpu-wheels gpu-build gpu-test gpu-bench gpu-sanitize gpu-dry-run sanitize-cpu lint clean
 
@@ -32,7 +32,7 @@ build: build/.installed
 # Every CUDA file must compile even where no GPU (and no CUDA torch) exists.
 cuda-compile-check: $(CUDA_OBJECTS)
 
-build/nvcc-check/%.o: csrc/cuda/%.cu $(wildcard csrc/*.h csrc/cuda/*.h csrc/cuda/*.cuh) | deps
+build/nvcc-check/%.o: csrc/cuda/%.cu $(wildcard csrc/*.h csrc/cuda/*.h csrc/engines/*.h csrc/engines/*.cuh) | deps
 	@mkdir -p $(dir $@)
 	$(NVCC) -c -std=c++20 --expt-relaxed-constexpr -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
 		$(foreach a,$(CUDA_ARCHS),-gencode=arch=compute_$(a),code=sm_$(a)) -Xcompiler -fPIC \

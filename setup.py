@@ -23,7 +23,9 @@ with_cuda = (torch.version.cuda is not None or force_cuda) and not force_cpu
 if force_cuda and torch.version.cuda is None:
     sys.exit("FASTLAPLACE_FORCE_CUDA=1 but the installed torch has no CUDA")
 
-sources = ["csrc/registration.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/engines/*.cpp"))
+# The CUDA kernels' host emulations and their private schemas, for the tests.
+sources += sorted(glob.glob("csrc/emulation/*.cpp"))
 # at::parallel_for / parallel_reduce are inline OpenMP regions: without -fopenmp they
 # silently run on one thread. The OpenMP runtime is the one torch already loaded.
 cxx_flags = ["-O3", "-fopenmp"]

@@ -1,5 +1,6 @@
-// Every fastlaplace operator's schema, in one place. Kernels are registered per
-// device in csrc/cpu/*.cpp and csrc/cuda/*.cu.
+// Every public fastlaplace operator's schema, in one place. Kernels are registered per
+// device in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; the private schemas of the CUDA
+// kernels' host emulations, for the tests, are in csrc/emulation/.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -29,42 +30,6 @@ TORCH_LIBRARY(fastlaplace, m) {
   m.def("diag_ggn(Tensor[] inputs, Tensor[] output_grads, bool[] append_ones) -> Tensor[]");
   m.def("batched_eigh(Tensor[] matrices) -> (Tensor[], Tensor[])");
   m.def("damped_inverses(Tensor[] matrices, Tensor shifts) -> Tensor[]");
-  // The CUDA batched_eigh's Jacobi solver run on the host, for the tests.
-  m.def(
-      "_jacobi_eigh_emulated(Tensor[] matrices, int threads, bool reverse_order=False) "
-      "-> (Tensor[], Tensor[])");
-  // The CUDA curvature ops' fused tile kernel run on the host, for the tests.
-  m.def(
-      "_factor_accumulate_emulated_(Tensor(a!)[] factors, Tensor[] inputs, bool[] append_ones, "
-      "float alpha, float beta, int target_blocks, bool reverse_order=False) -> ()");
-  m.def(
-      "_conv_input_factor_emulated_(Tensor(a!) factor, Tensor input, int[2] kernel_size, "
-      "int[2] stride, int[2] padding, int[2] dilation, bool append_ones, float alpha, "
-      "float beta, int target_blocks, bool reverse_order=False) -> ()");
-  m.def(
-      "_diag_ggn_emulated(Tensor[] inputs, Tensor[] output_grads, bool[] append_ones, "
-      "int target_blocks, bool reverse_order=False) -> Tensor[]");
-  m.def(
-      "_kron_solve_emulated(Tensor[] eigvecs_a, Tensor[] eigvals_a, Tensor[] eigvecs_g, "
-      "Tensor[] eigvals_g, Tensor[] rhs, Tensor scale, Tensor delta, float exponent, "
-      "int target_blocks, bool reverse_order=False) -> Tensor[]");
-  m.def(
-      "_kron_precondition_emulated_(Tensor(a!)[] gradients, int[] blocks, Tensor[] eigvecs_a, "
-      "Tensor[] eigvecs_g, Tensor[] inverse_spectra, Tensor? kl_weights, int target_blocks, "
-      "bool reverse_order=False) -> Tensor");
-  m.def(
-      "_kron_inverse_precondition_emulated_(Tensor(a!)[] gradients, int[] blocks, "
-      "Tensor[] inverses_a, Tensor[] inverses_g, Tensor? kl_weights, int target_blocks, "
-      "bool reverse_order=False) -> Tensor");
-  m.def(
-      "_kron_predictive_variance_emulated(Tensor[] inputs, Tensor?[] output_jacobians, "
-      "Tensor[] eigvecs_a, Tensor[] eigvals_a, Tensor[] eigvecs_g, Tensor[] eigvals_g, "
-      "Tensor scale, Tensor delta, bool[] append_ones, bool full_covariance, "
-      "int target_blocks, bool reverse_order=False) -> Tensor");
-  // The CUDA kron_logdet's blocks run on the host, for the tests.
-  m.def(
-      "_kron_logdet_emulated(Tensor[] eigvals_a, Tensor[] eigvals_g, Tensor scale, "
-      "Tensor delta, bool reverse_order=False) -> Tensor");
   m.def(
       "kron_solve(Tensor[] eigvecs_a, Tensor[] eigvals_a, Tensor[] eigvecs_g, "
       "Tensor[] eigvals_g, Tensor[] rhs, Tensor scale, Tensor delta, "

@@ -21,7 +21,7 @@ DEVICES = [
 INPUT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 FACTOR_DTYPES = [torch.float32, torch.float64]
 PRIME_SIZES = [1, 2, 3, 5, 7, 13]
-TILE = 64  # gram::kTile, the edge of the fused CUDA kernel's tiles (csrc/gram_tiles.h)
+TILE = 64  # gram::kTile, the edge of the fused CUDA kernel's tiles (csrc/engines/tile_gram.h)
 
 
 def preconditioned_layers():

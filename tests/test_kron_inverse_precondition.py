@@ -145,7 +145,7 @@ def test_layers_shared_over_threads_match_the_reference(generator):
         )
 
 
-# The CUDA kernel (two or three launches of the fused tile kernel, csrc/gram_tiles.h, and
+# The CUDA kernel (two or three launches of the fused tile kernel, csrc/engines/tile_gram.h, and
 # two foreach calls) run on the host.
 
 

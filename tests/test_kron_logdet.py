@@ -91,7 +91,7 @@ def test_bad_inputs_name_the_argument():
         ops.kron_logdet([la[None]], [lg], torch.ones(1), torch.ones(1))
 
 
-# The CUDA kernel's blocks (csrc/kron_logdet_blocks.h) run on the host: a block takes at least
+# The CUDA kernel's blocks (csrc/engines/kron_logdet_blocks.h) run on the host: a block takes at least
 # 256 threads x 16 entries, a layer at most 1,024 blocks.
 ENTRIES_PER_BLOCK = 256 * 16
 

@@ -168,7 +168,7 @@ def test_layers_shared_over_threads_match_the_reference(generator):
         assert_in_place_like_reference(ops.kron_precondition_, reference.kron_precondition_, grads, *args)
 
 
-# The CUDA kernel (six launches of the fused tile kernel, csrc/gram_tiles.h) run on the host.
+# The CUDA kernel (six launches of the fused tile kernel, csrc/engines/tile_gram.h) run on the host.
 
 
 def emulated(target_blocks):

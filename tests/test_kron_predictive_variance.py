@@ -226,8 +226,8 @@ def test_bad_inputs_name_the_argument():
     assert random_spd(2).shape == (2, 2)
 
 
-# The CUDA kernel (products of the fused tile kernel, csrc/gram_tiles.h, and the sums of
-# csrc/product_sums.h) run on the host.
+# The CUDA kernel (products of the fused tile kernel, csrc/engines/tile_gram.h, and the sums of
+# csrc/engines/product_sums.h) run on the host.
 
 
 PAIR_OUTPUTS = 16  # variance::kMaxPairOutputs: more outputs' covariances go to the tile kernel

@@ -134,7 +134,7 @@ def test_bad_inputs_name_the_argument():
         ops.kron_solve([qa], [la], [qg], [lg], [], **ok)
 
 
-# The CUDA kernel (four products of the fused tile kernel, csrc/gram_tiles.h) run on the host.
+# The CUDA kernel (four products of the fused tile kernel, csrc/engines/tile_gram.h) run on the host.
 
 
 def emulated(eigvecs_a, eigvals_a, eigvecs_g, eigvals_g, rhs, scale, delta, exponent, target_blocks):

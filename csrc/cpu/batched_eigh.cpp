@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "../ops.h"
-#include "balance.h"
+#include "../engines/balance.h"
 
 namespace fastlaplace {
 

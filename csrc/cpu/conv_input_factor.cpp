@@ -23,7 +23,7 @@
 #include <vector>
 
 #include "../ops.h"
-#include "gram.h"
+#include "../engines/blocked_gram.h"
 
 namespace fastlaplace {
 namespace {

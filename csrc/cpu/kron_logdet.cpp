@@ -13,7 +13,7 @@
 #include <cmath>
 #include <vector>
 
-#include "kron_eigen.h"
+#include "../engines/kron_eigen.h"
 
 namespace fastlaplace {
 namespace {

@@ -11,7 +11,7 @@
 
 #include <optional>
 
-#include "kron_eigen.h"
+#include "../engines/kron_eigen.h"
 
 namespace fastlaplace {
 namespace {

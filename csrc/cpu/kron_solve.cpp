@@ -6,7 +6,7 @@
 
 #include <vector>
 
-#include "kron_eigen.h"
+#include "../engines/kron_eigen.h"
 
 namespace fastlaplace {
 

@@ -1,5 +1,5 @@
 // CUDA kernel of fastlaplace::batched_eigh: every matrix small enough for one block's
-// shared memory is diagonalised by the Jacobi solver of csrc/jacobi_eigh.h, one block
+// shared memory is diagonalised by the Jacobi solver of csrc/engines/jacobi_eigh.h, one block
 // per matrix and one launch per dtype for all of them; larger ones go to cuSOLVER
 // (at::linalg_eigh), several at once on streams of their own. torch.linalg.eigh loops over
 // cuSOLVER's syevd per matrix above n = 32, waiting for each, which is what both paths
@@ -20,9 +20,9 @@
 #include <tuple>
 #include <vector>
 
-#include "../jacobi_eigh.h"
+#include "../engines/jacobi_eigh.h"
 #include "../ops.h"
-#include "device_table.h"
+#include "../engines/device_table.h"
 
 namespace fastlaplace {
 namespace {

@@ -1,10 +1,11 @@
 // CUDA kernel of fastlaplace::conv_input_factor_: the fused Gram kernel of
-// csrc/gram_tiles.h reading the patches straight from the (N, C, H, W) input (implicit
+// csrc/engines/tile_gram.h reading the patches straight from the (N, C, H, W) input (implicit
 // im2col: no unfolded tensor exists), rows split over the GPU when the factor is small.
 #include <torch/library.h>
 
+#include "../engines/tile_launch_cuda.cuh"
 #include "../ops.h"
-#include "gram_tiles.cuh"
+#include "conv_input_factor.h"
 
 namespace fastlaplace {
 namespace {

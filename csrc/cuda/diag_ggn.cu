@@ -1,12 +1,13 @@
-// CUDA kernel of fastlaplace::diag_ggn: the fused Gram kernel of csrc/gram_tiles.h on
+// CUDA kernel of fastlaplace::diag_ggn: the fused Gram kernel of csrc/engines/tile_gram.h on
 // squared operands, (sum_k g_k o g_k)^T ([a, 1] o [a, 1]) for every layer of the call in
 // one launch per input dtype, squaring the rows as they are staged (no squared copies).
 #include <torch/library.h>
 
 #include <vector>
 
+#include "../engines/tile_launch_cuda.cuh"
 #include "../ops.h"
-#include "gram_tiles.cuh"
+#include "diag_ggn.h"
 
 namespace fastlaplace {
 namespace {

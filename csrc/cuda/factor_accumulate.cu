@@ -1,11 +1,12 @@
 // CUDA kernel of fastlaplace::factor_accumulate_: the fused Gram kernel of
-// csrc/gram_tiles.h, every layer of the call in one launch per dtype pair, reading bf16 /
+// csrc/engines/tile_gram.h, every layer of the call in one launch per dtype pair, reading bf16 /
 // fp16 / fp32 / fp64 inputs where they lie (strided, expanded) and accumulating in the
 // factor's dtype, with the ones column implicit.
 #include <torch/library.h>
 
+#include "../engines/tile_launch_cuda.cuh"
 #include "../ops.h"
-#include "gram_tiles.cuh"
+#include "factor_accumulate.h"
 
 namespace fastlaplace {
 namespace {

@@ -1,5 +1,5 @@
 // CUDA kernel of fastlaplace::kron_logdet: every layer's log det in one launch of
-// csrc/kron_logdet_blocks.h's blocks and one that adds each layer's block sums, on the
+// csrc/engines/kron_logdet_blocks.h's blocks and one that adds each layer's block sums, on the
 // current stream.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -8,8 +8,8 @@
 
 #include <vector>
 
-#include "../kron_logdet_blocks.h"
-#include "device_table.h"
+#include "../engines/kron_logdet_blocks.h"
+#include "../engines/device_table.h"
 
 namespace fastlaplace {
 namespace {

@@ -1,7 +1,7 @@
 // CUDA dispatch of fastlaplace::kron_predictive_variance: four launches of the fused tile
-// kernel of csrc/gram_tiles.h over all layers (rotated inputs, their weights, rotated
+// kernel of csrc/engines/tile_gram.h over all layers (rotated inputs, their weights, rotated
 // Jacobians, and per sample the covariance) or, for variances and covariances of few
-// outputs, three and one of csrc/product_sums.h's sums, instead of ~10 launches per
+// outputs, three and one of csrc/engines/product_sums.h's sums, instead of ~10 launches per
 // layer. Calls that mix layers with and without an output Jacobian, or eigenvector
 // dtypes, use the ATen-composed implementation of csrc/cpu/kron_predictive_variance.cpp
 // (cuBLAS calls on the current stream).
@@ -9,8 +9,9 @@
 
 #include <optional>
 
+#include "../engines/tile_launch_cuda.cuh"
 #include "../ops.h"
-#include "gram_tiles.cuh"
+#include "kron_predictive_variance.h"
 
 namespace fastlaplace {
 namespace {

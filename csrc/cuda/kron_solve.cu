@@ -1,13 +1,14 @@
 // CUDA kernel of fastlaplace::kron_solve: P^p V = Q_G [(Q_G^T V Q_A) * D^p] Q_A^T for every
 // layer and every matrix of its batch as four launches of the fused tile kernel of
-// csrc/gram_tiles.h (one per product, over all layers at once), the power of D applied as
+// csrc/engines/tile_gram.h (one per product, over all layers at once), the power of D applied as
 // the second product is stored: no D, no transposed copies.
 #include <torch/library.h>
 
 #include <vector>
 
+#include "../engines/tile_launch_cuda.cuh"
 #include "../ops.h"
-#include "gram_tiles.cuh"
+#include "kron_solve.h"
 
 namespace fastlaplace {
 namespace {

@@ -1,5 +1,5 @@
 // The one-launch Kron log-determinant of the CUDA kron_logdet, written once for the GPU
-// (csrc/cuda/kron_logdet.cu) and for its host emulation (csrc/cpu/kron_logdet_emulation.cpp,
+// (csrc/cuda/kron_logdet.cu) and for its host emulation (csrc/emulation/kron_logdet.cpp,
 // for the tests); see host_device.h for how.
 //
 // log det P_l = sum_ij log(s_l mu_j lambda_i + delta_l) for every layer l of the call: the
@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "host_device.h"
-#include "ops.h"
+#include "../ops.h"
 
 namespace fastlaplace {
 namespace logdet {

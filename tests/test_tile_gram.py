@@ -3,7 +3,7 @@
 It serves factor_accumulate_ and conv_input_factor_ (symmetric Gram matrices) and diag_ggn
 (a product of squared rows).
 
-The emulation runs csrc/gram_tiles.h block by block and thread by thread on the host;
+The emulation runs csrc/engines/tile_gram.h block by block and thread by thread on the host;
 ``target_blocks`` plays the GPU's size, so a small value keeps every layer whole and a
 large one splits rows into chunks that a second launch adds up.
 """

@@ -9,7 +9,7 @@
 #include <cmath>
 #include <vector>
 
-#include "../ops.h"
+#include "ops.h"
 
 namespace fastlaplace {
 namespace {

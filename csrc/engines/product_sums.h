@@ -1,6 +1,6 @@
 // The last step of the CUDA kron_predictive_variance for variances, and for covariances of
 // few outputs, written once for the GPU (csrc/cuda/kron_predictive_variance.cu) and for
-// its host emulation (csrc/cpu/gram_emulation.cpp); see host_device.h for how.
+// its host emulation (csrc/emulation/); see host_device.h for how.
 //
 // cov[n, c, c'] = sum_j B[n, c, j] B[n, c', j] w[n, j] over the eigen-directions j of all
 // layers, for the pairs c <= c' (mirrored: exactly symmetric), or var[n, c] for c = c'

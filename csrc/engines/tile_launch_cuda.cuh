@@ -1,4 +1,4 @@
-// The CUDA launches of the fused tile kernel (csrc/gram_tiles.h) for factor_accumulate_,
+// The CUDA launches of the fused tile kernel (csrc/engines/tile_gram.h) for factor_accumulate_,
 // conv_input_factor_, diag_ggn and kron_solve: one block of gram::kThreads threads per
 // (tile, row chunk), all layers of a call in one launch per dtype, on the current stream;
 // 16-bit inputs into float32 factors on the tensor cores (WMMA, compute capability 8.0 and
@@ -15,7 +15,7 @@
 
 #include <vector>
 
-#include "../gram_tiles_launch.h"
+#include "tile_launch.h"
 #include "device_table.h"
 
 namespace fastlaplace {

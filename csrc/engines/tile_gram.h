@@ -1,7 +1,7 @@
 // The fused tile kernel of the CUDA curvature ops (factor accumulation, conv factor,
 // diagonal GGN, Kron solve, K-FAC preconditioning, Kron predictive variance), written once
-// for the GPU (csrc/cuda/gram_tiles.cuh) and for its host emulation
-// (csrc/cpu/gram_emulation.cpp, for the tests); see host_device.h for how.
+// for the GPU (csrc/engines/tile_launch_cuda.cuh) and for its host emulation
+// (csrc/emulation/, for the tests); see host_device.h for how.
 //
 // Out_l <- beta Out_l + alpha X_l^T Y_l for every layer l of a launch, X_l and Y_l
 // virtual matrices with the same rows, read element by element from their Sources (a

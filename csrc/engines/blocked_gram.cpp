@@ -1,4 +1,4 @@
-#include "gram.h"
+#include "blocked_gram.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/addmm.h>

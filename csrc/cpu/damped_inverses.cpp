@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "../ops.h"
-#include "balance.h"
+#include "../engines/balance.h"
 
 namespace fastlaplace {
 

@@ -1,5 +1,5 @@
 // CUDA dispatch of fastlaplace::damped_inverses: the ATen-composed implementation of
-// csrc/cpu/damped_inverse.cpp, whose Cholesky factorisations and inverses are cuSOLVER
+// csrc/cpu/damped_inverses.cpp, whose Cholesky factorisations and inverses are cuSOLVER
 // calls on the current stream (one host synchronisation, for the checks and the
 // factorisations' status).
 #include <torch/library.h>

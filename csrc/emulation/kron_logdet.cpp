@@ -1,5 +1,5 @@
 // fastlaplace::_kron_logdet_emulated: the CUDA kron_logdet's blocks
-// (csrc/kron_logdet_blocks.h) run on the host, every block in turn and each phase for
+// (csrc/engines/kron_logdet_blocks.h) run on the host, every block in turn and each phase for
 // every thread id in turn, so that the tests check the kernel's arithmetic and block
 // layout where there is no GPU. Not a fast path.
 #include <ATen/core/Tensor.h>
@@ -7,7 +7,7 @@
 
 #include <vector>
 
-#include "../kron_logdet_blocks.h"
+#include "../engines/kron_logdet_blocks.h"
 
 namespace fastlaplace {
 namespace {
@@ -37,6 +37,12 @@ at::Tensor kron_logdet_emulated(at::TensorList eigvals_a, at::TensorList eigvals
 
 }  // namespace
 }  // namespace fastlaplace
+
+TORCH_LIBRARY_FRAGMENT(fastlaplace, m) {
+  m.def(
+      "_kron_logdet_emulated(Tensor[] eigvals_a, Tensor[] eigvals_g, Tensor scale, "
+      "Tensor delta, bool reverse_order=False) -> Tensor");
+}
 
 TORCH_LIBRARY_IMPL(fastlaplace, CPU, m) {
   m.impl("_kron_logdet_emulated", &fastlaplace::kron_logdet_emulated);

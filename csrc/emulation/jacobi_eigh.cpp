@@ -1,5 +1,5 @@
 // fastlaplace::_jacobi_eigh_emulated: the CUDA batched_eigh's Jacobi solver
-// (csrc/jacobi_eigh.h) run on the host, each phase for every thread id in turn (from the
+// (csrc/engines/jacobi_eigh.h) run on the host, each phase for every thread id in turn (from the
 // last with reverse_order, the tests' race check: see HostThreads), so that the tests check
 // the kernel's arithmetic where there is no GPU. Not a fast path.
 #include <ATen/Dispatch.h>
@@ -10,7 +10,7 @@
 #include <tuple>
 #include <vector>
 
-#include "../jacobi_eigh.h"
+#include "../engines/jacobi_eigh.h"
 #include "../ops.h"
 
 namespace fastlaplace {
@@ -44,6 +44,12 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> jacobi_eigh_emulate
 
 }  // namespace
 }  // namespace fastlaplace
+
+TORCH_LIBRARY_FRAGMENT(fastlaplace, m) {
+  m.def(
+      "_jacobi_eigh_emulated(Tensor[] matrices, int threads, bool reverse_order=False) "
+      "-> (Tensor[], Tensor[])");
+}
 
 TORCH_LIBRARY_IMPL(fastlaplace, CPU, m) {
   m.impl("_jacobi_eigh_emulated", &fastlaplace::jacobi_eigh_emulated);

@@ -1,6 +1,6 @@
 // The one-block-per-matrix Jacobi eigensolver of the CUDA batched_eigh, written once for
 // the GPU (csrc/cuda/batched_eigh.cu) and for its host emulation
-// (csrc/cpu/jacobi_emulation.cpp, for the tests); see host_device.h for how.
+// (csrc/emulation/jacobi_eigh.cpp, for the tests); see host_device.h for how.
 //
 // Two-sided cyclic Jacobi (Golub & Van Loan, Algorithm 8.5.3) in the parallel
 // round-robin ordering: a sweep is m - 1 rounds (m = n rounded up to even) of m / 2
