@@ -9,19 +9,7 @@ import torch
 
 import fastlaplace.ops as ops
 
-OPERATORS = [
-    "build_info",
-    "factor_accumulate_",
-    "conv_input_factor_",
-    "diag_ggn",
-    "batched_eigh",
-    "kron_solve",
-    "kron_logdet",
-    "kron_precondition_",
-    "kron_inverse_precondition_",
-    "damped_inverses",
-    "kron_predictive_variance",
-]
+OPERATORS = ["build_info", *ops.OPS]
 
 
 def _extension_importable() -> bool:
