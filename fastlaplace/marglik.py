@@ -17,7 +17,7 @@ from tqdm.auto import trange
 
 from fastlaplace.curvature import summed_negative_log_likelihood
 from fastlaplace.laplace import Laplace
-from fastlaplace.posterior import BaseLaplace
+from fastlaplace.posterior import ParametricLaplace
 
 PRIOR_STRUCTURES = ("scalar", "layerwise", "diag")
 
@@ -43,7 +43,7 @@ def marglik_training(
     fix_sigma_noise: bool = False,
     progress_bar: bool = False,
     **laplace_options,
-) -> tuple[BaseLaplace, nn.Module, list[float], list[float]]:
+) -> tuple[ParametricLaplace, nn.Module, list[float], list[float]]:
     """Train ``model`` while tuning its prior precision (and σ for regression) by the evidence.
 
     The per-datum training loss is ``(Σ_n ℓ_n / T + ½ Σ_l δ_l ‖θ_l‖²) / N`` with ℓ the
@@ -86,7 +86,7 @@ def marglik_training(
         raise ValueError(f"prior_structure must be one of {PRIOR_STRUCTURES}, got {prior_structure!r}")
     regression = likelihood == "regression"
 
-    def posterior(prior: Tensor, sigma: Tensor) -> BaseLaplace:
+    def posterior(prior: Tensor, sigma: Tensor) -> ParametricLaplace:
         options = {"sigma_noise": float(sigma.detach())} if regression else {}
         return Laplace(
             model,
@@ -142,7 +142,7 @@ def _expand(prior: Tensor) -> Tensor:
     return prior.reshape(()) if prior.numel() == 1 else prior
 
 
-def _data_size(loader: Iterable, probe: BaseLaplace) -> int:
+def _data_size(loader: Iterable, probe: ParametricLaplace) -> int:
     """N: the loader's dataset size, or its batches counted once."""
     if hasattr(loader, "dataset"):
         size = len(loader.dataset)

@@ -11,16 +11,12 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
-from tqdm.auto import tqdm
 
-from fastlaplace import distributed
 from fastlaplace.curvature import (
     LIKELIHOODS,
     MODES,
     LastLayerModel,
     last_layer,
-    layer_statistics,
     output_jacobians,
     split_heteroscedastic,
     summed_negative_log_likelihood,
@@ -63,7 +59,11 @@ GAUSSIAN_OUTPUTS = ("regression", "heteroscedastic_regression")
 
 
 class BaseLaplace(ABC):
-    """A Gaussian posterior N(θ*, P⁻¹) over the weights ``[W | b]`` of a model's supported layers.
+    """What every Laplace posterior over a model's supported layers shares: the GLM predictive and the evidence.
+
+    Weight-space posteriors (a Gaussian ``N(θ*, P⁻¹)`` over the weights) derive from
+    :class:`~fastlaplace.posterior.parametric.ParametricLaplace`; the function-space (GP)
+    one from this class directly.
 
     With ``last_layer_only`` the posterior covers the last layer alone (the model's last
     module must be the nn.Linear that produces the output, or ``last_layer_name`` names
@@ -147,8 +147,10 @@ class BaseLaplace(ABC):
 
     # ------------------------------------------------------------------ parameters
 
-    #: whether a prior precision per parameter is exact for this structure (Kron: no)
-    supports_prior_per_parameter = True
+    #: whether this posterior takes a prior precision per parameter (weight-space structures but Kron)
+    supports_prior_per_parameter = False
+    #: the ``pred_type`` values of :meth:`__call__`
+    pred_types: tuple[str, ...] = ("glm",)
 
     @property
     def prior_precision(self) -> Tensor:
@@ -178,9 +180,7 @@ class BaseLaplace(ABC):
 
     def _prior_per_layer(self, delta: Tensor) -> list[Tensor]:
         """Each layer's prior precision, broadcastable to its ``(d_out, d_A)`` ``[W | b]`` matrix."""
-        if self._is_per_layer(delta):
-            return list(delta.unbind())
-        return self._from_parameter_order(delta)
+        return list(delta.unbind())
 
     def _prior_terms(self) -> tuple[Tensor, Tensor]:
         """``(L,)`` parameter counts and ``‖θ_l − μ_0‖²`` of each layer.
@@ -198,11 +198,6 @@ class BaseLaplace(ABC):
             self._prior_terms_cache = cache = (weights, self.prior_mean, counts, squares)
         return cache[2], cache[3]
 
-    def _prior_diagonal(self, delta: Tensor) -> Tensor:
-        """``(P,)`` the prior precision of every parameter, in the layers' ``[W | b]`` row-major order."""
-        deltas = self._prior_per_layer(delta)
-        return torch.cat([d.expand_as(w).flatten() for d, w in zip(deltas, self.layer_weights(), strict=True)])
-
     def layer_weights(self) -> list[Tensor]:
         """Each layer's ``[W | b]`` as a ``(d_out, d_in + bias)`` matrix (detached; d_in = C*kh*kw for Conv2d).
 
@@ -219,90 +214,11 @@ class BaseLaplace(ABC):
         """Number of parameters of each layer."""
         return [sum(p.numel() for p in _own_parameters(m)) for _, m in self.layers]
 
-    def _layer_parameters(self) -> list[Tensor]:
-        """The posterior's parameters in ``named_parameters()`` order (weight, then bias, per layer)."""
-        return [p for _, module in self.layers for p in _own_parameters(module)]
-
-    def _to_parameter_order(self, augmented: list[Tensor]) -> Tensor:
-        """``(*, P)``: per layer ``(*, d_out, d_A)`` matrices ``[W | b]`` flattened as W, then b."""
-        parts = []
-        for (_, module), matrix in zip(self.layers, augmented, strict=True):
-            d_in = module.weight[0].numel()
-            parts.append(matrix[..., :d_in].flatten(-2))
-            if matrix.shape[-1] > d_in:
-                parts.append(matrix[..., d_in])
-        return torch.cat(parts, dim=-1)
-
-    def _from_parameter_order(self, vector: Tensor) -> list[Tensor]:
-        """Inverse of :meth:`_to_parameter_order` for one ``(P,)`` vector."""
-        matrices = []
-        offset = 0
-        for _, module in self.layers:
-            d_out, d_in = module.weight.shape[0], module.weight[0].numel()
-            matrix = vector[offset : offset + d_out * d_in].view(d_out, d_in)
-            offset += d_out * d_in
-            if trainable_bias(module) is not None:
-                matrix = torch.cat([matrix, vector[offset : offset + d_out].unsqueeze(1)], dim=1)
-                offset += d_out
-            matrices.append(matrix)
-        return matrices
-
-    @abstractmethod
-    def _sample_deviations(self, n_samples: int, generator: torch.Generator | None) -> list[Tensor]:
-        """Per layer ``(n, d_out, d_A)`` draws from N(0, P_l⁻¹)."""
-
-    def sample(self, n_samples: int = 100, generator: torch.Generator | None = None) -> Tensor:
-        """``(n_samples, P)`` draws of the posterior's parameters, in ``named_parameters()`` order."""
-        self._require_fit()
-        deviations = self._sample_deviations(n_samples, generator)
-        return self._to_parameter_order([w + d for w, d in zip(self.layer_weights(), deviations, strict=True)])
-
     # ------------------------------------------------------------------ fitting
 
+    @abstractmethod
     def fit(self, loader: Iterable, override: bool = True, progress_bar: bool | None = None) -> None:
-        """Accumulate the curvature over a loader of ``(x, y)`` batches.
-
-        Args:
-            loader: iterable of ``(x, y)`` pairs; under ``torch.distributed`` (more than one
-                rank) each rank's shard, and every rank ends with the fit of all shards.
-            override: start afresh (True) or add the data to what was fitted before.
-            progress_bar: show a tqdm bar; by default when the loader has 50 batches or more.
-        """
-        if override or not self._fitted:
-            self._reset_curvature()
-            self.loss, self.num_data = 0.0, 0
-        previous = distributed.split_fit(self)
-        self._fit_pass(loader, progress_bar)
-        distributed.reduce_fit(self, previous)
-        self._mean = self._current_weights()
-        self._fitted = True
-
-    def _fit_pass(self, loader: Iterable, progress_bar: bool | None, generator: torch.Generator | None = None) -> None:
-        """One pass over the loader: each batch's statistics go to ``_update_curvature``, its loss is added."""
-        if progress_bar is None:
-            progress_bar = hasattr(loader, "__len__") and len(loader) >= 50
-        batches = 0
-        for batch in tqdm(loader, desc="fitting the Laplace curvature", disable=not progress_bar):
-            x, y = self._split_batch(batch)
-            self._check_targets(y, self._batch_size(x))
-            output, stats = layer_statistics(
-                self.model,
-                x,
-                y,
-                self._likelihood(True),
-                self.curvature_mode,
-                generator,
-                self.layers,
-                self.curvature_dtype,
-                output_noise=self.sigma_noise if self.noise_per_output else None,
-            )
-            self._update_curvature(stats)
-            self.loss += float(self._summed_loss(output, y))
-            self.num_data += y.shape[0]
-            self.num_outputs = output.shape[1]
-            batches += 1
-        if batches == 0:
-            raise ValueError("the loader yielded no batch: nothing to fit")
+        """Fit the posterior to a loader of ``(x, y)`` (or dict) batches."""
 
     def _to_device(self, x: Tensor | Mapping) -> Tensor | Mapping:
         if isinstance(x, Mapping):
@@ -511,8 +427,8 @@ class BaseLaplace(ABC):
 
         Args:
             x: ``(N, ...)`` inputs.
-            pred_type: ``"glm"`` (linearised network) or ``"nn"`` (the network with sampled
-                weights, averaged).
+            pred_type: ``"glm"`` (linearised network), or one of the structure's further
+                :attr:`pred_types` (weight space: ``"nn"``, the network with sampled weights, averaged).
             joint: regression GLM only: the joint predictive over the batch (see
                 :meth:`functional_covariance`).
             link_approx: for a classification GLM, ``"probit"``, ``"bridge"`` /
@@ -533,11 +449,11 @@ class BaseLaplace(ABC):
             Heteroscedastic regression: the same for all ``2 C`` outputs (means and
             log-variances); :meth:`predict` gives the targets' mean and std.
         """
+        if pred_type not in self.pred_types:
+            raise ValueError(
+                f"pred_type={pred_type!r} is not available for {type(self).__name__}; choose one of {self.pred_types}"
+            )
         likelihood = self._likelihood(fitting)
-        if pred_type == "nn":
-            return self._sampled_network_predictive(x, n_samples, generator, likelihood)
-        if pred_type != "glm":
-            raise ValueError(f"pred_type must be 'glm' or 'nn', got {pred_type!r}")
         if likelihood in GAUSSIAN_OUTPUTS and joint:
             return self.functional_covariance(x)
         mean, cov = self.functional_variance(x)
@@ -553,26 +469,6 @@ class BaseLaplace(ABC):
             return sampled_softmax(mean, cov, n_samples, generator).mean(0)
         raise ValueError(f"link_approx must be 'probit', 'bridge', 'bridge_norm' or 'mc', got {link_approx!r}")
 
-    def _sampled_outputs(self, x: Tensor, n_samples: int, generator: torch.Generator | None) -> Tensor:
-        """``(n_samples, N, C)`` outputs of the network with weights drawn from the posterior."""
-        names = {id(p): name for name, p in self.model.named_parameters()}
-        keys = [names[id(p)] for p in self._layer_parameters()]
-        outputs = []
-        with torch.no_grad():
-            for draw in self.sample(n_samples, generator):
-                values = torch.split(draw, [p.numel() for p in self._layer_parameters()])
-                params = {k: v.view_as(p) for k, v, p in zip(keys, values, self._layer_parameters(), strict=True)}
-                outputs.append(functional_call(self.model, params, (self._to_device(x),)))
-        return torch.stack(outputs)
-
-    def _sampled_network_predictive(
-        self, x: Tensor, n_samples: int, generator: torch.Generator | None, likelihood: str
-    ):
-        outputs = self._sampled_outputs(x, n_samples, generator)
-        if likelihood == "classification":
-            return outputs.softmax(-1).mean(0)
-        return outputs.mean(0), outputs.var(0)
-
     def _target_moments(
         self, x: Tensor, pred_type: str = "glm", n_samples: int = 100, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
@@ -586,9 +482,6 @@ class BaseLaplace(ABC):
                 x, pred_type=pred_type, diagonal_output=True, n_samples=n_samples, generator=generator
             )
             return mean, variance + self.sigma_noise.square()
-        if pred_type == "nn":
-            mean, log_var = split_heteroscedastic(self._sampled_outputs(x, n_samples, generator))
-            return mean.mean(0), mean.var(0) + log_var.exp().mean(0)
         output, variance = self(x, pred_type=pred_type, diagonal_output=True)
         (mean, log_var), (mean_variance, log_var_variance) = split_heteroscedastic(output), variance.chunk(2, dim=-1)
         return mean, mean_variance + (log_var + 0.5 * log_var_variance).exp()

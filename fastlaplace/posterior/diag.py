@@ -7,10 +7,10 @@ from torch import Tensor
 
 from fastlaplace.curvature import DiagCurvature
 from fastlaplace.curvature.products import jacobian_gram
-from fastlaplace.posterior.base import BaseLaplace
+from fastlaplace.posterior.parametric import ParametricLaplace
 
 
-class DiagLaplace(BaseLaplace):
+class DiagLaplace(ParametricLaplace):
     """``P = diag(H) / (σ² T) + δ``: each ``[W | b]`` entry independent."""
 
     def _reset_curvature(self) -> None:

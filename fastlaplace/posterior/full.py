@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from fastlaplace import ops
-from fastlaplace.posterior.base import BaseLaplace
+from fastlaplace.posterior.parametric import ParametricLaplace
 from fastlaplace.reference import accumulation_dtype
 
 
@@ -22,7 +22,7 @@ def _same_key(old: tuple, new: tuple) -> bool:
     return all(torch.equal(a, b) if isinstance(a, Tensor) else a == b for a, b in zip(old, new, strict=True))
 
 
-class FullLaplace(BaseLaplace):
+class FullLaplace(ParametricLaplace):
     """``P = H / (σ² T) + diag(δ)`` with the dense GGN (or Fisher) H over all covered weights.
 
     With ``subnetwork_indices`` (indices into the covered parameters in

@@ -9,7 +9,7 @@ from fastlaplace import ops
 from fastlaplace.curvature.accumulate import EmbeddingCurvature, KronCurvature, UnitwiseCurvature
 from fastlaplace.curvature.statistics import AFFINE_LAYERS, KRON_LAYERS
 from fastlaplace.posterior import blocks
-from fastlaplace.posterior.base import BaseLaplace
+from fastlaplace.posterior.parametric import ParametricLaplace
 
 Spectrum = tuple[list[Tensor], list[Tensor], Tensor, Tensor]
 
@@ -19,7 +19,7 @@ def _damped_inverse(la: Tensor, lg: Tensor, scale: Tensor, delta: Tensor) -> Ten
     return (scale * torch.outer(lg.clamp_min(0), la.clamp_min(0)) + delta).reciprocal()
 
 
-class KronLaplace(BaseLaplace):
+class KronLaplace(ParametricLaplace):
     """``P_l = kron(G_l, A_l) / (N L_l σ² T) + δ_l I`` per layer, used exactly in its eigenbasis.
 
     ``kfac_approx`` (``"expand"`` or ``"reduce"``) says how layers applied at several

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from fastlaplace import distributed
 from fastlaplace.curvature.products import ggn_matmul, jacobian_gram, jacobian_matmul
-from fastlaplace.posterior.base import BaseLaplace
+from fastlaplace.posterior.parametric import ParametricLaplace
 from fastlaplace.reference import accumulation_dtype
 
 #: subspace iterations of the randomized sketch: fit() reads the data 1 + this many times
@@ -40,7 +40,7 @@ def nystrom_eigenpairs(basis: Tensor, sketch: Tensor, rank: int) -> tuple[Tensor
     return vectors[:, :rank], (singular[:rank].square() - shift).clamp_min(0)
 
 
-class LowRankLaplace(BaseLaplace):
+class LowRankLaplace(ParametricLaplace):
     """``P = U diag(λ) Uᵀ / (σ² T) + diag(δ)`` with ``(U, λ)`` the top ``low_rank`` eigenpairs of H.
 
     H is the GGN (or Fisher, by ``curvature_mode``) of the summed loss. Its eigenpairs come
