@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -220,6 +221,21 @@ class BaseLaplace(ABC):
     def fit(self, loader: Iterable, override: bool = True, progress_bar: bool | None = None) -> None:
         """Fit the posterior to a loader of ``(x, y)`` (or dict) batches."""
 
+    @contextlib.contextmanager
+    def _unchanged_on_failure(self) -> Iterator[None]:
+        """Run a state change all-or-nothing: on any exception the posterior gets back every attribute it had.
+
+        The snapshot holds the attributes' references, so the change must replace them (as
+        ``_reset_curvature`` does), never modify in place an object the posterior held before.
+        """
+        saved = dict(vars(self))
+        try:
+            yield
+        except BaseException:
+            vars(self).clear()
+            vars(self).update(saved)
+            raise
+
     def _to_device(self, x: Tensor | Mapping) -> Tensor | Mapping:
         if isinstance(x, Mapping):
             return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in x.items()}
@@ -234,30 +250,69 @@ class BaseLaplace(ABC):
         return x[self.dict_key_x].shape[0]
 
     def _split_batch(self, batch) -> tuple[Tensor | Mapping, Tensor]:
-        """``(x, y)`` of a batch: a pair, or a dict (HuggingFace style) passed whole to the model."""
+        """``(x, y)`` of a batch: a pair of tensors, or a dict (HuggingFace style) passed whole to the model.
+
+        Raises:
+            ValueError: for any other batch (a bare tensor, an ``(x, y, idx)`` triple), an
+                empty batch, or inputs that are not finite.
+            TypeError: for inputs or targets that are not tensors (numpy arrays, lists).
+        """
         if isinstance(batch, Mapping):
             if self.dict_key_y not in batch:
                 raise ValueError(
                     f"a dict batch needs the targets under dict_key_y={self.dict_key_y!r}; keys: {list(batch)}"
                 )
-            return self._to_device(batch), batch[self.dict_key_y].to(self.device)
-        x, y = batch
+            x, y = batch, batch[self.dict_key_y]
+            inputs = [v for v in batch.values() if isinstance(v, Tensor)]
+        else:
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                got = f"a {len(batch)}-item {type(batch).__name__}" if isinstance(batch, (tuple, list)) else None
+                raise ValueError(
+                    "a batch must be an (x, y) pair or a dict with the targets under dict_key_y; "
+                    f"got {got or 'a ' + type(batch).__name__}"
+                )
+            x, y = batch
+            if not isinstance(x, (Tensor, Mapping)):
+                raise TypeError(f"a batch's inputs x must be a torch.Tensor or a dict, got {type(x).__name__}")
+            inputs = [v for v in x.values() if isinstance(v, Tensor)] if isinstance(x, Mapping) else [x]
+        if not isinstance(y, Tensor):
+            raise TypeError(f"a batch's targets y must be a torch.Tensor, got {type(y).__name__}")
+        if self._batch_size(x) == 0:
+            raise ValueError("a batch has no samples: the loader yielded an empty batch")
+        if any(v.is_floating_point() and not bool(torch.isfinite(v).all()) for v in inputs):
+            raise ValueError("a batch's inputs contain NaN or Inf")
         return self._to_device(x), y.to(self.device)
 
     def _check_targets(self, y: Tensor, n: int) -> None:
+        """The targets' shape and values, before any use (the class count once known from the outputs)."""
         if self._likelihood(True) == "classification":
             if y.dim() != 1 or y.shape[0] != n or y.is_floating_point():
                 raise ValueError(f"classification targets must be ({n},) class indices, got {tuple(y.shape)} {y.dtype}")
-        elif y.dim() != 2 or y.shape[0] != n:
-            raise ValueError(f"{self.likelihood} targets must be ({n}, C), got shape {tuple(y.shape)}")
+            if int(y.min()) < 0 or (self.num_outputs and int(y.max()) >= self.num_outputs):
+                bound = self.num_outputs or "C"
+                raise ValueError(f"class labels must lie in [0, {bound}), got [{int(y.min())}, {int(y.max())}]")
+        else:
+            if y.dim() != 2 or y.shape[0] != n:
+                raise ValueError(f"{self.likelihood} targets must be ({n}, C), got shape {tuple(y.shape)}")
+            if not bool(torch.isfinite(y).all()):
+                raise ValueError(f"{self.likelihood} targets contain NaN or Inf")
+
+    def _check_outputs(self, output: Tensor, y: Tensor) -> None:
+        """That the targets match the model's ``(N, C)`` outputs: labels in ``[0, C)``, or C target columns."""
+        likelihood = self._likelihood(True)
+        width = output.shape[1]
+        if likelihood == "classification" and int(y.max()) >= width:
+            raise ValueError(f"class labels must lie in [0, {width}), got [{int(y.min())}, {int(y.max())}]")
+        columns = width // 2 if likelihood == "heteroscedastic_regression" else width
+        if likelihood != "classification" and y.shape[1] != columns:
+            raise ValueError(
+                f"{self.likelihood} targets must have one column per output ({columns}), got shape {tuple(y.shape)}"
+            )
 
     def _summed_loss(self, output: Tensor, y: Tensor) -> Tensor:
-        likelihood = self._likelihood(True)
-        if likelihood == "classification" and (y.min() < 0 or y.max() >= output.shape[1]):
-            raise ValueError(f"class labels must lie in [0, {output.shape[1]}), got [{int(y.min())}, {int(y.max())}]")
         # A per-output σ is part of the loss (its shape was checked by the curvature pass).
         noise = self.sigma_noise if self.noise_per_output else None
-        return summed_negative_log_likelihood(output, y, likelihood, noise)
+        return summed_negative_log_likelihood(output, y, self._likelihood(True), noise)
 
     def _require_fit(self) -> None:
         if not self._fitted:

@@ -211,19 +211,23 @@ class FunctionalLaplace(BaseLaplace):
             raise ValueError("a function-space posterior is fitted afresh: override=False is not supported")
         if distributed.is_distributed():
             raise ValueError("hessian_structure='gp' is not supported under torch.distributed (one subset per process)")
-        self._reset_curvature()
-        self.loss, self.num_data, self._fitted = 0.0, 0, False
-        for batch in self._subset_batches(loader):
-            x, y = self._split_batch(batch)
-            self._check_targets(y, self._batch_size(x))
-            output, stats = output_jacobians(self.model, x, self.layers)
-            self.loss += float(self._summed_loss(output, y))
-            self.num_data += y.shape[0]
-            self.num_outputs = output.shape[1]
-            self._update_curvature((output, stats))
-        self._mean = self._current_weights()
-        self._finish_fit()
-        self._fitted = True
+        with self._unchanged_on_failure():
+            self._reset_curvature()
+            self.loss, self.num_data, self._fitted = 0.0, 0, False
+            for batch in self._subset_batches(loader):
+                x, y = self._split_batch(batch)
+                self._check_targets(y, self._batch_size(x))
+                output, stats = output_jacobians(self.model, x, self.layers)
+                if not bool(torch.isfinite(output).all()):
+                    raise ValueError("the model's output contains NaN or Inf")
+                self._check_outputs(output, y)
+                self.loss += float(self._summed_loss(output, y))
+                self.num_data += y.shape[0]
+                self.num_outputs = output.shape[1]
+                self._update_curvature((output, stats))
+            self._mean = self._current_weights()
+            self._finish_fit()
+            self._fitted = True
 
     def _update_curvature(self, stats) -> None:
         """Keep one batch's layer statistics, a root R of Λ (``Λ_n = R_n R_nᵀ``) and μ = J (θ* − μ_0)."""

@@ -82,23 +82,24 @@ class LowRankLaplace(ParametricLaplace):
             raise ValueError(
                 "the low-rank fit reads the data several times: pass a DataLoader or a list, not an iterator"
             )
-        self._reset_curvature()
-        self.loss, self.num_data = 0.0, 0
-        self._fit_pass(loader, progress_bar, self._pass_generator())
-        # Under torch.distributed each rank sketches its shard: sketches, losses and counts add up.
-        totals = torch.tensor([self.loss, float(self.num_data)], dtype=torch.float64)
-        distributed.all_reduce_([self._sketch, totals])
-        loss, num_data = float(totals[0]), int(totals[1])
-        for _ in range(POWER_ITERATIONS):
-            self._basis, self._sketch = torch.linalg.qr(self._sketch).Q, None
+        with self._unchanged_on_failure():
+            self._reset_curvature()
+            self.loss, self.num_data = 0.0, 0
             self._fit_pass(loader, progress_bar, self._pass_generator())
-            distributed.all_reduce_([self._sketch])
-        self.loss, self.num_data = loss, num_data
-        rank = min(self.low_rank, self._basis.shape[1])
-        self.eigenvectors, self.eigenvalues = nystrom_eigenpairs(self._basis, self._sketch, rank)
-        self._basis = self._sketch = None
-        self._mean = self._current_weights()
-        self._fitted = True
+            # Under torch.distributed each rank sketches its shard: sketches, losses and counts add up.
+            totals = torch.tensor([self.loss, float(self.num_data)], dtype=torch.float64)
+            distributed.all_reduce_([self._sketch, totals])
+            loss, num_data = float(totals[0]), int(totals[1])
+            for _ in range(POWER_ITERATIONS):
+                self._basis, self._sketch = torch.linalg.qr(self._sketch).Q, None
+                self._fit_pass(loader, progress_bar, self._pass_generator())
+                distributed.all_reduce_([self._sketch])
+            self.loss, self.num_data = loss, num_data
+            rank = min(self.low_rank, self._basis.shape[1])
+            self.eigenvectors, self.eigenvalues = nystrom_eigenpairs(self._basis, self._sketch, rank)
+            self._basis = self._sketch = None
+            self._mean = self._current_weights()
+            self._fitted = True
 
     def _pass_generator(self) -> torch.Generator:
         # The same sampled labels in every pass (curvature_mode="mc"), so that all passes see one H.

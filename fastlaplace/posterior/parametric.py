@@ -79,22 +79,28 @@ class ParametricLaplace(BaseLaplace):
     # ------------------------------------------------------------------ fitting
 
     def fit(self, loader: Iterable, override: bool = True, progress_bar: bool | None = None) -> None:
-        """Accumulate the curvature over a loader of ``(x, y)`` batches.
+        """Accumulate the curvature over a loader of ``(x, y)`` batches, all-or-nothing.
 
         Args:
             loader: iterable of ``(x, y)`` pairs; under ``torch.distributed`` (more than one
                 rank) each rank's shard, and every rank ends with the fit of all shards.
             override: start afresh (True) or add the data to what was fitted before.
             progress_bar: show a tqdm bar; by default when the loader has 50 batches or more.
+
+        Raises:
+            ValueError: for a loader with no batch, or a batch that is not a valid ``(x, y)``
+                pair (see ``_split_batch``); the posterior is then as it was before the call.
         """
-        if override or not self._fitted:
+        earlier = None if override or not self._fitted else (self._curvature_tensors(), self.loss, self.num_data)
+        with self._unchanged_on_failure():
             self._reset_curvature()
             self.loss, self.num_data = 0.0, 0
-        previous = self._take_earlier_fit()
-        self._fit_pass(loader, progress_bar)
-        self._sum_over_ranks(previous)
-        self._mean = self._current_weights()
-        self._fitted = True
+            self._fit_pass(loader, progress_bar)
+            self._sum_over_ranks()
+            if earlier is not None:
+                self._add_earlier_fit(*earlier)
+            self._mean = self._current_weights()
+            self._fitted = True
 
     def _fit_pass(self, loader: Iterable, progress_bar: bool | None, generator: torch.Generator | None = None) -> None:
         """One pass over the loader: each batch's statistics go to ``_update_curvature``, its loss is added."""
@@ -115,40 +121,20 @@ class ParametricLaplace(BaseLaplace):
                 self.curvature_dtype,
                 output_noise=self.sigma_noise if self.noise_per_output else None,
             )
-            self._update_curvature(stats)
+            self._check_outputs(output, y)
             self.loss += float(self._summed_loss(output, y))
+            self._update_curvature(stats)
             self.num_data += y.shape[0]
             self.num_outputs = output.shape[1]
             batches += 1
         if batches == 0:
-            raise ValueError("the loader yielded no batch: nothing to fit")
+            raise ValueError("the loader yielded no batch: nothing to fit (an exhausted iterator?)")
 
-    def _take_earlier_fit(self) -> tuple[list[Tensor], float, int] | None:
-        """Before a distributed ``fit(override=False)``: take the earlier fit out of the posterior.
-
-        The pass then accumulates this rank's new data alone, which :meth:`_sum_over_ranks`
-        sums over the ranks before adding the earlier fit back (it is the same on every rank
-        and must be counted once).
-
-        Returns:
-            ``(curvature tensors, loss, num_data)`` of the earlier fit, or None when not
-            distributed or when there is none.
-        """
-        if not distributed.is_distributed() or self.num_data == 0:
-            return None
-        previous = (self._curvature_tensors(), self.loss, self.num_data)
-        self._reset_curvature()
-        self.loss, self.num_data = 0.0, 0
-        return previous
-
-    def _sum_over_ranks(self, previous: tuple[list[Tensor], float, int] | None = None) -> None:
+    def _sum_over_ranks(self) -> None:
         """After each rank's pass over its shard: sum the curvature, the loss and ``num_data`` over the ranks.
 
         A no-op on one rank. Every rank must call it (each with at least one batch), as for
         any collective; afterwards every rank holds the fit of all the data.
-
-        Args:
-            previous: what :meth:`_take_earlier_fit` took out before the pass, added back once.
         """
         if not distributed.is_distributed():
             return
@@ -156,13 +142,17 @@ class ParametricLaplace(BaseLaplace):
         floating = [t for t in tensors if t.is_floating_point()]  # integer entries are layout (e.g. locations)
         totals = torch.tensor([self.loss, self.num_data], dtype=torch.float64, device=floating[0].device)
         distributed.all_reduce_([*floating, totals])
-        loss, num_data = float(totals[0]), round(float(totals[1]))
-        if previous is not None:
-            earlier, earlier_loss, earlier_data = previous
-            tensors = [t + e if t.is_floating_point() else t for t, e in zip(tensors, earlier, strict=True)]
-            loss, num_data = loss + earlier_loss, num_data + earlier_data
-        self._restore_curvature(tensors, num_data)
-        self.loss, self.num_data = loss, num_data
+        self.loss, self.num_data = float(totals[0]), round(float(totals[1]))
+        self._restore_curvature(tensors, self.num_data)
+
+    def _add_earlier_fit(self, tensors: list[Tensor], loss: float, num_data: int) -> None:
+        """``fit(override=False)``: add an earlier fit (its curvature tensors, loss, count) to the one just made.
+
+        Added once after the ranks' sum, as it is the same on every rank.
+        """
+        total = [t + e if t.is_floating_point() else t for t, e in zip(self._curvature_tensors(), tensors, strict=True)]
+        self._restore_curvature(total, self.num_data + num_data)
+        self.loss, self.num_data = self.loss + loss, self.num_data + num_data
 
     # ------------------------------------------------------------------ predictive
 
