@@ -98,16 +98,6 @@ class BaseLaplace(ABC):
             raise ValueError(f"likelihood must be one of {POSTERIOR_LIKELIHOODS}, got {likelihood!r}")
         if curvature_mode not in MODES:
             raise ValueError(f"curvature_mode must be one of {MODES}, got {curvature_mode!r}")
-        # float64 first: a Python float must not be rounded to float32 on its way to a float64 model
-        sigma = torch.as_tensor(sigma_noise, dtype=torch.float64).detach()
-        if sigma.dim() > 1 or (sigma.dim() == 1 and likelihood != "regression"):
-            raise ValueError(
-                f"sigma_noise must be a scalar, or (C,) per output for regression; got {tuple(sigma.shape)}"
-            )
-        if likelihood != "regression" and float(sigma) != 1.0:
-            raise ValueError(f"sigma_noise must be 1 for {likelihood}")
-        if not bool((sigma > 0).all()) or temperature <= 0:
-            raise ValueError(f"sigma_noise and temperature must be positive, got {sigma.tolist()} and {temperature}")
         if curvature_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"curvature_dtype must be None, torch.bfloat16 or torch.float16, got {curvature_dtype!r}")
         if (last_layer_name is not None or feature_reduction is not None) and not last_layer_only:
@@ -134,14 +124,14 @@ class BaseLaplace(ABC):
                 "AVX2 machine); leave curvature_dtype=None here",
                 stacklevel=_user_stacklevel(),
             )
-        self.sigma_noise = sigma.to(self.dtype, copy=True).to(self.device)
-        self.temperature = float(temperature)
-        self.prior_mean = float(prior_mean)
+        self._fitted = False
+        self.sigma_noise = sigma_noise
+        self.temperature = temperature
+        self.prior_mean = prior_mean
         self.prior_precision = prior_precision
         self.loss = 0.0
         self.num_data = 0
         self.num_outputs = 0
-        self._fitted = False
         self._mean: list[Tensor] = []
         self._prior_terms_cache: tuple | None = None
         self._reset_curvature()
@@ -154,15 +144,65 @@ class BaseLaplace(ABC):
     pred_types: tuple[str, ...] = ("glm",)
 
     @property
+    def sigma_noise(self) -> Tensor:
+        """σ: a scalar, or ``(C,)`` per output for regression (a float is accepted, as in laplace-torch)."""
+        return self._sigma_noise
+
+    @sigma_noise.setter
+    def sigma_noise(self, value: float | Tensor) -> None:
+        sigma = self._checked_sigma(value).detach().clone()
+        if self._fitted and (sigma.dim() == 1 or self.noise_per_output) and not torch.equal(sigma, self.sigma_noise):
+            raise ValueError("a per-output sigma_noise is part of the fitted curvature: refit to change it")
+        self._sigma_noise = sigma
+
+    def _checked_sigma(self, value: float | Tensor) -> Tensor:
+        """σ as a tensor of the posterior's dtype, checked: positive, finite, a scalar or ``(C,)`` for regression."""
+        # float64 first: a Python float must not be rounded to float32 on its way to a float64 model
+        sigma = torch.as_tensor(value, dtype=torch.float64 if not isinstance(value, Tensor) else None)
+        sigma = sigma.to(dtype=self.dtype, device=self.device)
+        if sigma.dim() > 1 or (sigma.dim() == 1 and self.likelihood != "regression"):
+            raise ValueError(
+                f"sigma_noise must be a scalar, or (C,) per output for regression; got {tuple(sigma.shape)}"
+            )
+        if self.likelihood != "regression" and float(sigma) != 1.0:
+            raise ValueError(f"sigma_noise must be 1 for {self.likelihood}")
+        if not bool(((sigma.detach() > 0) & torch.isfinite(sigma.detach())).all()):
+            raise ValueError(f"sigma_noise must be positive and finite, got {sigma.detach().tolist()}")
+        return sigma
+
+    @property
+    def temperature(self) -> float:
+        """T, a positive finite float."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(f"temperature must be a positive finite number, got {value!r}")
+        self._temperature = float(value)
+
+    @property
+    def prior_mean(self) -> float:
+        """μ_0, a finite float (the same for every weight)."""
+        return self._prior_mean
+
+    @prior_mean.setter
+    def prior_mean(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"prior_mean must be a finite number, got {value!r}")
+        self._prior_mean = float(value)
+
+    @property
     def prior_precision(self) -> Tensor:
         """``(L,)`` prior precision per layer (a scalar is broadcast), or ``(P,)`` per parameter."""
         return self._prior_precision
 
     @prior_precision.setter
     def prior_precision(self, value: float | Tensor) -> None:
-        self._prior_precision = self._checked_prior(torch.as_tensor(value, dtype=self.dtype, device=self.device))
+        self._prior_precision = self._checked_prior(value)
 
-    def _checked_prior(self, value: Tensor) -> Tensor:
+    def _checked_prior(self, value: float | Tensor) -> Tensor:
+        value = torch.as_tensor(value, dtype=self.dtype, device=self.device)
         layers, parameters = len(self.layers), sum(self.layer_sizes())
         value = value.expand(layers) if value.dim() == 0 else value
         allowed = [(layers,)] + ([(parameters,)] if self.supports_prior_per_parameter else [])
@@ -171,8 +211,8 @@ class BaseLaplace(ABC):
                 f" ({layers}) or per parameter ({parameters})" if len(allowed) > 1 else f" ({layers})"
             )
             raise ValueError(f"prior_precision must be a scalar or have {what}, got shape {tuple(value.shape)}")
-        if not torch.compiler.is_compiling() and not bool((value.detach() >= 0).all()):
-            raise ValueError(f"prior_precision must be non-negative, got {value.detach().tolist()}")
+        if not torch.compiler.is_compiling() and not bool(((value.detach() >= 0) & (value.detach() < math.inf)).all()):
+            raise ValueError(f"prior_precision must be non-negative and finite, got {value.detach().tolist()}")
         return value.clone() if not value.requires_grad else value
 
     def _is_per_layer(self, delta: Tensor) -> bool:
@@ -235,6 +275,21 @@ class BaseLaplace(ABC):
             vars(self).clear()
             vars(self).update(saved)
             raise
+
+    def _prediction_inputs(self, x: Tensor | Mapping) -> Tensor | Mapping:
+        """``(N, ...)`` inputs to predict at, checked (a tensor or a dict, N ≥ 1) and on the posterior's device."""
+        if not isinstance(x, (Tensor, Mapping)):
+            raise TypeError(f"x must be a torch.Tensor or a dict, got {type(x).__name__}")
+        if self._batch_size(x) == 0:
+            raise ValueError("x has no samples: nothing to predict")
+        return self._to_device(x)
+
+    @staticmethod
+    def _check_sampling(n_samples: int, generator: torch.Generator | None) -> None:
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
     def _to_device(self, x: Tensor | Mapping) -> Tensor | Mapping:
         if isinstance(x, Mapping):
@@ -362,16 +417,28 @@ class BaseLaplace(ABC):
         return sum(d.log().expand_as(w).sum() for d, w in zip(deltas, self.layer_weights(), strict=True))
 
     def log_marginal_likelihood(
-        self, prior_precision: Tensor | None = None, sigma_noise: Tensor | None = None
+        self, prior_precision: float | Tensor | None = None, sigma_noise: float | Tensor | None = None
     ) -> Tensor:
         """Laplace evidence ``log p(D|θ*) − ½ (log det P − log det P0 + (θ*−μ0)ᵀP0(θ*−μ0))``.
 
-        Differentiable in ``prior_precision`` (scalar, ``(L,)`` or, except for Kron,
-        ``(P,)`` in ``named_parameters()`` order) and ``sigma_noise``.
+        Differentiable in ``prior_precision`` (a float, scalar, ``(L,)`` or, for the
+        structures that allow it, ``(P,)`` in ``named_parameters()`` order) and ``sigma_noise``
+        (a float or a tensor). Nothing is stored: the posterior keeps its own values.
+
+        Raises:
+            ValueError: for a prior precision or noise out of range, or an evidence that is
+                not finite (a zero prior precision makes ``log det P0 = −∞``).
         """
         self._require_fit()
         delta = self.prior_precision if prior_precision is None else self._checked_prior(prior_precision)
-        return self._evidence(delta, self.sigma_noise if sigma_noise is None else sigma_noise)
+        sigma = self.sigma_noise if sigma_noise is None else self._checked_sigma(sigma_noise)
+        value = self._evidence(delta, sigma)
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(value.detach())):
+            raise ValueError(
+                f"the log marginal likelihood is {float(value)}: the prior precision must be positive "
+                f"(got {delta.detach().tolist()}) and the posterior precision non-singular"
+            )
+        return value
 
     def _evidence(self, delta: Tensor, sigma: Tensor) -> Tensor:
         """The evidence for a prior precision already checked (or positive by construction)."""
@@ -402,42 +469,83 @@ class BaseLaplace(ABC):
             link_approx: link used by ``"gridsearch"`` for classification.
         """
         self._require_fit()
+        if method not in ("marglik", "gridsearch"):
+            raise ValueError(f"method must be 'marglik' or 'gridsearch', got {method!r}")
         if method == "marglik":
-            log_delta = self.prior_precision.clamp_min(1e-12).log().clone().requires_grad_(True)
-            # the fused step is one kernel instead of a dozen small ops for this one small tensor
-            optimiser = torch.optim.Adam([log_delta], lr=lr, fused=log_delta.device.type in ("cpu", "cuda"))
-            for _ in range(n_steps):
-                optimiser.zero_grad()
-                # exp(log δ) has the checked prior's shape and is positive: no check per step
-                (-self._evidence(log_delta.exp(), self.sigma_noise)).backward()
-                optimiser.step()
-            self.prior_precision = log_delta.detach().exp()
-        elif method == "gridsearch":
-            if val_loader is None:
-                raise ValueError("method='gridsearch' needs a val_loader of (x, y) batches")
-            candidates = torch.logspace(-4, 4, 21).tolist() if grid is None else list(grid)
+            if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+                raise ValueError(f"n_steps must be a positive integer, got {n_steps!r}")
+            if not 0 < lr < math.inf:
+                raise ValueError(f"lr must be positive and finite, got {lr!r}")
+            self.prior_precision = self._evidence_maximiser(n_steps, lr)
+            return
+        candidates = self._checked_grid(val_loader, grid)
+        with self._unchanged_on_failure():
             losses = []
             for delta in candidates:
                 self.prior_precision = delta
                 losses.append(self._predictive_nll(val_loader, pred_type, link_approx))
-            self.prior_precision = candidates[min(range(len(candidates)), key=losses.__getitem__)]
-        else:
-            raise ValueError(f"method must be 'marglik' or 'gridsearch', got {method!r}")
+        finite = [i for i, loss in enumerate(losses) if math.isfinite(loss)]
+        if not finite:
+            raise ValueError(f"the predictive negative log-likelihood is not finite for any grid value: {losses}")
+        self.prior_precision = candidates[min(finite, key=losses.__getitem__)]
+
+    def _evidence_maximiser(self, n_steps: int, lr: float) -> Tensor:
+        """The prior precision after ``n_steps`` Adam steps on log δ maximising the evidence (δ keeps its shape)."""
+        log_delta = self.prior_precision.clamp_min(1e-12).log().clone().requires_grad_(True)
+        # the fused step is one kernel instead of a dozen small ops for this one small tensor
+        optimiser = torch.optim.Adam([log_delta], lr=lr, fused=log_delta.device.type in ("cpu", "cuda"))
+        for _ in range(n_steps):
+            optimiser.zero_grad()
+            # exp(log δ) has the checked prior's shape and is positive: no check per step
+            (-self._evidence(log_delta.exp(), self.sigma_noise)).backward()
+            optimiser.step()
+        delta = log_delta.detach().exp()
+        if not bool(torch.isfinite(delta).all() & (delta > 0).all()):
+            raise ValueError(
+                f"the evidence maximisation diverged (prior precision {delta.tolist()}); "
+                "try a smaller lr or fewer n_steps"
+            )
+        return delta
+
+    @staticmethod
+    def _checked_grid(val_loader: Iterable | None, grid: Sequence[float] | None) -> list[float]:
+        """The gridsearch's candidates, after checking them and the validation loader."""
+        if val_loader is None:
+            raise ValueError("method='gridsearch' needs a val_loader of (x, y) batches")
+        if iter(val_loader) is val_loader:
+            raise ValueError(
+                "method='gridsearch' reads val_loader once per grid value: pass a DataLoader or a list, not an iterator"
+            )
+        candidates = torch.logspace(-4, 4, 21).tolist() if grid is None else [float(v) for v in grid]
+        if not candidates:
+            raise ValueError("grid is empty: give at least one prior precision")
+        if not all(0 < v < math.inf for v in candidates):
+            raise ValueError(f"grid values must be positive and finite, got {candidates}")
+        return candidates
 
     def _predictive_nll(self, loader: Iterable, pred_type: str, link_approx: str) -> float:
         """Summed negative log-likelihood of a loader's targets under the predictive."""
-        total = 0.0
+        total, batches = 0.0, 0
         with torch.no_grad():
-            for x, y in loader:
-                y = y.to(self.device)
+            for batch in loader:
+                x, y = self._split_batch(batch)
+                self._check_targets(y, self._batch_size(x))
                 if self._likelihood(True) == "classification":
                     probs = self(x, pred_type=pred_type, link_approx=link_approx, fitting=True)
+                    self._check_outputs(probs, y)
                     total -= probs.gather(1, y.long().unsqueeze(1)).clamp_min(1e-30).log().sum().item()
                 else:
                     mean, variance = self._target_moments(x, pred_type)
+                    if y.shape != mean.shape:
+                        raise ValueError(
+                            f"val_loader targets must have shape {tuple(mean.shape)}, got {tuple(y.shape)}"
+                        )
                     total += (
                         0.5 * ((y - mean).square() / variance + variance.log() + math.log(2 * math.pi)).sum().item()
                     )
+                batches += 1
+        if batches == 0:
+            raise ValueError("val_loader yielded no batch")
         return total
 
     # ------------------------------------------------------------------ predictive
@@ -445,7 +553,7 @@ class BaseLaplace(ABC):
     def functional_variance(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(f(x; θ*), J P⁻¹ Jᵀ)``: the ``(N, C)`` mean and ``(N, C, C)`` covariance of the GLM."""
         self._require_fit()
-        output, stats = output_jacobians(self.model, self._to_device(x), self.layers, self.enable_backprop)
+        output, stats = output_jacobians(self.model, self._prediction_inputs(x), self.layers, self.enable_backprop)
         return output, self._jacobian_covariance(stats)
 
     def functional_covariance(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -454,7 +562,7 @@ class BaseLaplace(ABC):
         Outputs are ordered sample by sample (``f(x_1)``, then ``f(x_2)``, ...), as laplace-torch's.
         """
         self._require_fit()
-        output, stats = output_jacobians(self.model, self._to_device(x), self.layers, self.enable_backprop)
+        output, stats = output_jacobians(self.model, self._prediction_inputs(x), self.layers, self.enable_backprop)
         cross = self._jacobian_cross_covariance(stats)  # (N, C, N, C)
         return output.flatten(), cross.flatten(0, 1).flatten(1, 2)
 
@@ -504,6 +612,7 @@ class BaseLaplace(ABC):
             Heteroscedastic regression: the same for all ``2 C`` outputs (means and
             log-variances); :meth:`predict` gives the targets' mean and std.
         """
+        self._check_sampling(n_samples, generator)
         if pred_type not in self.pred_types:
             raise ValueError(
                 f"pred_type={pred_type!r} is not available for {type(self).__name__}; choose one of {self.pred_types}"
@@ -552,6 +661,7 @@ class BaseLaplace(ABC):
         class probabilities, and the standard deviation of the softmax over ``n_samples``
         logits drawn from the GLM.
         """
+        self._check_sampling(n_samples, generator)
         if self._likelihood(fitting=False) in GAUSSIAN_OUTPUTS:
             mean, variance = self._target_moments(x)
             return mean, variance.sqrt()
@@ -583,8 +693,31 @@ class BaseLaplace(ABC):
             "curvature": [t.clone() for t in self._curvature_tensors()],
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a state_dict(); it must come from the same structure and layers."""
+    #: the entries of a :meth:`state_dict`
+    STATE_KEYS = (
+        "likelihood",
+        "structure",
+        "layers",
+        "num_data",
+        "num_outputs",
+        "loss",
+        "prior_precision",
+        "sigma_noise",
+        "temperature",
+        "curvature",
+    )
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore a state_dict(), all-or-nothing; it must come from the same structure and layers.
+
+        Raises:
+            ValueError: for a state with missing entries, of another structure, likelihood or
+                layers, with values out of range (a negative prior, NaN or negative curvature),
+                or whose curvature does not fit this posterior; the posterior is then as before.
+        """
+        missing = [key for key in self.STATE_KEYS if key not in state]
+        if missing:
+            raise ValueError(f"the state lacks the entries {missing}")
         layers = [(name, tuple(w.shape)) for (name, _), w in zip(self.layers, self.layer_weights(), strict=True)]
         if state["structure"] != type(self).__name__ or state["likelihood"] != self.likelihood:
             raise ValueError(
@@ -593,14 +726,35 @@ class BaseLaplace(ABC):
             )
         if [(n, tuple(s)) for n, s in state["layers"]] != layers:
             raise ValueError(f"the state was saved for layers {state['layers']}, this model has {layers}")
-        self._reset_curvature()
-        self._restore_curvature([t.to(self.device) for t in state["curvature"]], state["num_data"])
-        self.num_data, self.num_outputs, self.loss = state["num_data"], state["num_outputs"], state["loss"]
-        self.prior_precision = state["prior_precision"]
-        self.sigma_noise = state["sigma_noise"].to(self.device)
-        self.temperature = state["temperature"]
-        self._mean = self._current_weights()
-        self._fitted = True
+        num_data = state["num_data"]
+        if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1:
+            raise ValueError(f"the state's num_data must be a positive integer, got {num_data!r}")
+        if not math.isfinite(state["loss"]):
+            raise ValueError(f"the state's loss must be finite, got {state['loss']!r}")
+        curvature = [torch.as_tensor(t).to(self.device, copy=True) for t in state["curvature"]]
+        self._check_curvature_values(curvature)
+        prior = self._checked_prior(state["prior_precision"])
+        with self._unchanged_on_failure():
+            self._fitted = False  # σ of another shape may be set before the curvature that goes with it
+            self.sigma_noise = state["sigma_noise"]
+            self.temperature = state["temperature"]
+            self._reset_curvature()
+            try:
+                self._restore_curvature(curvature, num_data)
+                self.num_data, self.num_outputs, self.loss = num_data, state["num_outputs"], state["loss"]
+                self._prior_precision = prior
+                self._mean = self._current_weights()
+                self._fitted = True
+                evidence = self._evidence(self.prior_precision, self.sigma_noise)
+            except (RuntimeError, IndexError, StopIteration, ValueError) as error:
+                raise ValueError(f"the state's curvature does not fit this {type(self).__name__}: {error}") from error
+            if not bool(torch.isfinite(evidence)):
+                raise ValueError(f"the state gives a log marginal likelihood of {float(evidence)}: it is not valid")
+
+    def _check_curvature_values(self, tensors: list[Tensor]) -> None:
+        """Refuse a state's curvature tensors with NaN or Inf (structures add their sign rules)."""
+        if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors):
+            raise ValueError("the state's curvature contains NaN or Inf")
 
     # ------------------------------------------------------------------ structure-specific
 

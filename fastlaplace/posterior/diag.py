@@ -49,6 +49,11 @@ class DiagLaplace(ParametricLaplace):
     def _curvature_tensors(self) -> list[Tensor]:
         return self.curvature.diagonals
 
+    def _check_curvature_values(self, tensors: list[Tensor]) -> None:
+        super()._check_curvature_values(tensors)
+        if any(bool((t < 0).any()) for t in tensors):
+            raise ValueError("the state's curvature diagonals must be non-negative")
+
     def _restore_curvature(self, tensors: list[Tensor], num_data: int) -> None:
         self.curvature.names = [name for name, _ in self.layers]
         self.curvature.diagonals = tensors

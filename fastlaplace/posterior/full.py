@@ -126,6 +126,11 @@ class FullLaplace(ParametricLaplace):
     def _curvature_tensors(self) -> list[Tensor]:
         return [self.hessian]
 
+    def _check_curvature_values(self, tensors: list[Tensor]) -> None:
+        super()._check_curvature_values(tensors)
+        if any(t.dim() != 2 or bool((t.diagonal() < 0).any()) for t in tensors):
+            raise ValueError("the state's curvature must be a square matrix with a non-negative diagonal")
+
     def _restore_curvature(self, tensors: list[Tensor], num_data: int) -> None:
         self.hessian = tensors[0]
         self._cholesky = None

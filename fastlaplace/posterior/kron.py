@@ -264,6 +264,17 @@ class KronLaplace(ParametricLaplace):
             *self.unitwise_curvature.blocks,
         ]
 
+    def _check_curvature_values(self, tensors: list[Tensor]) -> None:
+        """Factors and unit-wise blocks (PSD) need a non-negative diagonal; token counts are non-negative."""
+        super()._check_curvature_values(tensors)
+        for t in tensors:
+            if not t.is_floating_point():
+                continue
+            square = t.dim() >= 2 and t.shape[-1] == t.shape[-2]
+            diagonal = t.diagonal(dim1=-2, dim2=-1) if square else t if t.dim() == 1 else None
+            if diagonal is not None and bool((diagonal < 0).any()):
+                raise ValueError("the state's Kronecker factors and token counts must be non-negative")
+
     def _restore_curvature(self, tensors: list[Tensor], num_data: int) -> None:
         names = [[self.layers[i][0] for i in layers] for layers in (self._kron, self._embedding, self._unitwise)]
         kron, embedding, unitwise = self.curvature, self.embedding_curvature, self.unitwise_curvature

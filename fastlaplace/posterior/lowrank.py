@@ -168,5 +168,10 @@ class LowRankLaplace(ParametricLaplace):
     def _curvature_tensors(self) -> list[Tensor]:
         return [self.eigenvectors, self.eigenvalues]
 
+    def _check_curvature_values(self, tensors: list[Tensor]) -> None:
+        super()._check_curvature_values(tensors)
+        if len(tensors) != 2 or bool((tensors[1] < 0).any()):
+            raise ValueError("the state's low-rank curvature must be (eigenvectors, non-negative eigenvalues)")
+
     def _restore_curvature(self, tensors: list[Tensor], num_data: int) -> None:
         self.eigenvectors, self.eigenvalues = tensors

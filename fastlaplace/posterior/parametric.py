@@ -73,6 +73,7 @@ class ParametricLaplace(BaseLaplace):
     def sample(self, n_samples: int = 100, generator: torch.Generator | None = None) -> Tensor:
         """``(n_samples, P)`` draws of the posterior's parameters, in ``named_parameters()`` order."""
         self._require_fit()
+        self._check_sampling(n_samples, generator)
         deviations = self._sample_deviations(n_samples, generator)
         return self._to_parameter_order([w + d for w, d in zip(self.layer_weights(), deviations, strict=True)])
 
@@ -182,12 +183,13 @@ class ParametricLaplace(BaseLaplace):
         """``(n_samples, N, C)`` outputs of the network with weights drawn from the posterior."""
         names = {id(p): name for name, p in self.model.named_parameters()}
         keys = [names[id(p)] for p in self._layer_parameters()]
+        x = self._prediction_inputs(x)
         outputs = []
         with torch.no_grad():
             for draw in self.sample(n_samples, generator):
                 values = torch.split(draw, [p.numel() for p in self._layer_parameters()])
                 params = {k: v.view_as(p) for k, v, p in zip(keys, values, self._layer_parameters(), strict=True)}
-                outputs.append(functional_call(self.model, params, (self._to_device(x),)))
+                outputs.append(functional_call(self.model, params, (x,)))
         return torch.stack(outputs)
 
     def _sampled_network_predictive(
