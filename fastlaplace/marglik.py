@@ -80,10 +80,77 @@ def marglik_training(
         likelihood after every hyperparameter step and the training loss per epoch.
 
     Raises:
-        ValueError: for an unknown ``prior_structure``, or an empty loader.
+        ValueError: for an unknown ``prior_structure``, ``hessian_structure="gp"``, a
+            one-shot iterator, non-positive counts, an empty loader or invalid batches; the
+            model then keeps the weights it was given.
     """
     if prior_structure not in PRIOR_STRUCTURES:
         raise ValueError(f"prior_structure must be one of {PRIOR_STRUCTURES}, got {prior_structure!r}")
+    if hessian_structure == "gp":
+        raise ValueError("marglik_training needs a weight-space posterior: hessian_structure='gp' is not supported")
+    if iter(train_loader) is train_loader:
+        raise ValueError(
+            "marglik_training reads train_loader once per epoch: pass a DataLoader or a list, not an iterator"
+        )
+    for name, value in (
+        ("n_epochs", n_epochs),
+        ("n_hypersteps", n_hypersteps),
+        ("marglik_frequency", marglik_frequency),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    initial_weights = copy.deepcopy(model.state_dict())
+    try:
+        return _train(
+            model,
+            train_loader,
+            likelihood,
+            hessian_structure,
+            optimizer_cls,
+            optimizer_kwargs,
+            scheduler_cls,
+            scheduler_kwargs,
+            n_epochs,
+            lr_hyp,
+            prior_structure,
+            n_epochs_burnin,
+            n_hypersteps,
+            marglik_frequency,
+            prior_prec_init,
+            sigma_noise_init,
+            temperature,
+            fix_sigma_noise,
+            progress_bar,
+            laplace_options,
+        )
+    except BaseException:
+        model.load_state_dict(initial_weights)  # a failed training leaves the model as it was given
+        raise
+
+
+def _train(
+    model,
+    train_loader,
+    likelihood,
+    hessian_structure,
+    optimizer_cls,
+    optimizer_kwargs,
+    scheduler_cls,
+    scheduler_kwargs,
+    n_epochs,
+    lr_hyp,
+    prior_structure,
+    n_epochs_burnin,
+    n_hypersteps,
+    marglik_frequency,
+    prior_prec_init,
+    sigma_noise_init,
+    temperature,
+    fix_sigma_noise,
+    progress_bar,
+    laplace_options,
+) -> tuple[ParametricLaplace, nn.Module, list[float], list[float]]:
+    """The body of :func:`marglik_training`, on arguments it checked."""
     regression = likelihood == "regression"
 
     def posterior(prior: Tensor, sigma: Tensor) -> ParametricLaplace:
@@ -161,8 +228,10 @@ def _train_epoch(model, loader, size, probe, optimiser, scheduler, log_prior, lo
     sigma = log_sigma.detach().exp()
     for batch in loader:
         x, y = probe._split_batch(batch)
+        probe._check_targets(y, probe._batch_size(x))
         optimiser.zero_grad()
         output = model(x)
+        probe._check_outputs(output, y)
         noise = sigma if probe.likelihood == "regression" else None
         data_term = summed_negative_log_likelihood(output, y, probe._likelihood(True), noise)
         theta = torch.cat([p.flatten() for p in probe._layer_parameters()])
@@ -174,4 +243,6 @@ def _train_epoch(model, loader, size, probe, optimiser, scheduler, log_prior, lo
             scheduler.step()
         total += loss.item() * len(y)
         count += len(y)
+    if count == 0:
+        raise ValueError("train_loader yielded no batch in an epoch")
     return total / count

@@ -435,8 +435,8 @@ class BaseLaplace(ABC):
         value = self._evidence(delta, sigma)
         if not torch.compiler.is_compiling() and not bool(torch.isfinite(value.detach())):
             raise ValueError(
-                f"the log marginal likelihood is {float(value)}: the prior precision must be positive "
-                f"(got {delta.detach().tolist()}) and the posterior precision non-singular"
+                f"the log marginal likelihood is {float(value)}: it needs a positive prior precision "
+                f"(got {delta.detach().tolist()}) and a non-singular posterior precision"
             )
         return value
 
@@ -746,7 +746,7 @@ class BaseLaplace(ABC):
                 self._mean = self._current_weights()
                 self._fitted = True
                 evidence = self._evidence(self.prior_precision, self.sigma_noise)
-            except (RuntimeError, IndexError, StopIteration, ValueError) as error:
+            except (RuntimeError, IndexError, StopIteration, TypeError, ValueError) as error:
                 raise ValueError(f"the state's curvature does not fit this {type(self).__name__}: {error}") from error
             if not bool(torch.isfinite(evidence)):
                 raise ValueError(f"the state gives a log marginal likelihood of {float(evidence)}: it is not valid")

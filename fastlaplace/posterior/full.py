@@ -18,6 +18,17 @@ def _weight_gradients(stats) -> Tensor:
     return torch.cat([s.weight_gradients() for s in stats], dim=-1)
 
 
+def _posterior_cholesky(precision: Tensor) -> Tensor:
+    """The lower Cholesky factor of a ``(P, P)`` posterior precision; a clear error where it is singular."""
+    factor, info = torch.linalg.cholesky_ex(precision)
+    if not torch.compiler.is_compiling() and bool(info != 0):
+        raise ValueError(
+            "the posterior precision is singular: the full posterior needs a positive prior precision "
+            "in the directions the data do not determine"
+        )
+    return factor
+
+
 def _same_key(old: tuple, new: tuple) -> bool:
     return all(torch.equal(a, b) if isinstance(a, Tensor) else a == b for a, b in zip(old, new, strict=True))
 
@@ -64,6 +75,13 @@ class FullLaplace(ParametricLaplace):
         ops.factor_accumulate_([self.hessian], [columns], [False])
         self._cholesky = None
 
+    def _checked_prior(self, value: float | Tensor) -> Tensor:
+        """The checked prior precision; a zero one must leave the fitted posterior precision non-singular."""
+        value = super()._checked_prior(value)
+        if self._fitted and not torch.compiler.is_compiling() and not bool((value.detach() > 0).all()):
+            _posterior_cholesky(self.posterior_precision(value.detach()))
+        return value
+
     def _prior_vector(self, delta: Tensor) -> Tensor:
         """The prior precision of every covered parameter, ``[W | b]`` row-major order."""
         return self._columns(self._prior_diagonal(delta))
@@ -91,12 +109,12 @@ class FullLaplace(ParametricLaplace):
         # with (values, not tensor identities: a tensor changed in place keeps its address).
         key = (self.prior_precision.detach().clone(), self.sigma_noise.clone(), self.temperature, self.num_data)
         if self._cholesky is None or not _same_key(self._cholesky[0], key):
-            self._cholesky = (key, torch.linalg.cholesky(self.posterior_precision()))
+            self._cholesky = (key, _posterior_cholesky(self.posterior_precision()))
         return self._cholesky[1]
 
     def log_det_posterior(self, prior_precision: Tensor, sigma_noise: Tensor) -> Tensor:
         """Twice the log of the Cholesky diagonal, differentiable in δ and σ."""
-        factor = torch.linalg.cholesky(self.posterior_precision(prior_precision, sigma_noise))
+        factor = _posterior_cholesky(self.posterior_precision(prior_precision, sigma_noise))
         return 2 * factor.diagonal().log().sum()
 
     def _jacobian_covariance(self, stats) -> Tensor:

@@ -176,8 +176,9 @@ class FunctionalLaplace(BaseLaplace):
             return
         taken, total = 0, 0
         for batch in loader:
-            x, _ = self._split_batch(batch)
+            x, y = self._split_batch(batch)
             size = self._batch_size(x)
+            self._check_targets(y, size)  # every batch's, also those past the subset
             total += size
             if taken < self.n_subset:
                 keep = min(size, self.n_subset - taken)
