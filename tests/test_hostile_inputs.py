@@ -303,3 +303,26 @@ def test_numpy_is_not_silently_unpacked():
     x, y = _data("classification")
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
         la.fit([(np.asarray(x), np.asarray(y))])
+
+
+def test_a_kron_eigendecomposition_failing_in_float32_is_retried_in_float64(monkeypatch):
+    from fastlaplace import ops
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, 5), nn.Tanh(), nn.Linear(5, C))
+    x, y = _data("classification")
+    la = Laplace(model, "classification", "all", "kron")
+    la.fit([(x.float(), y)])
+    expected = la(x.float())
+    la.fit([(x.float(), y)])  # a fresh eigendecomposition, now through the failing solver
+    solve = ops.batched_eigh
+
+    def fails_in_float32(matrices):
+        if any(m.dtype == torch.float32 for m in matrices):
+            raise torch.linalg.LinAlgError("linalg.eigh: the algorithm failed to converge")
+        return solve(matrices)
+
+    monkeypatch.setattr(ops, "batched_eigh", fails_in_float32)
+    probs = la(x.float())
+    assert probs.dtype == torch.float32
+    torch.testing.assert_close(probs, expected, rtol=1e-4, atol=1e-5)

@@ -158,7 +158,8 @@ class LowRankLaplace(ParametricLaplace):
         prior, w, _ = self._woodbury(self.prior_precision, self.sigma_noise)
         root = prior.sqrt().unsqueeze(1)
         v = w / root
-        values, vectors = torch.linalg.eigh(v.T @ v)
+        values, vectors = torch.linalg.eigh((v.T @ v).double())  # k × k: float64 converges where float32 may not
+        values, vectors = values.to(v.dtype), vectors.to(v.dtype)
         keep = values > values.max().clamp_min(0) * torch.finfo(values.dtype).eps * v.shape[1]
         basis = (v @ vectors[:, keep]) / values[keep].sqrt()
         noise = torch.randn((v.shape[0], n_samples), dtype=v.dtype, device=v.device, generator=generator)
