@@ -10,22 +10,19 @@ megabytes, one call each, all launched asynchronously before the first wait.
 - :func:`assign_owners` gives each of several jobs (factors to eigendecompose, layers to
   precondition) an owner rank, greedily by cost, largest first (LPT scheduling);
   :func:`broadcast_from_owners_` then sends each owner's results to every rank.
-- :func:`split_fit` and :func:`reduce_fit` make ``Laplace.fit`` on each rank's shard of
-  the data equal to one fit on all of it.
+
+The posteriors' fits use them (:class:`~fastlaplace.posterior.ParametricLaplace`); this
+module knows nothing of the posteriors.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from fastlaplace.posterior.base import BaseLaplace
 
 #: the default bucket size of the collectives, in megabytes (DDP's default)
 BUCKET_MB = 25.0
@@ -135,47 +132,3 @@ def broadcast_from_owners_(tensors: Sequence[Tensor], owners: Sequence[int], buc
         handle.wait()
         if owner != rank:
             _unflatten_into(flat, bucket)
-
-
-def split_fit(laplace: BaseLaplace) -> tuple[list[Tensor], float, int] | None:
-    """Before a distributed ``fit(override=False)``: take the earlier fit out of the posterior.
-
-    The pass then accumulates this rank's new data alone, which :func:`reduce_fit` sums
-    over the ranks before adding the earlier fit back (it is the same on every rank and
-    must be counted once).
-
-    Returns:
-        ``(curvature tensors, loss, num_data)`` of the earlier fit, or None when not
-        distributed or when there is none.
-    """
-    if not is_distributed() or laplace.num_data == 0:
-        return None
-    previous = (laplace._curvature_tensors(), laplace.loss, laplace.num_data)
-    laplace._reset_curvature()
-    laplace.loss, laplace.num_data = 0.0, 0
-    return previous
-
-
-def reduce_fit(laplace: BaseLaplace, previous: tuple[list[Tensor], float, int] | None = None) -> None:
-    """After each rank's pass over its shard: sum the curvature, the loss and ``num_data`` over the ranks.
-
-    A no-op on one rank. Every rank must call it (each with at least one batch), as for
-    any collective; afterwards every rank holds the fit of all the data.
-
-    Args:
-        laplace: the posterior whose ``fit`` pass just ended.
-        previous: what :func:`split_fit` took out before the pass, added back once.
-    """
-    if not is_distributed():
-        return
-    tensors = laplace._curvature_tensors()
-    floating = [t for t in tensors if t.is_floating_point()]  # integer entries are layout (e.g. locations)
-    totals = torch.tensor([laplace.loss, laplace.num_data], dtype=torch.float64, device=floating[0].device)
-    all_reduce_([*floating, totals])
-    loss, num_data = float(totals[0]), round(float(totals[1]))
-    if previous is not None:
-        earlier, earlier_loss, earlier_data = previous
-        tensors = [t + e if t.is_floating_point() else t for t, e in zip(tensors, earlier, strict=True)]
-        loss, num_data = loss + earlier_loss, num_data + earlier_data
-    laplace._restore_curvature(tensors, num_data)
-    laplace.loss, laplace.num_data = loss, num_data

@@ -17,7 +17,7 @@ from tqdm.auto import trange
 
 from fastlaplace.curvature import summed_negative_log_likelihood
 from fastlaplace.laplace import Laplace
-from fastlaplace.posterior import BaseLaplace
+from fastlaplace.posterior import ParametricLaplace
 
 PRIOR_STRUCTURES = ("scalar", "layerwise", "diag")
 
@@ -43,7 +43,7 @@ def marglik_training(
     fix_sigma_noise: bool = False,
     progress_bar: bool = False,
     **laplace_options,
-) -> tuple[BaseLaplace, nn.Module, list[float], list[float]]:
+) -> tuple[ParametricLaplace, nn.Module, list[float], list[float]]:
     """Train ``model`` while tuning its prior precision (and σ for regression) by the evidence.
 
     The per-datum training loss is ``(Σ_n ℓ_n / T + ½ Σ_l δ_l ‖θ_l‖²) / N`` with ℓ the
@@ -80,13 +80,80 @@ def marglik_training(
         likelihood after every hyperparameter step and the training loss per epoch.
 
     Raises:
-        ValueError: for an unknown ``prior_structure``, or an empty loader.
+        ValueError: for an unknown ``prior_structure``, ``hessian_structure="gp"``, a
+            one-shot iterator, non-positive counts, an empty loader or invalid batches; the
+            model then keeps the weights it was given.
     """
     if prior_structure not in PRIOR_STRUCTURES:
         raise ValueError(f"prior_structure must be one of {PRIOR_STRUCTURES}, got {prior_structure!r}")
+    if hessian_structure == "gp":
+        raise ValueError("marglik_training needs a weight-space posterior: hessian_structure='gp' is not supported")
+    if iter(train_loader) is train_loader:
+        raise ValueError(
+            "marglik_training reads train_loader once per epoch: pass a DataLoader or a list, not an iterator"
+        )
+    for name, value in (
+        ("n_epochs", n_epochs),
+        ("n_hypersteps", n_hypersteps),
+        ("marglik_frequency", marglik_frequency),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    initial_weights = copy.deepcopy(model.state_dict())
+    try:
+        return _train(
+            model,
+            train_loader,
+            likelihood,
+            hessian_structure,
+            optimizer_cls,
+            optimizer_kwargs,
+            scheduler_cls,
+            scheduler_kwargs,
+            n_epochs,
+            lr_hyp,
+            prior_structure,
+            n_epochs_burnin,
+            n_hypersteps,
+            marglik_frequency,
+            prior_prec_init,
+            sigma_noise_init,
+            temperature,
+            fix_sigma_noise,
+            progress_bar,
+            laplace_options,
+        )
+    except BaseException:
+        model.load_state_dict(initial_weights)  # a failed training leaves the model as it was given
+        raise
+
+
+def _train(
+    model,
+    train_loader,
+    likelihood,
+    hessian_structure,
+    optimizer_cls,
+    optimizer_kwargs,
+    scheduler_cls,
+    scheduler_kwargs,
+    n_epochs,
+    lr_hyp,
+    prior_structure,
+    n_epochs_burnin,
+    n_hypersteps,
+    marglik_frequency,
+    prior_prec_init,
+    sigma_noise_init,
+    temperature,
+    fix_sigma_noise,
+    progress_bar,
+    laplace_options,
+) -> tuple[ParametricLaplace, nn.Module, list[float], list[float]]:
+    """The body of :func:`marglik_training`, on arguments it checked."""
     regression = likelihood == "regression"
 
-    def posterior(prior: Tensor, sigma: Tensor) -> BaseLaplace:
+    def posterior(prior: Tensor, sigma: Tensor) -> ParametricLaplace:
         options = {"sigma_noise": float(sigma.detach())} if regression else {}
         return Laplace(
             model,
@@ -142,7 +209,7 @@ def _expand(prior: Tensor) -> Tensor:
     return prior.reshape(()) if prior.numel() == 1 else prior
 
 
-def _data_size(loader: Iterable, probe: BaseLaplace) -> int:
+def _data_size(loader: Iterable, probe: ParametricLaplace) -> int:
     """N: the loader's dataset size, or its batches counted once."""
     if hasattr(loader, "dataset"):
         size = len(loader.dataset)
@@ -161,8 +228,10 @@ def _train_epoch(model, loader, size, probe, optimiser, scheduler, log_prior, lo
     sigma = log_sigma.detach().exp()
     for batch in loader:
         x, y = probe._split_batch(batch)
+        probe._check_targets(y, probe._batch_size(x))
         optimiser.zero_grad()
         output = model(x)
+        probe._check_outputs(output, y)
         noise = sigma if probe.likelihood == "regression" else None
         data_term = summed_negative_log_likelihood(output, y, probe._likelihood(True), noise)
         theta = torch.cat([p.flatten() for p in probe._layer_parameters()])
@@ -174,4 +243,6 @@ def _train_epoch(model, loader, size, probe, optimiser, scheduler, log_prior, lo
             scheduler.step()
         total += loss.item() * len(y)
         count += len(y)
+    if count == 0:
+        raise ValueError("train_loader yielded no batch in an epoch")
     return total / count

@@ -57,5 +57,5 @@ def test_prior_tuning_works_and_the_noise_is_fixed_by_the_fit(generator):
         wrong.fit([(x, y)])
     with pytest.raises(ValueError, match=r"sigma_noise must be a scalar, or \(C,\) per output for regression"):
         Laplace(model, "classification", sigma_noise=SIGMA)
-    with pytest.raises(ValueError, match="sigma_noise and temperature must be positive"):
+    with pytest.raises(ValueError, match="sigma_noise must be positive and finite"):
         Laplace(model, "regression", sigma_noise=-SIGMA)

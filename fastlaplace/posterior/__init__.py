@@ -6,5 +6,14 @@ from fastlaplace.posterior.full import FullLaplace
 from fastlaplace.posterior.functional import FunctionalLaplace
 from fastlaplace.posterior.kron import KronLaplace
 from fastlaplace.posterior.lowrank import LowRankLaplace
+from fastlaplace.posterior.parametric import ParametricLaplace
 
-__all__ = ["BaseLaplace", "DiagLaplace", "FullLaplace", "FunctionalLaplace", "KronLaplace", "LowRankLaplace"]
+__all__ = [
+    "BaseLaplace",
+    "DiagLaplace",
+    "FullLaplace",
+    "FunctionalLaplace",
+    "KronLaplace",
+    "LowRankLaplace",
+    "ParametricLaplace",
+]

@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
-from tqdm.auto import tqdm
 
-from fastlaplace import distributed
 from fastlaplace.curvature import (
     LIKELIHOODS,
     MODES,
     LastLayerModel,
     last_layer,
-    layer_statistics,
     output_jacobians,
     split_heteroscedastic,
     summed_negative_log_likelihood,
@@ -63,7 +60,11 @@ GAUSSIAN_OUTPUTS = ("regression", "heteroscedastic_regression")
 
 
 class BaseLaplace(ABC):
-    """A Gaussian posterior N(θ*, P⁻¹) over the weights ``[W | b]`` of a model's supported layers.
+    """What every Laplace posterior over a model's supported layers shares: the GLM predictive and the evidence.
+
+    Weight-space posteriors (a Gaussian ``N(θ*, P⁻¹)`` over the weights) derive from
+    :class:`~fastlaplace.posterior.parametric.ParametricLaplace`; the function-space (GP)
+    one from this class directly.
 
     With ``last_layer_only`` the posterior covers the last layer alone (the model's last
     module must be the nn.Linear that produces the output, or ``last_layer_name`` names
@@ -97,16 +98,6 @@ class BaseLaplace(ABC):
             raise ValueError(f"likelihood must be one of {POSTERIOR_LIKELIHOODS}, got {likelihood!r}")
         if curvature_mode not in MODES:
             raise ValueError(f"curvature_mode must be one of {MODES}, got {curvature_mode!r}")
-        # float64 first: a Python float must not be rounded to float32 on its way to a float64 model
-        sigma = torch.as_tensor(sigma_noise, dtype=torch.float64).detach()
-        if sigma.dim() > 1 or (sigma.dim() == 1 and likelihood != "regression"):
-            raise ValueError(
-                f"sigma_noise must be a scalar, or (C,) per output for regression; got {tuple(sigma.shape)}"
-            )
-        if likelihood != "regression" and float(sigma) != 1.0:
-            raise ValueError(f"sigma_noise must be 1 for {likelihood}")
-        if not bool((sigma > 0).all()) or temperature <= 0:
-            raise ValueError(f"sigma_noise and temperature must be positive, got {sigma.tolist()} and {temperature}")
         if curvature_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"curvature_dtype must be None, torch.bfloat16 or torch.float16, got {curvature_dtype!r}")
         if (last_layer_name is not None or feature_reduction is not None) and not last_layer_only:
@@ -133,22 +124,73 @@ class BaseLaplace(ABC):
                 "AVX2 machine); leave curvature_dtype=None here",
                 stacklevel=_user_stacklevel(),
             )
-        self.sigma_noise = sigma.to(self.dtype, copy=True).to(self.device)
-        self.temperature = float(temperature)
-        self.prior_mean = float(prior_mean)
+        self._fitted = False
+        self.sigma_noise = sigma_noise
+        self.temperature = temperature
+        self.prior_mean = prior_mean
         self.prior_precision = prior_precision
         self.loss = 0.0
         self.num_data = 0
         self.num_outputs = 0
-        self._fitted = False
         self._mean: list[Tensor] = []
         self._prior_terms_cache: tuple | None = None
         self._reset_curvature()
 
     # ------------------------------------------------------------------ parameters
 
-    #: whether a prior precision per parameter is exact for this structure (Kron: no)
-    supports_prior_per_parameter = True
+    #: whether this posterior takes a prior precision per parameter (weight-space structures but Kron)
+    supports_prior_per_parameter = False
+    #: the ``pred_type`` values of :meth:`__call__`
+    pred_types: tuple[str, ...] = ("glm",)
+
+    @property
+    def sigma_noise(self) -> Tensor:
+        """σ: a scalar, or ``(C,)`` per output for regression (a float is accepted, as in laplace-torch)."""
+        return self._sigma_noise
+
+    @sigma_noise.setter
+    def sigma_noise(self, value: float | Tensor) -> None:
+        sigma = self._checked_sigma(value).detach().clone()
+        if self._fitted and (sigma.dim() == 1 or self.noise_per_output) and not torch.equal(sigma, self.sigma_noise):
+            raise ValueError("a per-output sigma_noise is part of the fitted curvature: refit to change it")
+        self._sigma_noise = sigma
+
+    def _checked_sigma(self, value: float | Tensor) -> Tensor:
+        """σ as a tensor of the posterior's dtype, checked: positive, finite, a scalar or ``(C,)`` for regression."""
+        # float64 first: a Python float must not be rounded to float32 on its way to a float64 model
+        sigma = torch.as_tensor(value, dtype=torch.float64 if not isinstance(value, Tensor) else None)
+        sigma = sigma.to(dtype=self.dtype, device=self.device)
+        if sigma.dim() > 1 or (sigma.dim() == 1 and self.likelihood != "regression"):
+            raise ValueError(
+                f"sigma_noise must be a scalar, or (C,) per output for regression; got {tuple(sigma.shape)}"
+            )
+        if self.likelihood != "regression" and float(sigma) != 1.0:
+            raise ValueError(f"sigma_noise must be 1 for {self.likelihood}")
+        if not bool(((sigma.detach() > 0) & torch.isfinite(sigma.detach())).all()):
+            raise ValueError(f"sigma_noise must be positive and finite, got {sigma.detach().tolist()}")
+        return sigma
+
+    @property
+    def temperature(self) -> float:
+        """T, a positive finite float."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(f"temperature must be a positive finite number, got {value!r}")
+        self._temperature = float(value)
+
+    @property
+    def prior_mean(self) -> float:
+        """μ_0, a finite float (the same for every weight)."""
+        return self._prior_mean
+
+    @prior_mean.setter
+    def prior_mean(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"prior_mean must be a finite number, got {value!r}")
+        self._prior_mean = float(value)
 
     @property
     def prior_precision(self) -> Tensor:
@@ -157,9 +199,10 @@ class BaseLaplace(ABC):
 
     @prior_precision.setter
     def prior_precision(self, value: float | Tensor) -> None:
-        self._prior_precision = self._checked_prior(torch.as_tensor(value, dtype=self.dtype, device=self.device))
+        self._prior_precision = self._checked_prior(value)
 
-    def _checked_prior(self, value: Tensor) -> Tensor:
+    def _checked_prior(self, value: float | Tensor) -> Tensor:
+        value = torch.as_tensor(value, dtype=self.dtype, device=self.device)
         layers, parameters = len(self.layers), sum(self.layer_sizes())
         value = value.expand(layers) if value.dim() == 0 else value
         allowed = [(layers,)] + ([(parameters,)] if self.supports_prior_per_parameter else [])
@@ -168,8 +211,8 @@ class BaseLaplace(ABC):
                 f" ({layers}) or per parameter ({parameters})" if len(allowed) > 1 else f" ({layers})"
             )
             raise ValueError(f"prior_precision must be a scalar or have {what}, got shape {tuple(value.shape)}")
-        if not torch.compiler.is_compiling() and not bool((value.detach() >= 0).all()):
-            raise ValueError(f"prior_precision must be non-negative, got {value.detach().tolist()}")
+        if not torch.compiler.is_compiling() and not bool(((value.detach() >= 0) & (value.detach() < math.inf)).all()):
+            raise ValueError(f"prior_precision must be non-negative and finite, got {value.detach().tolist()}")
         return value.clone() if not value.requires_grad else value
 
     def _is_per_layer(self, delta: Tensor) -> bool:
@@ -178,9 +221,7 @@ class BaseLaplace(ABC):
 
     def _prior_per_layer(self, delta: Tensor) -> list[Tensor]:
         """Each layer's prior precision, broadcastable to its ``(d_out, d_A)`` ``[W | b]`` matrix."""
-        if self._is_per_layer(delta):
-            return list(delta.unbind())
-        return self._from_parameter_order(delta)
+        return list(delta.unbind())
 
     def _prior_terms(self) -> tuple[Tensor, Tensor]:
         """``(L,)`` parameter counts and ``‖θ_l − μ_0‖²`` of each layer.
@@ -198,11 +239,6 @@ class BaseLaplace(ABC):
             self._prior_terms_cache = cache = (weights, self.prior_mean, counts, squares)
         return cache[2], cache[3]
 
-    def _prior_diagonal(self, delta: Tensor) -> Tensor:
-        """``(P,)`` the prior precision of every parameter, in the layers' ``[W | b]`` row-major order."""
-        deltas = self._prior_per_layer(delta)
-        return torch.cat([d.expand_as(w).flatten() for d, w in zip(deltas, self.layer_weights(), strict=True)])
-
     def layer_weights(self) -> list[Tensor]:
         """Each layer's ``[W | b]`` as a ``(d_out, d_in + bias)`` matrix (detached; d_in = C*kh*kw for Conv2d).
 
@@ -219,90 +255,41 @@ class BaseLaplace(ABC):
         """Number of parameters of each layer."""
         return [sum(p.numel() for p in _own_parameters(m)) for _, m in self.layers]
 
-    def _layer_parameters(self) -> list[Tensor]:
-        """The posterior's parameters in ``named_parameters()`` order (weight, then bias, per layer)."""
-        return [p for _, module in self.layers for p in _own_parameters(module)]
-
-    def _to_parameter_order(self, augmented: list[Tensor]) -> Tensor:
-        """``(*, P)``: per layer ``(*, d_out, d_A)`` matrices ``[W | b]`` flattened as W, then b."""
-        parts = []
-        for (_, module), matrix in zip(self.layers, augmented, strict=True):
-            d_in = module.weight[0].numel()
-            parts.append(matrix[..., :d_in].flatten(-2))
-            if matrix.shape[-1] > d_in:
-                parts.append(matrix[..., d_in])
-        return torch.cat(parts, dim=-1)
-
-    def _from_parameter_order(self, vector: Tensor) -> list[Tensor]:
-        """Inverse of :meth:`_to_parameter_order` for one ``(P,)`` vector."""
-        matrices = []
-        offset = 0
-        for _, module in self.layers:
-            d_out, d_in = module.weight.shape[0], module.weight[0].numel()
-            matrix = vector[offset : offset + d_out * d_in].view(d_out, d_in)
-            offset += d_out * d_in
-            if trainable_bias(module) is not None:
-                matrix = torch.cat([matrix, vector[offset : offset + d_out].unsqueeze(1)], dim=1)
-                offset += d_out
-            matrices.append(matrix)
-        return matrices
-
-    @abstractmethod
-    def _sample_deviations(self, n_samples: int, generator: torch.Generator | None) -> list[Tensor]:
-        """Per layer ``(n, d_out, d_A)`` draws from N(0, P_l⁻¹)."""
-
-    def sample(self, n_samples: int = 100, generator: torch.Generator | None = None) -> Tensor:
-        """``(n_samples, P)`` draws of the posterior's parameters, in ``named_parameters()`` order."""
-        self._require_fit()
-        deviations = self._sample_deviations(n_samples, generator)
-        return self._to_parameter_order([w + d for w, d in zip(self.layer_weights(), deviations, strict=True)])
-
     # ------------------------------------------------------------------ fitting
 
+    @abstractmethod
     def fit(self, loader: Iterable, override: bool = True, progress_bar: bool | None = None) -> None:
-        """Accumulate the curvature over a loader of ``(x, y)`` batches.
+        """Fit the posterior to a loader of ``(x, y)`` (or dict) batches."""
 
-        Args:
-            loader: iterable of ``(x, y)`` pairs; under ``torch.distributed`` (more than one
-                rank) each rank's shard, and every rank ends with the fit of all shards.
-            override: start afresh (True) or add the data to what was fitted before.
-            progress_bar: show a tqdm bar; by default when the loader has 50 batches or more.
+    @contextlib.contextmanager
+    def _unchanged_on_failure(self) -> Iterator[None]:
+        """Run a state change all-or-nothing: on any exception the posterior gets back every attribute it had.
+
+        The snapshot holds the attributes' references, so the change must replace them (as
+        ``_reset_curvature`` does), never modify in place an object the posterior held before.
         """
-        if override or not self._fitted:
-            self._reset_curvature()
-            self.loss, self.num_data = 0.0, 0
-        previous = distributed.split_fit(self)
-        self._fit_pass(loader, progress_bar)
-        distributed.reduce_fit(self, previous)
-        self._mean = self._current_weights()
-        self._fitted = True
+        saved = dict(vars(self))
+        try:
+            yield
+        except BaseException:
+            vars(self).clear()
+            vars(self).update(saved)
+            raise
 
-    def _fit_pass(self, loader: Iterable, progress_bar: bool | None, generator: torch.Generator | None = None) -> None:
-        """One pass over the loader: each batch's statistics go to ``_update_curvature``, its loss is added."""
-        if progress_bar is None:
-            progress_bar = hasattr(loader, "__len__") and len(loader) >= 50
-        batches = 0
-        for batch in tqdm(loader, desc="fitting the Laplace curvature", disable=not progress_bar):
-            x, y = self._split_batch(batch)
-            self._check_targets(y, self._batch_size(x))
-            output, stats = layer_statistics(
-                self.model,
-                x,
-                y,
-                self._likelihood(True),
-                self.curvature_mode,
-                generator,
-                self.layers,
-                self.curvature_dtype,
-                output_noise=self.sigma_noise if self.noise_per_output else None,
-            )
-            self._update_curvature(stats)
-            self.loss += float(self._summed_loss(output, y))
-            self.num_data += y.shape[0]
-            self.num_outputs = output.shape[1]
-            batches += 1
-        if batches == 0:
-            raise ValueError("the loader yielded no batch: nothing to fit")
+    def _prediction_inputs(self, x: Tensor | Mapping) -> Tensor | Mapping:
+        """``(N, ...)`` inputs to predict at, checked (a tensor or a dict, N ≥ 1) and on the posterior's device."""
+        if not isinstance(x, (Tensor, Mapping)):
+            raise TypeError(f"x must be a torch.Tensor or a dict, got {type(x).__name__}")
+        if self._batch_size(x) == 0:
+            raise ValueError("x has no samples: nothing to predict")
+        return self._to_device(x)
+
+    @staticmethod
+    def _check_sampling(n_samples: int, generator: torch.Generator | None) -> None:
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
     def _to_device(self, x: Tensor | Mapping) -> Tensor | Mapping:
         if isinstance(x, Mapping):
@@ -318,30 +305,69 @@ class BaseLaplace(ABC):
         return x[self.dict_key_x].shape[0]
 
     def _split_batch(self, batch) -> tuple[Tensor | Mapping, Tensor]:
-        """``(x, y)`` of a batch: a pair, or a dict (HuggingFace style) passed whole to the model."""
+        """``(x, y)`` of a batch: a pair of tensors, or a dict (HuggingFace style) passed whole to the model.
+
+        Raises:
+            ValueError: for any other batch (a bare tensor, an ``(x, y, idx)`` triple), an
+                empty batch, or inputs that are not finite.
+            TypeError: for inputs or targets that are not tensors (numpy arrays, lists).
+        """
         if isinstance(batch, Mapping):
             if self.dict_key_y not in batch:
                 raise ValueError(
                     f"a dict batch needs the targets under dict_key_y={self.dict_key_y!r}; keys: {list(batch)}"
                 )
-            return self._to_device(batch), batch[self.dict_key_y].to(self.device)
-        x, y = batch
+            x, y = batch, batch[self.dict_key_y]
+            inputs = [v for v in batch.values() if isinstance(v, Tensor)]
+        else:
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                got = f"a {len(batch)}-item {type(batch).__name__}" if isinstance(batch, (tuple, list)) else None
+                raise ValueError(
+                    "a batch must be an (x, y) pair or a dict with the targets under dict_key_y; "
+                    f"got {got or 'a ' + type(batch).__name__}"
+                )
+            x, y = batch
+            if not isinstance(x, (Tensor, Mapping)):
+                raise TypeError(f"a batch's inputs x must be a torch.Tensor or a dict, got {type(x).__name__}")
+            inputs = [v for v in x.values() if isinstance(v, Tensor)] if isinstance(x, Mapping) else [x]
+        if not isinstance(y, Tensor):
+            raise TypeError(f"a batch's targets y must be a torch.Tensor, got {type(y).__name__}")
+        if self._batch_size(x) == 0:
+            raise ValueError("a batch has no samples: the loader yielded an empty batch")
+        if any(v.is_floating_point() and not bool(torch.isfinite(v).all()) for v in inputs):
+            raise ValueError("a batch's inputs contain NaN or Inf")
         return self._to_device(x), y.to(self.device)
 
     def _check_targets(self, y: Tensor, n: int) -> None:
+        """The targets' shape and values, before any use (the class count once known from the outputs)."""
         if self._likelihood(True) == "classification":
             if y.dim() != 1 or y.shape[0] != n or y.is_floating_point():
                 raise ValueError(f"classification targets must be ({n},) class indices, got {tuple(y.shape)} {y.dtype}")
-        elif y.dim() != 2 or y.shape[0] != n:
-            raise ValueError(f"{self.likelihood} targets must be ({n}, C), got shape {tuple(y.shape)}")
+            if int(y.min()) < 0 or (self.num_outputs and int(y.max()) >= self.num_outputs):
+                bound = self.num_outputs or "C"
+                raise ValueError(f"class labels must lie in [0, {bound}), got [{int(y.min())}, {int(y.max())}]")
+        else:
+            if y.dim() != 2 or y.shape[0] != n:
+                raise ValueError(f"{self.likelihood} targets must be ({n}, C), got shape {tuple(y.shape)}")
+            if not bool(torch.isfinite(y).all()):
+                raise ValueError(f"{self.likelihood} targets contain NaN or Inf")
+
+    def _check_outputs(self, output: Tensor, y: Tensor) -> None:
+        """That the targets match the model's ``(N, C)`` outputs: labels in ``[0, C)``, or C target columns."""
+        likelihood = self._likelihood(True)
+        width = output.shape[1]
+        if likelihood == "classification" and int(y.max()) >= width:
+            raise ValueError(f"class labels must lie in [0, {width}), got [{int(y.min())}, {int(y.max())}]")
+        columns = width // 2 if likelihood == "heteroscedastic_regression" else width
+        if likelihood != "classification" and y.shape[1] != columns:
+            raise ValueError(
+                f"{self.likelihood} targets must have one column per output ({columns}), got shape {tuple(y.shape)}"
+            )
 
     def _summed_loss(self, output: Tensor, y: Tensor) -> Tensor:
-        likelihood = self._likelihood(True)
-        if likelihood == "classification" and (y.min() < 0 or y.max() >= output.shape[1]):
-            raise ValueError(f"class labels must lie in [0, {output.shape[1]}), got [{int(y.min())}, {int(y.max())}]")
         # A per-output σ is part of the loss (its shape was checked by the curvature pass).
         noise = self.sigma_noise if self.noise_per_output else None
-        return summed_negative_log_likelihood(output, y, likelihood, noise)
+        return summed_negative_log_likelihood(output, y, self._likelihood(True), noise)
 
     def _require_fit(self) -> None:
         if not self._fitted:
@@ -391,16 +417,28 @@ class BaseLaplace(ABC):
         return sum(d.log().expand_as(w).sum() for d, w in zip(deltas, self.layer_weights(), strict=True))
 
     def log_marginal_likelihood(
-        self, prior_precision: Tensor | None = None, sigma_noise: Tensor | None = None
+        self, prior_precision: float | Tensor | None = None, sigma_noise: float | Tensor | None = None
     ) -> Tensor:
         """Laplace evidence ``log p(D|θ*) − ½ (log det P − log det P0 + (θ*−μ0)ᵀP0(θ*−μ0))``.
 
-        Differentiable in ``prior_precision`` (scalar, ``(L,)`` or, except for Kron,
-        ``(P,)`` in ``named_parameters()`` order) and ``sigma_noise``.
+        Differentiable in ``prior_precision`` (a float, scalar, ``(L,)`` or, for the
+        structures that allow it, ``(P,)`` in ``named_parameters()`` order) and ``sigma_noise``
+        (a float or a tensor). Nothing is stored: the posterior keeps its own values.
+
+        Raises:
+            ValueError: for a prior precision or noise out of range, or an evidence that is
+                not finite (a zero prior precision makes ``log det P0 = −∞``).
         """
         self._require_fit()
         delta = self.prior_precision if prior_precision is None else self._checked_prior(prior_precision)
-        return self._evidence(delta, self.sigma_noise if sigma_noise is None else sigma_noise)
+        sigma = self.sigma_noise if sigma_noise is None else self._checked_sigma(sigma_noise)
+        value = self._evidence(delta, sigma)
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(value.detach())):
+            raise ValueError(
+                f"the log marginal likelihood is {float(value)}: it needs a positive prior precision "
+                f"(got {delta.detach().tolist()}) and a non-singular posterior precision"
+            )
+        return value
 
     def _evidence(self, delta: Tensor, sigma: Tensor) -> Tensor:
         """The evidence for a prior precision already checked (or positive by construction)."""
@@ -431,42 +469,83 @@ class BaseLaplace(ABC):
             link_approx: link used by ``"gridsearch"`` for classification.
         """
         self._require_fit()
+        if method not in ("marglik", "gridsearch"):
+            raise ValueError(f"method must be 'marglik' or 'gridsearch', got {method!r}")
         if method == "marglik":
-            log_delta = self.prior_precision.clamp_min(1e-12).log().clone().requires_grad_(True)
-            # the fused step is one kernel instead of a dozen small ops for this one small tensor
-            optimiser = torch.optim.Adam([log_delta], lr=lr, fused=log_delta.device.type in ("cpu", "cuda"))
-            for _ in range(n_steps):
-                optimiser.zero_grad()
-                # exp(log δ) has the checked prior's shape and is positive: no check per step
-                (-self._evidence(log_delta.exp(), self.sigma_noise)).backward()
-                optimiser.step()
-            self.prior_precision = log_delta.detach().exp()
-        elif method == "gridsearch":
-            if val_loader is None:
-                raise ValueError("method='gridsearch' needs a val_loader of (x, y) batches")
-            candidates = torch.logspace(-4, 4, 21).tolist() if grid is None else list(grid)
+            if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+                raise ValueError(f"n_steps must be a positive integer, got {n_steps!r}")
+            if not 0 < lr < math.inf:
+                raise ValueError(f"lr must be positive and finite, got {lr!r}")
+            self.prior_precision = self._evidence_maximiser(n_steps, lr)
+            return
+        candidates = self._checked_grid(val_loader, grid)
+        with self._unchanged_on_failure():
             losses = []
             for delta in candidates:
                 self.prior_precision = delta
                 losses.append(self._predictive_nll(val_loader, pred_type, link_approx))
-            self.prior_precision = candidates[min(range(len(candidates)), key=losses.__getitem__)]
-        else:
-            raise ValueError(f"method must be 'marglik' or 'gridsearch', got {method!r}")
+        finite = [i for i, loss in enumerate(losses) if math.isfinite(loss)]
+        if not finite:
+            raise ValueError(f"the predictive negative log-likelihood is not finite for any grid value: {losses}")
+        self.prior_precision = candidates[min(finite, key=losses.__getitem__)]
+
+    def _evidence_maximiser(self, n_steps: int, lr: float) -> Tensor:
+        """The prior precision after ``n_steps`` Adam steps on log δ maximising the evidence (δ keeps its shape)."""
+        log_delta = self.prior_precision.clamp_min(1e-12).log().clone().requires_grad_(True)
+        # the fused step is one kernel instead of a dozen small ops for this one small tensor
+        optimiser = torch.optim.Adam([log_delta], lr=lr, fused=log_delta.device.type in ("cpu", "cuda"))
+        for _ in range(n_steps):
+            optimiser.zero_grad()
+            # exp(log δ) has the checked prior's shape and is positive: no check per step
+            (-self._evidence(log_delta.exp(), self.sigma_noise)).backward()
+            optimiser.step()
+        delta = log_delta.detach().exp()
+        if not bool(torch.isfinite(delta).all() & (delta > 0).all()):
+            raise ValueError(
+                f"the evidence maximisation diverged (prior precision {delta.tolist()}); "
+                "try a smaller lr or fewer n_steps"
+            )
+        return delta
+
+    @staticmethod
+    def _checked_grid(val_loader: Iterable | None, grid: Sequence[float] | None) -> list[float]:
+        """The gridsearch's candidates, after checking them and the validation loader."""
+        if val_loader is None:
+            raise ValueError("method='gridsearch' needs a val_loader of (x, y) batches")
+        if iter(val_loader) is val_loader:
+            raise ValueError(
+                "method='gridsearch' reads val_loader once per grid value: pass a DataLoader or a list, not an iterator"
+            )
+        candidates = torch.logspace(-4, 4, 21).tolist() if grid is None else [float(v) for v in grid]
+        if not candidates:
+            raise ValueError("grid is empty: give at least one prior precision")
+        if not all(0 < v < math.inf for v in candidates):
+            raise ValueError(f"grid values must be positive and finite, got {candidates}")
+        return candidates
 
     def _predictive_nll(self, loader: Iterable, pred_type: str, link_approx: str) -> float:
         """Summed negative log-likelihood of a loader's targets under the predictive."""
-        total = 0.0
+        total, batches = 0.0, 0
         with torch.no_grad():
-            for x, y in loader:
-                y = y.to(self.device)
+            for batch in loader:
+                x, y = self._split_batch(batch)
+                self._check_targets(y, self._batch_size(x))
                 if self._likelihood(True) == "classification":
                     probs = self(x, pred_type=pred_type, link_approx=link_approx, fitting=True)
+                    self._check_outputs(probs, y)
                     total -= probs.gather(1, y.long().unsqueeze(1)).clamp_min(1e-30).log().sum().item()
                 else:
                     mean, variance = self._target_moments(x, pred_type)
+                    if y.shape != mean.shape:
+                        raise ValueError(
+                            f"val_loader targets must have shape {tuple(mean.shape)}, got {tuple(y.shape)}"
+                        )
                     total += (
                         0.5 * ((y - mean).square() / variance + variance.log() + math.log(2 * math.pi)).sum().item()
                     )
+                batches += 1
+        if batches == 0:
+            raise ValueError("val_loader yielded no batch")
         return total
 
     # ------------------------------------------------------------------ predictive
@@ -474,7 +553,7 @@ class BaseLaplace(ABC):
     def functional_variance(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(f(x; θ*), J P⁻¹ Jᵀ)``: the ``(N, C)`` mean and ``(N, C, C)`` covariance of the GLM."""
         self._require_fit()
-        output, stats = output_jacobians(self.model, self._to_device(x), self.layers, self.enable_backprop)
+        output, stats = output_jacobians(self.model, self._prediction_inputs(x), self.layers, self.enable_backprop)
         return output, self._jacobian_covariance(stats)
 
     def functional_covariance(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -483,7 +562,7 @@ class BaseLaplace(ABC):
         Outputs are ordered sample by sample (``f(x_1)``, then ``f(x_2)``, ...), as laplace-torch's.
         """
         self._require_fit()
-        output, stats = output_jacobians(self.model, self._to_device(x), self.layers, self.enable_backprop)
+        output, stats = output_jacobians(self.model, self._prediction_inputs(x), self.layers, self.enable_backprop)
         cross = self._jacobian_cross_covariance(stats)  # (N, C, N, C)
         return output.flatten(), cross.flatten(0, 1).flatten(1, 2)
 
@@ -511,8 +590,8 @@ class BaseLaplace(ABC):
 
         Args:
             x: ``(N, ...)`` inputs.
-            pred_type: ``"glm"`` (linearised network) or ``"nn"`` (the network with sampled
-                weights, averaged).
+            pred_type: ``"glm"`` (linearised network), or one of the structure's further
+                :attr:`pred_types` (weight space: ``"nn"``, the network with sampled weights, averaged).
             joint: regression GLM only: the joint predictive over the batch (see
                 :meth:`functional_covariance`).
             link_approx: for a classification GLM, ``"probit"``, ``"bridge"`` /
@@ -533,11 +612,12 @@ class BaseLaplace(ABC):
             Heteroscedastic regression: the same for all ``2 C`` outputs (means and
             log-variances); :meth:`predict` gives the targets' mean and std.
         """
+        self._check_sampling(n_samples, generator)
+        if pred_type not in self.pred_types:
+            raise ValueError(
+                f"pred_type={pred_type!r} is not available for {type(self).__name__}; choose one of {self.pred_types}"
+            )
         likelihood = self._likelihood(fitting)
-        if pred_type == "nn":
-            return self._sampled_network_predictive(x, n_samples, generator, likelihood)
-        if pred_type != "glm":
-            raise ValueError(f"pred_type must be 'glm' or 'nn', got {pred_type!r}")
         if likelihood in GAUSSIAN_OUTPUTS and joint:
             return self.functional_covariance(x)
         mean, cov = self.functional_variance(x)
@@ -553,26 +633,6 @@ class BaseLaplace(ABC):
             return sampled_softmax(mean, cov, n_samples, generator).mean(0)
         raise ValueError(f"link_approx must be 'probit', 'bridge', 'bridge_norm' or 'mc', got {link_approx!r}")
 
-    def _sampled_outputs(self, x: Tensor, n_samples: int, generator: torch.Generator | None) -> Tensor:
-        """``(n_samples, N, C)`` outputs of the network with weights drawn from the posterior."""
-        names = {id(p): name for name, p in self.model.named_parameters()}
-        keys = [names[id(p)] for p in self._layer_parameters()]
-        outputs = []
-        with torch.no_grad():
-            for draw in self.sample(n_samples, generator):
-                values = torch.split(draw, [p.numel() for p in self._layer_parameters()])
-                params = {k: v.view_as(p) for k, v, p in zip(keys, values, self._layer_parameters(), strict=True)}
-                outputs.append(functional_call(self.model, params, (self._to_device(x),)))
-        return torch.stack(outputs)
-
-    def _sampled_network_predictive(
-        self, x: Tensor, n_samples: int, generator: torch.Generator | None, likelihood: str
-    ):
-        outputs = self._sampled_outputs(x, n_samples, generator)
-        if likelihood == "classification":
-            return outputs.softmax(-1).mean(0)
-        return outputs.mean(0), outputs.var(0)
-
     def _target_moments(
         self, x: Tensor, pred_type: str = "glm", n_samples: int = 100, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
@@ -586,9 +646,6 @@ class BaseLaplace(ABC):
                 x, pred_type=pred_type, diagonal_output=True, n_samples=n_samples, generator=generator
             )
             return mean, variance + self.sigma_noise.square()
-        if pred_type == "nn":
-            mean, log_var = split_heteroscedastic(self._sampled_outputs(x, n_samples, generator))
-            return mean.mean(0), mean.var(0) + log_var.exp().mean(0)
         output, variance = self(x, pred_type=pred_type, diagonal_output=True)
         (mean, log_var), (mean_variance, log_var_variance) = split_heteroscedastic(output), variance.chunk(2, dim=-1)
         return mean, mean_variance + (log_var + 0.5 * log_var_variance).exp()
@@ -604,6 +661,7 @@ class BaseLaplace(ABC):
         class probabilities, and the standard deviation of the softmax over ``n_samples``
         logits drawn from the GLM.
         """
+        self._check_sampling(n_samples, generator)
         if self._likelihood(fitting=False) in GAUSSIAN_OUTPUTS:
             mean, variance = self._target_moments(x)
             return mean, variance.sqrt()
@@ -635,8 +693,31 @@ class BaseLaplace(ABC):
             "curvature": [t.clone() for t in self._curvature_tensors()],
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a state_dict(); it must come from the same structure and layers."""
+    #: the entries of a :meth:`state_dict`
+    STATE_KEYS = (
+        "likelihood",
+        "structure",
+        "layers",
+        "num_data",
+        "num_outputs",
+        "loss",
+        "prior_precision",
+        "sigma_noise",
+        "temperature",
+        "curvature",
+    )
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore a state_dict(), all-or-nothing; it must come from the same structure and layers.
+
+        Raises:
+            ValueError: for a state with missing entries, of another structure, likelihood or
+                layers, with values out of range (a negative prior, NaN or negative curvature),
+                or whose curvature does not fit this posterior; the posterior is then as before.
+        """
+        missing = [key for key in self.STATE_KEYS if key not in state]
+        if missing:
+            raise ValueError(f"the state lacks the entries {missing}")
         layers = [(name, tuple(w.shape)) for (name, _), w in zip(self.layers, self.layer_weights(), strict=True)]
         if state["structure"] != type(self).__name__ or state["likelihood"] != self.likelihood:
             raise ValueError(
@@ -645,14 +726,35 @@ class BaseLaplace(ABC):
             )
         if [(n, tuple(s)) for n, s in state["layers"]] != layers:
             raise ValueError(f"the state was saved for layers {state['layers']}, this model has {layers}")
-        self._reset_curvature()
-        self._restore_curvature([t.to(self.device) for t in state["curvature"]], state["num_data"])
-        self.num_data, self.num_outputs, self.loss = state["num_data"], state["num_outputs"], state["loss"]
-        self.prior_precision = state["prior_precision"]
-        self.sigma_noise = state["sigma_noise"].to(self.device)
-        self.temperature = state["temperature"]
-        self._mean = self._current_weights()
-        self._fitted = True
+        num_data = state["num_data"]
+        if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1:
+            raise ValueError(f"the state's num_data must be a positive integer, got {num_data!r}")
+        if not math.isfinite(state["loss"]):
+            raise ValueError(f"the state's loss must be finite, got {state['loss']!r}")
+        curvature = [torch.as_tensor(t).to(self.device, copy=True) for t in state["curvature"]]
+        self._check_curvature_values(curvature)
+        prior = self._checked_prior(state["prior_precision"])
+        with self._unchanged_on_failure():
+            self._fitted = False  # σ of another shape may be set before the curvature that goes with it
+            self.sigma_noise = state["sigma_noise"]
+            self.temperature = state["temperature"]
+            self._reset_curvature()
+            try:
+                self._restore_curvature(curvature, num_data)
+                self.num_data, self.num_outputs, self.loss = num_data, state["num_outputs"], state["loss"]
+                self._prior_precision = prior
+                self._mean = self._current_weights()
+                self._fitted = True
+                evidence = self._evidence(self.prior_precision, self.sigma_noise)
+            except (RuntimeError, IndexError, StopIteration, TypeError, ValueError) as error:
+                raise ValueError(f"the state's curvature does not fit this {type(self).__name__}: {error}") from error
+            if not bool(torch.isfinite(evidence)):
+                raise ValueError(f"the state gives a log marginal likelihood of {float(evidence)}: it is not valid")
+
+    def _check_curvature_values(self, tensors: list[Tensor]) -> None:
+        """Refuse a state's curvature tensors with NaN or Inf (structures add their sign rules)."""
+        if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors):
+            raise ValueError("the state's curvature contains NaN or Inf")
 
     # ------------------------------------------------------------------ structure-specific
 

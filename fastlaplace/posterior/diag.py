@@ -7,10 +7,10 @@ from torch import Tensor
 
 from fastlaplace.curvature import DiagCurvature
 from fastlaplace.curvature.products import jacobian_gram
-from fastlaplace.posterior.base import BaseLaplace
+from fastlaplace.posterior.parametric import ParametricLaplace
 
 
-class DiagLaplace(BaseLaplace):
+class DiagLaplace(ParametricLaplace):
     """``P = diag(H) / (σ² T) + δ``: each ``[W | b]`` entry independent."""
 
     def _reset_curvature(self) -> None:
@@ -48,6 +48,11 @@ class DiagLaplace(BaseLaplace):
 
     def _curvature_tensors(self) -> list[Tensor]:
         return self.curvature.diagonals
+
+    def _check_curvature_values(self, tensors: list[Tensor]) -> None:
+        super()._check_curvature_values(tensors)
+        if any(bool((t < 0).any()) for t in tensors):
+            raise ValueError("the state's curvature diagonals must be non-negative")
 
     def _restore_curvature(self, tensors: list[Tensor], num_data: int) -> None:
         self.curvature.names = [name for name, _ in self.layers]

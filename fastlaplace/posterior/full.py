@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from fastlaplace import ops
-from fastlaplace.posterior.base import BaseLaplace
+from fastlaplace.posterior.parametric import ParametricLaplace
 from fastlaplace.reference import accumulation_dtype
 
 
@@ -18,11 +18,22 @@ def _weight_gradients(stats) -> Tensor:
     return torch.cat([s.weight_gradients() for s in stats], dim=-1)
 
 
+def _posterior_cholesky(precision: Tensor) -> Tensor:
+    """The lower Cholesky factor of a ``(P, P)`` posterior precision; a clear error where it is singular."""
+    factor, info = torch.linalg.cholesky_ex(precision)
+    if not torch.compiler.is_compiling() and bool(info != 0):
+        raise ValueError(
+            "the posterior precision is singular: the full posterior needs a positive prior precision "
+            "in the directions the data do not determine"
+        )
+    return factor
+
+
 def _same_key(old: tuple, new: tuple) -> bool:
     return all(torch.equal(a, b) if isinstance(a, Tensor) else a == b for a, b in zip(old, new, strict=True))
 
 
-class FullLaplace(BaseLaplace):
+class FullLaplace(ParametricLaplace):
     """``P = H / (σ² T) + diag(δ)`` with the dense GGN (or Fisher) H over all covered weights.
 
     With ``subnetwork_indices`` (indices into the covered parameters in
@@ -64,6 +75,13 @@ class FullLaplace(BaseLaplace):
         ops.factor_accumulate_([self.hessian], [columns], [False])
         self._cholesky = None
 
+    def _checked_prior(self, value: float | Tensor) -> Tensor:
+        """The checked prior precision; a zero one must leave the fitted posterior precision non-singular."""
+        value = super()._checked_prior(value)
+        if self._fitted and not torch.compiler.is_compiling() and not bool((value.detach() > 0).all()):
+            _posterior_cholesky(self.posterior_precision(value.detach()))
+        return value
+
     def _prior_vector(self, delta: Tensor) -> Tensor:
         """The prior precision of every covered parameter, ``[W | b]`` row-major order."""
         return self._columns(self._prior_diagonal(delta))
@@ -91,12 +109,12 @@ class FullLaplace(BaseLaplace):
         # with (values, not tensor identities: a tensor changed in place keeps its address).
         key = (self.prior_precision.detach().clone(), self.sigma_noise.clone(), self.temperature, self.num_data)
         if self._cholesky is None or not _same_key(self._cholesky[0], key):
-            self._cholesky = (key, torch.linalg.cholesky(self.posterior_precision()))
+            self._cholesky = (key, _posterior_cholesky(self.posterior_precision()))
         return self._cholesky[1]
 
     def log_det_posterior(self, prior_precision: Tensor, sigma_noise: Tensor) -> Tensor:
         """Twice the log of the Cholesky diagonal, differentiable in δ and σ."""
-        factor = torch.linalg.cholesky(self.posterior_precision(prior_precision, sigma_noise))
+        factor = _posterior_cholesky(self.posterior_precision(prior_precision, sigma_noise))
         return 2 * factor.diagonal().log().sum()
 
     def _jacobian_covariance(self, stats) -> Tensor:
@@ -125,6 +143,11 @@ class FullLaplace(BaseLaplace):
 
     def _curvature_tensors(self) -> list[Tensor]:
         return [self.hessian]
+
+    def _check_curvature_values(self, tensors: list[Tensor]) -> None:
+        super()._check_curvature_values(tensors)
+        if any(t.dim() != 2 or bool((t.diagonal() < 0).any()) for t in tensors):
+            raise ValueError("the state's curvature must be a square matrix with a non-negative diagonal")
 
     def _restore_curvature(self, tensors: list[Tensor], num_data: int) -> None:
         self.hessian = tensors[0]

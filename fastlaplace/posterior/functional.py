@@ -111,7 +111,8 @@ class FunctionalLaplace(BaseLaplace):
     differentiable in a per-layer prior precision without recomputing kernels.
     """
 
-    supports_prior_per_parameter = False
+    #: ``"gp"`` is laplace-torch's name of the GLM predictive here; there are no weights to sample (``"nn"``)
+    pred_types = ("glm", "gp")
     #: jitter ε of the scatter term's kernel, laplace-torch's value
     scatter_jitter = 1e-5
 
@@ -175,8 +176,9 @@ class FunctionalLaplace(BaseLaplace):
             return
         taken, total = 0, 0
         for batch in loader:
-            x, _ = self._split_batch(batch)
+            x, y = self._split_batch(batch)
             size = self._batch_size(x)
+            self._check_targets(y, size)  # every batch's, also those past the subset
             total += size
             if taken < self.n_subset:
                 keep = min(size, self.n_subset - taken)
@@ -210,19 +212,23 @@ class FunctionalLaplace(BaseLaplace):
             raise ValueError("a function-space posterior is fitted afresh: override=False is not supported")
         if distributed.is_distributed():
             raise ValueError("hessian_structure='gp' is not supported under torch.distributed (one subset per process)")
-        self._reset_curvature()
-        self.loss, self.num_data, self._fitted = 0.0, 0, False
-        for batch in self._subset_batches(loader):
-            x, y = self._split_batch(batch)
-            self._check_targets(y, self._batch_size(x))
-            output, stats = output_jacobians(self.model, x, self.layers)
-            self.loss += float(self._summed_loss(output, y))
-            self.num_data += y.shape[0]
-            self.num_outputs = output.shape[1]
-            self._update_curvature((output, stats))
-        self._mean = self._current_weights()
-        self._finish_fit()
-        self._fitted = True
+        with self._unchanged_on_failure():
+            self._reset_curvature()
+            self.loss, self.num_data, self._fitted = 0.0, 0, False
+            for batch in self._subset_batches(loader):
+                x, y = self._split_batch(batch)
+                self._check_targets(y, self._batch_size(x))
+                output, stats = output_jacobians(self.model, x, self.layers)
+                if not bool(torch.isfinite(output).all()):
+                    raise ValueError("the model's output contains NaN or Inf")
+                self._check_outputs(output, y)
+                self.loss += float(self._summed_loss(output, y))
+                self.num_data += y.shape[0]
+                self.num_outputs = output.shape[1]
+                self._update_curvature((output, stats))
+            self._mean = self._current_weights()
+            self._finish_fit()
+            self._fitted = True
 
     def _update_curvature(self, stats) -> None:
         """Keep one batch's layer statistics, a root R of Λ (``Λ_n = R_n R_nᵀ``) and μ = J (θ* − μ_0)."""
@@ -395,60 +401,6 @@ class FunctionalLaplace(BaseLaplace):
             prior = prior * mask[None, :, None, :]
             return prior - torch.diag_embed(reduction).permute(0, 2, 1, 3)
         return prior - (half[0].T @ half[0]).view(n, c, n, c)
-
-    def __call__(
-        self,
-        x: Tensor,
-        pred_type: str = "glm",
-        joint: bool = False,
-        link_approx: str = "probit",
-        n_samples: int = 100,
-        diagonal_output: bool = False,
-        generator: torch.Generator | None = None,
-        fitting: bool = False,
-    ):
-        """The GP predictive, with :meth:`BaseLaplace.__call__`'s arguments and returns.
-
-        Args:
-            x: ``(N, ...)`` inputs.
-            pred_type: ``"glm"`` or its alias ``"gp"`` (laplace-torch's name here).
-            joint: regression: the ``(N C,)`` mean and ``(N C, N C)`` covariance over the batch.
-            link_approx: classification: ``"probit"``, ``"bridge"``, ``"bridge_norm"`` or ``"mc"``
-                (logits sampled from the GP's marginals).
-            n_samples: samples of ``"mc"``.
-            diagonal_output: regression: ``(N, C)`` variances; ``"mc"``: outputs sampled independently.
-            generator: random source of ``"mc"``.
-            fitting: unused (no reward models here).
-
-        Returns:
-            Classification: ``(N, C)`` probabilities. Regression: ``(N, C)`` mean and
-            ``(N, C, C)`` covariance of f (σ² not included), or as ``diagonal_output`` / ``joint`` ask.
-
-        Raises:
-            ValueError: for ``pred_type="nn"``: there are no weight samples in function space.
-        """
-        if pred_type == "nn":
-            raise ValueError(
-                "pred_type='nn' samples weights, which a function-space (gp) posterior does not have; "
-                "use pred_type='glm' (or its alias 'gp')"
-            )
-        if pred_type not in ("glm", "gp"):
-            raise ValueError(f"pred_type must be 'glm' or 'gp' for hessian_structure='gp', got {pred_type!r}")
-        return super().__call__(x, "glm", joint, link_approx, n_samples, diagonal_output, generator, fitting)
-
-    def _sample_deviations(self, n_samples: int, generator: torch.Generator | None) -> list[Tensor]:
-        raise NotImplementedError(
-            "a function-space (gp) posterior has no weight-space covariance to sample from; "
-            "use the predictive (la(x), link_approx='mc' for sampled logits) or a weight-space structure"
-        )
-
-    def sample(self, n_samples: int = 100, generator: torch.Generator | None = None) -> Tensor:
-        """Not available in function space.
-
-        Raises:
-            NotImplementedError: always.
-        """
-        return self._sample_deviations(n_samples, generator)
 
     # ------------------------------------------------------------------ saving
 

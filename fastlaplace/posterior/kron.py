@@ -9,7 +9,7 @@ from fastlaplace import ops
 from fastlaplace.curvature.accumulate import EmbeddingCurvature, KronCurvature, UnitwiseCurvature
 from fastlaplace.curvature.statistics import AFFINE_LAYERS, KRON_LAYERS
 from fastlaplace.posterior import blocks
-from fastlaplace.posterior.base import BaseLaplace
+from fastlaplace.posterior.parametric import ParametricLaplace
 
 Spectrum = tuple[list[Tensor], list[Tensor], Tensor, Tensor]
 
@@ -19,7 +19,25 @@ def _damped_inverse(la: Tensor, lg: Tensor, scale: Tensor, delta: Tensor) -> Ten
     return (scale * torch.outer(lg.clamp_min(0), la.clamp_min(0)) + delta).reciprocal()
 
 
-class KronLaplace(BaseLaplace):
+def _eigh_retrying_in_float64(factors: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """``(eigenvalues, eigenvectors)`` of symmetric factors; one float64 retry where float32 does not converge.
+
+    A float32 LAPACK / cuSOLVER eigensolver can fail on an ill-conditioned factor that float64
+    resolves; the results keep the factors' dtypes. Non-finite factors still raise (refused earlier).
+    """
+    try:
+        return ops.batched_eigh(factors)
+    except RuntimeError:
+        if all(f.dtype == torch.float64 for f in factors):
+            raise
+        values, vectors = ops.batched_eigh([f.double() for f in factors])
+        return (
+            [v.to(f.dtype) for v, f in zip(values, factors, strict=True)],
+            [q.to(f.dtype) for q, f in zip(vectors, factors, strict=True)],
+        )
+
+
+class KronLaplace(ParametricLaplace):
     """``P_l = kron(G_l, A_l) / (N L_l σ² T) + δ_l I`` per layer, used exactly in its eigenbasis.
 
     ``kfac_approx`` (``"expand"`` or ``"reduce"``) says how layers applied at several
@@ -87,7 +105,7 @@ class KronLaplace(BaseLaplace):
                 *self.curvature.output_factors,
                 *self.embedding_curvature.output_factors,
             ]
-            values, vectors = ops.batched_eigh(factors) if factors else ([], [])
+            values, vectors = _eigh_retrying_in_float64(factors) if factors else ([], [])
             count = len(self._kron)
             kron = (vectors[:count], values[:count], vectors[count : 2 * count], values[count : 2 * count])
             self._eigen = (kron, (vectors[2 * count :], values[2 * count :]))
@@ -263,6 +281,17 @@ class KronLaplace(BaseLaplace):
             torch.tensor(embedding.locations, dtype=torch.long),
             *self.unitwise_curvature.blocks,
         ]
+
+    def _check_curvature_values(self, tensors: list[Tensor]) -> None:
+        """Factors and unit-wise blocks (PSD) need a non-negative diagonal; token counts are non-negative."""
+        super()._check_curvature_values(tensors)
+        for t in tensors:
+            if not t.is_floating_point():
+                continue
+            square = t.dim() >= 2 and t.shape[-1] == t.shape[-2]
+            diagonal = t.diagonal(dim1=-2, dim2=-1) if square else t if t.dim() == 1 else None
+            if diagonal is not None and bool((diagonal < 0).any()):
+                raise ValueError("the state's Kronecker factors and token counts must be non-negative")
 
     def _restore_curvature(self, tensors: list[Tensor], num_data: int) -> None:
         names = [[self.layers[i][0] for i in layers] for layers in (self._kron, self._embedding, self._unitwise)]

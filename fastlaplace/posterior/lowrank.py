@@ -9,7 +9,7 @@ from torch import Tensor
 
 from fastlaplace import distributed
 from fastlaplace.curvature.products import ggn_matmul, jacobian_gram, jacobian_matmul
-from fastlaplace.posterior.base import BaseLaplace
+from fastlaplace.posterior.parametric import ParametricLaplace
 from fastlaplace.reference import accumulation_dtype
 
 #: subspace iterations of the randomized sketch: fit() reads the data 1 + this many times
@@ -40,7 +40,7 @@ def nystrom_eigenpairs(basis: Tensor, sketch: Tensor, rank: int) -> tuple[Tensor
     return vectors[:, :rank], (singular[:rank].square() - shift).clamp_min(0)
 
 
-class LowRankLaplace(BaseLaplace):
+class LowRankLaplace(ParametricLaplace):
     """``P = U diag(λ) Uᵀ / (σ² T) + diag(δ)`` with ``(U, λ)`` the top ``low_rank`` eigenpairs of H.
 
     H is the GGN (or Fisher, by ``curvature_mode``) of the summed loss. Its eigenpairs come
@@ -82,23 +82,24 @@ class LowRankLaplace(BaseLaplace):
             raise ValueError(
                 "the low-rank fit reads the data several times: pass a DataLoader or a list, not an iterator"
             )
-        self._reset_curvature()
-        self.loss, self.num_data = 0.0, 0
-        self._fit_pass(loader, progress_bar, self._pass_generator())
-        # Under torch.distributed each rank sketches its shard: sketches, losses and counts add up.
-        totals = torch.tensor([self.loss, float(self.num_data)], dtype=torch.float64)
-        distributed.all_reduce_([self._sketch, totals])
-        loss, num_data = float(totals[0]), int(totals[1])
-        for _ in range(POWER_ITERATIONS):
-            self._basis, self._sketch = torch.linalg.qr(self._sketch).Q, None
+        with self._unchanged_on_failure():
+            self._reset_curvature()
+            self.loss, self.num_data = 0.0, 0
             self._fit_pass(loader, progress_bar, self._pass_generator())
-            distributed.all_reduce_([self._sketch])
-        self.loss, self.num_data = loss, num_data
-        rank = min(self.low_rank, self._basis.shape[1])
-        self.eigenvectors, self.eigenvalues = nystrom_eigenpairs(self._basis, self._sketch, rank)
-        self._basis = self._sketch = None
-        self._mean = self._current_weights()
-        self._fitted = True
+            # Under torch.distributed each rank sketches its shard: sketches, losses and counts add up.
+            totals = torch.tensor([self.loss, float(self.num_data)], dtype=torch.float64)
+            distributed.all_reduce_([self._sketch, totals])
+            loss, num_data = float(totals[0]), int(totals[1])
+            for _ in range(POWER_ITERATIONS):
+                self._basis, self._sketch = torch.linalg.qr(self._sketch).Q, None
+                self._fit_pass(loader, progress_bar, self._pass_generator())
+                distributed.all_reduce_([self._sketch])
+            self.loss, self.num_data = loss, num_data
+            rank = min(self.low_rank, self._basis.shape[1])
+            self.eigenvectors, self.eigenvalues = nystrom_eigenpairs(self._basis, self._sketch, rank)
+            self._basis = self._sketch = None
+            self._mean = self._current_weights()
+            self._fitted = True
 
     def _pass_generator(self) -> torch.Generator:
         # The same sampled labels in every pass (curvature_mode="mc"), so that all passes see one H.
@@ -157,7 +158,8 @@ class LowRankLaplace(BaseLaplace):
         prior, w, _ = self._woodbury(self.prior_precision, self.sigma_noise)
         root = prior.sqrt().unsqueeze(1)
         v = w / root
-        values, vectors = torch.linalg.eigh(v.T @ v)
+        values, vectors = torch.linalg.eigh((v.T @ v).double())  # k × k: float64 converges where float32 may not
+        values, vectors = values.to(v.dtype), vectors.to(v.dtype)
         keep = values > values.max().clamp_min(0) * torch.finfo(values.dtype).eps * v.shape[1]
         basis = (v @ vectors[:, keep]) / values[keep].sqrt()
         noise = torch.randn((v.shape[0], n_samples), dtype=v.dtype, device=v.device, generator=generator)
@@ -166,6 +168,11 @@ class LowRankLaplace(BaseLaplace):
 
     def _curvature_tensors(self) -> list[Tensor]:
         return [self.eigenvectors, self.eigenvalues]
+
+    def _check_curvature_values(self, tensors: list[Tensor]) -> None:
+        super()._check_curvature_values(tensors)
+        if len(tensors) != 2 or bool((tensors[1] < 0).any()):
+            raise ValueError("the state's low-rank curvature must be (eigenvectors, non-negative eigenvalues)")
 
     def _restore_curvature(self, tensors: list[Tensor], num_data: int) -> None:
         self.eigenvectors, self.eigenvalues = tensors

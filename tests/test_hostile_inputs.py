@@ -1,0 +1,328 @@
+"""Hostile inputs, grouped by API call: each is refused by name and leaves the posterior's answers unchanged."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fastlaplace import Laplace
+from fastlaplace.marglik import marglik_training
+
+N, D, C = 12, 4, 3
+STRUCTURES = ["diag", "kron", "full", "lowrank", "gp"]
+
+
+def _data(likelihood: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, dtype=torch.float64, generator=generator)
+    if likelihood == "classification":
+        return x, torch.randint(0, C, (N,), generator=generator)
+    return x, torch.randn(N, C, dtype=torch.float64, generator=generator)
+
+
+def _posterior(structure: str, likelihood: str = "classification", **options):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, 5), nn.Tanh(), nn.Linear(5, C)).double()
+    if structure == "gp":
+        options.setdefault("n_subset", N)
+    return Laplace(model, likelihood, "all", structure, **options)
+
+
+def _fitted(structure: str, likelihood: str = "classification", **options):
+    la = _posterior(structure, likelihood, **options)
+    x, y = _data(likelihood)
+    la.fit([(x[:6], y[:6]), (x[6:], y[6:])])
+    return la
+
+
+def _answers(la) -> tuple:
+    """What the posterior answers: its evidence, a predictive and its prior precision."""
+    x, _ = _data(la.likelihood, seed=1)
+    predictive = la(x)
+    predictive = predictive if isinstance(predictive, tuple) else (predictive,)
+    return (float(la.log_marginal_likelihood()), *[p.clone() for p in predictive], la.prior_precision.clone())
+
+
+def _assert_unchanged(la, before: tuple) -> None:
+    after = _answers(la)
+    assert after[0] == before[0]
+    for a, b in zip(after[1:], before[1:], strict=True):
+        assert torch.equal(a, b)
+
+
+def _bad_batches(likelihood: str) -> dict[str, tuple[list, type, str]]:
+    x, y = _data(likelihood, seed=2)
+    nan_x = x.clone()
+    nan_x[0, 0] = math.nan
+    cases = {
+        "nan input": ([(x, y), (nan_x, y)], ValueError, "inputs contain NaN"),
+        "bare tensor": ([(x, y), x], ValueError, r"\(x, y\) pair"),
+        "triple": ([(x, y, torch.arange(N))], ValueError, r"3-item tuple"),
+        "empty batch": ([(x, y), (x[:0], y[:0])], ValueError, "empty batch"),
+        "numpy inputs": ([(x.numpy(), y)], TypeError, "must be a torch.Tensor"),
+        "numpy targets": ([(x, y.numpy())], TypeError, "targets y must be a torch.Tensor"),
+        "no batch": ([], ValueError, "no batch|exceeds"),
+    }
+    if likelihood == "classification":
+        bad = y.clone()
+        bad[3] = 7
+        cases["label 7 of 3"] = ([(x, y), (x, bad)], ValueError, r"class labels must lie in \[0, 3\)")
+        cases["negative label"] = ([(x, y - 1)], ValueError, "class labels must lie in")
+    else:
+        nan_y = y.clone()
+        nan_y[2, 1] = math.inf
+        cases["inf target"] = ([(x, y), (x, nan_y)], ValueError, "targets contain NaN or Inf")
+        cases["(N, 1) targets for 3 outputs"] = ([(x, y[:, :1])], ValueError, r"one column per output \(3\)")
+    return cases
+
+
+# ---------------------------------------------------------------------- fit
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_fit_refuses_bad_batches_and_keeps_the_earlier_fit(structure, likelihood):
+    la = _fitted(structure, likelihood)
+    before = _answers(la)
+    for name, (loader, error, message) in _bad_batches(likelihood).items():
+        with pytest.raises(error, match=message):
+            la.fit(loader)
+        _assert_unchanged(la, before)
+        assert la.num_data == N, name
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_a_failed_first_fit_leaves_the_posterior_unfitted(structure):
+    la = _posterior(structure)
+    x, y = _data("classification")
+    bad = y.clone()
+    bad[0] = 7
+    with pytest.raises(ValueError, match="class labels"):
+        la.fit([(x, y), (x, bad)])
+    with pytest.raises(RuntimeError, match="call fit"):
+        la(x)
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron", "full"])
+def test_fit_on_an_exhausted_generator_keeps_the_earlier_fit(structure):
+    la = _fitted(structure)
+    before = _answers(la)
+    x, y = _data("classification")
+    batches = (b for b in [(x, y)])
+    la.fit(batches)
+    with pytest.raises(ValueError, match="no batch"):
+        la.fit(batches)
+    assert la.num_data == N
+    with pytest.raises(ValueError, match="class labels"):
+        la.fit([(x, torch.full_like(y, 9))], override=False)
+    la.fit([(x[:6], y[:6]), (x[6:], y[6:])])
+    _assert_unchanged(la, before)
+
+
+# ---------------------------------------------------------------------- setters and the evidence
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_setters_refuse_out_of_range_values(structure):
+    la = _fitted(structure, "regression")
+    before = _answers(la)
+    cases = [
+        ("sigma_noise", math.inf, "sigma_noise must be positive and finite"),
+        ("sigma_noise", 0.0, "sigma_noise must be positive and finite"),
+        ("sigma_noise", -1.0, "sigma_noise must be positive and finite"),
+        ("sigma_noise", math.nan, "sigma_noise must be positive and finite"),
+        ("temperature", 0.0, "temperature must be a positive finite number"),
+        ("temperature", math.nan, "temperature must be a positive finite number"),
+        ("prior_mean", math.nan, "prior_mean must be a finite number"),
+        ("prior_precision", -1.0, "prior_precision must be non-negative and finite"),
+        ("prior_precision", math.nan, "prior_precision must be non-negative and finite"),
+        ("prior_precision", torch.ones(7), "prior_precision must be a scalar or have"),
+    ]
+    for name, value, message in cases:
+        with pytest.raises(ValueError, match=message):
+            setattr(la, name, value)
+        _assert_unchanged(la, before)
+
+
+def test_a_zero_prior_that_makes_the_full_posterior_singular_is_refused():
+    la = _posterior("full")
+    x, y = _data("classification")
+    la.fit([(x[:2], y[:2])])  # 2 points: a GGN of rank 4 at most over 43 weights
+    before = _answers(la)
+    with pytest.raises(ValueError, match="posterior precision is singular"):
+        la.prior_precision = 0.0
+    _assert_unchanged(la, before)
+
+
+@pytest.mark.parametrize("option, value", [("temperature", math.nan), ("prior_mean", math.nan), ("sigma_noise", 0.0)])
+def test_the_factory_refuses_out_of_range_options(option, value):
+    with pytest.raises(ValueError, match=f"{option} must be"):
+        _posterior("kron", "regression", **{option: value})
+
+
+def test_plain_floats_are_accepted_where_laplace_torch_takes_them():
+    la = _fitted("kron", "regression")
+    half, noise = torch.tensor(0.5, dtype=torch.float64), torch.tensor(0.7, dtype=torch.float64)
+    expected = la.log_marginal_likelihood(half, noise)
+    assert float(la.log_marginal_likelihood(0.5, 0.7)) == pytest.approx(float(expected), rel=1e-12)
+    la.sigma_noise = 0.5
+    assert la.sigma_noise.dtype == torch.float64 and float(la.sigma_noise) == 0.5
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_the_evidence_refuses_a_zero_prior_or_bad_noise(structure):
+    la = _fitted(structure, "regression")
+    before = _answers(la)
+    with pytest.raises(ValueError, match="positive prior precision"):
+        la.log_marginal_likelihood(0.0)
+    with pytest.raises(ValueError, match="sigma_noise must be positive and finite"):
+        la.log_marginal_likelihood(None, math.inf)
+    _assert_unchanged(la, before)
+
+
+# ---------------------------------------------------------------------- optimize_prior_precision
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_prior_tuning_refuses_bad_arguments_and_keeps_the_prior(structure):
+    la = _fitted(structure)
+    before = _answers(la)
+    x, y = _data("classification", seed=3)
+    bad = y.clone()
+    bad[-1] = 5
+    cases = [
+        ({"method": "grid"}, "method must be 'marglik' or 'gridsearch'"),
+        ({"method": "marglik", "n_steps": 0}, "n_steps must be a positive integer"),
+        ({"method": "marglik", "lr": math.nan}, "lr must be positive and finite"),
+        ({"method": "gridsearch"}, "needs a val_loader"),
+        ({"method": "gridsearch", "val_loader": [(x, y)], "grid": []}, "grid is empty"),
+        ({"method": "gridsearch", "val_loader": [(x, y)], "grid": [1.0, -1.0]}, "grid values must be positive"),
+        ({"method": "gridsearch", "val_loader": iter([(x, y)])}, "not an iterator"),
+        ({"method": "gridsearch", "val_loader": []}, "val_loader yielded no batch"),
+        ({"method": "gridsearch", "val_loader": [(x, y), (x, bad)], "grid": [0.1, 1.0]}, "class labels"),
+        ({"method": "gridsearch", "val_loader": [(x, y)], "link_approx": "exact"}, "link_approx must be"),
+    ]
+    for arguments, message in cases:
+        with pytest.raises(ValueError, match=message):
+            la.optimize_prior_precision(**arguments)
+        _assert_unchanged(la, before)
+
+
+# ---------------------------------------------------------------------- load_state_dict
+
+
+def _tampered_states(state: dict) -> dict[str, tuple[dict, str]]:
+    first = state["curvature"][0]
+    nan, negative = first.clone(), first.clone()
+    nan[(0,) * nan.dim()] = math.nan
+    negative[(0,) * negative.dim()] = -1.0
+    return {
+        "missing key": ({k: v for k, v in state.items() if k != "loss"}, r"lacks the entries \['loss'\]"),
+        "short curvature": ({**state, "curvature": state["curvature"][1:]}, "does not fit|must be"),
+        "negative prior": ({**state, "prior_precision": -state["prior_precision"]}, "non-negative"),
+        "nan curvature": ({**state, "curvature": [nan, *state["curvature"][1:]]}, "NaN or Inf"),
+        "zero num_data": ({**state, "num_data": 0}, "num_data must be a positive integer"),
+        "nan sigma": ({**state, "sigma_noise": torch.tensor(math.nan)}, "sigma_noise must be positive"),
+        "other structure": ({**state, "structure": "Other"}, "the state is a Other"),
+    } | (
+        {"negative curvature": ({**state, "curvature": [negative, *state["curvature"][1:]]}, "non-negative")}
+        if state["structure"] in ("DiagLaplace", "KronLaplace", "FullLaplace")
+        else {}
+    )
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron", "full", "lowrank"])
+def test_load_state_dict_refuses_tampered_states_and_keeps_the_old_posterior(structure):
+    la = _fitted(structure, "regression")
+    state = la.state_dict()
+    saved = [t.clone() for t in state["curvature"]]
+    la.fit([_data("regression", seed=4)])
+    before = _answers(la)
+    for tampered, message in _tampered_states(state).values():
+        with pytest.raises(ValueError, match=message):
+            la.load_state_dict(tampered)
+        _assert_unchanged(la, before)
+    assert all(torch.equal(a, b) for a, b in zip(state["curvature"], saved, strict=True))
+    la.load_state_dict(state)
+    assert float(la.log_marginal_likelihood()) != before[0]
+
+
+# ---------------------------------------------------------------------- predictives and samples
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_predictives_refuse_bad_arguments(structure):
+    la = _fitted(structure)
+    before = _answers(la)
+    x, _ = _data("classification")
+    with pytest.raises(ValueError, match="n_samples must be a positive integer"):
+        la(x, link_approx="mc", n_samples=0)
+    with pytest.raises(ValueError, match="n_samples must be a positive integer"):
+        la.predict(x, n_samples=-3)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        la(x, link_approx="mc", generator=0)
+    with pytest.raises(ValueError, match="x has no samples"):
+        la(x[:0])
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        la(x.numpy())
+    with pytest.raises(ValueError, match="pred_type='exact' is not available"):
+        la(x, pred_type="exact")
+    if structure != "gp":
+        with pytest.raises(ValueError, match="n_samples must be a positive integer"):
+            la.sample(0)
+        with pytest.raises(ValueError, match="x has no samples"):
+            la(x[:0], pred_type="nn")
+    _assert_unchanged(la, before)
+
+
+# ---------------------------------------------------------------------- marglik_training
+
+
+def test_marglik_training_refuses_one_shot_loaders_and_restores_the_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, 5), nn.Tanh(), nn.Linear(5, C)).double()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = _data("classification")
+    with pytest.raises(ValueError, match="not an iterator"):
+        marglik_training(model, (b for b in [(x, y)]), n_epochs=2)
+    bad = y.clone()
+    bad[0] = 7
+    with pytest.raises(ValueError, match="class labels"):
+        marglik_training(model, [(x, y), (x, bad)], n_epochs=2)
+    with pytest.raises(ValueError, match="hessian_structure='gp'"):
+        marglik_training(model, [(x, y)], hessian_structure="gp", n_epochs=1)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+
+
+def test_numpy_is_not_silently_unpacked():
+    la = _posterior("diag")
+    x, y = _data("classification")
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        la.fit([(np.asarray(x), np.asarray(y))])
+
+
+def test_a_kron_eigendecomposition_failing_in_float32_is_retried_in_float64(monkeypatch):
+    from fastlaplace import ops
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, 5), nn.Tanh(), nn.Linear(5, C))
+    x, y = _data("classification")
+    la = Laplace(model, "classification", "all", "kron")
+    la.fit([(x.float(), y)])
+    expected = la(x.float())
+    la.fit([(x.float(), y)])  # a fresh eigendecomposition, now through the failing solver
+    solve = ops.batched_eigh
+
+    def fails_in_float32(matrices):
+        if any(m.dtype == torch.float32 for m in matrices):
+            raise torch.linalg.LinAlgError("linalg.eigh: the algorithm failed to converge")
+        return solve(matrices)
+
+    monkeypatch.setattr(ops, "batched_eigh", fails_in_float32)
+    probs = la(x.float())
+    assert probs.dtype == torch.float32
+    torch.testing.assert_close(probs, expected, rtol=1e-4, atol=1e-5)
