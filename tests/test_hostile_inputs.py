@@ -212,6 +212,17 @@ def test_prior_tuning_refuses_bad_arguments_and_keeps_the_prior(structure):
         _assert_unchanged(la, before)
 
 
+
+def test_a_grid_without_a_finite_score_keeps_the_prior(monkeypatch):
+    la = _fitted("kron")
+    before = _answers(la)
+    x, y = _data("classification", seed=3)
+    monkeypatch.setattr(la, "_predictive_nll", lambda *args: math.nan)
+    with pytest.raises(ValueError, match="not finite for any grid value"):
+        la.optimize_prior_precision(method="gridsearch", val_loader=[(x, y)], grid=[0.1, 1.0, 10.0])
+    _assert_unchanged(la, before)
+
+
 # ---------------------------------------------------------------------- load_state_dict
 
 

@@ -484,10 +484,10 @@ class BaseLaplace(ABC):
             for delta in candidates:
                 self.prior_precision = delta
                 losses.append(self._predictive_nll(val_loader, pred_type, link_approx))
-        finite = [i for i, loss in enumerate(losses) if math.isfinite(loss)]
-        if not finite:
-            raise ValueError(f"the predictive negative log-likelihood is not finite for any grid value: {losses}")
-        self.prior_precision = candidates[min(finite, key=losses.__getitem__)]
+            finite = [i for i, loss in enumerate(losses) if math.isfinite(loss)]
+            if not finite:
+                raise ValueError(f"the predictive negative log-likelihood is not finite for any grid value: {losses}")
+            self.prior_precision = candidates[min(finite, key=losses.__getitem__)]
 
     def _evidence_maximiser(self, n_steps: int, lr: float) -> Tensor:
         """The prior precision after ``n_steps`` Adam steps on log δ maximising the evidence (δ keeps its shape)."""
