@@ -1,0 +1,150 @@
+"""The layers a K-FAC preconditioner works on, and what it keeps for each of them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fastlaplace.curvature import supported_layers, trainable_bias
+from fastlaplace.curvature.statistics import KRON_LAYERS
+
+
+@dataclass
+class Capture:
+    """One forward of a layer during a factor-update step: its input, and later its output gradient."""
+
+    inputs: Tensor
+    grad: Tensor | None = None
+
+
+@dataclass(eq=False)
+class PreconditionedLayer:
+    """A Linear or Conv2d layer under K-FAC, and its state.
+
+    Attributes:
+        name: the layer's name in ``model.named_modules()``.
+        module: the layer.
+        weight: its weight.
+        bias: its trainable bias, or None.
+        d_in: the columns of the weight as a ``(d_out, d_in)`` matrix.
+        owner: the rank that eigendecomposes its factors under ``broadcast="gradient"``
+            (and preconditions its gradient); 0 on one process.
+        captures: the forwards captured since the last factor update.
+        basis: what its preconditioning is made from as of the last update, in the damping
+            mode's type (:mod:`fastlaplace.optim.modes`); None where another rank owns it.
+        damped: what the mode makes from ``basis`` for the current damping; None until needed.
+    """
+
+    name: str
+    module: nn.Module
+    weight: Tensor
+    bias: Tensor | None
+    d_in: int
+    owner: int = 0
+    captures: list[Capture] = field(default_factory=list)
+    basis: tuple | None = None
+    damped: Any = None
+
+    @property
+    def factor_sizes(self) -> tuple[int, int]:
+        """``(d_A, d_G)``: the sides of the input factor (a ones entry for the bias) and the output factor."""
+        return self.d_in + (self.bias is not None), self.weight.shape[0]
+
+    def capture_hook(self, capturing: Callable[[], bool]) -> Callable:
+        """A forward hook that keeps the input and, from the backward, the output gradient while ``capturing()``."""
+
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            if not torch.is_grad_enabled() or not capturing() or not output.requires_grad:
+                return
+            capture = Capture(inputs[0].detach())
+            self.captures.append(capture)
+
+            def store(grad: Tensor) -> None:
+                capture.grad = grad.detach()
+
+            output.register_hook(store)
+
+        return hook
+
+    def gradient_blocks(self) -> list[Tensor]:
+        """The weight's gradient, then the bias's (a zero column where the bias has none, whose update is dropped)."""
+        blocks = [self.weight.grad]
+        if self.bias is not None:
+            blocks.append(self.bias.grad if self.bias.grad is not None else self.weight.grad.new_zeros(self.d_out))
+        return blocks
+
+    @property
+    def d_out(self) -> int:
+        """The rows of the weight."""
+        return self.weight.shape[0]
+
+    def gradient_matrix(self, dtype: torch.dtype) -> Tensor:
+        """``(d_out, d_A)`` ``[∇W | ∇b]`` in ``dtype`` (a zero bias column for a bias without a gradient)."""
+        grad = self.weight.grad.reshape(self.d_out, self.d_in)
+        if self.bias is None:
+            return grad if grad.dtype == dtype else grad.to(dtype)
+        if self.bias.grad is None:
+            return torch.cat([grad.to(dtype), grad.new_zeros(self.d_out, 1, dtype=dtype)], dim=1)
+        matrix = torch.cat([grad, self.bias.grad.unsqueeze(1)], dim=1)
+        return matrix if matrix.dtype == dtype else matrix.to(dtype)
+
+    def write_gradient(self, update: Tensor) -> None:
+        """Copy a ``(d_out, d_A)`` ``[∇W | ∇b]`` update into the layer's gradients."""
+        self.weight.grad.copy_(update[:, : self.d_in].view_as(self.weight))
+        if self.bias is not None and self.bias.grad is not None:
+            self.bias.grad.copy_(update[:, self.d_in])
+
+
+def _skipped(name: str, module: nn.Module, skip: list[str | type]) -> bool:
+    """Whether skip names the module, one of its ancestors, its class, or a type it is an instance of."""
+    for entry in skip:
+        if isinstance(entry, type):
+            if isinstance(module, entry):
+                return True
+        elif entry in (name, type(module).__name__) or name.startswith(entry + "."):
+            return True
+    return False
+
+
+def preconditioned_layers(model: nn.Module, skip_layers: Iterable[str | type[nn.Module]]) -> list[PreconditionedLayer]:
+    """The model's Linear and Conv2d layers that are not skipped, validated by :func:`supported_layers`.
+
+    Raises:
+        ValueError: on an unsupported trainable layer that is not skipped (named), a
+            ``skip_layers`` entry that names nothing in the model, or no layer left.
+    """
+    skip = list(skip_layers)
+    names = {name for name, _ in model.named_modules()}
+    classes = {type(m).__name__ for _, m in model.named_modules()}
+    for entry in skip:
+        if isinstance(entry, str):
+            if entry not in names and entry not in classes:
+                raise ValueError(
+                    f"skip_layers names {entry!r}, which is neither a module nor a module class of the model"
+                )
+        elif not (isinstance(entry, type) and issubclass(entry, nn.Module)):
+            raise ValueError(f"skip_layers entries must be module names, class names or nn.Module types, got {entry!r}")
+    # supported_layers checks every trainable layer; skipped ones are frozen for the check only,
+    # so that an unsupported layer can be left to the plain gradient by naming it.
+    frozen = [
+        p for name, m in model.named_modules() if _skipped(name, m, skip) for p in m.parameters() if p.requires_grad
+    ]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        layers = supported_layers(model)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    kron = [
+        PreconditionedLayer(name, m, m.weight, trainable_bias(m), m.weight[0].numel())
+        for name, m in layers
+        if isinstance(m, KRON_LAYERS)
+    ]
+    if not kron:
+        raise ValueError("the model has no trainable Linear or Conv2d layer left to precondition")
+    return kron

@@ -1,0 +1,172 @@
+"""K-FAC damping modes: how ``(F + δ)⁻¹`` is made from the factors and applied, one class each.
+
+A mode turns a layer's averaged factors ``(A, G)`` into a *basis* at each update (what the
+preconditioning is made from), turns a basis into *damped* data for the current damping δ
+(kept until the basis or δ changes), and applies ``ν (F + δ)⁻¹`` to the gradients of all
+layers in one fused operator call per step.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from fastlaplace import distributed, ops
+from fastlaplace.optim.layers import PreconditionedLayer
+
+
+class EigenBasis(NamedTuple):
+    """A layer's factors as eigenpairs: ``A = Q_A diag(λ_A) Q_Aᵀ``, ``G = Q_G diag(λ_G) Q_Gᵀ``."""
+
+    q_a: Tensor
+    l_a: Tensor
+    q_g: Tensor
+    l_g: Tensor
+
+
+class Factors(NamedTuple):
+    """A layer's averaged factors ``(A, G)`` as of the last update."""
+
+    a: Tensor
+    g: Tensor
+
+
+class DampedInverses(NamedTuple):
+    """``((A + π√δ I)⁻¹, (G + √δ/π I)⁻¹)`` of a layer."""
+
+    a: Tensor
+    g: Tensor
+
+
+class DampingMode(ABC):
+    """How a K-FAC preconditioner makes and applies ``(F + δ)⁻¹``."""
+
+    #: the mode's name, as ``damping_mode`` takes it
+    name: str
+    #: the type of a layer's basis (its fields are what a state_dict saves)
+    basis_type: type[tuple]
+
+    @abstractmethod
+    def bases(self, input_factors: list[Tensor], output_factors: list[Tensor]) -> list[tuple]:
+        """Per layer the basis made from its factors ``(d_A, d_A)`` and ``(d_G, d_G)``, on this rank."""
+
+    def bases_from_owners(
+        self, factors: list[Tensor], owners: list[int], rank: int, bucket_mb: float
+    ) -> list[tuple] | None:
+        """Per layer the basis when each of the ``2L`` factors (inputs, then outputs) is decomposed by its owner.
+
+        None for a mode whose bases are cheaper made on every rank than sent (the caller
+        then makes them with :meth:`bases`).
+        """
+        return None
+
+    @abstractmethod
+    def damp(self, layers: list[PreconditionedLayer], delta: float) -> None:
+        """Make ``layer.damped`` for δ where it is None, from ``layer.basis``."""
+
+    @abstractmethod
+    def solve_(
+        self, gradients: list[Tensor], blocks: list[int], layers: list[PreconditionedLayer], kl_weights: Tensor | None
+    ) -> None:
+        """``ν (F + δ)⁻¹`` in place on the gradient blocks of the layers (``blocks[l]`` of them per layer)."""
+
+
+class EigenDamping(DampingMode):
+    """Exactly ``(λ_A μ_G + δ)⁻¹`` in the factors' eigenbasis."""
+
+    name = "eigen"
+    basis_type = EigenBasis
+
+    def bases(self, input_factors: list[Tensor], output_factors: list[Tensor]) -> list[EigenBasis]:
+        """Eigenpairs of all the factors in one batched call."""
+        count = len(input_factors)
+        values, vectors = ops.batched_eigh(input_factors + output_factors)
+        return [EigenBasis(vectors[k], values[k], vectors[count + k], values[count + k]) for k in range(count)]
+
+    def bases_from_owners(
+        self, factors: list[Tensor], owners: list[int], rank: int, bucket_mb: float
+    ) -> list[EigenBasis]:
+        """Each factor eigendecomposed on its owner rank, then broadcast to all."""
+        mine = [j for j, owner in enumerate(owners) if owner == rank]
+        values, vectors = ops.batched_eigh([factors[j] for j in mine])
+        all_values = [f.new_empty(f.shape[0]) for f in factors]
+        all_vectors = [torch.empty_like(f) for f in factors]
+        for j, v, q in zip(mine, values, vectors, strict=True):
+            all_values[j], all_vectors[j] = v, q
+        distributed.broadcast_from_owners_(all_values + all_vectors, owners * 2, bucket_mb)
+        count = len(factors) // 2
+        return [
+            EigenBasis(all_vectors[i], all_values[i], all_vectors[count + i], all_values[count + i])
+            for i in range(count)
+        ]
+
+    def damp(self, layers: list[PreconditionedLayer], delta: float) -> None:
+        """``1 / (μ λᵀ + δ)`` of the clamped spectra, ``(d_G, d_A)``."""
+        for layer in layers:
+            if layer.damped is None:
+                basis = layer.basis
+                layer.damped = torch.outer(basis.l_g.clamp_min(0), basis.l_a.clamp_min(0)).add_(delta).reciprocal_()
+
+    def solve_(
+        self, gradients: list[Tensor], blocks: list[int], layers: list[PreconditionedLayer], kl_weights: Tensor | None
+    ) -> None:
+        """One ``kron_precondition_`` call over the layers."""
+        ops.kron_precondition_(
+            gradients,
+            blocks,
+            [layer.basis.q_a for layer in layers],
+            [layer.basis.q_g for layer in layers],
+            [layer.damped for layer in layers],
+            kl_weights,
+            validate=False,  # built here from the layers' own tensors, at every step
+        )
+
+
+class FactoredDamping(DampingMode):
+    """``(A + π√δ I)⁻¹ ⊗ (G + √δ/π I)⁻¹``, ``π² = (tr A / d_A) / (tr G / d_G)`` (Martens & Grosse 2015).
+
+    Nothing is eigendecomposed: the averaged factors are kept, inverted by Cholesky for
+    each damping, and a step is two GEMMs per layer. π is 1 when either trace is zero.
+    """
+
+    name = "factored"
+    basis_type = Factors
+
+    def bases(self, input_factors: list[Tensor], output_factors: list[Tensor]) -> list[Factors]:
+        """Copies of the factors (the averaged ones change at the next update)."""
+        return [Factors(a.clone(), g.clone()) for a, g in zip(input_factors, output_factors, strict=True)]
+
+    def damp(self, layers: list[PreconditionedLayer], delta: float) -> None:
+        """Both damped inverses of every layer in one ``damped_inverses`` call."""
+        missing = [layer for layer in layers if layer.damped is None]
+        if not missing:
+            return
+        root = math.sqrt(delta)
+        factors = [layer.basis.a for layer in missing] + [layer.basis.g for layer in missing]
+        means = torch.stack([f.diagonal().mean() for f in factors]).clamp_min(0).view(2, -1)
+        both = (means > 0).all(0)
+        pi = torch.where(both, means[0] / torch.where(both, means[1], 1), 1).sqrt()
+        inverses = ops.damped_inverses(factors, torch.cat([pi * root, root / pi]))
+        for k, layer in enumerate(missing):
+            layer.damped = DampedInverses(inverses[k], inverses[k + len(missing)])
+
+    def solve_(
+        self, gradients: list[Tensor], blocks: list[int], layers: list[PreconditionedLayer], kl_weights: Tensor | None
+    ) -> None:
+        """One ``kron_inverse_precondition_`` call over the layers."""
+        ops.kron_inverse_precondition_(
+            gradients,
+            blocks,
+            [layer.damped.a for layer in layers],
+            [layer.damped.g for layer in layers],
+            kl_weights,
+            validate=False,  # built here from the layers' own tensors, at every step
+        )
+
+
+#: the damping modes by name
+MODES: dict[str, type[DampingMode]] = {mode.name: mode for mode in (EigenDamping, FactoredDamping)}
