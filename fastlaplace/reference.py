@@ -4,13 +4,13 @@ Each function here has the same arguments and the same result as the operator of
 same name in :mod:`fastlaplace.ops`, written as plainly as possible. They are slow and
 allocate freely; they exist to be obviously right.
 
-Conventions (see DESIGN.md):
+Conventions (docs/design.md):
 
 * A Linear-like layer has an input ``a`` of width ``d_in`` and an output of width
   ``d_out``. With ``append_ones`` the input gets a constant 1 appended, so the
   Kronecker factor ``A`` is ``(d_in + 1) x (d_in + 1)``.
 * The weight matrix ``[W | b]`` of shape ``(d_out, d_A)`` is vectorised row-major.
-  In that order the curvature ``H = A ⊗ G`` of DESIGN.md is the dense matrix
+  In that order the curvature ``H = A ⊗ G`` of docs/design.md is the dense matrix
   ``torch.kron(G, A)`` and a vector is a ``(d_G, d_A)`` matrix ``V``.
 * Posterior precision of one layer: ``P = s * kron(G, A) + delta * I`` with a scale
   ``s`` (data normalisation / temperature) and a prior precision ``delta`` per layer.

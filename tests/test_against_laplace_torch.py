@@ -1,7 +1,7 @@
 """The same posterior as laplace-torch 0.3 (a test-only dependency) on the same model and data.
 
 laplace-torch's Kron treats a bias as a block of its own, while fastlaplace appends a
-ones column to the layer input (DESIGN.md); the Kron comparison therefore uses bias-free
+ones column to the layer input (docs/design.md); the Kron comparison therefore uses bias-free
 layers, the diagonal and full ones biases too.
 """
 
