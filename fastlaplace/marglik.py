@@ -101,107 +101,65 @@ def marglik_training(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     initial_weights = copy.deepcopy(model.state_dict())
     try:
-        return _train(
-            model,
-            train_loader,
-            likelihood,
-            hessian_structure,
-            optimizer_cls,
-            optimizer_kwargs,
-            scheduler_cls,
-            scheduler_kwargs,
-            n_epochs,
-            lr_hyp,
-            prior_structure,
-            n_epochs_burnin,
-            n_hypersteps,
-            marglik_frequency,
-            prior_prec_init,
-            sigma_noise_init,
-            temperature,
-            fix_sigma_noise,
-            progress_bar,
-            laplace_options,
+        regression = likelihood == "regression"
+
+        def posterior(prior: Tensor, sigma: Tensor) -> ParametricLaplace:
+            options = {"sigma_noise": float(sigma.detach())} if regression else {}
+            return Laplace(
+                model,
+                likelihood,
+                subset_of_weights="all",
+                hessian_structure=hessian_structure,
+                prior_precision=_expand(prior.detach()),
+                temperature=temperature,
+                **options,
+                **laplace_options,
+            )
+
+        probe = posterior(torch.tensor(prior_prec_init), torch.tensor(sigma_noise_init))
+        sizes = {"scalar": 1, "layerwise": len(probe.layers), "diag": sum(probe.layer_sizes())}[prior_structure]
+        options = {"dtype": probe.dtype, "device": probe.device}
+        log_prior = torch.full((sizes,), float(prior_prec_init), **options).log().requires_grad_(True)
+        log_sigma = (
+            torch.tensor(float(sigma_noise_init), **options).log().requires_grad_(regression and not fix_sigma_noise)
         )
+        hyper_optimiser = torch.optim.Adam([log_prior] + ([log_sigma] if log_sigma.requires_grad else []), lr=lr_hyp)
+        optimiser = optimizer_cls(model.parameters(), **(optimizer_kwargs or {}))
+        scheduler = None if scheduler_cls is None else scheduler_cls(optimiser, **(scheduler_kwargs or {}))
+
+        size = _data_size(train_loader, probe)
+        margliks: list[float] = []
+        losses: list[float] = []
+        best = (float("inf"), copy.deepcopy(model.state_dict()), log_prior.detach().exp(), log_sigma.detach().exp())
+        for epoch in trange(1, n_epochs + 1, disable=not progress_bar, desc="marglik training"):
+            losses.append(
+                _train_epoch(model, train_loader, size, probe, optimiser, scheduler, log_prior, log_sigma, temperature)
+            )
+            if epoch % marglik_frequency != 0 or epoch <= n_epochs_burnin:
+                continue
+            la = posterior(log_prior.exp(), log_sigma.exp())
+            la.fit(train_loader)
+            for _ in range(n_hypersteps):
+                hyper_optimiser.zero_grad()
+                sigma = log_sigma.exp() if log_sigma.requires_grad else None
+                negative = -la.log_marginal_likelihood(_expand(log_prior.exp()), sigma)
+                negative.backward()
+                hyper_optimiser.step()
+                margliks.append(negative.item())
+            if margliks[-1] < best[0]:
+                best = (
+                    margliks[-1],
+                    copy.deepcopy(model.state_dict()),
+                    log_prior.detach().exp(),
+                    log_sigma.detach().exp(),
+                )
+        model.load_state_dict(best[1])
+        la = posterior(best[2], best[3])
+        la.fit(train_loader)
+        return la, model, margliks, losses
     except BaseException:
         model.load_state_dict(initial_weights)  # a failed training leaves the model as it was given
         raise
-
-
-def _train(
-    model,
-    train_loader,
-    likelihood,
-    hessian_structure,
-    optimizer_cls,
-    optimizer_kwargs,
-    scheduler_cls,
-    scheduler_kwargs,
-    n_epochs,
-    lr_hyp,
-    prior_structure,
-    n_epochs_burnin,
-    n_hypersteps,
-    marglik_frequency,
-    prior_prec_init,
-    sigma_noise_init,
-    temperature,
-    fix_sigma_noise,
-    progress_bar,
-    laplace_options,
-) -> tuple[ParametricLaplace, nn.Module, list[float], list[float]]:
-    """The body of :func:`marglik_training`, on arguments it checked."""
-    regression = likelihood == "regression"
-
-    def posterior(prior: Tensor, sigma: Tensor) -> ParametricLaplace:
-        options = {"sigma_noise": float(sigma.detach())} if regression else {}
-        return Laplace(
-            model,
-            likelihood,
-            subset_of_weights="all",
-            hessian_structure=hessian_structure,
-            prior_precision=_expand(prior.detach()),
-            temperature=temperature,
-            **options,
-            **laplace_options,
-        )
-
-    probe = posterior(torch.tensor(prior_prec_init), torch.tensor(sigma_noise_init))
-    sizes = {"scalar": 1, "layerwise": len(probe.layers), "diag": sum(probe.layer_sizes())}[prior_structure]
-    options = {"dtype": probe.dtype, "device": probe.device}
-    log_prior = torch.full((sizes,), float(prior_prec_init), **options).log().requires_grad_(True)
-    log_sigma = (
-        torch.tensor(float(sigma_noise_init), **options).log().requires_grad_(regression and not fix_sigma_noise)
-    )
-    hyper_optimiser = torch.optim.Adam([log_prior] + ([log_sigma] if log_sigma.requires_grad else []), lr=lr_hyp)
-    optimiser = optimizer_cls(model.parameters(), **(optimizer_kwargs or {}))
-    scheduler = None if scheduler_cls is None else scheduler_cls(optimiser, **(scheduler_kwargs or {}))
-
-    size = _data_size(train_loader, probe)
-    margliks: list[float] = []
-    losses: list[float] = []
-    best = (float("inf"), copy.deepcopy(model.state_dict()), log_prior.detach().exp(), log_sigma.detach().exp())
-    for epoch in trange(1, n_epochs + 1, disable=not progress_bar, desc="marglik training"):
-        losses.append(
-            _train_epoch(model, train_loader, size, probe, optimiser, scheduler, log_prior, log_sigma, temperature)
-        )
-        if epoch % marglik_frequency != 0 or epoch <= n_epochs_burnin:
-            continue
-        la = posterior(log_prior.exp(), log_sigma.exp())
-        la.fit(train_loader)
-        for _ in range(n_hypersteps):
-            hyper_optimiser.zero_grad()
-            sigma = log_sigma.exp() if log_sigma.requires_grad else None
-            negative = -la.log_marginal_likelihood(_expand(log_prior.exp()), sigma)
-            negative.backward()
-            hyper_optimiser.step()
-            margliks.append(negative.item())
-        if margliks[-1] < best[0]:
-            best = (margliks[-1], copy.deepcopy(model.state_dict()), log_prior.detach().exp(), log_sigma.detach().exp())
-    model.load_state_dict(best[1])
-    la = posterior(best[2], best[3])
-    la.fit(train_loader)
-    return la, model, margliks, losses
 
 
 def _expand(prior: Tensor) -> Tensor:
