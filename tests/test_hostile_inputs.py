@@ -212,7 +212,6 @@ def test_prior_tuning_refuses_bad_arguments_and_keeps_the_prior(structure):
         _assert_unchanged(la, before)
 
 
-
 def test_a_grid_without_a_finite_score_keeps_the_prior(monkeypatch):
     la = _fitted("kron")
     before = _answers(la)
@@ -337,3 +336,124 @@ def test_a_kron_eigendecomposition_failing_in_float32_is_retried_in_float64(monk
     probs = la(x.float())
     assert probs.dtype == torch.float32
     torch.testing.assert_close(probs, expected, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- models whose curvature would be silently wrong
+
+
+class _ScaledHead(nn.Module):
+    """The output is 3 × the last Linear's: its output Jacobian is not the identity."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(D, 5), nn.Linear(5, C)
+
+    def forward(self, x):
+        return 3 * self.head(torch.tanh(self.body(x)))
+
+
+class _LastRegisteredRunsFirst(nn.Module):
+    """``proj`` is registered last but runs before ``head``, which produces the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(5, C)
+        self.proj = nn.Linear(D, 5)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.proj(x)))
+
+
+class _Reused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner, self.head = nn.Linear(D, D), nn.Linear(D, C)
+
+    def forward(self, x):
+        return self.head(self.inner(torch.tanh(self.inner(x))))
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(D, D, bias=False), nn.Linear(D, D, bias=False)
+        self.down.weight = self.up.weight
+        self.head = nn.Linear(D, C)
+
+    def forward(self, x):
+        return self.head(self.down(torch.tanh(self.up(x))))
+
+
+class _DoubledLinear(nn.Linear):
+    def forward(self, x):
+        return nn.functional.linear(x, 2 * self.weight, self.bias)
+
+
+class _Idle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head, self.aux = nn.Linear(D, C), nn.Linear(D, C)
+
+    def forward(self, x):
+        return self.head(x)
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
+@pytest.mark.parametrize("model", [_ScaledHead, _LastRegisteredRunsFirst])
+def test_a_last_layer_that_does_not_produce_the_output_is_refused(structure, model):
+    la = Laplace(model().double(), "classification", "last_layer", structure)
+    x, y = _data("classification")
+    with pytest.raises(ValueError, match="does not produce the model's output"):
+        la.fit([(x, y)])
+    with pytest.raises(RuntimeError, match="fit"):
+        la(x)
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag", "full", "lowrank"])
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (_Reused, "layer 'inner' ran more than once in one forward"),
+        (_Idle, r"layers \['aux'\] have trainable parameters but did not run"),
+    ],
+)
+def test_layers_run_twice_or_never_are_refused_by_name(structure, model, message):
+    la = Laplace(model().double(), "classification", "all", structure)
+    x, y = _data("classification")
+    with pytest.raises(ValueError, match=message):
+        la.fit([(x, y)])
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (_Tied, r"layer 'up' shares a trainable parameter with \['down'\] \(tied weights\)"),
+        (
+            lambda: nn.Sequential(_DoubledLinear(D, 5), nn.Tanh(), nn.Linear(5, C)),
+            "layer '0' \\(_DoubledLinear\\) subclasses Linear with a forward of its own",
+        ),
+    ],
+)
+def test_tied_weights_and_own_forward_subclasses_are_refused_by_name(make, message):
+    with pytest.raises(ValueError, match=message):
+        Laplace(make().double(), "classification", "all", "kron")
+
+
+def test_a_frozen_last_layer_is_refused():
+    model = nn.Sequential(nn.Linear(D, 5), nn.Tanh(), nn.Linear(5, C)).double().requires_grad_(False)
+    with pytest.raises(ValueError, match="the last module '2' has a frozen weight"):
+        Laplace(model, "classification", "last_layer", "kron")
+
+
+def test_the_same_models_are_refused_by_the_laplace_torch_backend():
+    from laplace import Laplace as LaplaceTorch
+
+    from fastlaplace.integrations import FastGGN
+
+    x, y = _data("classification")
+    for model, message in ((_Reused, "ran more than once"), (_Tied, "tied weights")):
+        la = LaplaceTorch(
+            model().double(), "classification", subset_of_weights="all", hessian_structure="diag", backend=FastGGN
+        )
+        with pytest.raises(ValueError, match=message):
+            la.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=N))

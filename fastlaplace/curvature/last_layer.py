@@ -11,6 +11,8 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
+from fastlaplace.curvature.statistics import check_plain_forward
+
 FEATURE_REDUCTIONS = ("pick_first", "pick_last", "average")
 
 
@@ -39,10 +41,7 @@ class LastLayerModel(nn.Module):
             raise ValueError(
                 f"last_layer_name={layer_name!r} is not a module of the model; its Linear layers: {linear}"
             )
-        if not isinstance(modules[layer_name], nn.Linear):
-            raise ValueError(
-                f"last_layer_name={layer_name!r} is a {type(modules[layer_name]).__name__}, not an nn.Linear"
-            )
+        _check_last_layer(layer_name, modules[layer_name], f"last_layer_name={layer_name!r}")
         if feature_reduction not in (None, *FEATURE_REDUCTIONS):
             raise ValueError(
                 f"feature_reduction must be None or one of {FEATURE_REDUCTIONS}, got {feature_reduction!r}"
@@ -83,11 +82,25 @@ class LastLayerModel(nn.Module):
 
 
 def last_layer(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's last module, which must be an nn.Linear producing the output."""
+    """The model's last module, which must be a trainable nn.Linear producing the output.
+
+    That it produces the output is checked when the model runs (``output_layer`` of
+    :func:`~fastlaplace.curvature.statistics.backpropagate_columns`).
+    """
     name, module = list(model.named_modules())[-1]
+    _check_last_layer(name, module, f"the last module {name!r}")
+    return [(name, module)]
+
+
+def _check_last_layer(name: str, module: nn.Module, label: str) -> None:
+    """Refuse a last layer that is not a plain, trainable nn.Linear; ``label`` says how it was chosen."""
     if not isinstance(module, nn.Linear):
         raise ValueError(
-            f"the last module {name!r} is a {type(module).__name__}, not an nn.Linear; name the last layer "
-            "with last_layer_name"
+            f"{label} is a {type(module).__name__}, not an nn.Linear; name the last layer with last_layer_name"
         )
-    return [(name, module)]
+    if not module.weight.requires_grad:
+        raise ValueError(
+            f"{label} has a frozen weight (requires_grad=False); the last-layer posterior covers a trainable "
+            "layer: unfreeze it"
+        )
+    check_plain_forward(name, module)

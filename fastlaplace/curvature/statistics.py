@@ -25,6 +25,8 @@ INPUT_DIMS = {
     nn.BatchNorm2d: (4,),
 }
 
+Layers = list[tuple[str, nn.Module]]
+
 
 def trainable_bias(module: nn.Module) -> Tensor | None:
     """The module's bias if it has one that requires grad (it then belongs to the posterior)."""
@@ -212,11 +214,48 @@ def supported_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
             )
         if not module.weight.requires_grad:
             raise ValueError(f"layer {name!r}: a trainable bias with a frozen weight is not supported")
+        check_plain_forward(name, module)
         layers.append((name, module))
     if not layers:
         kinds = ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
         raise ValueError(f"the model has no trainable layer of a supported type ({kinds})")
+    _check_unshared(model, layers)
     return layers
+
+
+def check_plain_forward(name: str, module: nn.Module) -> None:
+    """Refuse a subclass of a supported layer with a forward of its own: its curvature is not the base's.
+
+    Raises:
+        ValueError: naming the layer and its class.
+    """
+    base = _supported_base(module)
+    if type(module).forward is not base.forward:
+        raise ValueError(
+            f"layer {name!r} ({type(module).__name__}) subclasses {base.__name__} with a forward of its own, whose "
+            f"curvature is not a {base.__name__}'s; freeze it (requires_grad=False) or use a plain {base.__name__}"
+        )
+
+
+def _check_unshared(model: nn.Module, layers: Layers) -> None:
+    """Refuse trainable parameters that a layer shares with another module (tied weights).
+
+    Each layer's block would count only its own use of the shared tensor: the curvature of
+    the sum of both uses has cross terms that no per-layer structure holds.
+    """
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            if p.requires_grad and name not in owners.setdefault(id(p), []):
+                owners[id(p)].append(name)
+    for name, module in layers:
+        for p in module.parameters(recurse=False):
+            if len(owners[id(p)]) > 1:
+                raise ValueError(
+                    f"layer {name!r} shares a trainable parameter with {[n for n in owners[id(p)] if n != name]} "
+                    "(tied weights); the curvature of a shared parameter is not supported: untie them, or freeze "
+                    "the shared parameter (requires_grad=False)"
+                )
 
 
 def _all_finite(tensor: Tensor) -> bool:
@@ -230,9 +269,6 @@ def _supported_base(module: nn.Module) -> type:
     return next(t for t in INPUT_DIMS if isinstance(module, t))
 
 
-Layers = list[tuple[str, nn.Module]]
-
-
 def backpropagate_columns(
     model: nn.Module,
     x: Tensor,
@@ -240,6 +276,7 @@ def backpropagate_columns(
     layers: Layers | None,
     compute_dtype: torch.dtype | None = None,
     create_graph: bool = False,
+    output_layer: bool = False,
 ) -> tuple[Tensor, Layers, list[Tensor], list[Tensor]]:
     """Forward x, then backpropagate ``make_columns(output)`` (N, C, K) to the layers.
 
@@ -250,6 +287,10 @@ def backpropagate_columns(
     autocast, and one more forward without autograd gives the exact output the loss and
     the columns are computed from.
 
+    With ``output_layer`` (a last-layer posterior) the last of the layers must produce the
+    model's output itself: the closed forms of a last layer take its output Jacobian as the
+    identity.
+
     Returns the output, the layers (all supported ones by default), their inputs
     ``(N, d_in)`` and the backpropagated columns ``(N, K, d_out)`` at their
     pre-activations: detached, or with ``create_graph`` still differentiable w.r.t. x.
@@ -259,6 +300,11 @@ def backpropagate_columns(
 
     def capture(name):
         def hook(module, inputs, output):
+            if name in captured:
+                raise ValueError(
+                    f"layer {name!r} ran more than once in one forward (a layer reused or a weight shared across "
+                    "calls); its curvature is not supported: freeze it (requires_grad=False)"
+                )
             captured[name] = (inputs[0], output)
 
         return hook
@@ -277,6 +323,18 @@ def backpropagate_columns(
             exact_output = model(x)
     if not _all_finite(exact_output):
         raise ValueError("the model's output contains NaN or Inf")
+    idle = [name for name, _ in layers if name not in captured]
+    if idle:
+        raise ValueError(
+            f"layers {idle} have trainable parameters but did not run in the model's forward; freeze them "
+            "(requires_grad=False) to leave them out"
+        )
+    if output_layer and captured[layers[-1][0]][1] is not output:
+        raise ValueError(
+            f"the last-layer posterior's layer {layers[-1][0]!r} does not produce the model's output (the model "
+            "computes further from it, or another module runs after it); name the layer that does with "
+            "last_layer_name, or make it the model's last operation"
+        )
     for name, module in layers:
         a = captured[name][0]
         allowed = INPUT_DIMS[_supported_base(module)]
@@ -328,6 +386,7 @@ def layer_statistics(
     layers: Layers | None = None,
     compute_dtype: torch.dtype | None = None,
     output_noise: Tensor | None = None,
+    output_layer: bool = False,
 ) -> tuple[Tensor, list[LayerStatistics]]:
     """Run one batch and collect every supported layer's inputs and output gradients.
 
@@ -347,6 +406,7 @@ def layer_statistics(
             products in that precision (autocast); the output stays exact.
         output_noise: ``(C,)`` per-output σ of a regression: output c's curvature columns
             are divided by σ_c, so that H includes it.
+        output_layer: the last layer must produce the output (see :func:`backpropagate_columns`).
 
     Returns:
         ``(output, statistics)``: the detached ``(N, C)`` output and one entry per layer.
@@ -366,18 +426,20 @@ def layer_statistics(
             )
         return result / output_noise.to(result.dtype).unsqueeze(-1)
 
-    output, layers, inputs, grads = backpropagate_columns(model, x, columns, layers, compute_dtype)
+    output, layers, inputs, grads = backpropagate_columns(
+        model, x, columns, layers, compute_dtype, output_layer=output_layer
+    )
     stats = [LayerStatistics(n, m, a, g) for (n, m), a, g in zip(layers, inputs, grads, strict=True)]
     return output, stats
 
 
 def output_jacobians(
-    model: nn.Module, x: Tensor, layers: Layers | None = None, create_graph: bool = False
+    model: nn.Module, x: Tensor, layers: Layers | None = None, create_graph: bool = False, output_layer: bool = False
 ) -> tuple[Tensor, list[LayerStatistics]]:
     """Every layer's input and the Jacobian ``B`` of the output w.r.t. its pre-activation.
 
-    ``layers`` as in :func:`layer_statistics`; with ``create_graph`` everything returned
-    stays differentiable w.r.t. x (for gradients of the predictive).
+    ``layers`` and ``output_layer`` as in :func:`layer_statistics`; with ``create_graph``
+    everything returned stays differentiable w.r.t. x (for gradients of the predictive).
 
     Returns:
         ``(output, statistics)`` with ``statistics[l].output_grads`` of shape
@@ -387,5 +449,7 @@ def output_jacobians(
     def identity(out):
         return torch.eye(out.shape[1], dtype=out.dtype, device=out.device).expand(out.shape[0], -1, -1)
 
-    output, layers, inputs, grads = backpropagate_columns(model, x, identity, layers, create_graph=create_graph)
+    output, layers, inputs, grads = backpropagate_columns(
+        model, x, identity, layers, create_graph=create_graph, output_layer=output_layer
+    )
     return output, [LayerStatistics(n, m, a, g) for (n, m), a, g in zip(layers, inputs, grads, strict=True)]

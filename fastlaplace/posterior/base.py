@@ -550,10 +550,16 @@ class BaseLaplace(ABC):
 
     # ------------------------------------------------------------------ predictive
 
+    def _output_jacobians(self, x: Tensor) -> tuple[Tensor, list]:
+        """The model's ``(N, C)`` output at checked inputs, and each layer's statistics with its output Jacobian."""
+        return output_jacobians(
+            self.model, self._prediction_inputs(x), self.layers, self.enable_backprop, self.last_layer_only
+        )
+
     def functional_variance(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(f(x; θ*), J P⁻¹ Jᵀ)``: the ``(N, C)`` mean and ``(N, C, C)`` covariance of the GLM."""
         self._require_fit()
-        output, stats = output_jacobians(self.model, self._prediction_inputs(x), self.layers, self.enable_backprop)
+        output, stats = self._output_jacobians(x)
         return output, self._jacobian_covariance(stats)
 
     def functional_covariance(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -562,7 +568,7 @@ class BaseLaplace(ABC):
         Outputs are ordered sample by sample (``f(x_1)``, then ``f(x_2)``, ...), as laplace-torch's.
         """
         self._require_fit()
-        output, stats = output_jacobians(self.model, self._prediction_inputs(x), self.layers, self.enable_backprop)
+        output, stats = self._output_jacobians(x)
         cross = self._jacobian_cross_covariance(stats)  # (N, C, N, C)
         return output.flatten(), cross.flatten(0, 1).flatten(1, 2)
 

@@ -121,6 +121,7 @@ class ParametricLaplace(BaseLaplace):
                 self.layers,
                 self.curvature_dtype,
                 output_noise=self.sigma_noise if self.noise_per_output else None,
+                output_layer=self.last_layer_only,
             )
             self._check_outputs(output, y)
             self.loss += float(self._summed_loss(output, y))
