@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fastlaplace import distributed, ops
+from fastlaplace.curvature.eigen import factor_eigh
 from fastlaplace.optim.layers import PreconditionedLayer
 
 
@@ -84,7 +85,7 @@ class EigenDamping(DampingMode):
     def bases(self, input_factors: list[Tensor], output_factors: list[Tensor]) -> list[EigenBasis]:
         """Eigenpairs of all the factors in one batched call."""
         count = len(input_factors)
-        values, vectors = ops.batched_eigh(input_factors + output_factors)
+        values, vectors = factor_eigh(input_factors + output_factors)
         return [EigenBasis(vectors[k], values[k], vectors[count + k], values[count + k]) for k in range(count)]
 
     def bases_from_owners(
@@ -92,7 +93,7 @@ class EigenDamping(DampingMode):
     ) -> list[EigenBasis]:
         """Each factor eigendecomposed on its owner rank, then broadcast to all."""
         mine = [j for j, owner in enumerate(owners) if owner == rank]
-        values, vectors = ops.batched_eigh([factors[j] for j in mine])
+        values, vectors = factor_eigh([factors[j] for j in mine])
         all_values = [f.new_empty(f.shape[0]) for f in factors]
         all_vectors = [torch.empty_like(f) for f in factors]
         for j, v, q in zip(mine, values, vectors, strict=True):

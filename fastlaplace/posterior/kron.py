@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from fastlaplace import ops
 from fastlaplace.curvature.accumulate import EmbeddingCurvature, KronCurvature, UnitwiseCurvature
+from fastlaplace.curvature.eigen import factor_eigh
 from fastlaplace.curvature.statistics import AFFINE_LAYERS, KRON_LAYERS
 from fastlaplace.posterior import blocks
 from fastlaplace.posterior.parametric import ParametricLaplace
@@ -17,24 +18,6 @@ Spectrum = tuple[list[Tensor], list[Tensor], Tensor, Tensor]
 def _damped_inverse(la: Tensor, lg: Tensor, scale: Tensor, delta: Tensor) -> Tensor:
     """``(d_G, d_A)``: ``1 / (s μ_j λ_i + δ)``, eigenvalues clamped at 0."""
     return (scale * torch.outer(lg.clamp_min(0), la.clamp_min(0)) + delta).reciprocal()
-
-
-def _eigh_retrying_in_float64(factors: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-    """``(eigenvalues, eigenvectors)`` of symmetric factors; one float64 retry where float32 does not converge.
-
-    A float32 LAPACK / cuSOLVER eigensolver can fail on an ill-conditioned factor that float64
-    resolves; the results keep the factors' dtypes. Non-finite factors still raise (refused earlier).
-    """
-    try:
-        return ops.batched_eigh(factors)
-    except RuntimeError:
-        if all(f.dtype == torch.float64 for f in factors):
-            raise
-        values, vectors = ops.batched_eigh([f.double() for f in factors])
-        return (
-            [v.to(f.dtype) for v, f in zip(values, factors, strict=True)],
-            [q.to(f.dtype) for q, f in zip(vectors, factors, strict=True)],
-        )
 
 
 class KronLaplace(ParametricLaplace):
@@ -105,7 +88,7 @@ class KronLaplace(ParametricLaplace):
                 *self.curvature.output_factors,
                 *self.embedding_curvature.output_factors,
             ]
-            values, vectors = _eigh_retrying_in_float64(factors) if factors else ([], [])
+            values, vectors = factor_eigh(factors) if factors else ([], [])
             count = len(self._kron)
             kron = (vectors[:count], values[:count], vectors[count : 2 * count], values[count : 2 * count])
             self._eigen = (kron, (vectors[2 * count :], values[2 * count :]))
