@@ -457,3 +457,79 @@ def test_the_same_models_are_refused_by_the_laplace_torch_backend():
         )
         with pytest.raises(ValueError, match=message):
             la.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=N))
+
+
+# ---------------------------------------------------------------------- KFACPreconditioner: step and load_state_dict
+
+
+def _kfac_model(width: int = 8) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(D, width), nn.Tanh(), nn.Linear(width, C))
+
+
+def _kfac_step(model, pre, x, y) -> list[torch.Tensor]:
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    pre.step()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def _kfac_batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = _data("classification", seed)
+    return x.float(), y
+
+
+def test_a_kfac_step_on_a_nan_batch_is_refused_and_leaves_the_factors_unchanged():
+    from fastlaplace.optim import KFACPreconditioner
+
+    clean_model, model = _kfac_model(), _kfac_model()
+    clean, pre = KFACPreconditioner(clean_model, inv_update_steps=1), KFACPreconditioner(model, inv_update_steps=1)
+    for seed in range(2):
+        _kfac_step(clean_model, clean, *_kfac_batch(seed))
+        _kfac_step(model, pre, *_kfac_batch(seed))
+    x, y = _kfac_batch(5)
+    x[3, 1] = math.nan
+    with pytest.raises(ValueError, match="layer '0': the batch's inputs contain NaN or Inf"):
+        _kfac_step(model, pre, x, y)
+    assert pre.steps == clean.steps
+    expected, got = _kfac_step(clean_model, clean, *_kfac_batch(6)), _kfac_step(model, pre, *_kfac_batch(6))
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_kfac_load_state_dict_refuses_other_models_states_and_keeps_its_own():
+    from fastlaplace.optim import KFACPreconditioner
+
+    model, wide_model = _kfac_model(), _kfac_model(width=11)
+    pre, wide = KFACPreconditioner(model), KFACPreconditioner(wide_model)
+    _kfac_step(model, pre, *_kfac_batch(0))
+    _kfac_step(wide_model, wide, *_kfac_batch(0))
+    state = pre.state_dict()
+    fresh = _kfac_model()
+    expected = _kfac_step(fresh, _loaded(fresh, state), *_kfac_batch(1))
+    cases = {
+        "a wider model's state": (
+            wide.state_dict(),
+            "layer '0': the saved output factor is \\(11, 11\\).*from another model",
+        ),
+        "a missing entry": ({k: v for k, v in state.items() if k != "num_data"}, "the state misses \\['num_data'\\]"),
+        "NaN factors": (
+            {**state, "output_factors": [f * math.nan for f in state["output_factors"]]},
+            "layer '0': the saved output factor contains NaN",
+        ),
+        "negative steps": ({**state, "steps": -1}, "steps must be a non-negative integer"),
+    }
+    for bad, message in cases.values():
+        with pytest.raises(ValueError, match=message):
+            pre.load_state_dict(bad)
+    got = _kfac_step(model, pre, *_kfac_batch(1))
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def _loaded(model: nn.Module, state: dict):
+    from fastlaplace.optim import KFACPreconditioner
+
+    pre = KFACPreconditioner(model)
+    pre.load_state_dict(state)
+    return pre

@@ -258,7 +258,8 @@ def _check_unshared(model: nn.Module, layers: Layers) -> None:
                 )
 
 
-def _all_finite(tensor: Tensor) -> bool:
+def all_finite(tensor: Tensor) -> bool:
+    """Whether every entry is finite, by one reduction where it can."""
     # One reduction instead of isfinite's several elementwise passes; NaN and Inf survive a
     # sum, and a sum that overflows falls back to the exact test.
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
@@ -321,7 +322,7 @@ def backpropagate_columns(
     if compute_dtype is not None:
         with torch.no_grad():
             exact_output = model(x)
-    if not _all_finite(exact_output):
+    if not all_finite(exact_output):
         raise ValueError("the model's output contains NaN or Inf")
     idle = [name for name, _ in layers if name not in captured]
     if idle:
@@ -366,7 +367,7 @@ def backpropagate_columns(
         for i, grad in zip(inner, backpropagated, strict=True):
             grads[i] = grad
     for (name, _), grad in zip(layers, grads, strict=True):
-        if not _all_finite(grad):
+        if not all_finite(grad):
             raise ValueError(f"the output gradients of layer {name!r} contain NaN or Inf")
 
     def keep(t: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from fastlaplace import distributed
 from fastlaplace.curvature import KronCurvature, LayerStatistics
-from fastlaplace.curvature.statistics import INPUT_DIMS
+from fastlaplace.curvature.statistics import INPUT_DIMS, all_finite
 from fastlaplace.optim.layers import PreconditionedLayer, preconditioned_layers
 from fastlaplace.optim.modes import MODES, DampedInverses, EigenBasis
 
@@ -268,16 +268,27 @@ class KFACPreconditioner:
                 inputs = torch.cat([c.inputs for c in done])
                 grads = torch.cat([c.grad * c.inputs.shape[0] if mean else c.grad for c in done])
                 grad_scale = 1.0
+            for what, tensor in (("inputs", inputs), ("output gradients", grads)):
+                if not all_finite(tensor):
+                    for other in self._layers:  # the batch is dropped, so that the next one starts clean
+                        other.captures = []
+                    raise ValueError(
+                        f"layer {layer.name!r}: the batch's {what} contain NaN or Inf; the batch is dropped and "
+                        "the factors are left as they were (skip the optimiser step for it)"
+                    )
             statistics.append(LayerStatistics(layer.name, layer.module, inputs, grads.unsqueeze(1)))  # K = 1 column
             scales.append(grad_scale)
-        for layer in self._layers:
-            layer.captures = []
         if missing:
             raise RuntimeError(
                 f"layers {missing} ran no forward and backward with gradients enabled since the last step(); "
                 "call step() after loss.backward() (K-FAC updates its factors at this step)"
             )
-        self.curvature.decay = _value(self.factor_decay)
+        decay = _value(self.factor_decay)
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"factor_decay must lie in [0, 1), got {decay}")
+        for layer in self._layers:
+            layer.captures = []
+        self.curvature.decay = decay
         self.curvature.update(statistics, output_scales=scales)
 
     def update_eigendecomposition(self) -> None:
@@ -463,9 +474,18 @@ class KFACPreconditioner:
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict` saved for the same layers (no communication: every rank loads the same).
 
+        Everything is checked before anything changes: on an error the preconditioner is as it was.
+
         Raises:
-            ValueError: if the state was saved for other layers, or with another damping_mode.
+            ValueError: if the state misses an entry, was saved for other layers or another
+                damping_mode, or holds factors or eigenpairs of other sizes, non-finite ones or
+                a negative step count (each named).
         """
+        missing_keys = [
+            k for k in ("steps", "layers", "input_factors", "output_factors", "locations", "num_data") if k not in state
+        ]
+        if missing_keys:
+            raise ValueError(f"the state misses {missing_keys}; it is not a KFACPreconditioner.state_dict()")
         names = [layer.name for layer in self._layers]
         if list(state["layers"]) != names:
             raise ValueError(f"the state was saved for layers {list(state['layers'])}, this preconditioner has {names}")
@@ -474,27 +494,70 @@ class KFACPreconditioner:
             raise ValueError(
                 f"the state was saved with damping_mode={saved_mode!r}, this preconditioner has {self.damping_mode!r}"
             )
+        steps = state["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"the state's steps must be a non-negative integer, got {steps!r}")
         device = self._layers[0].weight.device
-        self.steps = int(state["steps"])
+        input_factors = [f.to(device, copy=True) for f in state["input_factors"]]
+        output_factors = [f.to(device, copy=True) for f in state["output_factors"]]
+        fitted = bool(input_factors)
+        if fitted:
+            self._check_saved_factors(input_factors, output_factors, list(state["locations"]))
+        saved = state.get("eigendecomposition") or [None] * len(names)
+        if len(saved) != len(names):
+            raise ValueError(f"the state's eigendecomposition has {len(saved)} entries for {len(names)} layers")
+        needed = self._needed()
+        bases = [
+            self._checked_basis(layer, [t.to(device, copy=True) for t in e]) if e is not None and want else None
+            for layer, e, want in zip(self._layers, saved, needed, strict=True)
+        ]
+        missing = [i for i, want in enumerate(needed) if want and bases[i] is None]
+        if missing and fitted:  # recomputed locally, the same on every rank
+            made = self.mode.bases([input_factors[i] for i in missing], [output_factors[i] for i in missing])
+            for i, basis in zip(missing, made, strict=True):
+                bases[i] = basis
+        self.steps = steps
         for layer in self._layers:
             layer.captures = []
         self._arm_hooks()
-        self.curvature.names = names if state["input_factors"] else []
-        self.curvature.input_factors = [f.to(device, copy=True) for f in state["input_factors"]]
-        self.curvature.output_factors = [f.to(device, copy=True) for f in state["output_factors"]]
+        self.curvature.names = names if fitted else []
+        self.curvature.input_factors = input_factors
+        self.curvature.output_factors = output_factors
         self.curvature.locations = list(state["locations"])
         self.curvature.num_data = int(state["num_data"])
-        saved = state.get("eigendecomposition") or [None] * len(names)
-        needed = self._needed()
-        bases = [
-            self.mode.basis_type(*(t.to(device, copy=True) for t in e)) if e is not None and want else None
-            for e, want in zip(saved, needed, strict=True)
-        ]
-        missing = [i for i, want in enumerate(needed) if want and bases[i] is None]
-        if missing and self.curvature.names:  # recomputed locally, the same on every rank
-            made = self.mode.bases(
-                [self.curvature.input_factors[i] for i in missing], [self.curvature.output_factors[i] for i in missing]
-            )
-            for i, basis in zip(missing, made, strict=True):
-                bases[i] = basis
         self._use_bases(bases)
+
+    def _check_saved_factors(self, input_factors: list[Tensor], output_factors: list[Tensor], locations: list) -> None:
+        """Refuse saved factors of another count, size or dtype than this preconditioner's, or non-finite ones."""
+        count = len(self._layers)
+        if len(input_factors) != count or len(output_factors) != count or len(locations) != count:
+            raise ValueError(
+                f"the state holds {len(input_factors)} input and {len(output_factors)} output factors "
+                f"for {count} layers"
+            )
+        for layer, a, g in zip(self._layers, input_factors, output_factors, strict=True):
+            d_a, d_g = layer.factor_sizes
+            for side, factor, size in (("input", a, d_a), ("output", g, d_g)):
+                if factor.shape != (size, size) or not factor.is_floating_point():
+                    raise ValueError(
+                        f"layer {layer.name!r}: the saved {side} factor is {tuple(factor.shape)} {factor.dtype}, "
+                        f"this layer's is ({size}, {size}): the state is from another model"
+                    )
+                if not all_finite(factor):
+                    raise ValueError(f"layer {layer.name!r}: the saved {side} factor contains NaN or Inf")
+
+    def _checked_basis(self, layer: PreconditionedLayer, tensors: list[Tensor]) -> tuple:
+        """A saved basis of the mode's type, refused when its sizes are not the layer's or it is not finite."""
+        fields = self.mode.basis_type._fields
+        if len(tensors) != len(fields):
+            raise ValueError(f"layer {layer.name!r}: the saved basis has {len(tensors)} tensors, {fields} expected")
+        basis = self.mode.basis_type(*tensors)
+        d_a, d_g = layer.factor_sizes
+        for name, t in zip(fields, tensors, strict=True):
+            size = d_a if name.endswith("a") else d_g
+            if t.shape[0] != size or not all_finite(t):
+                raise ValueError(
+                    f"layer {layer.name!r}: the saved {name} is {tuple(t.shape)} (its sides must be {size}) "
+                    "or not finite"
+                )
+        return basis
