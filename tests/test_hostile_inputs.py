@@ -533,3 +533,14 @@ def _loaded(model: nn.Module, state: dict):
     pre = KFACPreconditioner(model)
     pre.load_state_dict(state)
     return pre
+
+
+def test_a_layer_frozen_after_the_preconditioner_was_made_is_named():
+    from fastlaplace.optim import KFACPreconditioner
+
+    model = _kfac_model()
+    pre = KFACPreconditioner(model)
+    model[0].requires_grad_(False)
+    with pytest.raises(RuntimeError, match=r"layers \['0'\] were frozen \(requires_grad=False\) after"):
+        _kfac_step(model, pre, *_kfac_batch(0))
+

@@ -278,6 +278,12 @@ class KFACPreconditioner:
                     )
             statistics.append(LayerStatistics(layer.name, layer.module, inputs, grads.unsqueeze(1)))  # K = 1 column
             scales.append(grad_scale)
+        frozen = [layer.name for layer in self._layers if not layer.weight.requires_grad]
+        if frozen:
+            raise RuntimeError(
+                f"layers {frozen} were frozen (requires_grad=False) after the preconditioner was made; make a new "
+                "KFACPreconditioner for the layers that train (or name the frozen ones in skip_layers)"
+            )
         if missing:
             raise RuntimeError(
                 f"layers {missing} ran no forward and backward with gradients enabled since the last step(); "
