@@ -543,4 +543,3 @@ def test_a_layer_frozen_after_the_preconditioner_was_made_is_named():
     model[0].requires_grad_(False)
     with pytest.raises(RuntimeError, match=r"layers \['0'\] were frozen \(requires_grad=False\) after"):
         _kfac_step(model, pre, *_kfac_batch(0))
-
