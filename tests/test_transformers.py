@@ -6,8 +6,11 @@ import sys
 import pytest
 import torch
 from dense import targets
+from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
+from transformers import GPT2Config, GPT2ForSequenceClassification
+from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.pytorch_utils import Conv1D
 
 from fastlaplace import Laplace
@@ -153,3 +156,159 @@ def test_conv1d_is_recognised_without_importing_transformers():
         "assert 'transformers' not in sys.modules, 'fastlaplace imported transformers'\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True)
+
+
+class Returning(nn.Module):
+    """A network whose forward returns its logits inside a ModelOutput, a dict, a tuple, or an unreadable set."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head, self.kind = nn.Sequential(nn.Linear(3, 4), nn.Tanh()), nn.Linear(4, 3), kind
+
+    def forward(self, x):
+        logits = self.head(self.body(x))
+        wrapped = {
+            "tensor": lambda: logits,
+            "model_output": lambda: SequenceClassifierOutput(logits=logits),
+            "dict": lambda: {"loss": logits.sum(), "logits": logits},
+            "tuple": lambda: (logits, logits.sum()),
+            "set": lambda: {1},
+        }
+        return wrapped[self.kind]()
+
+
+@pytest.mark.parametrize("kind", ["model_output", "dict", "tuple"])
+@pytest.mark.parametrize(
+    "subset, structure, options",
+    [("all", "kron", {}), ("all", "lowrank", {"low_rank": 4}), ("last_layer", "diag", {"last_layer_name": "head"})],
+)
+def test_outputs_are_read_through_their_logits(kind, subset, structure, options, generator):
+    x = torch.randn(6, 3, dtype=torch.float64, generator=generator)
+    batches = [(x[:4], targets("classification", 4, generator=generator)), (x[4:], targets("classification", 2))]
+    posteriors = []
+    for network in (Returning("tensor").double(), Returning(kind).double()):
+        la = Laplace(network, "classification", subset_of_weights=subset, hessian_structure=structure, **options)
+        la.fit(batches)
+        posteriors.append(la)
+    reference, la = posteriors
+    torch.testing.assert_close(la.log_marginal_likelihood(), reference.log_marginal_likelihood())
+    torch.testing.assert_close(la(x), reference(x))
+    draws = [p(x, pred_type="nn", n_samples=3, generator=torch.Generator().manual_seed(2)) for p in posteriors]
+    torch.testing.assert_close(draws[1], draws[0])
+    # the sampled predictive leaves the model's own parameters in place (a named last layer included)
+    assert all(isinstance(getattr(la.model.head, k), nn.Parameter) for k in ("weight", "bias"))
+    torch.testing.assert_close(la(x), reference(x))
+
+
+def test_an_unreadable_output_is_refused_by_its_type(generator):
+    la = Laplace(Returning("set").double(), "classification", subset_of_weights="all")
+    with pytest.raises(TypeError, match="logits from the model's output of type set"):
+        la.fit([(torch.randn(2, 3, dtype=torch.float64), torch.tensor([0, 1]))])
+
+
+def tiny_gpt2(classes: int = 3) -> GPT2ForSequenceClassification:
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16, num_labels=classes, pad_token_id=0,
+        bos_token_id=1, eos_token_id=1,
+    )  # fmt: skip
+    return GPT2ForSequenceClassification(config).double().eval()
+
+
+def padded_batch(generator, n: int = 4, length: int = 6) -> dict:
+    """Right-padded token ids (pad 0) and their attention mask, sequences of 2 to ``length`` tokens."""
+    ids = torch.randint(1, 50, (n, length), generator=generator)
+    lengths = torch.randint(2, length + 1, (n,), generator=generator)
+    lengths[0] = 2
+    mask = (torch.arange(length) < lengths.unsqueeze(1)).long()
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
+def test_gpt2_last_layer_reads_the_last_real_token(structure, generator):
+    model = tiny_gpt2()
+    x, y = padded_batch(generator), torch.tensor([0, 1, 2, 1])
+    logits = model(**x).logits.detach()
+    la = Laplace(model, "classification", hessian_structure=structure, last_layer_name="score",
+                 feature_reduction="pick_last")  # fmt: skip
+    la.fit([(x, y)])  # labels apart
+    torch.testing.assert_close(la.functional_variance(x)[0], logits)
+    labelled = Laplace(model, "classification", hessian_structure=structure, last_layer_name="score",
+                       feature_reduction="pick_last")  # fmt: skip
+    labelled.fit([{**x, "labels": y}])  # labels under dict_key_y: not given to the model
+    torch.testing.assert_close(labelled.log_marginal_likelihood(), la.log_marginal_likelihood())
+    torch.testing.assert_close(labelled(x), la(x))
+    # the posterior of the score layer applied to the features HF's pooling picked
+    features = model.transformer(**x).last_hidden_state.detach()
+    picked = features[torch.arange(4), x["attention_mask"].sum(1) - 1]
+    head = nn.Sequential(nn.Linear(16, 3, bias=False)).double()
+    head[0].weight.data.copy_(model.score.weight.data)
+    reference = Laplace(head, "classification", hessian_structure=structure)
+    reference.fit([(picked, y)])
+    torch.testing.assert_close(la.log_marginal_likelihood(), reference.log_marginal_likelihood())
+    torch.testing.assert_close(la(x), reference(picked))
+
+
+@pytest.mark.parametrize("reduction", ["pick_first", "average"])
+def test_the_other_reductions_keep_to_the_masked_tokens(reduction, generator):
+    model = tiny_gpt2()
+    x = padded_batch(generator)
+    la = Laplace(model, "classification", last_layer_name="score", feature_reduction=reduction)
+    la.fit([(x, torch.tensor([0, 1, 2, 1]))])
+    features = model.transformer(**x).last_hidden_state.detach()
+    mask = x["attention_mask"].unsqueeze(-1).double()
+    reduced = features[:, 0] if reduction == "pick_first" else (features * mask).sum(1) / mask.sum(1)
+    torch.testing.assert_close(la.functional_variance(x)[0], model.score(reduced))
+    bad = {**x, "attention_mask": x["attention_mask"][:, :3]}
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(4, 3\), not \(N, T\) = \(4, 6\)"):
+        la(bad)
+
+
+def test_gpt2_all_weights_diag_equals_the_dense_ggn(generator):
+    model = tiny_gpt2()
+    model.transformer.wte.weight.requires_grad_(False)  # keeps the dense Jacobian small
+    x = padded_batch(generator)
+    x["position_ids"] = torch.arange(6).expand(4, 6)  # one row per sample: the position embedding gets curvature
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="diag")
+    la.fit([(x, torch.tensor([0, 1, 2, 1]))])
+    assert any(name.endswith("c_attn") for name, _ in la.layers)
+
+    def logits(params, ids, mask, positions):
+        frozen = {k: v for k, v in model.named_parameters() if not v.requires_grad}
+        inputs = {"input_ids": ids[None], "attention_mask": mask[None], "position_ids": positions[None]}
+        return functional_call(model, {**params, **frozen}, (), inputs).logits[0]
+
+    trainable = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    # one sample at a time: HF's mask code branches on the data, which vmap cannot batch
+    per_sample = [jacrev(logits)(trainable, *(x[k][n] for k in ("input_ids", "attention_mask", "position_ids")))
+                  for n in range(4)]  # fmt: skip
+    jac = torch.stack([torch.cat([j.flatten(1) for j in sample.values()], dim=-1) for sample in per_sample])
+    p = model(**x).logits.detach().softmax(-1)
+    ggn_diagonal = torch.einsum("ncp,ncd,ndp->p", jac, torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2), jac)
+    torch.testing.assert_close(la._to_parameter_order(la.posterior_precision()), ggn_diagonal + 1)
+    torch.testing.assert_close(
+        la.functional_variance(x)[1], torch.einsum("ncp,p,ndp->ncd", jac, 1 / (ggn_diagonal + 1), jac)
+    )
+
+
+def test_gpt2_with_lora_on_its_conv1d_attention(generator):
+    model = tiny_gpt2()
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True, task_type="SEQ_CLS")
+    peft_model = get_peft_model(model, config).double().eval()
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.3, generator=generator)  # LoRA starts at B = 0: a zero Jacobian for A
+    x, y = padded_batch(generator), torch.tensor([0, 1, 2, 1])
+    x["position_ids"] = torch.arange(6).expand(4, 6)
+    la = Laplace(peft_model, "classification", subset_of_weights="all", hessian_structure="kron")
+    la.fit([(x, y)])
+    names = [name for name, _ in la.layers]
+    assert any("lora_A" in n for n in names) and any("lora_B" in n for n in names)
+    assert not any("base_layer" in n or "c_proj" in n for n in names)  # frozen bases are left out
+    probs = la(x)
+    assert probs.shape == (4, 3) and torch.allclose(probs.sum(-1), torch.ones(4, dtype=torch.float64))
+    assert torch.isfinite(la.log_marginal_likelihood())
+    full = Laplace(peft_model, "classification", subset_of_weights="all", hessian_structure="full")
+    full.fit([(x, y)])
+    torch.testing.assert_close(full.functional_variance(x)[0], peft_model(**x).logits.detach())

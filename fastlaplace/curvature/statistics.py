@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from fastlaplace.curvature.layout import is_transposed_linear, weight_block
 from fastlaplace.curvature.loss import output_gradient_columns
+from fastlaplace.curvature.model_io import call_model
 
 #: layers with Kronecker factors (a weight applied to input vectors); transformers' Conv1D too
 #: (see :func:`has_kron_factors`), recognised without importing transformers
@@ -286,14 +287,14 @@ def backpropagate_columns(
     device = layers[0][1].weight.device.type
     try:
         with torch.enable_grad(), torch.autocast(device, compute_dtype, enabled=compute_dtype is not None):
-            output = model(x)
+            output = call_model(model, x)
     finally:
         for handle in handles:
             handle.remove()
     exact_output = output
     if compute_dtype is not None:
         with torch.no_grad():
-            exact_output = model(x)
+            exact_output = call_model(model, x)
     if not _all_finite(exact_output):
         raise ValueError("the model's output contains NaN or Inf")
     for name, module in layers:
@@ -308,7 +309,8 @@ def backpropagate_columns(
             raise ValueError(
                 f"layer {name!r} got an input of shape {tuple(a.shape)}, not one row per sample of the batch of "
                 f"{exact_output.shape[0]}: a layer shared by the whole batch (such as a position embedding of "
-                "arange(T)) has no per-sample curvature; give it (N, ...) inputs or freeze it"
+                "arange(T)) has no per-sample curvature; give it (N, ...) inputs (a HuggingFace model: position_ids of "
+                "shape (N, T) in the dict batch) or freeze it"
             )
     columns = make_columns(exact_output).to(output.dtype).permute(2, 0, 1).contiguous()  # (K, N, C)
     pre_activations = [captured[name][1] for name, _ in layers]

@@ -7,12 +7,12 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor
-from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from fastlaplace import distributed
 from fastlaplace.curvature import layer_statistics, split_heteroscedastic, trainable_bias
 from fastlaplace.curvature.layout import block_to_parameter, parameter_to_block, weight_shape
+from fastlaplace.curvature.model_io import call_model
 from fastlaplace.posterior.base import BaseLaplace, _own_parameters
 
 
@@ -190,7 +190,7 @@ class ParametricLaplace(BaseLaplace):
             for draw in self.sample(n_samples, generator):
                 values = torch.split(draw, [p.numel() for p in self._layer_parameters()])
                 params = {k: v.view_as(p) for k, v, p in zip(keys, values, self._layer_parameters(), strict=True)}
-                outputs.append(functional_call(self.model, params, (x,)))
+                outputs.append(call_model(self.model, x, params))
         return torch.stack(outputs)
 
     def _sampled_network_predictive(
