@@ -197,7 +197,8 @@ def test_outputs_are_read_through_their_logits(kind, subset, structure, options,
     draws = [p(x, pred_type="nn", n_samples=3, generator=torch.Generator().manual_seed(2)) for p in posteriors]
     torch.testing.assert_close(draws[1], draws[0])
     # the sampled predictive leaves the model's own parameters in place (a named last layer included)
-    assert all(isinstance(getattr(la.model.head, k), nn.Parameter) for k in ("weight", "bias"))
+    head = la.layers[-1][1]
+    assert all(isinstance(getattr(head, k), nn.Parameter) for k in ("weight", "bias"))
     torch.testing.assert_close(la(x), reference(x))
 
 
