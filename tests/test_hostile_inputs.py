@@ -212,7 +212,6 @@ def test_prior_tuning_refuses_bad_arguments_and_keeps_the_prior(structure):
         _assert_unchanged(la, before)
 
 
-
 def test_a_grid_without_a_finite_score_keeps_the_prior(monkeypatch):
     la = _fitted("kron")
     before = _answers(la)
