@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from tqdm.auto import trange
 
 from fastlaplace.curvature import summed_negative_log_likelihood
+from fastlaplace.curvature.model_io import call_model
 from fastlaplace.laplace import Laplace
 from fastlaplace.posterior import ParametricLaplace
 
@@ -188,7 +189,7 @@ def _train_epoch(model, loader, size, probe, optimiser, scheduler, log_prior, lo
         x, y = probe._split_batch(batch)
         probe._check_targets(y, probe._batch_size(x))
         optimiser.zero_grad()
-        output = model(x)
+        output = call_model(model, x)
         probe._check_outputs(output, y)
         noise = sigma if probe.likelihood == "regression" else None
         data_term = summed_negative_log_likelihood(output, y, probe._likelihood(True), noise)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from fastlaplace import ops
+from fastlaplace.curvature.layout import weight_shape
 from fastlaplace.curvature.statistics import LayerStatistics
 from fastlaplace.reference import accumulation_dtype
 
@@ -162,9 +163,9 @@ class KronCurvature:
         self.locations = [1 if self.kfac_approx == "reduce" else s.locations for s in statistics]
         for s in statistics:
             options = {"dtype": accumulation_dtype(s.inputs.dtype), "device": s.inputs.device}
-            d_a = s.module.weight[0].numel() + s.has_bias
+            d_g, d_in = weight_shape(s.module)
+            d_a = d_in + s.has_bias
             self._input_factors.append(torch.zeros(d_a, d_a, **options))
-            d_g = s.module.weight.shape[0]
             self._output_factors.append(torch.zeros(d_g, d_g, **options))
 
     def _factor(self, key: int) -> Tensor:
@@ -256,7 +257,7 @@ class DiagCurvature:
             return _embedding_diagonal(s)
         # Weights shared across locations: square the summed gradient.
         squares = s.weight_gradients().to(accumulation_dtype(s.output_grads.dtype)).square().sum((0, 1))
-        return squares.view(s.module.weight.shape[0], -1)
+        return squares.view(weight_shape(s.module)[0], -1)
 
 
 def _embedding_diagonal(s: LayerStatistics) -> Tensor:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fastlaplace.curvature.layout import weight_shape
 from fastlaplace.curvature.statistics import LayerStatistics
 
 
@@ -57,7 +58,7 @@ def jacobian_transpose_matmul(statistics: Sequence[LayerStatistics], coefficient
     for s in statistics:
         if not s.has_kron_factors:
             jac = s.weight_gradients().to(coefficients.dtype)
-            result.append(torch.einsum("nkj,nkp->jp", coefficients, jac).unflatten(1, (s.module.weight.shape[0], -1)))
+            result.append(torch.einsum("nkj,nkp->jp", coefficients, jac).unflatten(1, (weight_shape(s.module)[0], -1)))
             continue
         grads = s.location_grads().to(coefficients.dtype)
         inputs = s.patches().to(coefficients.dtype)
@@ -113,7 +114,8 @@ def jacobian_gram(
         if not s.is_plain_linear:
             jac = s.weight_gradients().to(w.dtype)  # (N, C, d_out * d_A)
             jac_t = jac if t is s else t.weight_gradients().to(w.dtype)
-            flat = w.broadcast_to(s.module.weight.shape[0], jac.shape[-1] // s.module.weight.shape[0]).flatten()
+            d_out = weight_shape(s.module)[0]
+            flat = w.broadcast_to(d_out, jac.shape[-1] // d_out).flatten()
             total = total + torch.einsum(per_sample_jacobian, jac, flat, jac_t)
             continue
         grads, inputs = s.output_grads.to(w.dtype), s.patches()[:, 0].to(w.dtype)  # (N, C, o), (N, a)

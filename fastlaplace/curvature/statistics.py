@@ -8,9 +8,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fastlaplace.curvature.layout import is_transposed_linear, weight_block
 from fastlaplace.curvature.loss import output_gradient_columns
+from fastlaplace.curvature.model_io import call_model
 
-#: layers with Kronecker factors (a weight applied to input vectors)
+#: layers with Kronecker factors (a weight applied to input vectors); transformers' Conv1D too
+#: (see :func:`has_kron_factors`), recognised without importing transformers
 KRON_LAYERS = (nn.Linear, nn.Conv2d)
 #: layers that scale and shift each feature of a normalised input
 AFFINE_LAYERS = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
@@ -24,6 +27,19 @@ INPUT_DIMS = {
     nn.BatchNorm1d: (2,),
     nn.BatchNorm2d: (4,),
 }
+#: the name the error messages give transformers' Conv1D among the supported layers
+TRANSPOSED_LINEAR_NAME = "transformers Conv1D"
+
+
+def has_kron_factors(module: nn.Module) -> bool:
+    """Whether the layer is a Linear, Conv2d or transformers Conv1D (Kronecker-factored curvature)."""
+    return isinstance(module, KRON_LAYERS) or is_transposed_linear(module)
+
+
+def is_supported(module: nn.Module) -> bool:
+    """Whether the layer is of a supported type (or a subclass of one)."""
+    return isinstance(module, SUPPORTED_LAYERS) or is_transposed_linear(module)
+
 
 Layers = list[tuple[str, nn.Module]]
 
@@ -38,9 +54,10 @@ def weight_matrix(module: nn.Module) -> Tensor:
     """The layer's parameters as one ``(d_out, d_A)`` matrix ``[W | b]`` (detached copy).
 
     Linear: ``(d_out, d_in + 1)``; Conv2d: the kernel as ``(C_out, C_in kh kw)`` (+ bias);
+    transformers Conv1D: its ``(d_in, d_out)`` weight transposed (+ bias), as a Linear's;
     Embedding: the table ``(V, d)``; LayerNorm / BatchNorm: ``(d, 2)`` rows ``[γ_o, β_o]``.
     """
-    w = module.weight.detach().reshape(module.weight.shape[0], -1)
+    w = weight_block(module).detach()
     bias = trainable_bias(module)
     if bias is not None:
         w = torch.cat([w, bias.detach().unsqueeze(-1)], dim=-1)
@@ -86,8 +103,8 @@ class LayerStatistics:
 
     @property
     def has_kron_factors(self) -> bool:
-        """Whether the layer is a Linear or Conv2d (Kronecker-factored curvature)."""
-        return isinstance(self.module, KRON_LAYERS)
+        """Whether the layer is a Linear, Conv2d or Conv1D (Kronecker-factored curvature)."""
+        return has_kron_factors(self.module)
 
     @property
     def channels_first(self) -> bool:
@@ -201,8 +218,8 @@ def supported_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
                 f"layer {name!r} (Conv2d) needs groups=1, padding_mode='zeros' and numeric padding; got "
                 f"groups={module.groups}, padding_mode={module.padding_mode!r}, padding={module.padding!r}"
             )
-        if not isinstance(module, SUPPORTED_LAYERS):
-            kinds = ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
+        if not is_supported(module):
+            kinds = _supported_kinds()
             raise ValueError(
                 f"layer {name!r} ({type(module).__name__}) has trainable parameters but is not "
                 f"supported; supported layers: {kinds} (set requires_grad=False to leave it out)"
@@ -217,10 +234,14 @@ def supported_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
         check_plain_forward(name, module)
         layers.append((name, module))
     if not layers:
-        kinds = ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
+        kinds = _supported_kinds()
         raise ValueError(f"the model has no trainable layer of a supported type ({kinds})")
     _check_unshared(model, layers)
     return layers
+
+
+def _supported_kinds() -> str:
+    return ", ".join([*(t.__name__ for t in SUPPORTED_LAYERS), TRANSPOSED_LINEAR_NAME])
 
 
 def check_plain_forward(name: str, module: nn.Module) -> None:
@@ -229,8 +250,8 @@ def check_plain_forward(name: str, module: nn.Module) -> None:
     Raises:
         ValueError: naming the layer and its class.
     """
-    base = _supported_base(module)
-    if type(module).forward is not base.forward:
+    base = next((t for t in INPUT_DIMS if isinstance(module, t)), None)
+    if base is not None and type(module).forward is not base.forward:
         raise ValueError(
             f"layer {name!r} ({type(module).__name__}) subclasses {base.__name__} with a forward of its own, whose "
             f"curvature is not a {base.__name__}'s; freeze it (requires_grad=False) or use a plain {base.__name__}"
@@ -265,9 +286,9 @@ def all_finite(tensor: Tensor) -> bool:
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
-def _supported_base(module: nn.Module) -> type:
-    """The supported type a (possibly subclassed) module is an instance of."""
-    return next(t for t in INPUT_DIMS if isinstance(module, t))
+def _input_dims(module: nn.Module) -> tuple[int, ...]:
+    """The input dimensions the (possibly subclassed) supported module accepts; a Conv1D's are a Linear's."""
+    return next((dims for t, dims in INPUT_DIMS.items() if isinstance(module, t)), INPUT_DIMS[nn.Linear])
 
 
 def backpropagate_columns(
@@ -314,14 +335,14 @@ def backpropagate_columns(
     device = layers[0][1].weight.device.type
     try:
         with torch.enable_grad(), torch.autocast(device, compute_dtype, enabled=compute_dtype is not None):
-            output = model(x)
+            output = call_model(model, x)
     finally:
         for handle in handles:
             handle.remove()
     exact_output = output
     if compute_dtype is not None:
         with torch.no_grad():
-            exact_output = model(x)
+            exact_output = call_model(model, x)
     if not all_finite(exact_output):
         raise ValueError("the model's output contains NaN or Inf")
     idle = [name for name, _ in layers if name not in captured]
@@ -338,7 +359,7 @@ def backpropagate_columns(
         )
     for name, module in layers:
         a = captured[name][0]
-        allowed = INPUT_DIMS[_supported_base(module)]
+        allowed = _input_dims(module)
         if a.dim() not in allowed:
             raise ValueError(
                 f"layer {name!r} ({type(module).__name__}) got an input of shape {tuple(a.shape)}; "
@@ -348,7 +369,8 @@ def backpropagate_columns(
             raise ValueError(
                 f"layer {name!r} got an input of shape {tuple(a.shape)}, not one row per sample of the batch of "
                 f"{exact_output.shape[0]}: a layer shared by the whole batch (such as a position embedding of "
-                "arange(T)) has no per-sample curvature; give it (N, ...) inputs or freeze it"
+                "arange(T)) has no per-sample curvature; give it (N, ...) inputs (a HuggingFace model: position_ids of "
+                "shape (N, T) in the dict batch) or freeze it"
             )
     columns = make_columns(exact_output).to(output.dtype).permute(2, 0, 1).contiguous()  # (K, N, C)
     pre_activations = [captured[name][1] for name, _ in layers]

@@ -63,6 +63,7 @@ from fastlaplace.curvature import (
     output_gradient_columns,
     supported_layers,
 )
+from fastlaplace.curvature.layout import block_to_parameter, weight_shape
 from fastlaplace.curvature.statistics import KRON_LAYERS, backpropagate_columns
 from fastlaplace.reference import accumulation_dtype
 
@@ -165,7 +166,7 @@ class FastCurvatureInterface:
         blocks: dict[int, list[Tensor]] = {}
         for s, d in zip(stats, curvature.diagonals, strict=True):
             # (d_out, d_A) in weight_matrix's layout: the weight's columns, then the bias's.
-            blocks[id(s.module.weight)] = [d[:, : d.shape[1] - s.has_bias].reshape(-1)]
+            blocks[id(s.module.weight)] = [block_to_parameter(s.module, d[:, : d.shape[1] - s.has_bias])]
             if s.has_bias:
                 blocks[id(s.module.bias)] = [d[:, -1]]
         h = torch.cat([b[0] for b in self._in_parameter_order(blocks)])
@@ -190,8 +191,8 @@ class FastCurvatureInterface:
         blocks: dict[int, list[Tensor]] = {}
         for s in stats:
             grads = s.weight_gradients()  # (M, K, d_out * d_A), row-major [W | b]
-            grads = grads.view(*grads.shape[:2], s.module.weight.shape[0], -1)
-            blocks[id(s.module.weight)] = [grads[..., : grads.shape[-1] - s.has_bias].flatten(2)]
+            grads = grads.view(*grads.shape[:2], weight_shape(s.module)[0], -1)
+            blocks[id(s.module.weight)] = [block_to_parameter(s.module, grads[..., : grads.shape[-1] - s.has_bias])]
             if s.has_bias:
                 blocks[id(s.module.bias)] = [grads[..., -1]]
         columns = torch.cat([b[0] for b in self._in_parameter_order(blocks)], dim=-1).flatten(0, 1)  # (M K, P)

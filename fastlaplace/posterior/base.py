@@ -293,7 +293,8 @@ class BaseLaplace(ABC):
 
     def _to_device(self, x: Tensor | Mapping) -> Tensor | Mapping:
         if isinstance(x, Mapping):
-            return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in x.items()}
+            # the targets are the posterior's to read, not the model's (an HF model would compute a loss)
+            return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in x.items() if k != self.dict_key_y}
         return x.to(self.device)
 
     def _batch_size(self, x: Tensor | Mapping) -> int:

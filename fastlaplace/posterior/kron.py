@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from fastlaplace import ops
 from fastlaplace.curvature.accumulate import EmbeddingCurvature, KronCurvature, UnitwiseCurvature
 from fastlaplace.curvature.eigen import factor_eigh
-from fastlaplace.curvature.statistics import AFFINE_LAYERS, KRON_LAYERS
+from fastlaplace.curvature.statistics import AFFINE_LAYERS, has_kron_factors
 from fastlaplace.posterior import blocks
 from fastlaplace.posterior.parametric import ParametricLaplace
 
@@ -52,7 +52,7 @@ class KronLaplace(ParametricLaplace):
         self.damping = bool(damping)
         super().__init__(*args, **kwargs)
         modules = [m for _, m in self.layers]
-        self._kron = [i for i, m in enumerate(modules) if isinstance(m, KRON_LAYERS)]
+        self._kron = [i for i, m in enumerate(modules) if has_kron_factors(m)]
         self._embedding = [i for i, m in enumerate(modules) if isinstance(m, nn.Embedding)]
         self._unitwise = [i for i, m in enumerate(modules) if isinstance(m, AFFINE_LAYERS)]
 

@@ -7,11 +7,12 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor
-from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from fastlaplace import distributed
 from fastlaplace.curvature import layer_statistics, split_heteroscedastic, trainable_bias
+from fastlaplace.curvature.layout import block_to_parameter, parameter_to_block, weight_shape
+from fastlaplace.curvature.model_io import call_model
 from fastlaplace.posterior.base import BaseLaplace, _own_parameters
 
 
@@ -46,8 +47,8 @@ class ParametricLaplace(BaseLaplace):
         """``(*, P)``: per layer ``(*, d_out, d_A)`` matrices ``[W | b]`` flattened as W, then b."""
         parts = []
         for (_, module), matrix in zip(self.layers, augmented, strict=True):
-            d_in = module.weight[0].numel()
-            parts.append(matrix[..., :d_in].flatten(-2))
+            d_in = weight_shape(module)[1]
+            parts.append(block_to_parameter(module, matrix[..., :d_in]))
             if matrix.shape[-1] > d_in:
                 parts.append(matrix[..., d_in])
         return torch.cat(parts, dim=-1)
@@ -57,8 +58,8 @@ class ParametricLaplace(BaseLaplace):
         matrices = []
         offset = 0
         for _, module in self.layers:
-            d_out, d_in = module.weight.shape[0], module.weight[0].numel()
-            matrix = vector[offset : offset + d_out * d_in].view(d_out, d_in)
+            d_out, d_in = weight_shape(module)
+            matrix = parameter_to_block(module, vector[offset : offset + d_out * d_in])
             offset += d_out * d_in
             if trainable_bias(module) is not None:
                 matrix = torch.cat([matrix, vector[offset : offset + d_out].unsqueeze(1)], dim=1)
@@ -190,7 +191,7 @@ class ParametricLaplace(BaseLaplace):
             for draw in self.sample(n_samples, generator):
                 values = torch.split(draw, [p.numel() for p in self._layer_parameters()])
                 params = {k: v.view_as(p) for k, v, p in zip(keys, values, self._layer_parameters(), strict=True)}
-                outputs.append(functional_call(self.model, params, (x,)))
+                outputs.append(call_model(self.model, x, params))
         return torch.stack(outputs)
 
     def _sampled_network_predictive(

@@ -1,0 +1,59 @@
+"""How a model is called on a batch's inputs, and how its logits are read from what it returns.
+
+Inputs: a tensor is the model's one argument. A dict goes to a HuggingFace model (one with
+``main_input_name``, as ``transformers.PreTrainedModel`` and peft's ``PeftModel``) as keyword
+arguments, ``model(**x)``; to any other model whole, as its one argument (laplace-torch's
+convention for the wrappers it documents).
+
+Outputs, read by :func:`model_logits`: a tensor is the logits; a ``ModelOutput`` (any object with
+a ``logits`` attribute) gives ``.logits``, a dict its ``"logits"`` entry, a tuple or list its first
+element. A model returning anything else is wrapped by the user in a module whose forward returns
+the ``(N, C)`` logits tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+from torch.func import functional_call
+
+
+def model_arguments(model: nn.Module, x: Tensor | Mapping) -> tuple[tuple, dict[str, Any]]:
+    """``(args, kwargs)`` to call ``model`` with on inputs ``x`` (see the module's rule)."""
+    if isinstance(x, Mapping) and hasattr(model, "main_input_name"):
+        return (), dict(x)
+    return (x,), {}
+
+
+def model_logits(output: Any) -> Tensor:
+    """The logits tensor in a model's output: itself, ``.logits``, ``["logits"]`` or the first of a tuple.
+
+    Raises:
+        TypeError: for an output none of these rules reads, naming its type.
+    """
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping):
+        logits = output.get("logits")
+    elif hasattr(output, "logits"):
+        logits = output.logits
+    elif isinstance(output, (tuple, list)) and output:
+        logits = output[0]
+    else:
+        logits = None
+    if not isinstance(logits, Tensor):
+        raise TypeError(
+            f"cannot read logits from the model's output of type {type(output).__name__}: fastlaplace reads a "
+            "tensor, a ModelOutput's .logits, a dict's 'logits' or a tuple's first element; wrap the model in a "
+            "module whose forward returns the (N, C) logits tensor"
+        )
+    return logits
+
+
+def call_model(model: nn.Module, x: Tensor | Mapping, parameters: Mapping[str, Tensor] | None = None) -> Tensor:
+    """The ``(N, C)`` logits of ``model`` on ``x``, with ``parameters`` in place of some of its own if given."""
+    args, kwargs = model_arguments(model, x)
+    output = model(*args, **kwargs) if parameters is None else functional_call(model, dict(parameters), args, kwargs)
+    return model_logits(output)

@@ -1,0 +1,315 @@
+"""HuggingFace models as users pass them: GPT-2 Conv1D, ModelOutput / dict / tuple outputs, dict batches, LoRA."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from dense import targets
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+from transformers import GPT2Config, GPT2ForSequenceClassification
+from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.pytorch_utils import Conv1D
+
+from fastlaplace import Laplace
+
+
+def parameter_jacobian(model: nn.Module, x) -> torch.Tensor:
+    """(N, C, P) Jacobian of the outputs w.r.t. the trainable parameters, named_parameters() order, row-major."""
+    trainable = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    frozen = {k: v.detach() for k, v in model.named_parameters() if not v.requires_grad}
+
+    def output(params, xi):
+        return functional_call(model, {**params, **frozen}, (xi.unsqueeze(0),))[0]
+
+    jac = vmap(jacrev(output), in_dims=(None, 0))(trainable, x)
+    return torch.cat([j.flatten(2) for j in jac.values()], dim=-1)
+
+
+def dense_glm_covariance(model, x_train, likelihood, x_test, prior_precision=1.0, structure="full"):
+    """J P⁻¹ Jᵀ at x_test with P = GGN(x_train) + δ (its diagonal for "diag"), all in named_parameters() order."""
+    jac = parameter_jacobian(model, x_train)
+    out = model(x_train).detach()
+    if likelihood == "regression":
+        hessians = torch.eye(out.shape[1], dtype=out.dtype).expand(out.shape[0], -1, -1)
+    else:
+        p = out.softmax(-1)
+        hessians = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+    ggn = torch.einsum("ncp,ncd,ndq->pq", jac, hessians, jac)
+    if structure == "diag":
+        ggn = torch.diag(ggn.diagonal())
+    precision = ggn + prior_precision * torch.eye(ggn.shape[0], dtype=ggn.dtype)
+    test_jac = parameter_jacobian(model, x_test)
+    return test_jac @ torch.linalg.solve(precision, test_jac.transpose(1, 2)), ggn
+
+
+class Flatten(nn.Module):
+    def forward(self, x):
+        return x.mean(1)
+
+
+def conv1d_model(tokens: bool = False) -> nn.Module:
+    """Conv1D(3 -> 4), Tanh, [mean over tokens], Conv1D(4 -> 2): GPT-2's transposed Linear layers."""
+    torch.manual_seed(0)
+    layers = [Conv1D(4, 3), nn.Tanh(), *([Flatten()] if tokens else []), Conv1D(2, 4)]
+    for layer in layers:
+        if isinstance(layer, Conv1D):
+            nn.init.normal_(layer.weight, std=0.7)
+            nn.init.normal_(layer.bias, std=0.3)
+    return nn.Sequential(*layers).double()
+
+
+def as_linear(model: nn.Module) -> nn.Module:
+    """The same network with every Conv1D replaced by the nn.Linear of the transposed weight."""
+    layers = []
+    for layer in model:
+        if isinstance(layer, Conv1D):
+            linear = nn.Linear(layer.nx, layer.nf).double()
+            linear.weight.data.copy_(layer.weight.data.T)
+            linear.bias.data.copy_(layer.bias.data)
+            layer = linear
+        layers.append(layer)
+    return nn.Sequential(*layers)
+
+
+def test_conv1d_parameter_order_is_the_stored_weights(generator):
+    model = conv1d_model()
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="diag")
+    flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    torch.testing.assert_close(la._to_parameter_order(la.layer_weights()), flat)
+    for block in la._from_parameter_order(flat):
+        assert block.shape in ((4, 4), (2, 5))  # (d_out, d_in + bias), as the equivalent Linear's
+
+
+@pytest.mark.parametrize("structure", ["diag", "full", "lowrank"])
+@pytest.mark.parametrize("tokens", [False, True])
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_conv1d_exact_structures_equal_the_dense_ggn(structure, tokens, likelihood, generator):
+    model = conv1d_model(tokens)
+    shape = (5, 6, 3) if tokens else (5, 3)
+    x = torch.randn(*shape, dtype=torch.float64, generator=generator)
+    x_test = torch.randn(2, *shape[1:], dtype=torch.float64, generator=generator)
+    options = {"low_rank": 26} if structure == "lowrank" else {}  # rank = P: the sketch is exact
+    la = Laplace(model, likelihood, subset_of_weights="all", hessian_structure=structure, **options)
+    la.fit([(x[:3], targets(likelihood, 3, 2, generator)), (x[3:], targets(likelihood, 2, 2, generator))])
+    covariance, ggn = dense_glm_covariance(model, x, likelihood, x_test, structure=structure)
+    torch.testing.assert_close(la.functional_variance(x_test)[1], covariance)
+    if structure == "diag":  # the diagonal itself, in named_parameters() order
+        torch.testing.assert_close(la._to_parameter_order(la.posterior_precision()), ggn.diagonal() + 1)
+
+
+def test_conv1d_kron_is_exact_for_one_layer_and_one_datum(generator):
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(2, 3)).double()
+    x, x_test = torch.randn(1, 3, dtype=torch.float64, generator=generator), torch.randn(3, 3, dtype=torch.float64)
+    la = Laplace(model, "regression", subset_of_weights="all", hessian_structure="kron")
+    la.fit([(x, targets("regression", 1, 2, generator))])
+    covariance, _ = dense_glm_covariance(model, x, "regression", x_test)
+    torch.testing.assert_close(la.functional_variance(x_test)[1], covariance)
+
+
+@pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
+def test_conv1d_gets_the_kron_posterior_of_the_equivalent_linear(kfac_approx, generator):
+    model = conv1d_model(tokens=True)
+    linear = as_linear(model)
+    x = torch.randn(6, 4, 3, dtype=torch.float64, generator=generator)
+    batches = [(x[:4], targets("classification", 4, 2, generator)), (x[4:], targets("classification", 2, 2, generator))]
+    posteriors = []
+    for network in (model, linear):
+        la = Laplace(
+            network, "classification", subset_of_weights="all", hessian_structure="kron", kfac_approx=kfac_approx
+        )
+        la.fit(batches)
+        posteriors.append(la)
+    conv, reference = posteriors
+    for mine, theirs in zip(
+        conv.curvature.input_factors + conv.curvature.output_factors,
+        reference.curvature.input_factors + reference.curvature.output_factors,
+    ):
+        torch.testing.assert_close(mine, theirs)
+    torch.testing.assert_close(conv.log_marginal_likelihood(), reference.log_marginal_likelihood())
+    torch.testing.assert_close(conv(x), reference(x))
+    draws = [la(x, pred_type="nn", n_samples=5, generator=torch.Generator().manual_seed(3)) for la in posteriors]
+    torch.testing.assert_close(draws[0], draws[1])  # samples land on the stored (transposed) weights
+
+
+def test_a_subnetwork_of_conv1d_weights_counts_the_stored_order(generator):
+    model = conv1d_model()
+    x, x_test = torch.randn(5, 3, dtype=torch.float64, generator=generator), torch.randn(2, 3, dtype=torch.float64)
+    indices = torch.tensor([1, 4, 5, 13, 17, 20])  # weight entries (0, 1), (1, 0), (1, 1), biases, second weight
+    la = Laplace(
+        model, "regression", subset_of_weights="subnetwork", hessian_structure="full", subnetwork_indices=indices
+    )
+    la.fit([(x, targets("regression", 5, 2, generator))])
+    jac, test_jac = parameter_jacobian(model, x)[..., indices], parameter_jacobian(model, x_test)[..., indices]
+    precision = torch.einsum("ncp,ncq->pq", jac, jac) + torch.eye(len(indices), dtype=torch.float64)
+    torch.testing.assert_close(la.functional_variance(x_test)[1], test_jac @ torch.linalg.solve(precision, test_jac.mT))
+
+
+def test_conv1d_is_recognised_without_importing_transformers():
+    script = (
+        "import sys, torch; from torch import nn; from fastlaplace import Laplace\n"
+        "m = nn.Sequential(nn.Linear(3, 2)); la = Laplace(m, 'classification', subset_of_weights='all')\n"
+        "la.fit([(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))]); la(torch.randn(2, 3))\n"
+        "assert 'transformers' not in sys.modules, 'fastlaplace imported transformers'\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+
+
+class Returning(nn.Module):
+    """A network whose forward returns its logits inside a ModelOutput, a dict, a tuple, or an unreadable set."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head, self.kind = nn.Sequential(nn.Linear(3, 4), nn.Tanh()), nn.Linear(4, 3), kind
+
+    def forward(self, x):
+        logits = self.head(self.body(x))
+        wrapped = {
+            "tensor": lambda: logits,
+            "model_output": lambda: SequenceClassifierOutput(logits=logits),
+            "dict": lambda: {"loss": logits.sum(), "logits": logits},
+            "tuple": lambda: (logits, logits.sum()),
+            "set": lambda: {1},
+        }
+        return wrapped[self.kind]()
+
+
+@pytest.mark.parametrize("kind", ["model_output", "dict", "tuple"])
+@pytest.mark.parametrize(
+    "subset, structure, options",
+    [("all", "kron", {}), ("all", "lowrank", {"low_rank": 4}), ("last_layer", "diag", {"last_layer_name": "head"})],
+)
+def test_outputs_are_read_through_their_logits(kind, subset, structure, options, generator):
+    x = torch.randn(6, 3, dtype=torch.float64, generator=generator)
+    batches = [(x[:4], targets("classification", 4, generator=generator)), (x[4:], targets("classification", 2))]
+    posteriors = []
+    for network in (Returning("tensor").double(), Returning(kind).double()):
+        la = Laplace(network, "classification", subset_of_weights=subset, hessian_structure=structure, **options)
+        la.fit(batches)
+        posteriors.append(la)
+    reference, la = posteriors
+    torch.testing.assert_close(la.log_marginal_likelihood(), reference.log_marginal_likelihood())
+    torch.testing.assert_close(la(x), reference(x))
+    draws = [p(x, pred_type="nn", n_samples=3, generator=torch.Generator().manual_seed(2)) for p in posteriors]
+    torch.testing.assert_close(draws[1], draws[0])
+    # the sampled predictive leaves the model's own parameters in place (a named last layer included)
+    head = la.layers[-1][1]
+    assert all(isinstance(getattr(head, k), nn.Parameter) for k in ("weight", "bias"))
+    torch.testing.assert_close(la(x), reference(x))
+
+
+def test_an_unreadable_output_is_refused_by_its_type(generator):
+    la = Laplace(Returning("set").double(), "classification", subset_of_weights="all")
+    with pytest.raises(TypeError, match="logits from the model's output of type set"):
+        la.fit([(torch.randn(2, 3, dtype=torch.float64), torch.tensor([0, 1]))])
+
+
+def tiny_gpt2(classes: int = 3) -> GPT2ForSequenceClassification:
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16, num_labels=classes, pad_token_id=0,
+        bos_token_id=1, eos_token_id=1,
+    )  # fmt: skip
+    return GPT2ForSequenceClassification(config).double().eval()
+
+
+def padded_batch(generator, n: int = 4, length: int = 6) -> dict:
+    """Right-padded token ids (pad 0) and their attention mask, sequences of 2 to ``length`` tokens."""
+    ids = torch.randint(1, 50, (n, length), generator=generator)
+    lengths = torch.randint(2, length + 1, (n,), generator=generator)
+    lengths[0] = 2
+    mask = (torch.arange(length) < lengths.unsqueeze(1)).long()
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
+def test_gpt2_last_layer_reads_the_last_real_token(structure, generator):
+    model = tiny_gpt2()
+    x, y = padded_batch(generator), torch.tensor([0, 1, 2, 1])
+    logits = model(**x).logits.detach()
+    la = Laplace(model, "classification", hessian_structure=structure, last_layer_name="score",
+                 feature_reduction="pick_last")  # fmt: skip
+    la.fit([(x, y)])  # labels apart
+    torch.testing.assert_close(la.functional_variance(x)[0], logits)
+    labelled = Laplace(model, "classification", hessian_structure=structure, last_layer_name="score",
+                       feature_reduction="pick_last")  # fmt: skip
+    labelled.fit([{**x, "labels": y}])  # labels under dict_key_y: not given to the model
+    torch.testing.assert_close(labelled.log_marginal_likelihood(), la.log_marginal_likelihood())
+    torch.testing.assert_close(labelled(x), la(x))
+    # the posterior of the score layer applied to the features HF's pooling picked
+    features = model.transformer(**x).last_hidden_state.detach()
+    picked = features[torch.arange(4), x["attention_mask"].sum(1) - 1]
+    head = nn.Sequential(nn.Linear(16, 3, bias=False)).double()
+    head[0].weight.data.copy_(model.score.weight.data)
+    reference = Laplace(head, "classification", hessian_structure=structure)
+    reference.fit([(picked, y)])
+    torch.testing.assert_close(la.log_marginal_likelihood(), reference.log_marginal_likelihood())
+    torch.testing.assert_close(la(x), reference(picked))
+
+
+@pytest.mark.parametrize("reduction", ["pick_first", "average"])
+def test_the_other_reductions_keep_to_the_masked_tokens(reduction, generator):
+    model = tiny_gpt2()
+    x = padded_batch(generator)
+    la = Laplace(model, "classification", last_layer_name="score", feature_reduction=reduction)
+    la.fit([(x, torch.tensor([0, 1, 2, 1]))])
+    features = model.transformer(**x).last_hidden_state.detach()
+    mask = x["attention_mask"].unsqueeze(-1).double()
+    reduced = features[:, 0] if reduction == "pick_first" else (features * mask).sum(1) / mask.sum(1)
+    torch.testing.assert_close(la.functional_variance(x)[0], model.score(reduced))
+    bad = {**x, "attention_mask": x["attention_mask"][:, :3]}
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(4, 3\), not \(N, T\) = \(4, 6\)"):
+        la(bad)
+
+
+def test_gpt2_all_weights_diag_equals_the_dense_ggn(generator):
+    model = tiny_gpt2()
+    model.transformer.wte.weight.requires_grad_(False)  # keeps the dense Jacobian small
+    x = padded_batch(generator)
+    x["position_ids"] = torch.arange(6).expand(4, 6)  # one row per sample: the position embedding gets curvature
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="diag")
+    la.fit([(x, torch.tensor([0, 1, 2, 1]))])
+    assert any(name.endswith("c_attn") for name, _ in la.layers)
+
+    def logits(params, ids, mask, positions):
+        frozen = {k: v for k, v in model.named_parameters() if not v.requires_grad}
+        inputs = {"input_ids": ids[None], "attention_mask": mask[None], "position_ids": positions[None]}
+        return functional_call(model, {**params, **frozen}, (), inputs).logits[0]
+
+    trainable = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    # one sample at a time: HF's mask code branches on the data, which vmap cannot batch
+    per_sample = [jacrev(logits)(trainable, *(x[k][n] for k in ("input_ids", "attention_mask", "position_ids")))
+                  for n in range(4)]  # fmt: skip
+    jac = torch.stack([torch.cat([j.flatten(1) for j in sample.values()], dim=-1) for sample in per_sample])
+    p = model(**x).logits.detach().softmax(-1)
+    ggn_diagonal = torch.einsum("ncp,ncd,ndp->p", jac, torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2), jac)
+    torch.testing.assert_close(la._to_parameter_order(la.posterior_precision()), ggn_diagonal + 1)
+    torch.testing.assert_close(
+        la.functional_variance(x)[1], torch.einsum("ncp,p,ndp->ncd", jac, 1 / (ggn_diagonal + 1), jac)
+    )
+
+
+def test_gpt2_with_lora_on_its_conv1d_attention(generator):
+    model = tiny_gpt2()
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True, task_type="SEQ_CLS")
+    peft_model = get_peft_model(model, config).double().eval()
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.3, generator=generator)  # LoRA starts at B = 0: a zero Jacobian for A
+    x, y = padded_batch(generator), torch.tensor([0, 1, 2, 1])
+    x["position_ids"] = torch.arange(6).expand(4, 6)
+    la = Laplace(peft_model, "classification", subset_of_weights="all", hessian_structure="kron")
+    la.fit([(x, y)])
+    names = [name for name, _ in la.layers]
+    assert any("lora_A" in n for n in names) and any("lora_B" in n for n in names)
+    assert not any("base_layer" in n or "c_proj" in n for n in names)  # frozen bases are left out
+    probs = la(x)
+    assert probs.shape == (4, 3) and torch.allclose(probs.sum(-1), torch.ones(4, dtype=torch.float64))
+    assert torch.isfinite(la.log_marginal_likelihood())
+    full = Laplace(peft_model, "classification", subset_of_weights="all", hessian_structure="full")
+    full.fit([(x, y)])
+    torch.testing.assert_close(full.functional_variance(x)[0], peft_model(**x).logits.detach())
