@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fastlaplace.curvature.column_backward import backpropagate, batches_backward
 from fastlaplace.curvature.layout import is_transposed_linear, weight_block
 from fastlaplace.curvature.loss import output_gradient_columns
 from fastlaplace.curvature.model_io import call_model
@@ -305,7 +306,9 @@ def backpropagate_columns(
     The building block of :func:`layer_statistics` and :func:`output_jacobians`, public for
     curvature backends with columns of their own (:mod:`fastlaplace.integrations`).
 
-    With ``compute_dtype`` (bf16 / fp16) the forward and the batched backward run under
+    The columns go back in one batched backward, or one plain backward each for models
+    whose backward torch's vmap does not batch (:mod:`fastlaplace.curvature.column_backward`).
+    With ``compute_dtype`` (bf16 / fp16) the forward and the backward run under
     autocast, and one more forward without autograd gives the exact output the loss and
     the columns are computed from.
 
@@ -379,13 +382,8 @@ def backpropagate_columns(
     inner = [i for i, t in enumerate(pre_activations) if t is not output]
     grads = [columns] * len(layers)
     if inner:
-        backpropagated = torch.autograd.grad(
-            output,
-            [pre_activations[i] for i in inner],
-            grad_outputs=columns,
-            is_grads_batched=True,
-            create_graph=create_graph,
-        )
+        targets = [pre_activations[i] for i in inner]
+        backpropagated = backpropagate(output, targets, columns, batches_backward(model), create_graph)
         for i, grad in zip(inner, backpropagated, strict=True):
             grads[i] = grad
     for (name, _), grad in zip(layers, grads, strict=True):

@@ -1,0 +1,64 @@
+"""Backpropagating K curvature columns at once (batched backward) or one at a time (plain backwards).
+
+``torch.autograd.grad(..., is_grads_batched=True)`` runs the backward under torch's legacy
+vmap, which has batching rules for matrix products and elementwise ops but none for the
+backward of convolutions, poolings, batch norm or padding (``convolution_backward``,
+``max_pool2d_with_indices_backward``, ``native_batch_norm_backward``,
+``constant_pad_nd``, ...). Each such op then falls back to a loop over the K columns
+that concatenates their results at every node of the graph. For models with such modules
+the columns are backpropagated instead by K plain backward passes over the retained graph:
+the same ops on the same values (results identical), each with the library's batched
+kernels, and no per-node concatenation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+#: modules whose backward has no batching rule in torch's legacy vmap (checked in tests/test_column_backward.py)
+UNBATCHED_BACKWARD = (
+    nn.modules.conv._ConvNd,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.padding._ConstantPadNd,
+)
+
+
+def batches_backward(model: nn.Module) -> bool:
+    """Whether a batched backward of ``model`` avoids legacy-vmap fallbacks: no module of :data:`UNBATCHED_BACKWARD`.
+
+    Ops called functionally inside ``forward`` are not seen; such a model still gets correct
+    results from the batched backward, only slower.
+    """
+    return not any(isinstance(module, UNBATCHED_BACKWARD) for module in model.modules())
+
+
+def backpropagate(
+    output: Tensor, targets: Sequence[Tensor], columns: Tensor, batched: bool, create_graph: bool = False
+) -> list[Tensor]:
+    """The vector-Jacobian products of K columns with ``output`` w.r.t. each target.
+
+    Args:
+        output: ``(N, C)`` the model's output.
+        targets: tensors of the graph that produced ``output`` (the layers' pre-activations).
+        columns: ``(K, N, C)`` the columns.
+        batched: one batched backward (``is_grads_batched``), or K plain ones.
+        create_graph: keep the results differentiable.
+
+    Returns:
+        Per target, ``(K, *target.shape)`` the backpropagated columns.
+    """
+    if batched:
+        return list(torch.autograd.grad(output, targets, columns, is_grads_batched=True, create_graph=create_graph))
+    per_column = [
+        torch.autograd.grad(
+            output, targets, column, retain_graph=create_graph or k + 1 < len(columns), create_graph=create_graph
+        )
+        for k, column in enumerate(columns)
+    ]
+    return [torch.stack(grads) for grads in zip(*per_column, strict=True)]
