@@ -11,8 +11,11 @@ from fastlaplace.curvature.eigen import factor_eigh
 from fastlaplace.curvature.statistics import AFFINE_LAYERS, has_kron_factors
 from fastlaplace.posterior import blocks
 from fastlaplace.posterior.parametric import ParametricLaplace
+from fastlaplace.posterior.shared_weights import shared_weight_covariance
 
 Spectrum = tuple[list[Tensor], list[Tensor], Tensor, Tensor]
+#: Inputs per chunk of the GLM predictive (:meth:`KronLaplace.functional_variance`).
+PREDICTIVE_CHUNK = 8
 
 
 def _damped_inverse(la: Tensor, lg: Tensor, scale: Tensor, delta: Tensor) -> Tensor:
@@ -168,6 +171,21 @@ class KronLaplace(ParametricLaplace):
             total = total + blocks.unitwise_jacobian_covariance(stats[i], blocks.unitwise_inverse(p), joint)
         return total
 
+    def functional_variance(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(f(x; θ*), J P⁻¹ Jᵀ)``, ``(N, C)`` and ``(N, C, C)``, for :data:`PREDICTIVE_CHUNK` inputs at a time.
+
+        The output Jacobians at every layer of a convnet take about ``C`` times its
+        activations: chunks bound that memory (a dict batch goes whole).
+        """
+        if not isinstance(x, Tensor) or x.shape[0] <= PREDICTIVE_CHUNK:
+            return super().functional_variance(x)
+        means, covariances = [], []
+        for part in x.split(PREDICTIVE_CHUNK):
+            mean, covariance = super().functional_variance(part)
+            means.append(mean)
+            covariances.append(covariance)
+        return torch.cat(means), torch.cat(covariances)
+
     def _jacobian_covariance(self, stats) -> Tensor:
         total = self._special_covariance(stats, joint=False)
         if not self._kron:
@@ -221,13 +239,9 @@ class KronLaplace(ParametricLaplace):
 
     @staticmethod
     def _shared_weight_covariance(s, qa, la, qg, lg, scale, delta) -> Tensor:
-        """``J P⁻¹ Jᵀ`` of a layer applied at several locations: ``J = Σ_p B_p ⊗ u_pᵀ``.
-
-        In the eigenbasis ``J̃[c, j, i] = Σ_p (B_p Q_G)[c, j] (Q_Aᵀ u_p)[i]`` has the size of
-        the layer's Jacobian; it is formed one layer at a time.
-        """
-        rotated = KronLaplace._rotated_jacobian(s, qa, qg)
-        return torch.einsum("ncji,ji,neji->nce", rotated, _damped_inverse(la, lg, scale, delta), rotated)
+        """``J P⁻¹ Jᵀ`` of a layer applied at several locations (see :func:`shared_weight_covariance`)."""
+        inverse = _damped_inverse(la, lg, scale, delta)
+        return shared_weight_covariance(s.location_grads(), s.patches(), qa, qg, inverse)
 
     def _sample_deviations(self, n_samples: int, generator: torch.Generator | None) -> list[Tensor]:
         deviations: list[Tensor | None] = [None] * len(self.layers)
