@@ -10,6 +10,9 @@ one, as during prior tuning). laplace-torch 0.3 (its default backends) runs the 
 on the same model and data in the same process, alternating repetitions with ours; its
 all-layer GLM predictives form full Jacobians and are timed on 16 inputs and reported per
 128. Peak memory: fastlaplace's jobs, each in a fresh process (benchmarks/memory.py).
+Row resnet18 (``--models resnet18``): CIFAR ResNet-18 (BatchNorm, eval mode) on 512 images, kron over
+all weights; its fit is also given in plain epochs (forward, backward, SGD step on the same data) and
+its GLM predictive of 64 inputs in forwards of them. A laplace-torch job that fails is recorded with its error.
 Results: benchmarks/results/models_cpu.json and .md.
 """
 
@@ -19,6 +22,7 @@ import argparse
 import gc
 import json
 import platform
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -32,6 +36,9 @@ from torch import nn
 import fastlaplace.ops as ops
 from fastlaplace import Laplace
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+from resnets import cifar_resnet18  # noqa: E402  (the tests' model, not a copy)
+
 POSTERIORS = [("kron", "all"), ("diag", "all"), ("kron", "last_layer"), ("diag", "last_layer"), ("full", "last_layer")]
 BATCH = 128
 REFERENCE_INPUTS = 16  # laplace-torch's all-layer GLM predictive forms full Jacobians: fewer inputs, scaled up
@@ -43,6 +50,8 @@ REFERENCE_SKIPPED = {
 
 def make_model(name: str) -> nn.Module:
     torch.manual_seed(0)
+    if name == "resnet18":
+        return cifar_resnet18()
     if name == "mlp":
         return nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
     return nn.Sequential(
@@ -65,7 +74,7 @@ def make_data(name: str, samples: int) -> list[tuple[torch.Tensor, torch.Tensor]
 
 
 def jobs(
-    model: nn.Module, loader: list, structure: str, subset: str, reference: bool
+    model: nn.Module, loader: list, structure: str, subset: str, reference: bool, predictive_inputs: int = BATCH
 ) -> tuple[dict[str, Callable], float]:
     """fit / predictive / marglik closures of one posterior (laplace-torch's with ``reference``).
 
@@ -82,7 +91,7 @@ def jobs(
         fit_loader = loader
         la = Laplace(model, "classification", subset_of_weights=subset, hessian_structure=structure)
     la.fit(fit_loader)
-    inputs = batch[:REFERENCE_INPUTS] if reference and subset == "all" else batch
+    inputs = batch[: REFERENCE_INPUTS if reference and subset == "all" else predictive_inputs]
     delta = torch.tensor(1.0)
     closures = {
         "fit": lambda: la.fit(fit_loader),
@@ -94,6 +103,24 @@ def jobs(
 
 #: every (model, structure, subset) in a fixed order; job k of case i is --peak-of 3 i + k
 CASES = [(name, structure, subset) for name in ("mlp", "cnn") for structure, subset in POSTERIORS]
+CASES.append(("resnet18", "kron", "all"))  # CIFAR ResNet-18, BatchNorm in eval mode: always 512 images
+#: GLM predictive inputs of the ResNet-18 row (the others predict one batch of 128)
+RESNET_PREDICTIVE_INPUTS = 64
+
+
+def plain_epoch_seconds(model: nn.Module, loader: list) -> float:
+    """One epoch of forward, backward and SGD step (learning rate 0: the model is unchanged) over the loader."""
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def epoch() -> None:
+        for x, y in loader:
+            optimiser.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimiser.step()
+
+    return fastest(epoch, 1)
+
+
 JOBS = ("fit", "predictive", "marglik")
 
 
@@ -103,6 +130,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--no-laplace-torch", action="store_true", help="skip the laplace-torch side")
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn", "resnet18"], help="the models whose rows run")
     parser.add_argument("--peak-of", type=int, help=argparse.SUPPRESS)  # internal: job 3*case+k's peak, fresh process
     args = parser.parse_args()
     if args.peak_of is not None:
@@ -112,7 +140,11 @@ def main() -> None:
     if args.peak_of is not None:
         name, structure, subset = CASES[args.peak_of // 3]
         model = make_model(name)
-        job = jobs(model, make_data(name, samples), structure, subset, reference=False)[0][JOBS[args.peak_of % 3]]
+        data = make_data(name, 512 if name == "resnet18" else samples)
+        predictive_inputs = RESNET_PREDICTIVE_INPUTS if name == "resnet18" else BATCH
+        job = jobs(model, data, structure, subset, reference=False, predictive_inputs=predictive_inputs)[0][
+            JOBS[args.peak_of % 3]
+        ]
         job()
         gc.collect()
         print(json.dumps(peak_mib(job, "cpu")))
@@ -120,15 +152,27 @@ def main() -> None:
     rows = []
     forward_arguments = ["--threads", str(args.threads)] + (["--quick"] if args.quick else [])
     for index, (name, structure, subset) in enumerate(CASES):
+        if name not in args.models:
+            continue
         model = make_model(name)
-        loader = make_data(name, samples)
-        ours, our_scale = jobs(model, loader, structure, subset, reference=False)
+        loader = make_data(name, 512 if name == "resnet18" else samples)
+        predictive_inputs = RESNET_PREDICTIVE_INPUTS if name == "resnet18" else BATCH
+        ours, our_scale = jobs(model, loader, structure, subset, reference=False, predictive_inputs=predictive_inputs)
         theirs, their_scale = None, 1.0
         skipped = REFERENCE_SKIPPED.get((name, structure, subset))
         if not args.no_laplace_torch and skipped is None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                theirs, their_scale = jobs(model, loader, structure, subset, reference=True)
+                try:
+                    theirs, their_scale = jobs(model, loader, structure, subset, reference=True)
+                except Exception as error:  # noqa: BLE001  (laplace-torch's failure is a result of the row)
+                    skipped = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+        baseline = None
+        if name == "resnet18":  # fit in plain epochs, predictive in forwards of the same inputs
+            inputs = loader[0][0][:RESNET_PREDICTIVE_INPUTS]
+            with torch.no_grad():
+                forward = fastest(lambda model=model, inputs=inputs: model(inputs), 3) * BATCH / inputs.shape[0]
+            baseline = {"fit": plain_epoch_seconds(model, loader), "predictive": forward}
         for k, job in enumerate(JOBS):
             repeats = 1 if job == "fit" else 3
             scale = (our_scale, their_scale) if job == "predictive" else (1.0, 1.0)
@@ -147,6 +191,7 @@ def main() -> None:
                     "peak_mib": peak,
                     "laplace_torch_seconds": reference,
                     "laplace_torch_note": skipped,
+                    "baseline_seconds": None if baseline is None else baseline.get(job),
                 }
             )
             versus = (
@@ -154,6 +199,8 @@ def main() -> None:
                 if reference is None
                 else f"  laplace-torch {reference * 1e3:10.1f} ms  ({reference / seconds:6.1f}x)"
             )
+            if baseline is not None and job in baseline:
+                versus += f"  ({seconds / baseline[job]:.1f} {'epochs' if job == 'fit' else 'forwards'})"
             print(f"{name} {structure:4s} {subset:10s} {job:10s} {seconds * 1e3:9.2f} ms  peak {peak:6.1f} MiB{versus}")
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -179,6 +226,9 @@ def main() -> None:
         versus = "— | —" if theirs_s is None else f"{theirs_s * 1e3:.1f} ms | {theirs_s / r['seconds']:.1f}×"
         if r["laplace_torch_note"]:
             versus = f"{r['laplace_torch_note']} | —"
+        if r["baseline_seconds"]:
+            unit = "epochs" if r["job"] == "fit" else "forwards"
+            versus += f" ({r['seconds'] / r['baseline_seconds']:.1f} {unit})"
         lines.append(
             f"| {r['model']} | {r['structure']}, {r['subset']} | {r['job']} | {r['seconds'] * 1e3:.2f} ms "
             f"| {r['peak_mib']:.1f} MiB | {versus} |"
