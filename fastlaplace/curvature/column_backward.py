@@ -55,10 +55,15 @@ def backpropagate(
     """
     if batched:
         return list(torch.autograd.grad(output, targets, columns, is_grads_batched=True, create_graph=create_graph))
-    per_column = [
-        torch.autograd.grad(
-            output, targets, column, retain_graph=create_graph or k + 1 < len(columns), create_graph=create_graph
-        )
-        for k, column in enumerate(columns)
-    ]
-    return [torch.stack(grads) for grads in zip(*per_column, strict=True)]
+    if create_graph:
+        per_column = [
+            torch.autograd.grad(output, targets, column, retain_graph=True, create_graph=True) for column in columns
+        ]
+        return [torch.stack(grads) for grads in zip(*per_column, strict=True)]
+    # Written into place column by column: stacking lists of columns would hold every result twice.
+    results = [target.new_empty(len(columns), *target.shape) for target in targets]
+    for k, column in enumerate(columns):
+        grads = torch.autograd.grad(output, targets, column, retain_graph=k + 1 < len(columns))
+        for result, grad in zip(results, grads, strict=True):
+            result[k] = grad
+    return results
