@@ -98,3 +98,15 @@ class SketchedFactor:
         k = min(rank, singular.numel())
         values = (singular[:k].square() - shift).clamp_min(0)
         return values.flip(0).to(dtype), vectors[:, :k].flip(1).to(dtype)
+
+
+def stored_factor(factor: Tensor | SketchedFactor) -> Tensor:
+    """The tensor a state keeps of a factor: a dense factor itself, a sketched one's ``(d, m)`` sketch."""
+    return factor.sketch if isinstance(factor, SketchedFactor) else factor
+
+
+def restored_factor(tensor: Tensor) -> Tensor | SketchedFactor:
+    """Inverse of :func:`stored_factor`: a ``(d, m)`` tensor with ``m < d`` is a sketch, a square one dense."""
+    if tensor.dim() == 2 and tensor.shape[1] < tensor.shape[0]:
+        return SketchedFactor(tensor)
+    return tensor
