@@ -25,6 +25,8 @@ OPTIONS = (
     "curvature_dtype",
     "enable_backprop",
     "damping",
+    "max_dense_factor",
+    "factor_rank",
     "last_layer_name",
     "feature_reduction",
     "n_subset",
@@ -80,8 +82,10 @@ def Laplace(  # noqa: N802 (the name laplace-torch users call)
             ``"average"``) for a last layer inside the model (sequence models),
             ``dict_key_x`` / ``dict_key_y`` (the inputs' and targets' keys in dict batches,
             default ``"input_ids"`` / ``"labels"``; the whole dict goes to the model), for
-            Kron ``kfac_approx`` (``"expand"`` or ``"reduce"``) and ``damping`` (True: the prior
-            added to each factor, laplace-torch's option), for a subnetwork
+            Kron ``kfac_approx`` (``"expand"`` or ``"reduce"``), ``damping`` (True: the prior
+            added to each factor, laplace-torch's option), ``max_dense_factor`` (default 8192)
+            and ``factor_rank`` (default 256: a factor of larger side is kept as its top
+            eigenpairs, see :class:`~fastlaplace.posterior.KronLaplace`), for a subnetwork
             ``subnetwork_indices`` (indices into the parameters in ``named_parameters()`` order),
             for low rank ``low_rank`` (eigenpairs kept, default 10), for ``"gp"``
             (:class:`~fastlaplace.posterior.FunctionalLaplace`) ``n_subset`` (required),
@@ -118,7 +122,7 @@ def Laplace(  # noqa: N802 (the name laplace-torch users call)
         )
     if (subset_of_weights == "subnetwork") != ("subnetwork_indices" in options):
         raise TypeError("subnetwork_indices is needed with, and only with, subset_of_weights='subnetwork'")
-    for kron_only in ("kfac_approx", "damping"):
+    for kron_only in ("kfac_approx", "damping", "max_dense_factor", "factor_rank"):
         if kron_only in options and hessian_structure != "kron":
             raise TypeError(f"{kron_only} applies to hessian_structure='kron' only")
     if "low_rank" in options and hessian_structure != "lowrank":

@@ -8,7 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from fastlaplace import ops
+from fastlaplace.curvature.big_factors import SketchedFactor
+from fastlaplace.curvature.closed_form import SoftmaxStatistics, softmax_hessian_sum
 from fastlaplace.curvature.layout import weight_shape
+from fastlaplace.curvature.memory import check_allocation
 from fastlaplace.curvature.statistics import LayerStatistics
 from fastlaplace.reference import accumulation_dtype
 
@@ -45,15 +48,30 @@ class KronCurvature:
     :data:`GATHERED_ROWS` rows (:data:`GATHER_BYTES` for all of them) and multiply the
     buffer when it is full, or when ``input_factors`` / ``output_factors`` are read: the
     same sums, fewer and deeper GEMMs. Batches with more rows than the buffer skip it.
+
+    A factor of side above ``max_dense_factor`` is a :class:`SketchedFactor` (for
+    ``factor_rank`` eigenpairs) instead of a dense tensor; a dense one larger than
+    :data:`~fastlaplace.curvature.memory.MEMORY_LIMIT_GIB` is refused. The output factor of a
+    :class:`SoftmaxStatistics` layer is added in closed form from its probabilities.
     """
 
     def __init__(
-        self, kfac_approx: str = "expand", low_precision_products: bool = False, decay: float | None = None
+        self,
+        kfac_approx: str = "expand",
+        low_precision_products: bool = False,
+        decay: float | None = None,
+        max_dense_factor: int | None = None,
+        factor_rank: int = 256,
     ) -> None:
         if kfac_approx not in ("expand", "reduce"):
             raise ValueError(f"kfac_approx must be 'expand' or 'reduce', got {kfac_approx!r}")
         if decay is not None and not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must lie in [0, 1), got {decay!r}")
+        if max_dense_factor is not None and max_dense_factor < 1:
+            raise ValueError(f"max_dense_factor must be a positive side or None, got {max_dense_factor!r}")
+        if factor_rank < 1:
+            raise ValueError(f"factor_rank must be a positive number of eigenpairs, got {factor_rank!r}")
+        self.max_dense_factor, self.factor_rank = max_dense_factor, factor_rank
         self.kfac_approx = kfac_approx
         self.low_precision_products = low_precision_products
         self.decay = decay
@@ -65,24 +83,24 @@ class KronCurvature:
         self._drop_buffers()
 
     @property
-    def input_factors(self) -> list[Tensor]:
-        """Per layer ``A_l``, ``(d_in + bias, d_in + bias)``, with every gathered row added."""
+    def input_factors(self) -> list[Tensor | SketchedFactor]:
+        """Per layer ``A_l``, ``(d_in + bias, d_in + bias)`` (or sketched), with every gathered row added."""
         self._flush()
         return self._input_factors
 
     @input_factors.setter
-    def input_factors(self, factors: list[Tensor]) -> None:
+    def input_factors(self, factors: list[Tensor | SketchedFactor]) -> None:
         self._drop_buffers()
         self._input_factors = factors
 
     @property
-    def output_factors(self) -> list[Tensor]:
-        """Per layer ``G_l``, ``(d_out, d_out)``, with every gathered row added."""
+    def output_factors(self) -> list[Tensor | SketchedFactor]:
+        """Per layer ``G_l``, ``(d_out, d_out)`` (or sketched), with every gathered row added."""
         self._flush()
         return self._output_factors
 
     @output_factors.setter
-    def output_factors(self, factors: list[Tensor]) -> None:
+    def output_factors(self, factors: list[Tensor | SketchedFactor]) -> None:
         self._drop_buffers()
         self._output_factors = factors
 
@@ -105,8 +123,11 @@ class KronCurvature:
                 rows_a.append(s.patches().mean(1))
                 ones.append(False)  # the averaged patches carry the ones column already
                 grads = grads.sum(2)
-            elif s.is_conv:
+            elif s.is_conv and not isinstance(self._input_factors[i], SketchedFactor):
                 conv.append(i)  # input factor from the implicit-im2col operator
+            elif s.is_conv:  # a sketched input factor takes the patches as rows
+                rows_a.append(s.patches().reshape(-1, s.patches().shape[-1]))
+                ones.append(False)
             else:
                 rows_a.append(s.inputs.reshape(-1, s.inputs.shape[-1]))
                 ones.append(s.has_bias)
@@ -126,12 +147,21 @@ class KronCurvature:
         rows = rows_a + rows_g
         flags = ones + [False] * count
         alphas = [row_alphas[i] for i in keys[: len(rows_a)]] + [output_alpha * v * v for v in scales]
+        fused = [
+            j
+            for j, key in enumerate(keys)
+            if not self._add_outside_operator(key, rows[j], flags[j], alphas[j], beta, statistics)
+        ]
+        keys, rows, flags, alphas = ([v[j] for j in fused] for v in (keys, rows, flags, alphas))
         if self.low_precision_products and rows_g[0].dtype in (torch.bfloat16, torch.float16):
-            for factor, g_rows, alpha in zip(self._output_factors, rows_g, alphas[len(rows_a) :], strict=True):
-                if beta != 1.0:
-                    factor.mul_(beta)
-                factor.add_((g_rows.T @ g_rows).to(factor.dtype), alpha=alpha)
-            keys, rows, flags, alphas = keys[: len(rows_a)], rows_a, ones, alphas[: len(rows_a)]
+            for key, g_rows, alpha in zip(keys, rows, alphas, strict=True):
+                if key >= count:
+                    factor = self._factor(key)
+                    if beta != 1.0:
+                        factor.mul_(beta)
+                    factor.add_((g_rows.T @ g_rows).to(factor.dtype), alpha=alpha)
+            fused = [j for j, key in enumerate(keys) if key < count]
+            keys, rows, flags, alphas = ([v[j] for j in fused] for v in (keys, rows, flags, alphas))
         if self.decay is None and output_scales is None:
             keys, rows, flags, alphas = self._gather(keys, rows, flags)
         for alpha in dict.fromkeys(alphas):  # one fused call per distinct scale (a single one for sums)
@@ -162,11 +192,47 @@ class KronCurvature:
         self.names = [s.name for s in statistics]
         self.locations = [1 if self.kfac_approx == "reduce" else s.locations for s in statistics]
         for s in statistics:
-            options = {"dtype": accumulation_dtype(s.inputs.dtype), "device": s.inputs.device}
             d_g, d_in = weight_shape(s.module)
-            d_a = d_in + s.has_bias
-            self._input_factors.append(torch.zeros(d_a, d_a, **options))
-            self._output_factors.append(torch.zeros(d_g, d_g, **options))
+            self._input_factors.append(self._new_factor(s, "input", d_in + s.has_bias))
+            self._output_factors.append(self._new_factor(s, "output", d_g))
+
+    def _new_factor(self, s: LayerStatistics, side_name: str, side: int) -> Tensor | SketchedFactor:
+        """A zero factor of this side for layer s: sketched above ``max_dense_factor``, else dense (size-checked)."""
+        if self.max_dense_factor is not None and side > self.max_dense_factor:
+            return SketchedFactor.zeros(side, self.factor_rank, s.inputs.device)
+        dtype = accumulation_dtype(s.inputs.dtype)
+        check_allocation(
+            f"the dense {side_name} factor of layer {s.name!r}",
+            (side, side),
+            dtype,
+            "keep it as a truncated eigen-factor with max_dense_factor (a side above it is sketched)",
+        )
+        return torch.zeros(side, side, dtype=dtype, device=s.inputs.device)
+
+    def _add_outside_operator(
+        self,
+        key: int,
+        rows: Tensor,
+        append_ones: bool,
+        alpha: float,
+        beta: float,
+        statistics: Sequence[LayerStatistics],
+    ) -> bool:
+        """Add a sketched or closed-form factor's share of the batch; False for a factor of the fused operator."""
+        count, factor = len(self.names), self._factor(key)
+        if key >= count and isinstance(statistics[key - count], SoftmaxStatistics):
+            probabilities = statistics[key - count].probabilities
+            if isinstance(factor, SketchedFactor):
+                factor.add_softmax_hessian(probabilities, alpha, beta)
+            else:
+                if beta != 1.0:
+                    factor.mul_(beta)
+                factor.add_(softmax_hessian_sum(probabilities).to(factor.dtype), alpha=alpha)
+            return True
+        if isinstance(factor, SketchedFactor):
+            factor.add_gram(rows, append_ones, alpha, beta)
+            return True
+        return False
 
     def _factor(self, key: int) -> Tensor:
         count = len(self.names)

@@ -21,6 +21,8 @@ import math
 import torch
 from torch import Tensor
 
+from fastlaplace.curvature.memory import check_allocation
+
 LIKELIHOODS = ("classification", "regression", "heteroscedastic_regression")
 MODES = ("ggn", "mc", "ef")
 
@@ -74,6 +76,13 @@ def output_gradient_columns(
         return (output - target.to(output.dtype)).unsqueeze(-1)
     probs = torch.softmax(output, dim=-1)
     if mode == "ggn":
+        check_allocation(
+            "the (N, C, C − 1) Hessian-root columns of the softmax's exact GGN",
+            (*output.shape, output.shape[1] - 1),
+            output.dtype,
+            "a last-layer Kron posterior computes its factor in closed form; else use curvature_mode='mc' "
+            "or smaller batches",
+        )
         return _softmax_hessian_root(probs)
     if mode == "mc":  # (N, S) labels
         labels = torch.multinomial(probs, mc_samples, replacement=mc_samples > 1, generator=generator)

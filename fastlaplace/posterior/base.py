@@ -25,6 +25,7 @@ from fastlaplace.curvature import (
     trainable_bias,
     weight_matrix,
 )
+from fastlaplace.curvature.memory import check_allocation
 from fastlaplace.predictive import laplace_bridge, probit, sampled_softmax
 
 
@@ -560,8 +561,20 @@ class BaseLaplace(ABC):
     def functional_variance(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(f(x; θ*), J P⁻¹ Jᵀ)``: the ``(N, C)`` mean and ``(N, C, C)`` covariance of the GLM."""
         self._require_fit()
+        x = self._prediction_inputs(x)
+        check_allocation(
+            "the (N, C, C) output Jacobians and GLM covariance",
+            (self._batch_size(x), self.num_outputs, self.num_outputs),
+            self.dtype,
+            "use diagonal_output=True (regression) or link_approx='probit' for the (N, C) variances alone",
+        )
         output, stats = self._output_jacobians(x)
         return output, self._jacobian_covariance(stats)
+
+    def functional_variance_diagonal(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The ``(N, C)`` mean and ``(N, C)`` variances of the GLM (structures may skip the covariance)."""
+        mean, covariance = self.functional_variance(x)
+        return mean, covariance.diagonal(dim1=1, dim2=2)
 
     def functional_covariance(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The joint GLM over a batch: ``(N C,)`` mean and ``(N C, N C)`` covariance ``J P⁻¹ Jᵀ``.
@@ -627,11 +640,13 @@ class BaseLaplace(ABC):
         likelihood = self._likelihood(fitting)
         if likelihood in GAUSSIAN_OUTPUTS and joint:
             return self.functional_covariance(x)
+        if likelihood in GAUSSIAN_OUTPUTS and diagonal_output:
+            return self.functional_variance_diagonal(x)
+        if likelihood not in GAUSSIAN_OUTPUTS and link_approx == "probit":
+            return probit(*self.functional_variance_diagonal(x))
         mean, cov = self.functional_variance(x)
         if likelihood in GAUSSIAN_OUTPUTS:
-            return (mean, cov.diagonal(dim1=1, dim2=2)) if diagonal_output else (mean, cov)
-        if link_approx == "probit":
-            return probit(mean, cov.diagonal(dim1=1, dim2=2))
+            return mean, cov
         if link_approx in ("bridge", "bridge_norm"):
             return laplace_bridge(mean, cov, normalise=link_approx == "bridge_norm")
         if link_approx == "mc":

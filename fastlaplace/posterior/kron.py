@@ -7,20 +7,19 @@ from torch import Tensor, nn
 
 from fastlaplace import ops
 from fastlaplace.curvature.accumulate import EmbeddingCurvature, KronCurvature, UnitwiseCurvature
+from fastlaplace.curvature.big_factors import SketchedFactor, restored_factor, stored_factor
+from fastlaplace.curvature.closed_form import layer_forward, softmax_statistics
 from fastlaplace.curvature.eigen import factor_eigh
-from fastlaplace.curvature.statistics import AFFINE_LAYERS, has_kron_factors
-from fastlaplace.posterior import blocks
+from fastlaplace.curvature.statistics import AFFINE_LAYERS, has_kron_factors, trainable_bias
+from fastlaplace.posterior import blocks, truncated_kron
 from fastlaplace.posterior.parametric import ParametricLaplace
 from fastlaplace.posterior.shared_weights import shared_weight_covariance
+from fastlaplace.posterior.truncated_kron import damped_inverse as _damped_inverse
+from fastlaplace.reference import accumulation_dtype
 
 Spectrum = tuple[list[Tensor], list[Tensor], Tensor, Tensor]
 #: Inputs per chunk of the GLM predictive (:meth:`KronLaplace.functional_variance`).
 PREDICTIVE_CHUNK = 8
-
-
-def _damped_inverse(la: Tensor, lg: Tensor, scale: Tensor, delta: Tensor) -> Tensor:
-    """``(d_G, d_A)``: ``1 / (s μ_j λ_i + δ)``, eigenvalues clamped at 0."""
-    return (scale * torch.outer(lg.clamp_min(0), la.clamp_min(0)) + delta).reciprocal()
 
 
 class KronLaplace(ParametricLaplace):
@@ -46,13 +45,30 @@ class KronLaplace(ParametricLaplace):
     scale (an Embedding's ``A_l = diag(c_l)`` included). It is used consistently by the
     evidence, the predictive and the samples. The unit-wise blocks have no factors to damp:
     they keep ``s H_li + δ_l I`` with either setting.
+
+    Big factors (LM heads): a Kronecker factor of side above ``max_dense_factor`` is never
+    formed; it is sketched during the fit and kept as its top ``factor_rank`` eigenpairs,
+    the rest of its spectrum taken as zero (P is δ on the complement; see
+    :mod:`~fastlaplace.posterior.truncated_kron`), by the evidence, the last layer's GLM
+    predictive, the samples and the state_dict. The last layer of a softmax classifier
+    (``last_layer_only``, exact GGN) gets its output factor in closed form from the
+    probabilities, never from ``(N, C, C − 1)`` Hessian-root columns.
     """
 
     supports_prior_per_parameter = False  # δ must be constant within a layer's eigenbasis
 
-    def __init__(self, *args, kfac_approx: str = "expand", damping: bool = False, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        kfac_approx: str = "expand",
+        damping: bool = False,
+        max_dense_factor: int = 8192,
+        factor_rank: int = 256,
+        **kwargs,
+    ) -> None:
         self.kfac_approx = kfac_approx
         self.damping = bool(damping)
+        self.max_dense_factor, self.factor_rank = max_dense_factor, factor_rank
         super().__init__(*args, **kwargs)
         modules = [m for _, m in self.layers]
         self._kron = [i for i, m in enumerate(modules) if has_kron_factors(m)]
@@ -60,7 +76,12 @@ class KronLaplace(ParametricLaplace):
         self._unitwise = [i for i, m in enumerate(modules) if isinstance(m, AFFINE_LAYERS)]
 
     def _reset_curvature(self) -> None:
-        self.curvature = KronCurvature(self.kfac_approx, low_precision_products=self.curvature_dtype is not None)
+        self.curvature = KronCurvature(
+            self.kfac_approx,
+            low_precision_products=self.curvature_dtype is not None,
+            max_dense_factor=self.max_dense_factor,
+            factor_rank=self.factor_rank,
+        )
         self.embedding_curvature = EmbeddingCurvature()
         self.unitwise_curvature = UnitwiseCurvature()
         self._eigen = None
@@ -75,8 +96,19 @@ class KronLaplace(ParametricLaplace):
                 curvature.update([stats[i] for i in layers])
         self._eigen = None
 
+    def _batch_statistics(self, x, y, generator):
+        """A softmax last layer's batch for the closed-form output factor (see ``softmax_statistics``)."""
+        if self.last_layer_only and self._likelihood(True) == "classification" and self.curvature_mode == "ggn":
+            closed_form = softmax_statistics(self.model, x, *self.layers[0])
+            if closed_form is not None:
+                return closed_form
+        return super()._batch_statistics(x, y, generator)
+
     def eigendecomposition(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-        """``(Q_A, λ_A, Q_G, λ_G)`` per Kronecker-factored layer, computed once per fit (one batched call)."""
+        """``(Q_A, λ_A, Q_G, λ_G)`` per Kronecker-factored layer, computed once per fit (one batched call).
+
+        A sketched factor gives its top ``k`` eigenpairs: ``Q`` ``(d, k)``, λ ``(k,)``.
+        """
         return self._eigenpairs()[0]
 
     def embedding_eigendecomposition(self) -> tuple[list[Tensor], list[Tensor]]:
@@ -91,11 +123,37 @@ class KronLaplace(ParametricLaplace):
                 *self.curvature.output_factors,
                 *self.embedding_curvature.output_factors,
             ]
-            values, vectors = factor_eigh(factors) if factors else ([], [])
+            dense = [f for f in factors if not isinstance(f, SketchedFactor)]
+            values, vectors = factor_eigh(dense) if dense else ([], [])
+            values, vectors = self._with_truncated_factors(factors, values, vectors)
             count = len(self._kron)
             kron = (vectors[:count], values[:count], vectors[count : 2 * count], values[count : 2 * count])
             self._eigen = (kron, (vectors[2 * count :], values[2 * count :]))
         return self._eigen
+
+    def _with_truncated_factors(
+        self, factors: list, values: list[Tensor], vectors: list[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """The dense factors' eigenpairs with the sketched factors' top ones put in their places."""
+        sketched = [i for i, f in enumerate(factors) if isinstance(f, SketchedFactor)]
+        if not sketched:
+            return values, vectors
+        if self.damping:
+            raise ValueError(
+                "damping=True is not available with truncated factors (a side above max_dense_factor="
+                f"{self.max_dense_factor}); use damping=False or raise max_dense_factor"
+            )
+        values, vectors = list(values), list(vectors)
+        for i in sketched:
+            value, vector = factors[i].eigenpairs(self.factor_rank, accumulation_dtype(self.dtype))
+            values.insert(i, value)
+            vectors.insert(i, vector)
+        return values, vectors
+
+    def _truncated(self, index: int) -> bool:
+        """Whether Kron layer ``index`` (position in ``_kron``) has a sketched factor."""
+        factors = (self.curvature.input_factors[index], self.curvature.output_factors[index])
+        return any(isinstance(f, SketchedFactor) for f in factors)
 
     def _scale(self, sigma_noise: Tensor) -> Tensor:
         """``(L_kron,)`` factor scales ``1 / (σ² T N L_l)`` of the Kronecker-factored layers."""
@@ -157,7 +215,17 @@ class KronLaplace(ParametricLaplace):
                 )
             else:
                 total = total + ops.kron_logdet(la, lg, scale, delta).sum()
-        return total
+        return total + self._complement_logdet(prior_precision)
+
+    def _complement_logdet(self, prior_precision: Tensor) -> Tensor | int:
+        """``Σ_l (d_G d_A − k_G k_A) log δ_l`` over the layers with truncated factors (P is δ there)."""
+        truncated = [i for i in range(len(self._kron)) if self._truncated(i)]
+        if not truncated:
+            return 0
+        qa, _, qg, _ = self.eigendecomposition()
+        dims = [truncated_kron.complement_dimension(qa[i], qg[i]) for i in truncated]
+        delta = prior_precision[[self._kron[i] for i in truncated]]
+        return (torch.tensor(dims, dtype=delta.dtype, device=delta.device) * delta.log()).sum()
 
     def _special_covariance(self, stats, joint: bool):
         """The Embedding and unit-wise layers' share of ``J P⁻¹ Jᵀ`` (0 without such layers)."""
@@ -193,7 +261,13 @@ class KronLaplace(ParametricLaplace):
         qa, _, qg, _ = self.eigendecomposition()
         la, lg, scale, delta = self._spectrum(self.prior_precision, self.sigma_noise)
         kron_stats = [stats[i] for i in self._kron]
-        linear = [i for i, s in enumerate(kron_stats) if s.is_plain_linear]
+        truncated = [i for i in range(len(kron_stats)) if self._truncated(i)]
+        for i in truncated:
+            features = self._truncated_last_layer_features(kron_stats[i]).to(qa[i].dtype)
+            total = total + truncated_kron.last_layer_covariance(
+                features, qa[i], la[i], qg[i], lg[i], scale[i], delta[i]
+            )
+        linear = [i for i, s in enumerate(kron_stats) if s.is_plain_linear and i not in truncated]
         if linear:
             total = total + ops.kron_predictive_variance(
                 [kron_stats[i].inputs for i in linear],
@@ -213,8 +287,43 @@ class KronLaplace(ParametricLaplace):
                 total = total + self._shared_weight_covariance(s, qa[i], la[i], qg[i], lg[i], scale[i], delta[i])
         return total
 
+    def _truncated_last_layer_features(self, s) -> Tensor:
+        """``(N, d_A)`` a truncated layer's inputs (with the ones column); the GLM covers it as the last layer only."""
+        if not (self.last_layer_only and s.is_plain_linear):
+            raise ValueError(
+                f"layer {s.name!r} has a truncated factor (a side above max_dense_factor={self.max_dense_factor}): "
+                "its GLM predictive is available for a last-layer posterior only; raise max_dense_factor"
+            )
+        return s.patches()[:, 0]
+
+    def functional_variance_diagonal(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(N, C)`` mean and GLM variances; for a last layer one GEMM with the factors, no ``(N, C, C)`` tensor."""
+        if not self.last_layer_only:
+            return super().functional_variance_diagonal(x)
+        self._require_fit()
+        name, module = self.layers[0]
+        output, features, is_output = layer_forward(
+            self.model, self._prediction_inputs(x), module, self.enable_backprop
+        )
+        if not is_output or features.dim() != 2:  # logits transformed after the layer: the Jacobian path
+            return super().functional_variance_diagonal(x)
+        if trainable_bias(module) is not None:
+            features = torch.cat([features, features.new_ones(features.shape[0], 1)], dim=1)
+        qa, _, qg, _ = self.eigendecomposition()
+        la, lg, scale, delta = self._spectrum(self.prior_precision, self.sigma_noise)
+        variances = truncated_kron.last_layer_variances(
+            features.to(qa[0].dtype), qa[0], la[0], qg[0], lg[0], scale[0], delta[0]
+        )
+        return (output if self.enable_backprop else output.detach()), variances.to(output.dtype)
+
     def _jacobian_cross_covariance(self, stats) -> Tensor:
         """Between samples n, m: ``Σ_ij ã_ni ã_mi B̃_ncj B̃_mdj / (s λ_i μ_j + δ)`` in the eigenbasis."""
+        for i in range(len(self._kron)):
+            if self._truncated(i):
+                raise ValueError(
+                    f"the joint predictive is not available with the truncated factors of layer "
+                    f"{self.layers[self._kron[i]][0]!r}; raise max_dense_factor above {self.max_dense_factor}"
+                )
         qa, _, qg, _ = self.eigendecomposition()
         la, lg, scale, delta = self._spectrum(self.prior_precision, self.sigma_noise)
         total = 0
@@ -252,9 +361,17 @@ class KronLaplace(ParametricLaplace):
                 torch.randn((n_samples, g.shape[0], a.shape[0]), dtype=a.dtype, device=a.device, generator=generator)
                 for a, g in zip(qa, qg, strict=True)
             ]
-            solved = ops.kron_solve(qa, la, qg, lg, noise, scale, delta, -0.5)
-            for i, d in zip(self._kron, solved, strict=True):
-                deviations[i] = d
+            dense = [i for i in range(len(self._kron)) if not self._truncated(i)]
+            if dense:
+                solved = ops.kron_solve(
+                    *([v[i] for i in dense] for v in (qa, la, qg, lg, noise)), scale[dense], delta[dense], -0.5
+                )
+                for i, d in zip(dense, solved, strict=True):
+                    deviations[self._kron[i]] = d
+            for i in (i for i in range(len(self._kron)) if i not in dense):
+                deviations[self._kron[i]] = truncated_kron.inverse_root_samples(
+                    noise[i], qa[i], la[i], qg[i], lg[i], scale[i], delta[i]
+                )
         if self._embedding:
             q_g, _ = self.embedding_eigendecomposition()
             for i, q, inverse in zip(self._embedding, q_g, self._embedding_inverses(), strict=True):
@@ -270,8 +387,8 @@ class KronLaplace(ParametricLaplace):
         """Kron ``A``, ``G``, locations; Embedding counts, ``G``, locations; unit-wise blocks (integers: layout)."""
         embedding = self.embedding_curvature
         return [
-            *self.curvature.input_factors,
-            *self.curvature.output_factors,
+            *map(stored_factor, self.curvature.input_factors),
+            *map(stored_factor, self.curvature.output_factors),
             torch.tensor(self.curvature.locations, dtype=torch.long),
             *embedding.counts,
             *embedding.output_factors,
@@ -295,8 +412,8 @@ class KronLaplace(ParametricLaplace):
         kron, embedding, unitwise = self.curvature, self.embedding_curvature, self.unitwise_curvature
         kron.names, embedding.names, unitwise.names = names
         count, rest = len(self._kron), iter(tensors)
-        kron.input_factors = [next(rest) for _ in range(count)]
-        kron.output_factors = [next(rest) for _ in range(count)]
+        kron.input_factors = [restored_factor(next(rest)) for _ in range(count)]
+        kron.output_factors = [restored_factor(next(rest)) for _ in range(count)]
         kron.locations = next(rest).tolist()
         count = len(self._embedding)
         embedding.counts = [next(rest) for _ in range(count)]

@@ -10,7 +10,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from fastlaplace import distributed
-from fastlaplace.curvature import layer_statistics, split_heteroscedastic, trainable_bias
+from fastlaplace.curvature import LayerStatistics, layer_statistics, split_heteroscedastic, trainable_bias
 from fastlaplace.curvature.layout import block_to_parameter, parameter_to_block, weight_shape
 from fastlaplace.curvature.model_io import call_model
 from fastlaplace.posterior.base import BaseLaplace, _own_parameters
@@ -112,18 +112,7 @@ class ParametricLaplace(BaseLaplace):
         for batch in tqdm(loader, desc="fitting the Laplace curvature", disable=not progress_bar):
             x, y = self._split_batch(batch)
             self._check_targets(y, self._batch_size(x))
-            output, stats = layer_statistics(
-                self.model,
-                x,
-                y,
-                self._likelihood(True),
-                self.curvature_mode,
-                generator,
-                self.layers,
-                self.curvature_dtype,
-                output_noise=self.sigma_noise if self.noise_per_output else None,
-                output_layer=self.last_layer_only,
-            )
+            output, stats = self._batch_statistics(x, y, generator)
             self._check_outputs(output, y)
             self.loss += float(self._summed_loss(output, y))
             self._update_curvature(stats)
@@ -132,6 +121,23 @@ class ParametricLaplace(BaseLaplace):
             batches += 1
         if batches == 0:
             raise ValueError("the loader yielded no batch: nothing to fit (an exhausted iterator?)")
+
+    def _batch_statistics(
+        self, x: Tensor, y: Tensor, generator: torch.Generator | None
+    ) -> tuple[Tensor, list[LayerStatistics]]:
+        """One batch's ``(N, C)`` output and per-layer statistics (structures with closed forms override it)."""
+        return layer_statistics(
+            self.model,
+            x,
+            y,
+            self._likelihood(True),
+            self.curvature_mode,
+            generator,
+            self.layers,
+            self.curvature_dtype,
+            output_noise=self.sigma_noise if self.noise_per_output else None,
+            output_layer=self.last_layer_only,
+        )
 
     def _sum_over_ranks(self) -> None:
         """After each rank's pass over its shard: sum the curvature, the loss and ``num_data`` over the ranks.
