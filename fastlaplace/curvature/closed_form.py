@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fastlaplace.curvature.statistics import LayerStatistics, _all_finite
+from fastlaplace.curvature.statistics import LayerStatistics, all_finite
 
 
 @dataclass
@@ -59,7 +59,7 @@ def layer_forward(
         raise ValueError("the model's forward never called its last layer")
     if output.dim() != 2:
         raise ValueError(f"the model's output must be (N, C), got shape {tuple(output.shape)}")
-    if not _all_finite(output):
+    if not all_finite(output):
         raise ValueError("the model's output contains NaN or Inf")
     inputs, layer_output = captured[-1]
     return output, inputs, layer_output is output
