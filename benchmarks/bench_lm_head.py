@@ -25,21 +25,12 @@ import time
 from pathlib import Path
 
 import torch
+from bench_laplace import fastest
 from torch import nn
 
 from fastlaplace import Laplace
 
 VOCABULARY, WIDTH = 50_257, 768
-
-
-def fastest(fn, repeats: int) -> float:
-    """The fastest of ``repeats`` timed calls of fn, in seconds."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def peak_rss_gib() -> float:

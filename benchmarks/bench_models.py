@@ -37,7 +37,7 @@ import fastlaplace.ops as ops
 from fastlaplace import Laplace
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-from resnets import cifar_resnet18  # noqa: E402  (the tests' model, not a copy)
+from resnets import cifar_resnet18, max_pooling_cnn  # noqa: E402  (the tests' models, not copies)
 
 POSTERIORS = [("kron", "all"), ("diag", "all"), ("kron", "last_layer"), ("diag", "last_layer"), ("full", "last_layer")]
 BATCH = 128
@@ -54,16 +54,7 @@ def make_model(name: str) -> nn.Module:
         return cifar_resnet18()
     if name == "mlp":
         return nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 6 * 6, 10),
-    )
+    return max_pooling_cnn()
 
 
 def make_data(name: str, samples: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
