@@ -269,6 +269,7 @@ def test_unsupported_layer_is_named_unless_skipped():
         ("kl_clip", -1.0, "kl_clip"),
         ("loss_reduction", "none", "loss_reduction"),
         ("broadcast", "all", "broadcast"),
+        ("conventions", "kfac", "conventions"),
     ],
 )
 def test_bad_options_are_named(option, value, message):
