@@ -101,13 +101,23 @@ def backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str 
     nn.functional.cross_entropy(model(x), y, reduction=reduction).backward()
 
 
+def started(factor: torch.Tensor, level: float, decay: float = 0.95) -> torch.Tensor:
+    """The first update's running factor, blended from a start at ``level`` times the identity."""
+    return decay * level * torch.eye(factor.shape[0], dtype=factor.dtype) + (1 - decay) * factor
+
+
+def mean_eigenvalue(factor: torch.Tensor) -> float:
+    return float(torch.linalg.eigvalsh(factor).mean())
+
+
 @pytest.mark.parametrize("model_name", ["mlp", "cnn", "sequence"])
 @pytest.mark.parametrize("mode", ["eigen", "factored"])
 def test_natural_gradient_equals_dense_solve(model_name, mode):
+    """The v0 conventions: one datum's factors, taken from the first batch alone, and δ as it is."""
     model = make(model_name)
     x, y = data(model_name)
     damping = 0.05
-    pre = KFACPreconditioner(model, damping=damping, damping_mode=mode, kl_clip=None)
+    pre = KFACPreconditioner(model, damping=damping, damping_mode=mode, kl_clip=None, conventions="fastlaplace-v0")
     backward(model, x, y)
     grads = [gradient_matrix(m) for m in kron_layers(model)]
     pre.step()
@@ -116,6 +126,26 @@ def test_natural_gradient_equals_dense_solve(model_name, mode):
         torch.testing.assert_close(pre.curvature.input_factors[i], a, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(pre.curvature.output_factors[i], g, rtol=1e-12, atol=1e-12)
         expected = dense_natural_gradient(a, g, grad, damping, mode)
+        torch.testing.assert_close(gradient_matrix(m), expected, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "cnn", "sequence"])
+@pytest.mark.parametrize("mode", ["eigen", "factored"])
+def test_default_conventions_start_from_the_mean_identity_and_damp_relatively(model_name, mode):
+    """Default: the first batch's factors blended with their mean eigenvalue times I, δ times m_A m_G."""
+    model = make(model_name)
+    x, y = data(model_name)
+    damping = 0.05
+    pre = KFACPreconditioner(model, damping=damping, damping_mode=mode, kl_clip=None)
+    backward(model, x, y)
+    grads = [gradient_matrix(m) for m in kron_layers(model)]
+    pre.step()
+    for i, (m, grad, (a, g)) in enumerate(zip(kron_layers(model), grads, dense_factors(model, x, y), strict=True)):
+        a, g = started(a, mean_eigenvalue(a)), started(g, mean_eigenvalue(g))
+        torch.testing.assert_close(pre.curvature.input_factors[i], a, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(pre.curvature.output_factors[i], g, rtol=1e-12, atol=1e-12)
+        relative = damping * mean_eigenvalue(a) * mean_eigenvalue(g)
+        expected = dense_natural_gradient(a, g, grad, relative, mode)
         torch.testing.assert_close(gradient_matrix(m), expected, rtol=1e-9, atol=1e-11)
 
 
@@ -140,7 +170,7 @@ def test_factor_decay_is_an_exponential_moving_average_of_batch_factors():
     model = make("cnn")
     batches = [data("cnn", seed=s) for s in range(3)]
     decay = 0.7
-    pre = KFACPreconditioner(model, factor_decay=decay, kl_clip=None)
+    pre = KFACPreconditioner(model, factor_decay=decay, kl_clip=None, conventions="fastlaplace-v0")
     expected = None
     for x, y in batches:
         twin = make("cnn")  # without the preconditioner's hooks
@@ -239,6 +269,7 @@ def test_unsupported_layer_is_named_unless_skipped():
         ("kl_clip", -1.0, "kl_clip"),
         ("loss_reduction", "none", "loss_reduction"),
         ("broadcast", "all", "broadcast"),
+        ("conventions", "kfac", "conventions"),
     ],
 )
 def test_bad_options_are_named(option, value, message):
@@ -376,7 +407,13 @@ def test_changing_damping_and_learning_rate_between_eigendecompositions(mode):
         return current["delta"]
 
     pre = KFACPreconditioner(
-        model, damping=damping, damping_mode=mode, inv_update_steps=100, kl_clip=1e-4, lr=optimizer
+        model,
+        damping=damping,
+        damping_mode=mode,
+        inv_update_steps=100,
+        kl_clip=1e-4,
+        lr=optimizer,
+        conventions="fastlaplace-v0",
     )
     for step in range(4):
         optimizer.param_groups[0]["lr"] = 0.3 / (step + 1)
@@ -414,7 +451,7 @@ def test_factored_mode_keeps_damped_inverses_not_eigenpairs():
     model = make("cnn")
     x, y = data("cnn")
     delta = 0.04
-    pre = KFACPreconditioner(model, damping=delta, damping_mode="factored")
+    pre = KFACPreconditioner(model, damping=delta, damping_mode="factored", conventions="fastlaplace-v0")
     with pytest.raises(RuntimeError, match="no factors yet"):
         pre.damped_inverses()
     backward(model, x, y)

@@ -104,7 +104,12 @@ class KronCurvature:
         self._drop_buffers()
         self._output_factors = factors
 
-    def update(self, statistics: Sequence[LayerStatistics], output_scales: Sequence[float] | None = None) -> None:
+    def update(
+        self,
+        statistics: Sequence[LayerStatistics],
+        output_scales: Sequence[float] | None = None,
+        input_scales: Sequence[float] | None = None,
+    ) -> None:
         """Add one batch: all layers' factors in one call of the fused operator.
 
         Args:
@@ -112,6 +117,8 @@ class KronCurvature:
             output_scales: per layer a factor s on its output gradients (G gets s²), applied
                 in the operator's scale instead of in a scaled copy (the K-FAC optimiser's
                 batch size for a mean loss); 1 by default.
+            input_scales: per layer a factor on the batch's A (kfac-pytorch's ``1 / L²`` of a
+                Conv2d in the K-FAC optimiser); 1 by default.
         """
         if not self.names:
             self._allocate(statistics)
@@ -141,6 +148,8 @@ class KronCurvature:
             beta = self.decay if self.num_data else 0.0
             row_alphas = [(1.0 - beta) / (n * locations) for locations in self.locations]
             output_alpha = (1.0 - beta) / n
+        if input_scales is not None:
+            row_alphas = [alpha * float(v) for alpha, v in zip(row_alphas, input_scales, strict=True)]
         scales = [1.0] * count if output_scales is None else [float(v) for v in output_scales]
         # Factors multiplied from rows, keyed i for A_i and count + i for G_i.
         keys = [i for i in range(count) if i not in conv] + [count + i for i in range(count)]
@@ -162,7 +171,7 @@ class KronCurvature:
                     factor.add_((g_rows.T @ g_rows).to(factor.dtype), alpha=alpha)
             fused = [j for j, key in enumerate(keys) if key < count]
             keys, rows, flags, alphas = ([v[j] for j in fused] for v in (keys, rows, flags, alphas))
-        if self.decay is None and output_scales is None:
+        if self.decay is None and output_scales is None and input_scales is None:
             keys, rows, flags, alphas = self._gather(keys, rows, flags)
         for alpha in dict.fromkeys(alphas):  # one fused call per distinct scale (a single one for sums)
             chosen = [j for j, a in enumerate(alphas) if a == alpha]

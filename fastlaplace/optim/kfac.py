@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from fastlaplace import distributed
 from fastlaplace.curvature import KronCurvature, LayerStatistics
 from fastlaplace.curvature.statistics import INPUT_DIMS, all_finite
+from fastlaplace.optim.conventions import CONVENTIONS, Conventions
 from fastlaplace.optim.layers import PreconditionedLayer, preconditioned_layers
 from fastlaplace.optim.modes import MODES, DampedInverses, EigenBasis
 
@@ -94,7 +95,9 @@ class KFACPreconditioner:
 
     Args:
         model: the network (or its DistributedDataParallel wrapper).
-        damping: δ > 0, or a callable returning it (read at every step).
+        damping: δ > 0, or a callable returning it (read at every step); None takes the
+            conventions' default (0.1 of each layer's mean eigenvalue for ``"fastlaplace"``,
+            1e-3 for the others).
         factor_update_steps: update the factors every this many steps.
         inv_update_steps: recompute the eigendecompositions every this many steps.
         factor_decay: β in ``F ← β F + (1 − β) F_batch`` (0 keeps the last batch only), or a callable.
@@ -104,7 +107,9 @@ class KFACPreconditioner:
         kl_clip: scale the natural gradient by ``ν = min(1, √(kl_clip / Σ_l lr_l² ⟨∇_l, ñ_l⟩))``,
             as kfac-pytorch; None turns it off. A number > 0 or a callable.
         lr: the learning rate(s) that kl_clip assumes: a number, a callable, or the optimiser
-            (each layer then uses the lr of the parameter group holding its weight).
+            (each layer then uses the lr of the parameter group holding its weight, with the
+            ``"fastlaplace"`` conventions divided by ``1 − momentum``, so that SGD's momentum
+            cannot take the step beyond the clip: pass the optimiser when it has momentum).
         skip_layers: module names (a name also skips the module's children), module class
             names or nn.Module types to leave out.
         loss_reduction: ``"mean"`` or ``"sum"``, how your loss reduces over the batch.
@@ -112,6 +117,10 @@ class KFACPreconditioner:
             in :class:`~fastlaplace.curvature.KronCurvature`.
         broadcast: ``"eigen"`` or ``"gradient"``, see above (ignored on one process).
         bucket_mb: the largest buffer of one collective call, in megabytes.
+        conventions: ``"fastlaplace"`` (default), ``"fastlaplace-v0"`` (the behaviour before
+            the conventions: the first batch's factors, absolute δ = 1e-3, the KL clip without
+            momentum) or ``"kfac-pytorch"`` (its factor scales, identity start and damping):
+            the table in :mod:`fastlaplace.optim.conventions`.
 
     Raises:
         ValueError: on an invalid option, an unsupported trainable layer (named), or a
@@ -121,7 +130,7 @@ class KFACPreconditioner:
     def __init__(
         self,
         model: nn.Module,
-        damping: Schedule = 1e-3,
+        damping: Schedule | None = None,
         factor_update_steps: int = 1,
         inv_update_steps: int = 1,
         factor_decay: Schedule = 0.95,
@@ -133,7 +142,15 @@ class KFACPreconditioner:
         kfac_approx: str = "expand",
         broadcast: str = "eigen",
         bucket_mb: float = distributed.BUCKET_MB,
+        conventions: str = "fastlaplace",
     ) -> None:
+        if conventions not in CONVENTIONS:
+            raise ValueError(f"conventions must be one of {tuple(CONVENTIONS)}, got {conventions!r}")
+        self.conventions: Conventions = CONVENTIONS[conventions]
+        if damping is None:
+            damping = self.conventions.default_damping
+        if kfac_approx == "reduce" and self.conventions.conv_location_scaling:
+            raise ValueError(f"conventions={conventions!r} has no kfac_approx='reduce' (kfac-pytorch expands)")
         if damping_mode not in DAMPING_MODES:
             raise ValueError(f"damping_mode must be one of {DAMPING_MODES}, got {damping_mode!r}")
         if loss_reduction not in ("mean", "sum"):
@@ -243,9 +260,30 @@ class KFACPreconditioner:
             return [True] * len(self._layers)
         return [layer.owner == rank for layer in self._layers]
 
+    def _gradient_scale(self, batch_size: int) -> float:
+        """The factor on a captured output gradient whose square G gets, as the conventions take G."""
+        if self.conventions.datum_output_factor:  # a mean loss's gradient is 1/N of each datum's
+            return float(batch_size) if self.loss_reduction == "mean" else 1.0
+        return 1.0 if self.loss_reduction == "mean" else 1.0 / batch_size
+
+    def _location_scales(self, statistics: list[LayerStatistics]) -> tuple[list[float], list[float] | None]:
+        """Per layer the factors on its output gradients and on its batch A from the L locations it is applied at.
+
+        kfac-pytorch divides a Conv2d's patches and output gradients by L before taking each
+        factor's mean over the N L rows (A / L², G / L³ against one datum's, which sums G over
+        the locations), and a Linear's over T tokens takes G's mean over the N T rows (G / T).
+        """
+        if not self.conventions.conv_location_scaling:
+            return [1.0] * len(statistics), None
+        output, inputs = [], []
+        for s in statistics:
+            locations = s.locations
+            output.append(locations**-1.5 if s.is_conv else locations**-0.5)
+            inputs.append(float(locations) ** -2 if s.is_conv else 1.0)
+        return output, inputs
+
     def _update_factors(self) -> None:
         statistics, scales, missing = [], [], []
-        mean = self.loss_reduction == "mean"
         for layer in self._layers:
             done = [c for c in layer.captures if c.grad is not None]
             if not done:
@@ -259,14 +297,13 @@ class KFACPreconditioner:
                         f"{tuple(c.inputs.shape)}; K-FAC accepts inputs with {' or '.join(map(str, allowed))} "
                         "dimensions (batch first)"
                     )
-            # The gradient of a mean loss is 1/N of each datum's; G wants the datum's: a factor N on the
-            # gradients, N² on G, folded into G's scale for a single forward (no scaled copy).
+            # The gradients' scale is folded into G's scale for a single forward (no scaled copy).
             if len(done) == 1:
                 inputs, grads = done[0].inputs, done[0].grad
-                grad_scale = float(inputs.shape[0]) if mean else 1.0
+                grad_scale = self._gradient_scale(inputs.shape[0])
             else:
                 inputs = torch.cat([c.inputs for c in done])
-                grads = torch.cat([c.grad * c.inputs.shape[0] if mean else c.grad for c in done])
+                grads = torch.cat([c.grad * self._gradient_scale(c.inputs.shape[0]) for c in done])
                 grad_scale = 1.0
             for what, tensor in (("inputs", inputs), ("output gradients", grads)):
                 if not all_finite(tensor):
@@ -294,8 +331,24 @@ class KFACPreconditioner:
             raise ValueError(f"factor_decay must lie in [0, 1), got {decay}")
         for layer in self._layers:
             layer.captures = []
+        location_output, location_input = self._location_scales(statistics)
+        first = not self.curvature.num_data
         self.curvature.decay = decay
-        self.curvature.update(statistics, output_scales=scales)
+        self.curvature.update(
+            statistics,
+            output_scales=[g * s for g, s in zip(scales, location_output, strict=True)],
+            input_scales=location_input,
+        )
+        if first:
+            self._blend_start(decay)
+
+    def _blend_start(self, decay: float) -> None:
+        """Make the first update's factors ``β S + (1 − β) F_batch``, from the conventions' start S."""
+        if self.conventions.start == "batch" or decay == 0.0:
+            return
+        for factor in self.curvature.input_factors + self.curvature.output_factors:
+            level = 1.0 if self.conventions.start == "identity" else factor.diagonal().mean().clamp_min(0)
+            factor.mul_(1.0 - decay).diagonal().add_(decay * level)
 
     def update_eigendecomposition(self) -> None:
         """Average the factors over the ranks and eigendecompose them (each factor on its owner rank).
@@ -375,7 +428,7 @@ class KFACPreconditioner:
             for layer in self._layers:
                 layer.damped = None
             self._damped_with = delta
-        self.mode.damp(layers, delta)
+        self.mode.damp(layers, delta, self.conventions.relative_damping)
 
     def _precondition(self) -> None:
         rank, size = distributed.rank_and_size()
@@ -442,14 +495,30 @@ class KFACPreconditioner:
         return self._kl_weights_tensor
 
     def _learning_rates(self) -> list[float]:
-        """The lr of each layer: from the optimiser's parameter group holding its weight (0 if none), or lr."""
+        """The lr of each layer: from the optimiser's parameter group holding its weight (0 if none), or lr.
+
+        With the conventions' ``momentum_kl_clip`` a group's lr is taken as ``lr / (1 − μ)``
+        for its momentum μ (SGD's, RMSprop's; none for Adam's β₁, an average): momentum sums
+        past clipped steps ``u_k`` into ``Σ_k μᵏ u_k``, whose F-norm is at most ``1 / (1 − μ)``
+        times their largest, so that clipping each one to ``kl_clip (1 − μ)² / lr²`` keeps the
+        step that is taken within ``kl_clip``.
+        """
         if not isinstance(self.lr, torch.optim.Optimizer):
             return [_value(self.lr)] * len(self._layers)
         groups = self.lr.param_groups
         if self._groups is None or self._groups[0] != len(groups):  # which group holds each weight, cached
             where = {id(p): g for g, group in enumerate(groups) for p in group["params"]}
             self._groups = (len(groups), [where.get(id(layer.weight)) for layer in self._layers])
-        return [0.0 if g is None else float(groups[g]["lr"]) for g in self._groups[1]]
+        rates = []
+        for g in self._groups[1]:
+            if g is None:
+                rates.append(0.0)
+                continue
+            momentum = float(groups[g].get("momentum", 0.0)) if self.conventions.momentum_kl_clip else 0.0
+            if momentum >= 1.0:
+                raise ValueError(f"the optimiser's momentum must be below 1 for the KL clip, got {momentum}")
+            rates.append(float(groups[g]["lr"]) / (1.0 - momentum))
+        return rates
 
     # ------------------------------------------------------------------ saving
 

@@ -66,14 +66,28 @@ class DampingMode(ABC):
         return None
 
     @abstractmethod
-    def damp(self, layers: list[PreconditionedLayer], delta: float) -> None:
-        """Make ``layer.damped`` for δ where it is None, from ``layer.basis``."""
+    def damp(self, layers: list[PreconditionedLayer], delta: float, relative: bool) -> None:
+        """Make ``layer.damped`` for δ where it is None, from ``layer.basis``.
+
+        With ``relative`` each layer's damping is δ times the mean eigenvalue of its ``A ⊗ G``
+        (δ itself where that is zero), see :func:`relative_damping`.
+        """
 
     @abstractmethod
     def solve_(
         self, gradients: list[Tensor], blocks: list[int], layers: list[PreconditionedLayer], kl_weights: Tensor | None
     ) -> None:
         """``ν (F + δ)⁻¹`` in place on the gradient blocks of the layers (``blocks[l]`` of them per layer)."""
+
+
+def relative_damping(a_means: Tensor, g_means: Tensor, delta: float) -> Tensor:
+    """``(L,)`` dampings ``δ m_A m_G`` from the factors' mean eigenvalues ``(L,)``; δ where a mean is not positive.
+
+    The mean eigenvalue of ``A ⊗ G`` is ``m_A m_G``, so that δ is a fraction of the layer's
+    average curvature whatever the scale of its factors (one datum's G or a batch's).
+    """
+    product = a_means.clamp_min(0) * g_means.clamp_min(0)
+    return torch.where(product > 0, product, 1.0) * delta
 
 
 class EigenDamping(DampingMode):
@@ -105,12 +119,19 @@ class EigenDamping(DampingMode):
             for i in range(count)
         ]
 
-    def damp(self, layers: list[PreconditionedLayer], delta: float) -> None:
+    def damp(self, layers: list[PreconditionedLayer], delta: float, relative: bool) -> None:
         """``1 / (μ λᵀ + δ)`` of the clamped spectra, ``(d_G, d_A)``."""
-        for layer in layers:
-            if layer.damped is None:
-                basis = layer.basis
-                layer.damped = torch.outer(basis.l_g.clamp_min(0), basis.l_a.clamp_min(0)).add_(delta).reciprocal_()
+        missing = [layer for layer in layers if layer.damped is None]
+        if not missing:
+            return
+        deltas: list[float | Tensor] = [delta] * len(missing)
+        if relative:
+            a_means = torch.stack([layer.basis.l_a.clamp_min(0).mean() for layer in missing])
+            g_means = torch.stack([layer.basis.l_g.clamp_min(0).mean() for layer in missing])
+            deltas = list(relative_damping(a_means, g_means, delta))
+        for layer, damping in zip(missing, deltas, strict=True):
+            basis = layer.basis
+            layer.damped = torch.outer(basis.l_g.clamp_min(0), basis.l_a.clamp_min(0)).add_(damping).reciprocal_()
 
     def solve_(
         self, gradients: list[Tensor], blocks: list[int], layers: list[PreconditionedLayer], kl_weights: Tensor | None
@@ -141,14 +162,14 @@ class FactoredDamping(DampingMode):
         """Copies of the factors (the averaged ones change at the next update)."""
         return [Factors(a.clone(), g.clone()) for a, g in zip(input_factors, output_factors, strict=True)]
 
-    def damp(self, layers: list[PreconditionedLayer], delta: float) -> None:
+    def damp(self, layers: list[PreconditionedLayer], delta: float, relative: bool) -> None:
         """Both damped inverses of every layer in one ``damped_inverses`` call."""
         missing = [layer for layer in layers if layer.damped is None]
         if not missing:
             return
-        root = math.sqrt(delta)
         factors = [layer.basis.a for layer in missing] + [layer.basis.g for layer in missing]
         means = torch.stack([f.diagonal().mean() for f in factors]).clamp_min(0).view(2, -1)
+        root = relative_damping(means[0], means[1], delta).sqrt() if relative else math.sqrt(delta)
         both = (means > 0).all(0)
         pi = torch.where(both, means[0] / torch.where(both, means[1], 1), 1).sqrt()
         inverses = ops.damped_inverses(factors, torch.cat([pi * root, root / pi]))
