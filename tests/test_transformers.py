@@ -313,3 +313,18 @@ def test_gpt2_with_lora_on_its_conv1d_attention(generator):
     full = Laplace(peft_model, "classification", subset_of_weights="all", hessian_structure="full")
     full.fit([(x, y)])
     torch.testing.assert_close(full.functional_variance(x)[0], peft_model(**x).logits.detach())
+
+
+def test_kfac_refuses_conv1d_by_name_and_keeps_it_plain_when_skipped():
+    from fastlaplace.optim import KFACPreconditioner
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(4, 3), nn.Tanh(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"layers \['0'\] are transformers' Conv1D"):
+        KFACPreconditioner(model)
+    pre = KFACPreconditioner(model, skip_layers=["0"])
+    nn.functional.cross_entropy(model(torch.randn(8, 3)), torch.randint(0, 2, (8,))).backward()
+    plain = model[0].weight.grad.clone()
+    pre.step()
+    assert [name for name, _ in pre.layers] == ["2"]
+    assert torch.equal(model[0].weight.grad, plain)

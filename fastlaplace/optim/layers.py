@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from fastlaplace.curvature import supported_layers, trainable_bias
+from fastlaplace.curvature.layout import is_transposed_linear
 from fastlaplace.curvature.statistics import KRON_LAYERS
 
 
@@ -140,6 +141,12 @@ def preconditioned_layers(model: nn.Module, skip_layers: Iterable[str | type[nn.
     finally:
         for p in frozen:
             p.requires_grad_(True)
+    transposed = [name for name, m in layers if is_transposed_linear(m)]
+    if transposed:
+        raise ValueError(
+            f"layers {transposed} are transformers' Conv1D (a Linear with its weight stored transposed), which the "
+            "K-FAC preconditioner does not precondition; name them in skip_layers to keep their plain gradients"
+        )
     kron = [
         PreconditionedLayer(name, m, m.weight, trainable_bias(m), m.weight[0].numel())
         for name, m in layers
