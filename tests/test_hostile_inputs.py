@@ -543,3 +543,14 @@ def test_a_layer_frozen_after_the_preconditioner_was_made_is_named():
     model[0].requires_grad_(False)
     with pytest.raises(RuntimeError, match=r"layers \['0'\] were frozen \(requires_grad=False\) after"):
         _kfac_step(model, pre, *_kfac_batch(0))
+
+
+def test_a_glm_variance_that_overflows_float32_is_refused_not_flattened():
+    torch.manual_seed(0)
+    la = Laplace(nn.Sequential(nn.Linear(2, 3)), "classification", "all", "kron")
+    la.fit([(torch.randn(8, 2), torch.randint(0, 3, (8,)))])
+    x = torch.tensor([[1e20, 0.0]])  # finite outputs (~1e20), a variance of ~1e40 that float32 cannot hold
+    assert torch.isfinite(la.model(x)).all()
+    for link in ("probit", "mc", "bridge"):
+        with pytest.raises(ValueError, match="variance is not finite in torch.float32"):
+            la(x, link_approx=link)

@@ -26,6 +26,7 @@ from fastlaplace.curvature import (
     weight_matrix,
 )
 from fastlaplace.curvature.memory import check_allocation
+from fastlaplace.curvature.statistics import all_finite
 from fastlaplace.predictive import laplace_bridge, probit, sampled_softmax
 
 
@@ -58,6 +59,16 @@ def cpu_multiplies_natively(dtype: torch.dtype) -> bool:
 POSTERIOR_LIKELIHOODS = (*LIKELIHOODS, "reward_modeling")
 #: likelihoods whose predictive is a Gaussian over the outputs f
 GAUSSIAN_OUTPUTS = ("regression", "heteroscedastic_regression")
+
+
+def _finite_moments(mean: Tensor, spread: Tensor) -> tuple[Tensor, Tensor]:
+    """The GLM's mean and (co)variance, refused when the (co)variance overflowed its dtype."""
+    if not all_finite(spread):
+        raise ValueError(
+            f"the GLM predictive's variance is not finite in {spread.dtype} (the largest |output| is "
+            f"{float(mean.abs().max()):.3g}): the linearised predictive overflows; use a float64 model"
+        )
+    return mean, spread
 
 
 class BaseLaplace(ABC):
@@ -639,12 +650,12 @@ class BaseLaplace(ABC):
             )
         likelihood = self._likelihood(fitting)
         if likelihood in GAUSSIAN_OUTPUTS and joint:
-            return self.functional_covariance(x)
+            return _finite_moments(*self.functional_covariance(x))
         if likelihood in GAUSSIAN_OUTPUTS and diagonal_output:
-            return self.functional_variance_diagonal(x)
+            return _finite_moments(*self.functional_variance_diagonal(x))
         if likelihood not in GAUSSIAN_OUTPUTS and link_approx == "probit":
-            return probit(*self.functional_variance_diagonal(x))
-        mean, cov = self.functional_variance(x)
+            return probit(*_finite_moments(*self.functional_variance_diagonal(x)))
+        mean, cov = _finite_moments(*self.functional_variance(x))
         if likelihood in GAUSSIAN_OUTPUTS:
             return mean, cov
         if link_approx in ("bridge", "bridge_norm"):
