@@ -50,8 +50,10 @@ def kron_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
-def dense_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer ``(A, G)`` of one datum, from explicit patches and per-datum output gradients."""
+def layer_inputs_and_output_grads(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str
+) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor]]:
+    """Per Linear / Conv2d layer, its input and the gradient of the cross-entropy (``reduction``) at its output."""
     layers = kron_layers(model)
     captured = {}
 
@@ -60,13 +62,17 @@ def dense_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[tu
         return output.clone()  # the model's in-place ops must not change the tensor differentiated at
 
     hooks = [m.register_forward_hook(capture) for m in layers]
-    loss = nn.functional.cross_entropy(model(x), y, reduction="sum")  # its gradient at s_n is datum n's
+    loss = nn.functional.cross_entropy(model(x), y, reduction=reduction)
     for h in hooks:
         h.remove()
     grads = torch.autograd.grad(loss, [captured[m][1] for m in layers])
+    return [(m, captured[m][0].detach(), g) for m, g in zip(layers, grads, strict=True)]
+
+
+def dense_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer ``(A, G)`` of one datum, from explicit patches and per-datum output gradients."""
     factors = []
-    for m, g in zip(layers, grads, strict=True):
-        a = captured[m][0].detach()
+    for m, a, g in layer_inputs_and_output_grads(model, x, y, "sum"):  # a sum's gradient at s_n is datum n's
         if isinstance(m, nn.Conv2d):
             u = nn.functional.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)
             g = g.flatten(2).transpose(1, 2)

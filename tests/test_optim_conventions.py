@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_optim import backward, data, gradient_matrix, kron_layers, make
+from test_optim import backward, data, gradient_matrix, kron_layers, layer_inputs_and_output_grads, make
 from torch import nn
 
 from fastlaplace.optim import KFACPreconditioner
@@ -16,21 +16,8 @@ def kfac_pytorch_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dec
     taken from the mean loss as they arrive. Each factor is the mean of its rows' outer
     products, blended into the identity it starts from.
     """
-    layers = kron_layers(model)
-    captured = {}
-
-    def capture(module, inputs, output):
-        captured[module] = (inputs[0], output)
-        return output.clone()
-
-    hooks = [m.register_forward_hook(capture) for m in layers]
-    loss = nn.functional.cross_entropy(model(x), y)
-    for h in hooks:
-        h.remove()
-    grads = torch.autograd.grad(loss, [captured[m][1] for m in layers])
     factors = []
-    for m, g in zip(layers, grads, strict=True):
-        a = captured[m][0].detach()
+    for m, a, g in layer_inputs_and_output_grads(model, x, y, "mean"):
         if isinstance(m, nn.Conv2d):
             rows = nn.functional.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)
             locations = rows.shape[1]
