@@ -554,3 +554,32 @@ def test_a_glm_variance_that_overflows_float32_is_refused_not_flattened():
     for link in ("probit", "mc", "bridge"):
         with pytest.raises(ValueError, match="variance is not finite in torch.float32"):
             la(x, link_approx=link)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"damping": lambda: -1.0}, "damping must be positive"),
+        ({"kl_clip": lambda: math.nan}, "kl_clip must be positive"),
+        ({"factor_decay": lambda: 1.5}, r"factor_decay must lie in \[0, 1\)"),
+    ],
+)
+def test_a_kfac_step_with_a_bad_scheduled_setting_changes_nothing(options, message):
+    from fastlaplace.optim import KFACPreconditioner
+
+    clean_model, model = _kfac_model(), _kfac_model()
+    clean, pre = KFACPreconditioner(clean_model), KFACPreconditioner(model)
+    _kfac_step(clean_model, clean, *_kfac_batch(0))
+    _kfac_step(model, pre, *_kfac_batch(0))
+    good = {name: getattr(pre, name) for name in options}
+    for name, value in options.items():
+        setattr(pre, name, value)
+    with pytest.raises(ValueError, match=message):
+        _kfac_step(model, pre, *_kfac_batch(1))
+    for name, value in good.items():
+        setattr(pre, name, value)
+    assert pre.steps == clean.steps
+    pre.step()  # the same step again, on the gradients and captures it left as they were
+    expected = _kfac_step(clean_model, clean, *_kfac_batch(1))
+    for e, g in zip(expected, [p.grad for p in model.parameters()], strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)

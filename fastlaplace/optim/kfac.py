@@ -241,13 +241,16 @@ class KFACPreconditioner:
                 backward with gradients enabled since the last step, or when a factor holds
                 NaN or Inf (the layers are named).
         """
+        # The step's settings (callables included) are read and checked before anything changes.
+        delta = self._checked_damping()
+        kl = None if self.kl_clip is None else (self._checked_kl_clip(), self._learning_rates())
         device = self._layers[0].weight.device.type
         with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext():
             if self.steps % self.factor_update_steps == 0:
                 self._update_factors()
             if self.steps % self.inv_update_steps == 0:
                 self.update_eigendecomposition()
-            self._precondition()
+            self._precondition(delta, kl)
         self.steps += 1
         self._arm_hooks()
 
@@ -416,37 +419,51 @@ class KFACPreconditioner:
         if not self.curvature.names:
             raise RuntimeError("no factors yet: call step() after a forward and backward first")
         held = [layer for layer in self._layers if layer.basis is not None]
-        self._damp(held)
+        self._damp(held, self._checked_damping())
         return [layer.damped for layer in self._layers]
 
-    def _damp(self, layers: list[PreconditionedLayer]) -> None:
-        """Make the layers' damped data for δ, read now; a new δ drops what was made with the previous one."""
+    def _checked_damping(self) -> float:
+        """δ, read now (a callable is called)."""
         delta = _value(self.damping)
-        if delta <= 0:
-            raise ValueError(f"damping must be positive, got {delta}")
+        if not delta > 0 or not math.isfinite(delta):
+            raise ValueError(f"damping must be positive and finite, got {delta}")
+        return delta
+
+    def _checked_kl_clip(self) -> float:
+        """The KL clip, read now (a callable is called)."""
+        clip = _value(self.kl_clip)
+        if not clip > 0 or not math.isfinite(clip):
+            raise ValueError(f"kl_clip must be positive and finite, got {clip}")
+        return clip
+
+    def _damp(self, layers: list[PreconditionedLayer], delta: float) -> None:
+        """Make the layers' damped data for δ; a new δ drops what was made with the previous one."""
         if delta != self._damped_with:
             for layer in self._layers:
                 layer.damped = None
             self._damped_with = delta
         self.mode.damp(layers, delta, self.conventions.relative_damping)
 
-    def _precondition(self) -> None:
+    def _precondition(self, delta: float, kl: tuple[float, list[float]] | None) -> None:
+        """Precondition the gradients with damping δ and ``kl`` = (the KL clip, the layers' lr), or no clip."""
         rank, size = distributed.rank_and_size()
         with_grad = [layer for layer in self._layers if layer.weight.grad is not None]
         if not with_grad:
             return
         if self.broadcast == "gradient" and size > 1:
-            self._precondition_distributed(with_grad, rank)
+            self._precondition_distributed(with_grad, rank, delta, kl)
             return
         # One fused call for all layers: (F + δ)⁻¹ vec V scaled by the KL clip, written into the gradients,
         # with the damped spectra (or inverses) kept from step to step.
         gradients = [block for layer in with_grad for block in layer.gradient_blocks()]
         blocks = [1 + (layer.bias is not None) for layer in with_grad]
-        self._damp(with_grad)
-        kl_weights = None if self.kl_clip is None else self._kl_weights(with_grad)
+        self._damp(with_grad, delta)
+        kl_weights = None if kl is None else self._kl_weights(with_grad, *kl)
         self.mode.solve_(gradients, blocks, with_grad, kl_weights)
 
-    def _precondition_distributed(self, with_grad: list[PreconditionedLayer], rank: int) -> None:
+    def _precondition_distributed(
+        self, with_grad: list[PreconditionedLayer], rank: int, delta: float, kl: tuple[float, list[float]] | None
+    ) -> None:
         """``broadcast="gradient"``: each layer's owner solves and broadcasts its natural gradient."""
         compute = [layer for layer in with_grad if layer.owner == rank]
         dtype = self._dtype()
@@ -456,7 +473,7 @@ class KFACPreconditioner:
             for layer, g in zip(with_grad, gradients, strict=True)
         ]
         if compute:
-            self._damp(compute)
+            self._damp(compute, delta)
             self.mode.solve_(
                 [n for layer, n in zip(with_grad, natural, strict=True) if layer.owner == rank],
                 [1] * len(compute),
@@ -464,9 +481,9 @@ class KFACPreconditioner:
                 None,
             )
         distributed.broadcast_from_owners_(natural, [layer.owner for layer in with_grad], self.bucket_mb)
-        if self.kl_clip is not None:  # the same sums on every rank, from the broadcast natural gradients
+        if kl is not None:  # the same sums on every rank, from the broadcast natural gradients
             dots = torch.stack([torch.vdot(g.view(-1), n.view(-1)) for g, n in zip(gradients, natural, strict=True)])
-            ratio = dots @ self._kl_weights(with_grad)  # Σ_l lr_l² ⟨∇_l, ñ_l⟩ / kl_clip
+            ratio = dots @ self._kl_weights(with_grad, *kl)  # Σ_l lr_l² ⟨∇_l, ñ_l⟩ / kl_clip
             # ν = min(1, 1 / √ratio): 1 / √0 = ∞ (and rounding below 0) give ν = 1, as in kron_precondition_
             torch._foreach_mul_(natural, ratio.clamp_min_(0.0).rsqrt_().clamp_(max=1.0))
         for layer, update in zip(with_grad, natural, strict=True):
@@ -475,16 +492,12 @@ class KFACPreconditioner:
     def _dtype(self) -> torch.dtype:
         return self.curvature.input_factors[0].dtype
 
-    def _kl_weights(self, layers: list[PreconditionedLayer]) -> Tensor:
+    def _kl_weights(self, layers: list[PreconditionedLayer], clip: float, rates: list[float]) -> Tensor:
         """``(len(layers),)`` weights ``lr_l² / kl_clip`` of the KL clip, remade when a setting changes.
 
         With them ``ν = min(1, 1 / √(Σ_l w_l ⟨∇_l, ñ_l⟩))``; ``⟨∇_l, ñ_l⟩ ≥ 0`` (a positive
-        definite solve), and a zero sum gives ν = 1.
+        definite solve), and a zero sum gives ν = 1. ``rates``: every layer's lr.
         """
-        clip = _value(self.kl_clip)
-        if clip <= 0:
-            raise ValueError(f"kl_clip must be positive, got {clip}")
-        rates = self._learning_rates()
         positions = [self._layers.index(layer) for layer in layers]
         key = (clip, *((p, rates[p] ** 2) for p in positions))
         if self._kl_weights_key != key:
