@@ -181,7 +181,12 @@ class Returning(nn.Module):
 @pytest.mark.parametrize("kind", ["model_output", "dict", "tuple"])
 @pytest.mark.parametrize(
     "subset, structure, options",
-    [("all", "kron", {}), ("all", "lowrank", {"low_rank": 4}), ("last_layer", "diag", {"last_layer_name": "head"})],
+    [
+        ("all", "kron", {}),
+        ("all", "lowrank", {"low_rank": 4}),
+        ("last_layer", "diag", {"last_layer_name": "head"}),
+        ("last_layer", "kron", {}),
+    ],
 )
 def test_outputs_are_read_through_their_logits(kind, subset, structure, options, generator):
     x = torch.randn(6, 3, dtype=torch.float64, generator=generator)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fastlaplace.curvature.model_io import call_model
 from fastlaplace.curvature.statistics import LayerStatistics, all_finite
 
 
@@ -52,7 +53,7 @@ def layer_forward(
     handle = layer.register_forward_hook(lambda module, inputs, output: captured.append((inputs[0], output)))
     try:
         with torch.set_grad_enabled(grad):
-            output = model(x)
+            output = call_model(model, x)
     finally:
         handle.remove()
     if not captured:
