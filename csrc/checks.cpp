@@ -1,5 +1,6 @@
 // The checks in front of the LAPACK / cuSOLVER calls (ops.h): square float32/float64
-// matrices without NaN or Inf, which make LAPACK loop or return garbage.
+// matrices of a side LAPACK's 32-bit sizes can count, without NaN or Inf, which make
+// LAPACK loop or return garbage.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/isfinite.h>
@@ -39,6 +40,10 @@ void check_finite_square_matrices(at::TensorList matrices, const char* consequen
     check_factor_dtype(m, "matrices", i);
     TORCH_CHECK(m.dim() == 2 && m.size(0) == m.size(1), "matrices[", i,
                 "] must be square, got ", m.sizes());
+    TORCH_CHECK_VALUE(m.size(0) <= kLapackMaxSide, "matrices[", i, "] is ", m.size(0), " x ",
+                      m.size(0), ": above ", kLapackMaxSide,
+                      " a side overflows the 32-bit workspace size of LAPACK's and cuSOLVER's "
+                      "eigensolver");
     check_same_device(m, matrices[0], "matrices");
     if (m.is_cpu() && m.is_contiguous()) {
       TORCH_CHECK(all_finite_cpu(m), "matrices[", i, "] contains NaN or Inf; ", consequence);

@@ -144,9 +144,15 @@ at::Tensor kron_predictive_variance_aten(
     at::TensorList eigvals_g, const at::Tensor& scale, const at::Tensor& delta,
     c10::List<bool> append_ones, bool full_covariance);
 
+// The largest side n of a matrix handed to LAPACK's / cuSOLVER's symmetric eigensolver
+// (syevd): its workspace of 1 + 6n + 2n^2 entries is counted in a 32-bit int, which
+// overflows above this ("Argument 8 has illegal value" from LAPACK).
+constexpr int64_t kLapackMaxSide = 32766;
+
 // Checks matrices[i] for the LAPACK / cuSOLVER calls: square, float32 or float64, on one
-// device, and free of NaN and Inf (on which LAPACK loops or returns garbage; the error
-// says `consequence`). One host synchronisation for all GPU matrices.
+// device, of side at most kLapackMaxSide (a ValueError), and free of NaN and Inf (on which
+// LAPACK loops or returns garbage; the error says `consequence`). One host
+// synchronisation for all GPU matrices.
 void check_finite_square_matrices(at::TensorList matrices, const char* consequence);
 
 // Host threads for work spread over the CPU; a GPU's work stays on the caller's thread

@@ -9,6 +9,7 @@ the negative log marginal likelihood (Immer et al. 2021, laplace-torch's
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -82,7 +83,8 @@ def marglik_training(
 
     Raises:
         ValueError: for an unknown ``prior_structure``, ``hessian_structure="gp"``, a
-            one-shot iterator, non-positive counts, an empty loader or invalid batches; the
+            one-shot iterator, non-positive counts, a non-positive or non-finite ``lr_hyp``,
+            ``prior_prec_init`` or ``sigma_noise_init``, an empty loader or invalid batches; the
             model then keeps the weights it was given.
     """
     if prior_structure not in PRIOR_STRUCTURES:
@@ -100,6 +102,16 @@ def marglik_training(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(n_epochs_burnin, bool) or not isinstance(n_epochs_burnin, int) or n_epochs_burnin < 0:
+        raise ValueError(f"n_epochs_burnin must be a non-negative integer, got {n_epochs_burnin!r}")
+    # the hyperparameters are optimised as logarithms: their starting values must be positive
+    for name, value in (
+        ("lr_hyp", lr_hyp),
+        ("prior_prec_init", prior_prec_init),
+        ("sigma_noise_init", sigma_noise_init),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     initial_weights = copy.deepcopy(model.state_dict())
     try:
         regression = likelihood == "regression"

@@ -107,6 +107,33 @@ def test_a_failed_first_fit_leaves_the_posterior_unfitted(structure):
         la(x)
 
 
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+@pytest.mark.parametrize("structure", ["diag", "kron", "full"])
+def test_a_first_empirical_fisher_fit_names_an_out_of_range_label(structure, subset):
+    # the empirical Fisher reads the labels before the class count is known from a batch
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, 5), nn.Tanh(), nn.Linear(5, C)).double()
+    la = Laplace(model, "classification", subset, structure, curvature_mode="ef")
+    x, y = _data("classification")
+    bad = y.clone()
+    bad[3] = 7
+    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 3\), got \[0, 7\]"):
+        la.fit([(x, bad)])
+    with pytest.raises(RuntimeError, match="call fit"):
+        la(x)
+
+
+@pytest.mark.parametrize("batches", [1, 2])
+def test_gp_labels_past_the_subset_are_checked(batches):
+    la = _posterior("gp", n_subset=N // 2)
+    x, y = _data("classification")
+    bad = y.clone()
+    bad[-1] = 7  # never one of the subset's points
+    loader = [(x, bad)] if batches == 1 else [(x[: N // 2], bad[: N // 2]), (x[N // 2 :], bad[N // 2 :])]
+    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 3\)"):
+        la.fit(loader)
+
+
 @pytest.mark.parametrize("structure", ["diag", "kron", "full"])
 def test_fit_on_an_exhausted_generator_keeps_the_earlier_fit(structure):
     la = _fitted(structure)
@@ -162,6 +189,22 @@ def test_a_zero_prior_that_makes_the_full_posterior_singular_is_refused():
 def test_the_factory_refuses_out_of_range_options(option, value):
     with pytest.raises(ValueError, match=f"{option} must be"):
         _posterior("kron", "regression", **{option: value})
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_a_prior_edited_in_place_is_checked_when_next_read(structure):
+    la = _fitted(structure)
+    la.prior_precision.mul_(2.0)  # a valid edit counts, as in laplace-torch
+    doubled = float(la.log_marginal_likelihood())
+    assert doubled == float(la.log_marginal_likelihood(torch.full_like(la.prior_precision, 2.0)))
+    la.prior_precision[0] = -1.0
+    for call in (la.log_marginal_likelihood, lambda: la(_data("classification")[0])):
+        with pytest.raises(
+            ValueError, match=r"prior_precision must be non-negative and finite \(it was edited in place\)"
+        ):
+            call()
+    la.prior_precision = 2.0
+    assert float(la.log_marginal_likelihood()) == doubled
 
 
 def test_plain_floats_are_accepted_where_laplace_torch_takes_them():
@@ -306,6 +349,39 @@ def test_marglik_training_refuses_one_shot_loaders_and_restores_the_model():
     with pytest.raises(ValueError, match="hessian_structure='gp'"):
         marglik_training(model, [(x, y)], hessian_structure="gp", n_epochs=1)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("lr_hyp", 0.0),
+        ("lr_hyp", math.inf),
+        ("prior_prec_init", 0.0),
+        ("sigma_noise_init", -1.0),
+        ("n_epochs_burnin", -1),
+    ],
+)
+def test_marglik_training_refuses_bad_hyperparameter_settings(option, value):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, 5), nn.Tanh(), nn.Linear(5, C)).double()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=f"{option} must be a (positive finite number|non-negative integer)"):
+        marglik_training(model, [_data("classification")], n_epochs=1, **{option: value})
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+
+
+def test_a_dense_factor_beyond_lapacks_32_bit_sizes_is_refused_by_name():
+    from fastlaplace import ops
+
+    wide = nn.Sequential(nn.Linear(32_766, 2))  # input factor 32,767 x 32,767 with the bias
+    batch = (torch.randn(2, 32_766), torch.tensor([0, 1]))
+    la = Laplace(wide, "classification", "all", "kron", max_dense_factor=None)
+    with pytest.raises(ValueError, match=r"input factor of layer '0' is 32767 x 32767: LAPACK's eigensolver"):
+        la.fit([batch])
+    # the operators check it too, before LAPACK would see it (an expanded matrix costs no memory)
+    for call in (ops.batched_eigh, lambda m: ops.damped_inverses(m, torch.ones(1))):
+        with pytest.raises(ValueError, match=r"32767 x 32767: above 32766 a side overflows"):
+            call([torch.zeros(1, 1).expand(32_767, 32_767)])
 
 
 def test_numpy_is_not_silently_unpacked():

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from fastlaplace import ops
 from fastlaplace.curvature.big_factors import SketchedFactor
 from fastlaplace.curvature.closed_form import SoftmaxStatistics, softmax_hessian_sum
+from fastlaplace.curvature.eigen import MAX_EIGH_SIDE
 from fastlaplace.curvature.layout import weight_shape
 from fastlaplace.curvature.memory import check_allocation
 from fastlaplace.curvature.statistics import LayerStatistics
@@ -209,6 +210,12 @@ class KronCurvature:
         """A zero factor of this side for layer s: sketched above ``max_dense_factor``, else dense (size-checked)."""
         if self.max_dense_factor is not None and side > self.max_dense_factor:
             return SketchedFactor.zeros(side, self.factor_rank, s.inputs.device)
+        if side > MAX_EIGH_SIDE:
+            raise ValueError(
+                f"the {side_name} factor of layer {s.name!r} is {side} x {side}: LAPACK's eigensolver takes sides up "
+                f"to {MAX_EIGH_SIDE}; keep it sketched with max_dense_factor (a Laplace option) at most that, or "
+                "leave the layer out (skip_layers of the K-FAC preconditioner)"
+            )
         dtype = accumulation_dtype(s.inputs.dtype)
         check_allocation(
             f"the dense {side_name} factor of layer {s.name!r}",

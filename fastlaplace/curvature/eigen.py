@@ -7,6 +7,9 @@ from torch import Tensor
 
 from fastlaplace import ops
 
+#: the largest side the eigensolvers take (csrc/ops.h kLapackMaxSide): LAPACK's and cuSOLVER's
+#: syevd count their 1 + 6d + 2d² workspace entries in a 32-bit int
+MAX_EIGH_SIDE = 32766
 #: the relative shift of the last retry: ``ε · max(tr F / d, tiny)`` added to the diagonal
 SHIFT = 1e-10
 

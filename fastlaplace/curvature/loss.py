@@ -87,9 +87,17 @@ def output_gradient_columns(
     if mode == "mc":  # (N, S) labels
         labels = torch.multinomial(probs, mc_samples, replacement=mc_samples > 1, generator=generator)
     else:
+        check_class_labels(target, output.shape[1])
         labels = target.unsqueeze(-1)
     one_hot = torch.nn.functional.one_hot(labels.long(), output.shape[1]).to(output.dtype).transpose(1, 2)
     return (probs.unsqueeze(-1) - one_hot) / math.sqrt(mc_samples)
+
+
+def check_class_labels(labels: Tensor, classes: int) -> None:
+    """Refuse ``(N,)`` class indices outside ``[0, classes)``, naming the range found."""
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= classes:
+        raise ValueError(f"class labels must lie in [0, {classes}), got [{low}, {high}]")
 
 
 def _softmax_hessian_root(probs: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ from fastlaplace.curvature import (
     trainable_bias,
     weight_matrix,
 )
+from fastlaplace.curvature.loss import check_class_labels
 from fastlaplace.curvature.memory import check_allocation
 from fastlaplace.curvature.statistics import all_finite
 from fastlaplace.predictive import laplace_bridge, probit, sampled_softmax
@@ -206,14 +207,24 @@ class BaseLaplace(ABC):
 
     @property
     def prior_precision(self) -> Tensor:
-        """``(L,)`` prior precision per layer (a scalar is broadcast), or ``(P,)`` per parameter."""
-        return self._prior_precision
+        """``(L,)`` prior precision per layer (a scalar is broadcast), or ``(P,)`` per parameter.
+
+        Editing the returned tensor in place is allowed (as in laplace-torch); the edit is
+        checked like an assignment when the prior is next read, so a negative or non-finite
+        entry raises then, naming it, instead of giving NaN answers.
+        """
+        prior = self._prior_precision
+        if prior._version != self._prior_version:
+            self._checked_prior(prior, edited=True)
+            self._prior_version = prior._version
+        return prior
 
     @prior_precision.setter
     def prior_precision(self, value: float | Tensor) -> None:
-        self._prior_precision = self._checked_prior(value)
+        prior = self._checked_prior(value)
+        self._prior_precision, self._prior_version = prior, prior._version
 
-    def _checked_prior(self, value: float | Tensor) -> Tensor:
+    def _checked_prior(self, value: float | Tensor, edited: bool = False) -> Tensor:
         value = torch.as_tensor(value, dtype=self.dtype, device=self.device)
         layers, parameters = len(self.layers), sum(self.layer_sizes())
         value = value.expand(layers) if value.dim() == 0 else value
@@ -224,7 +235,8 @@ class BaseLaplace(ABC):
             )
             raise ValueError(f"prior_precision must be a scalar or have {what}, got shape {tuple(value.shape)}")
         if not torch.compiler.is_compiling() and not bool(((value.detach() >= 0) & (value.detach() < math.inf)).all()):
-            raise ValueError(f"prior_precision must be non-negative and finite, got {value.detach().tolist()}")
+            edit = " (it was edited in place)" if edited else ""
+            raise ValueError(f"prior_precision must be non-negative and finite{edit}, got {value.detach().tolist()}")
         return value.clone() if not value.requires_grad else value
 
     def _is_per_layer(self, delta: Tensor) -> bool:
@@ -369,8 +381,8 @@ class BaseLaplace(ABC):
         """That the targets match the model's ``(N, C)`` outputs: labels in ``[0, C)``, or C target columns."""
         likelihood = self._likelihood(True)
         width = output.shape[1]
-        if likelihood == "classification" and int(y.max()) >= width:
-            raise ValueError(f"class labels must lie in [0, {width}), got [{int(y.min())}, {int(y.max())}]")
+        if likelihood == "classification":
+            check_class_labels(y, width)
         columns = width // 2 if likelihood == "heteroscedastic_regression" else width
         if likelihood != "classification" and y.shape[1] != columns:
             raise ValueError(
@@ -775,7 +787,7 @@ class BaseLaplace(ABC):
             try:
                 self._restore_curvature(curvature, num_data)
                 self.num_data, self.num_outputs, self.loss = num_data, state["num_outputs"], state["loss"]
-                self._prior_precision = prior
+                self.prior_precision = prior
                 self._mean = self._current_weights()
                 self._fitted = True
                 evidence = self._evidence(self.prior_precision, self.sigma_noise)

@@ -75,9 +75,9 @@ class FullLaplace(ParametricLaplace):
         ops.factor_accumulate_([self.hessian], [columns], [False])
         self._cholesky = None
 
-    def _checked_prior(self, value: float | Tensor) -> Tensor:
+    def _checked_prior(self, value: float | Tensor, edited: bool = False) -> Tensor:
         """The checked prior precision; a zero one must leave the fitted posterior precision non-singular."""
-        value = super()._checked_prior(value)
+        value = super()._checked_prior(value, edited)
         if self._fitted and not torch.compiler.is_compiling() and not bool((value.detach() > 0).all()):
             _posterior_cholesky(self.posterior_precision(value.detach()))
         return value

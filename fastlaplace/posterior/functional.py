@@ -187,6 +187,8 @@ class FunctionalLaplace(BaseLaplace):
                     yield _slice_batch(batch, keep, size)
                 else:
                     yield tuple(_slice_batch(part, keep, size) for part in batch)
+                if keep < size:  # the labels left out, against the class count the kept part gave
+                    self._check_targets(y, size)
             elif sized:
                 break
         if not sized:
