@@ -144,6 +144,10 @@ at::Tensor kron_predictive_variance_aten(
     at::TensorList eigvals_g, const at::Tensor& scale, const at::Tensor& delta,
     c10::List<bool> append_ones, bool full_covariance);
 
+void ekfac_scales_aten(at::TensorList scales, at::TensorList inputs, at::TensorList output_grads,
+                       at::TensorList eigvecs_a, at::TensorList eigvecs_g, double weight,
+                       double decay);
+
 // The largest side n of a matrix handed to LAPACK's / cuSOLVER's symmetric eigensolver
 // (syevd): its workspace of 1 + 6n + 2n^2 entries is counted in a 32-bit int, which
 // overflows above this ("Argument 8 has illegal value" from LAPACK).

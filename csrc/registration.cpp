@@ -47,6 +47,9 @@ TORCH_LIBRARY(fastlaplace, m) {
       "kron_predictive_variance(Tensor[] inputs, Tensor?[] output_jacobians, "
       "Tensor[] eigvecs_a, Tensor[] eigvals_a, Tensor[] eigvecs_g, Tensor[] eigvals_g, "
       "Tensor scale, Tensor delta, bool[] append_ones, bool full_covariance) -> Tensor");
+  m.def(
+      "ekfac_scales_(Tensor(a!)[] scales, Tensor[] inputs, Tensor[] output_grads, "
+      "Tensor[] eigvecs_a, Tensor[] eigvecs_g, float weight=1., float decay=1.) -> ()");
 }
 
 // `import fastlaplace._C` only has to load this library so that the static

@@ -263,6 +263,41 @@ def kron_inverse_precondition_(
     return _precondition_layers_(gradients, blocks, solves, inverses_a[0].dtype, kl_weights)
 
 
+def ekfac_scales_(
+    scales: list[Tensor],
+    inputs: list[Tensor],
+    output_grads: list[Tensor],
+    eigvecs_a: list[Tensor],
+    eigvecs_g: list[Tensor],
+    weight: float = 1.0,
+    decay: float = 1.0,
+) -> None:
+    """In place, for every layer: ``S <- decay S + weight Σ_{n,k} (Q_Gᵀ G_nkᵀ A_n Q_A)²`` (entrywise square).
+
+    Args:
+        scales: L float32/float64 tensors ``(d_G, d_A)``; with ``decay == 0`` their old
+            content is ignored (NaN included).
+        inputs: L tensors ``(N, T, d_A)`` (``(N, d_A)``: T = 1), each datum's inputs at its
+            T locations, any floating dtype.
+        output_grads: L tensors ``(N, K, T, d_G)`` (``(N, T, d_G)``: K = 1; ``(N, d_G)``:
+            K = T = 1), K gradient columns per datum w.r.t. the layer's outputs.
+        eigvecs_a: L ``(d_A, d_A)`` eigenvectors Q_A (columns), the scales' dtype.
+        eigvecs_g: L ``(d_G, d_G)`` eigenvectors Q_G.
+        weight: scale of the new sums.
+        decay: decay of the old scales.
+    """
+    for s, a, g, q_a, q_g in zip(scales, inputs, output_grads, eigvecs_a, eigvecs_g, strict=True):
+        a = (a if a.dim() == 3 else a.unsqueeze(1)).to(s.dtype)
+        g = g.to(s.dtype)
+        g = g.unsqueeze(1).unsqueeze(1) if g.dim() == 2 else g.unsqueeze(1) if g.dim() == 3 else g
+        gradients = torch.einsum("nktg,nta->nkga", g, a)  # each datum's gradient G_nkᵀ A_n
+        moments = (q_g.T @ gradients @ q_a).square().sum((0, 1))
+        if decay == 0:
+            s.copy_(weight * moments)
+        else:
+            s.mul_(decay).add_(moments, alpha=weight)
+
+
 def damped_inverses(matrices: list[Tensor], shifts: Tensor) -> list[Tensor]:
     """``(M_i + s_i I)⁻¹`` for L symmetric matrices ``(d_i, d_i)`` and shifts ``(L,)``."""
     return [

@@ -18,6 +18,7 @@ from fastlaplace.ops.batched_eigh import batched_eigh as batched_eigh
 from fastlaplace.ops.conv_input_factor import conv_input_factor_ as conv_input_factor_
 from fastlaplace.ops.damped_inverses import damped_inverses as damped_inverses
 from fastlaplace.ops.diag_ggn import diag_ggn as diag_ggn
+from fastlaplace.ops.ekfac_scales import ekfac_scales_ as ekfac_scales_
 from fastlaplace.ops.factor_accumulate import factor_accumulate_ as factor_accumulate_
 from fastlaplace.ops.kron_inverse_precondition import kron_inverse_precondition_ as kron_inverse_precondition_
 from fastlaplace.ops.kron_logdet import kron_logdet as kron_logdet
@@ -37,6 +38,7 @@ OPS = (
     "kron_inverse_precondition_",
     "kron_logdet",
     "kron_predictive_variance",
+    "ekfac_scales_",
 )
 
 __all__ = ["OPS", "build_info", "extension_loaded", *OPS]
