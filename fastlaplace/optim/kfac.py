@@ -16,7 +16,8 @@ from fastlaplace.optim.conventions import CONVENTIONS, Conventions
 from fastlaplace.optim.layers import PreconditionedLayer, preconditioned_layers
 from fastlaplace.optim.modes import MODES, DampedInverses, EigenBasis
 
-#: ``"eigen"``: exact ``(A ⊗ G + δ)⁻¹``; ``"factored"``: ``(A + π√δ)⁻¹ ⊗ (G + √δ/π)⁻¹`` (Martens & Grosse)
+#: ``"eigen"``: exact ``(A ⊗ G + δ)⁻¹``; ``"factored"``: ``(A + π√δ)⁻¹ ⊗ (G + √δ/π)⁻¹`` (Martens & Grosse);
+#: ``"ekfac"``: ``(S + δ)⁻¹`` in the eigenbasis of A ⊗ G, S measured (George et al.)
 DAMPING_MODES = tuple(MODES)
 #: what the owner of a layer's work sends under torch.distributed (KAISA's memory/communication knob)
 BROADCASTS = ("eigen", "gradient")
@@ -102,8 +103,11 @@ class KFACPreconditioner:
         inv_update_steps: recompute the eigendecompositions every this many steps.
         factor_decay: β in ``F ← β F + (1 − β) F_batch`` (0 keeps the last batch only), or a callable.
         damping_mode: ``"eigen"``, exactly ``(λ_A μ_G + δ)⁻¹`` in the factors' eigenbasis;
-            or ``"factored"``, ``(A + π√δ I)⁻¹ ⊗ (G + √δ/π I)⁻¹`` with
-            ``π² = (tr A / d_A) / (tr G / d_G)`` (Martens & Grosse 2015).
+            ``"factored"``, ``(A + π√δ I)⁻¹ ⊗ (G + √δ/π I)⁻¹`` with
+            ``π² = (tr A / d_A) / (tr G / d_G)`` (Martens & Grosse 2015); or ``"ekfac"``,
+            ``(S + δ)⁻¹`` in the same eigenbasis with S the measured second moments of the
+            gradients in it, corrected at every factor update between two refreshes of the
+            basis (George et al. 2018; see :class:`~fastlaplace.optim.modes.EKFACDamping`).
         kl_clip: scale the natural gradient by ``ν = min(1, √(kl_clip / Σ_l lr_l² ⟨∇_l, ñ_l⟩))``,
             as kfac-pytorch; None turns it off. A number > 0 or a callable.
         lr: the learning rate(s) that kl_clip assumes: a number, a callable, or the optimiser
@@ -157,6 +161,11 @@ class KFACPreconditioner:
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if broadcast not in BROADCASTS:
             raise ValueError(f"broadcast must be one of {BROADCASTS}, got {broadcast!r}")
+        if damping_mode == "ekfac" and broadcast == "gradient":
+            raise ValueError(
+                "damping_mode='ekfac' needs every layer's eigenbasis on every rank (each rank measures its batch's "
+                "moments in it): use broadcast='eigen'"
+            )
         _check_schedule(damping, "damping", 0.0)
         _check_schedule(factor_decay, "factor_decay", 0.0, 1.0, low_open=False)
         if kl_clip is not None:
@@ -197,7 +206,7 @@ class KFACPreconditioner:
 
     @property
     def damping_mode(self) -> str:
-        """``"eigen"`` or ``"factored"``."""
+        """``"eigen"``, ``"factored"`` or ``"ekfac"``."""
         return self.mode.name
 
     @property
@@ -246,10 +255,17 @@ class KFACPreconditioner:
         kl = None if self.kl_clip is None else (self._checked_kl_clip(), self._learning_rates())
         device = self._layers[0].weight.device.type
         with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext():
-            if self.steps % self.factor_update_steps == 0:
-                self._update_factors()
+            batch = self._update_factors() if self.steps % self.factor_update_steps == 0 else None
             if self.steps % self.inv_update_steps == 0:
                 self.update_eigendecomposition()
+            elif batch is not None:  # EKFAC's scales between two refreshes of the basis
+                held = [i for i, layer in enumerate(self._layers) if layer.basis is not None]
+                self.mode.update_scales(
+                    [self._layers[i] for i in held],
+                    [batch[0][i] for i in held],
+                    [batch[1][i] for i in held],
+                    batch[2],
+                )
             self._precondition(delta, kl)
         self.steps += 1
         self._arm_hooks()
@@ -285,7 +301,12 @@ class KFACPreconditioner:
             inputs.append(float(locations) ** -2 if s.is_conv else 1.0)
         return output, inputs
 
-    def _update_factors(self) -> None:
+    def _update_factors(self) -> tuple[list[LayerStatistics], list[float], float]:
+        """Add the captured batch to the factors; returns its statistics, each layer's datum weight and β.
+
+        A layer's weight ``(1 − β) / N s_G² s_A`` (its gradient and input scales) turns the
+        batch's sums into one datum's, as its factors take them (:meth:`DampingMode.update_scales`).
+        """
         statistics, scales, missing = [], [], []
         for layer in self._layers:
             done = [c for c in layer.captures if c.grad is not None]
@@ -337,13 +358,14 @@ class KFACPreconditioner:
         location_output, location_input = self._location_scales(statistics)
         first = not self.curvature.num_data
         self.curvature.decay = decay
-        self.curvature.update(
-            statistics,
-            output_scales=[g * s for g, s in zip(scales, location_output, strict=True)],
-            input_scales=location_input,
-        )
+        output_scales = [g * s for g, s in zip(scales, location_output, strict=True)]
+        self.curvature.update(statistics, output_scales=output_scales, input_scales=location_input)
         if first:
             self._blend_start(decay)
+        size = statistics[0].inputs.shape[0]
+        input_scales = location_input or [1.0] * len(statistics)
+        weights = [(1.0 - decay) / size * g * g * a for g, a in zip(output_scales, input_scales, strict=True)]
+        return statistics, weights, decay
 
     def _blend_start(self, decay: float) -> None:
         """Make the first update's factors ``β S + (1 − β) F_batch``, from the conventions' start S."""
@@ -399,7 +421,7 @@ class KFACPreconditioner:
         Raises:
             RuntimeError: in "factored" mode, which keeps no eigendecomposition (see :meth:`damped_inverses`).
         """
-        if self.damping_mode != "eigen":
+        if self.damping_mode == "factored":
             raise RuntimeError(f"damping_mode={self.damping_mode!r} keeps no eigendecomposition; see damped_inverses()")
         return [layer.basis for layer in self._layers]
 
@@ -548,6 +570,7 @@ class KFACPreconditioner:
             "steps": self.steps,
             "layers": [layer.name for layer in self._layers],
             "damping_mode": self.damping_mode,
+            "conventions": self.conventions.name,
             "input_factors": [f.clone() for f in self.curvature.input_factors],
             "output_factors": [f.clone() for f in self.curvature.output_factors],
             "locations": list(self.curvature.locations),
@@ -581,6 +604,13 @@ class KFACPreconditioner:
         if saved_mode != self.damping_mode:
             raise ValueError(
                 f"the state was saved with damping_mode={saved_mode!r}, this preconditioner has {self.damping_mode!r}"
+            )
+        # the conventions set the factors' scale (kfac-pytorch's G is N² smaller); older states did not record them
+        saved_conventions = state.get("conventions", self.conventions.name)
+        if saved_conventions != self.conventions.name:
+            raise ValueError(
+                f"the state was saved with conventions={saved_conventions!r}, this preconditioner has "
+                f"{self.conventions.name!r} (its factors are on another scale)"
             )
         steps = state["steps"]
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
@@ -640,12 +670,10 @@ class KFACPreconditioner:
         if len(tensors) != len(fields):
             raise ValueError(f"layer {layer.name!r}: the saved basis has {len(tensors)} tensors, {fields} expected")
         basis = self.mode.basis_type(*tensors)
-        d_a, d_g = layer.factor_sizes
-        for name, t in zip(fields, tensors, strict=True):
-            size = d_a if name.endswith("a") else d_g
-            if t.shape[0] != size or not all_finite(t):
+        shapes = self.mode.basis_shapes(*layer.factor_sizes)
+        for name, t, shape in zip(fields, tensors, shapes, strict=True):
+            if tuple(t.shape) != shape or not all_finite(t):
                 raise ValueError(
-                    f"layer {layer.name!r}: the saved {name} is {tuple(t.shape)} (its sides must be {size}) "
-                    "or not finite"
+                    f"layer {layer.name!r}: the saved {name} is {tuple(t.shape)} (it must be {shape}) or not finite"
                 )
         return basis

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fastlaplace import distributed, ops
+from fastlaplace.curvature import LayerStatistics
 from fastlaplace.curvature.eigen import factor_eigh
 from fastlaplace.optim.layers import PreconditionedLayer
 
@@ -79,6 +80,20 @@ class DampingMode(ABC):
     ) -> None:
         """``ν (F + δ)⁻¹`` in place on the gradient blocks of the layers (``blocks[l]`` of them per layer)."""
 
+    @abstractmethod
+    def basis_shapes(self, d_a: int, d_g: int) -> tuple[tuple[int, ...], ...]:
+        """The shapes of a basis's fields for a layer with factors ``(d_A, d_A)`` and ``(d_G, d_G)``."""
+
+    def update_scales(
+        self, layers: list[PreconditionedLayer], statistics: list[LayerStatistics], weights: list[float], decay: float
+    ) -> None:
+        """Between two basis refreshes, blend one factor-update batch into the bases (a no-op but for EKFAC).
+
+        ``weights[l]`` scales the batch's sums of layer l: ``(1 − β) / N`` times the conventions'
+        scales of its gradients and inputs, as its factors get.
+        """
+        return None  # the other modes' bases depend on the factors only
+
 
 def relative_damping(a_means: Tensor, g_means: Tensor, delta: float) -> Tensor:
     """``(L,)`` dampings ``δ m_A m_G`` from the factors' mean eigenvalues ``(L,)``; δ where a mean is not positive.
@@ -118,6 +133,10 @@ class EigenDamping(DampingMode):
             EigenBasis(all_vectors[i], all_values[i], all_vectors[count + i], all_values[count + i])
             for i in range(count)
         ]
+
+    def basis_shapes(self, d_a: int, d_g: int) -> tuple[tuple[int, ...], ...]:
+        """``Q_A, λ_A, Q_G, λ_G``."""
+        return (d_a, d_a), (d_a,), (d_g, d_g), (d_g,)
 
     def damp(self, layers: list[PreconditionedLayer], delta: float, relative: bool) -> None:
         """``1 / (μ λᵀ + δ)`` of the clamped spectra, ``(d_G, d_A)``."""
@@ -162,6 +181,10 @@ class FactoredDamping(DampingMode):
         """Copies of the factors (the averaged ones change at the next update)."""
         return [Factors(a.clone(), g.clone()) for a, g in zip(input_factors, output_factors, strict=True)]
 
+    def basis_shapes(self, d_a: int, d_g: int) -> tuple[tuple[int, ...], ...]:
+        """``A, G``."""
+        return (d_a, d_a), (d_g, d_g)
+
     def damp(self, layers: list[PreconditionedLayer], delta: float, relative: bool) -> None:
         """Both damped inverses of every layer in one ``damped_inverses`` call."""
         missing = [layer for layer in layers if layer.damped is None]
@@ -190,5 +213,82 @@ class FactoredDamping(DampingMode):
         )
 
 
+class EKFACBasis(NamedTuple):
+    """The factors' eigenpairs and EKFAC's scales ``S (d_G, d_A)``, the gradients' second moments in ``Q_A ⊗ Q_G``."""
+
+    q_a: Tensor
+    l_a: Tensor
+    q_g: Tensor
+    l_g: Tensor
+    scales: Tensor
+
+
+class EKFACDamping(EigenDamping):
+    """Eigenvalue-corrected K-FAC (George et al. 2018): ``(S + δ)⁻¹`` in the factors' eigenbasis.
+
+    K-FAC's eigenvalues ``μ_i λ_j`` are the Kronecker model's guess of the gradients' second
+    moments along each eigenvector pair; EKFAC measures them: S is a running average
+    (``factor_decay``) of each datum's squared gradient coordinates ``(Q_Gᵀ ∇W_n Q_A)²``,
+    the diagonal of the Fisher in that basis, which is the best diagonal in that basis (in
+    Frobenius norm). At each basis refresh S starts again from ``μ λᵀ`` (the Kronecker
+    factors' own diagonal in their new basis: the old S belongs to the old basis); each
+    factor update until the next refresh blends the batch's measured moments in, one
+    ``ekfac_scales_`` call for all layers. So EKFAC differs from ``"eigen"`` only when the
+    basis is refreshed less often than the factors (``inv_update_steps >
+    factor_update_steps``), its intended use: cheap corrections between eigendecompositions.
+    """
+
+    name = "ekfac"
+    basis_type = EKFACBasis
+
+    def bases(self, input_factors: list[Tensor], output_factors: list[Tensor]) -> list[EKFACBasis]:
+        """Eigenpairs of all the factors in one batched call, the scales at ``μ λᵀ``."""
+        return [_with_kronecker_scales(b) for b in super().bases(input_factors, output_factors)]
+
+    def bases_from_owners(
+        self, factors: list[Tensor], owners: list[int], rank: int, bucket_mb: float
+    ) -> list[EKFACBasis]:
+        """Each factor eigendecomposed on its owner rank and broadcast; the scales made on every rank."""
+        return [_with_kronecker_scales(b) for b in super().bases_from_owners(factors, owners, rank, bucket_mb)]
+
+    def basis_shapes(self, d_a: int, d_g: int) -> tuple[tuple[int, ...], ...]:
+        """``Q_A, λ_A, Q_G, λ_G, S``."""
+        return (*super().basis_shapes(d_a, d_g), (d_g, d_a))
+
+    def damp(self, layers: list[PreconditionedLayer], delta: float, relative: bool) -> None:
+        """``1 / (S + δ)``, S clamped at 0; relative δ is a fraction of S's mean."""
+        for layer in layers:
+            if layer.damped is None:
+                scales = layer.basis.scales.clamp_min(0)
+                damping = relative_damping(scales.mean(), scales.new_ones(()), delta) if relative else delta
+                layer.damped = scales.add_(damping).reciprocal_()
+
+    def update_scales(
+        self, layers: list[PreconditionedLayer], statistics: list[LayerStatistics], weights: list[float], decay: float
+    ) -> None:
+        """``S ← β S + w S_batch``, one ``ekfac_scales_`` call per distinct weight (one in the default conventions).
+
+        The scales are then averaged over the ranks (each rank's batch is its own).
+        """
+        for weight in dict.fromkeys(weights):
+            chosen = [i for i, w in enumerate(weights) if w == weight]
+            ops.ekfac_scales_(
+                [layers[i].basis.scales for i in chosen],
+                [statistics[i].patches() for i in chosen],
+                [statistics[i].location_grads() for i in chosen],
+                [layers[i].basis.q_a for i in chosen],
+                [layers[i].basis.q_g for i in chosen],
+                weight=weight,
+                decay=decay,
+            )
+        distributed.all_reduce_([layer.basis.scales for layer in layers], average=True)
+        for layer in layers:
+            layer.damped = None
+
+
+def _with_kronecker_scales(basis: EigenBasis) -> EKFACBasis:
+    return EKFACBasis(*basis, torch.outer(basis.l_g.clamp_min(0), basis.l_a.clamp_min(0)))
+
+
 #: the damping modes by name
-MODES: dict[str, type[DampingMode]] = {mode.name: mode for mode in (EigenDamping, FactoredDamping)}
+MODES: dict[str, type[DampingMode]] = {mode.name: mode for mode in (EigenDamping, FactoredDamping, EKFACDamping)}
