@@ -60,7 +60,7 @@ ADAM_GRID = {"lr": (3e-3, 1e-2, 3e-2, 1e-1), "momentum": (0.5, 0.9)}
 #: eigendecompositions every 10 steps), with the running average's decay per update set to
 #: 0.95^10 = 0.6, the memory (in steps) of 0.95 at every step
 KFAC_FIXED = {"factor_update_steps": 10, "inv_update_steps": 10, "factor_decay": 0.6, "kl_clip": 1e-3}
-DAMPING_MODES = ("eigen", "factored")
+DAMPING_MODES = ("eigen", "factored", "ekfac")
 SECTIONS = ("overhead", "convergence", "recipes")
 RECIPE_EPOCHS = 8
 #: the recipes: (row name, optimiser, its options, K-FAC options or None)
@@ -70,6 +70,9 @@ RECIPES = (
     ("SGD m=0.9 + K-FAC v0", "sgd", {"lr": 0.1, "momentum": 0.9}, {"conventions": "fastlaplace-v0"}),
     ("AdamW", "adamw", {"lr": 3e-3}, None),
     ("AdamW + K-FAC", "adamw", {"lr": 3e-3}, {}),
+    ("SGD m=0.9 + EKFAC", "sgd", {"lr": 0.1, "momentum": 0.9}, {"damping_mode": "ekfac"}),
+    ("SGD m=0 + EKFAC", "sgd", {"lr": 0.1, "momentum": 0.0}, {"damping_mode": "ekfac"}),
+    ("AdamW + EKFAC", "adamw", {"lr": 3e-3}, {"damping_mode": "ekfac"}),
 )
 
 
@@ -239,12 +242,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--recipes", nargs="+", help="run only the recipes whose names contain one of these")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     repeats, seeds, max_epochs = (5, 1, 10) if args.quick else (41, 5, 30)
 
     recipes = []
-    for name, optimizer_name, options, kfac in RECIPES if "recipes" in args.sections else ():
+    chosen = [r for r in RECIPES if args.recipes is None or any(part in r[0] for part in args.recipes)]
+    for name, optimizer_name, options, kfac in chosen if "recipes" in args.sections else ():
         counts = [recipe_epochs(optimizer_name, options, kfac, seed, RECIPE_EPOCHS) for seed in range(5)]
         recipes.append({"recipe": name, "optimizer": options, "kfac": kfac, "epochs": counts})
         print(f"{name}: epochs to {TARGET:.0%} per seed {counts}")
@@ -346,8 +351,13 @@ def main() -> None:
     json_path = args.out / f"optim_cpu{suffix}.json"
     results = {"meta": meta, "targets": targets, "overhead": overhead, "convergence": convergence, "recipes": recipes}
     json_path.write_text(json.dumps(results, indent=2))
+    models = []
+    if {"overhead", "convergence"} & set(args.sections):
+        models.append("the digits CNN (examples/train_digits.py)")
+    if "recipes" in args.sections:
+        models.append("the recipes' MLP 64-128-128-10")
     lines = [
-        f"Digits CNN (examples/train_digits.py), CPU {args.threads} threads "
+        f"scikit-learn digits, {' and '.join(models)}; CPU {args.threads} threads "
         f"({meta['machine']}), torch {torch.__version__} (`{command}`).",
     ]
     overhead_lines = [
