@@ -14,6 +14,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.pytorch_utils import Conv1D
 
 from fastlaplace import Laplace
+from fastlaplace.optim import KFACPreconditioner
 
 
 def parameter_jacobian(model: nn.Module, x) -> torch.Tensor:
@@ -320,16 +321,24 @@ def test_gpt2_with_lora_on_its_conv1d_attention(generator):
     torch.testing.assert_close(full.functional_variance(x)[0], peft_model(**x).logits.detach())
 
 
-def test_kfac_refuses_conv1d_by_name_and_keeps_it_plain_when_skipped():
-    from fastlaplace.optim import KFACPreconditioner
-
-    torch.manual_seed(0)
-    model = nn.Sequential(Conv1D(4, 3), nn.Tanh(), nn.Linear(4, 2))
-    with pytest.raises(ValueError, match=r"layers \['0'\] are transformers' Conv1D"):
-        KFACPreconditioner(model)
-    pre = KFACPreconditioner(model, skip_layers=["0"])
-    nn.functional.cross_entropy(model(torch.randn(8, 3)), torch.randint(0, 2, (8,))).backward()
-    plain = model[0].weight.grad.clone()
-    pre.step()
-    assert [name for name, _ in pre.layers] == ["2"]
-    assert torch.equal(model[0].weight.grad, plain)
+@pytest.mark.parametrize("damping_mode", ["eigen", "factored", "ekfac"])
+@pytest.mark.parametrize("tokens", [False, True])
+def test_kfac_preconditions_conv1d_as_the_equivalent_linear(damping_mode, tokens, generator):
+    conv1d = conv1d_model(tokens)
+    linear = as_linear(conv1d)
+    shape = (8, 5, 3) if tokens else (8, 3)
+    steps = []
+    for model in (conv1d, linear):
+        pre = KFACPreconditioner(model, damping_mode=damping_mode, inv_update_steps=2)
+        updates = []
+        for seed in range(3):
+            batch = torch.Generator().manual_seed(seed)
+            x = torch.randn(shape, dtype=torch.float64, generator=batch)
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x), torch.randint(0, 2, (8,), generator=batch)).backward()
+            pre.step()
+            updates.append([p.grad.clone() for p in model.parameters()])
+        steps.append(updates)
+    for conv1d_grads, linear_grads in zip(*steps, strict=True):
+        for a, b in zip(conv1d_grads, linear_grads, strict=True):
+            torch.testing.assert_close(a, b.T if a.shape != b.shape else b, rtol=1e-9, atol=1e-12)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from fastlaplace.curvature import supported_layers, trainable_bias
-from fastlaplace.curvature.layout import is_transposed_linear
+from fastlaplace.curvature.layout import is_transposed_linear, weight_shape
 from fastlaplace.curvature.statistics import KRON_LAYERS
 
 
@@ -24,7 +24,7 @@ class Capture:
 
 @dataclass(eq=False)
 class PreconditionedLayer:
-    """A Linear or Conv2d layer under K-FAC, and its state.
+    """A Linear, Conv2d or transformers Conv1D layer under K-FAC, and its state.
 
     Attributes:
         name: the layer's name in ``model.named_modules()``.
@@ -32,6 +32,8 @@ class PreconditionedLayer:
         weight: its weight.
         bias: its trainable bias, or None.
         d_in: the columns of the weight as a ``(d_out, d_in)`` matrix.
+        transposed: whether the weight is stored as ``(d_in, d_out)`` (transformers' Conv1D):
+            its gradient is then read and written through a transposed view, no copy.
         owner: the rank that eigendecomposes its factors under ``broadcast="gradient"``
             (and preconditions its gradient); 0 on one process.
         captures: the forwards captured since the last factor update.
@@ -45,6 +47,7 @@ class PreconditionedLayer:
     weight: Tensor
     bias: Tensor | None
     d_in: int
+    transposed: bool = False
     owner: int = 0
     captures: list[Capture] = field(default_factory=list)
     basis: tuple | None = None
@@ -53,7 +56,7 @@ class PreconditionedLayer:
     @property
     def factor_sizes(self) -> tuple[int, int]:
         """``(d_A, d_G)``: the sides of the input factor (a ones entry for the bias) and the output factor."""
-        return self.d_in + (self.bias is not None), self.weight.shape[0]
+        return self.d_in + (self.bias is not None), self.d_out
 
     def capture_hook(self, capturing: Callable[[], bool]) -> Callable:
         """A forward hook that keeps the input and, from the backward, the output gradient while ``capturing()``."""
@@ -73,19 +76,23 @@ class PreconditionedLayer:
 
     def gradient_blocks(self) -> list[Tensor]:
         """The weight's gradient, then the bias's (a zero column where the bias has none, whose update is dropped)."""
-        blocks = [self.weight.grad]
+        blocks = [self._weight_grad()]
         if self.bias is not None:
             blocks.append(self.bias.grad if self.bias.grad is not None else self.weight.grad.new_zeros(self.d_out))
         return blocks
 
     @property
     def d_out(self) -> int:
-        """The rows of the weight."""
-        return self.weight.shape[0]
+        """The rows of the weight as a ``(d_out, d_in)`` matrix."""
+        return self.weight.shape[1] if self.transposed else self.weight.shape[0]
+
+    def _weight_grad(self) -> Tensor:
+        """The weight's gradient, ``(d_out, ...)``: a transposed view for a Conv1D."""
+        return self.weight.grad.T if self.transposed else self.weight.grad
 
     def gradient_matrix(self, dtype: torch.dtype) -> Tensor:
         """``(d_out, d_A)`` ``[∇W | ∇b]`` in ``dtype`` (a zero bias column for a bias without a gradient)."""
-        grad = self.weight.grad.reshape(self.d_out, self.d_in)
+        grad = self._weight_grad().reshape(self.d_out, self.d_in)
         if self.bias is None:
             return grad if grad.dtype == dtype else grad.to(dtype)
         if self.bias.grad is None:
@@ -95,7 +102,8 @@ class PreconditionedLayer:
 
     def write_gradient(self, update: Tensor) -> None:
         """Copy a ``(d_out, d_A)`` ``[∇W | ∇b]`` update into the layer's gradients."""
-        self.weight.grad.copy_(update[:, : self.d_in].view_as(self.weight))
+        grad = self._weight_grad()
+        grad.copy_(update[:, : self.d_in].view(grad.shape))
         if self.bias is not None and self.bias.grad is not None:
             self.bias.grad.copy_(update[:, self.d_in])
 
@@ -112,7 +120,7 @@ def _skipped(name: str, module: nn.Module, skip: list[str | type]) -> bool:
 
 
 def preconditioned_layers(model: nn.Module, skip_layers: Iterable[str | type[nn.Module]]) -> list[PreconditionedLayer]:
-    """The model's Linear and Conv2d layers that are not skipped, validated by :func:`supported_layers`.
+    """The model's Linear, Conv2d and Conv1D layers that are not skipped, validated by :func:`supported_layers`.
 
     Raises:
         ValueError: on an unsupported trainable layer that is not skipped (named), a
@@ -141,16 +149,10 @@ def preconditioned_layers(model: nn.Module, skip_layers: Iterable[str | type[nn.
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    transposed = [name for name, m in layers if is_transposed_linear(m)]
-    if transposed:
-        raise ValueError(
-            f"layers {transposed} are transformers' Conv1D (a Linear with its weight stored transposed), which the "
-            "K-FAC preconditioner does not precondition; name them in skip_layers to keep their plain gradients"
-        )
     kron = [
-        PreconditionedLayer(name, m, m.weight, trainable_bias(m), m.weight[0].numel())
+        PreconditionedLayer(name, m, m.weight, trainable_bias(m), weight_shape(m)[1], is_transposed_linear(m))
         for name, m in layers
-        if isinstance(m, KRON_LAYERS)
+        if isinstance(m, KRON_LAYERS) or is_transposed_linear(m)
     ]
     if not kron:
         raise ValueError("the model has no trainable Linear or Conv2d layer left to precondition")
