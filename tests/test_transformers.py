@@ -342,3 +342,49 @@ def test_kfac_preconditions_conv1d_as_the_equivalent_linear(damping_mode, tokens
     for conv1d_grads, linear_grads in zip(*steps, strict=True):
         for a, b in zip(conv1d_grads, linear_grads, strict=True):
             torch.testing.assert_close(a, b.T if a.shape != b.shape else b, rtol=1e-9, atol=1e-12)
+
+
+class MeanPooledClassifier(nn.Module):
+    """A BERT encoder mean-pooled over the attention mask under a Linear head (a sentence classifier)."""
+
+    def __init__(self, encoder: nn.Module, classes: int) -> None:
+        super().__init__()
+        self.encoder, self.head = encoder, nn.Linear(encoder.config.hidden_size, classes).double()
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        hidden = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return self.head((hidden * mask).sum(1) / mask.sum(1))
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_a_bert_encoder_with_lora_under_a_pooled_head(structure, generator):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"])
+    model = MeanPooledClassifier(get_peft_model(BertModel(config), lora).double().eval(), 3)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.3, generator=generator)
+    x, y = padded_batch(generator), torch.tensor([0, 1, 2, 1])
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure=structure)
+    la.fit([(x, y)])
+    names = [name for name, _ in la.layers]
+    assert sum("lora_" in n for n in names) == 4 and names[-1] == "head"
+    trainable = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+
+    def logits(params, ids, mask):
+        frozen = {k: v for k, v in model.named_parameters() if not v.requires_grad}
+        return functional_call(model, {**params, **frozen}, ({"input_ids": ids[None], "attention_mask": mask[None]},))[
+            0
+        ]
+
+    per_sample = [jacrev(logits)(trainable, x["input_ids"][n], x["attention_mask"][n]) for n in range(4)]
+    jac = torch.stack([torch.cat([j.flatten(1) for j in sample.values()], dim=-1) for sample in per_sample])
+    p = model(x).detach().softmax(-1)
+    ggn = torch.einsum("ncp,ncd,ndq->pq", jac, torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2), jac)
+    if structure == "diag":  # exact: the GGN's diagonal
+        torch.testing.assert_close(la._to_parameter_order(la.posterior_precision()), ggn.diagonal() + 1)
+    torch.testing.assert_close(la.functional_variance(x)[0], model(x).detach())  # the mean is the model's logits
