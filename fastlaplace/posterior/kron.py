@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -15,7 +17,7 @@ from fastlaplace.posterior import blocks, truncated_kron
 from fastlaplace.posterior.parametric import ParametricLaplace
 from fastlaplace.posterior.shared_weights import shared_weight_covariance
 from fastlaplace.posterior.truncated_kron import damped_inverse as _damped_inverse
-from fastlaplace.reference import accumulation_dtype
+from fastlaplace.reference import accumulation_dtype, damped_eigenvalues
 
 Spectrum = tuple[list[Tensor], list[Tensor], Tensor, Tensor]
 #: Inputs per chunk of the GLM predictive (:meth:`KronLaplace.functional_variance`).
@@ -180,6 +182,31 @@ class KronLaplace(ParametricLaplace):
         _, la, _, lg = self.eigendecomposition()
         return self._damped(la, lg, self._scale(sigma_noise), prior_precision[self._kron])
 
+    def _factored(self, index: int) -> bool:
+        """Whether Kron layer ``index``'s eigenvalues are the products ``s λ_i μ_j + δ`` of :meth:`_spectrum`.
+
+        Those layers go through the fused operators (``kron_logdet``, ``kron_solve``,
+        ``kron_predictive_variance``); the others (EKFAC's) through :meth:`_eigenvalues`.
+        """
+        return True
+
+    def _eigenvalues(
+        self, prior_precision: Tensor, sigma_noise: Tensor, layers: Sequence[int] | None = None
+    ) -> list[Tensor]:
+        """``(k_G, k_A)`` per Kron layer (of ``layers``, positions in ``_kron``; all by default): P_l's eigenvalues.
+
+        In the eigenbasis ``Q_G ⊗ Q_A``; here ``s μ_j λ_i + δ`` from :meth:`_spectrum` (damped
+        or not): the one place a subclass swaps the spectrum
+        (:class:`~fastlaplace.posterior.EKFACLaplace`). Differentiable in δ and σ.
+        """
+        la, lg, scale, delta = self._spectrum(prior_precision, sigma_noise)
+        layers = range(len(la)) if layers is None else layers
+        return [damped_eigenvalues(la[i], lg[i], scale[i], delta[i]) for i in layers]
+
+    def _inverse_eigenvalues(self, layers: Sequence[int] | None = None) -> list[Tensor]:
+        """The reciprocal :meth:`_eigenvalues` of the current posterior, ``(k_G, k_A)`` per layer of ``layers``."""
+        return [e.reciprocal() for e in self._eigenvalues(self.prior_precision, self.sigma_noise, layers)]
+
     def _embedding_spectrum(self, prior_precision: Tensor, sigma_noise: Tensor) -> Spectrum:
         """``(c, μ, s, δ)`` per Embedding: the eigenvalues of P_l are ``s c_v μ_j + δ`` (see :meth:`_damped`)."""
         _, mu = self.embedding_eigendecomposition()
@@ -204,10 +231,15 @@ class KronLaplace(ParametricLaplace):
     def log_det_posterior(self, prior_precision: Tensor, sigma_noise: Tensor) -> Tensor:
         """Σ_l Σ_ij log(s μ_j λ_i + δ_l) (+ the unit-wise blocks' log dets), differentiable in δ and σ."""
         total = sum(blocks.unitwise_logdet(p) for p in self._unitwise_precisions(prior_precision, sigma_noise))
+        factored = [i for i in range(len(self._kron)) if self._factored(i)]
+        others = [i for i in range(len(self._kron)) if i not in factored]
+        total = total + sum(e.log().sum() for e in self._eigenvalues(prior_precision, sigma_noise, others))
         spectra = [
-            self._spectrum(prior_precision, sigma_noise) if self._kron else None,
             self._embedding_spectrum(prior_precision, sigma_noise) if self._embedding else None,
         ]
+        if factored:
+            la, lg, scale, delta = self._spectrum(prior_precision, sigma_noise)
+            spectra.append(([la[i] for i in factored], [lg[i] for i in factored], scale[factored], delta[factored]))
         for la, lg, scale, delta in (s for s in spectra if s is not None):
             if self.damping:  # a product of two factors: log det = d_G Σ log λ' + d_A Σ log μ'
                 total = total + sum(
@@ -262,29 +294,29 @@ class KronLaplace(ParametricLaplace):
         la, lg, scale, delta = self._spectrum(self.prior_precision, self.sigma_noise)
         kron_stats = [stats[i] for i in self._kron]
         truncated = [i for i in range(len(kron_stats)) if self._truncated(i)]
+        fused = [i for i, s in enumerate(kron_stats) if s.is_plain_linear and self._factored(i) and i not in truncated]
+        others = [i for i in range(len(kron_stats)) if i not in fused]
+        inverses = dict(zip(others, self._inverse_eigenvalues(others), strict=True))
         for i in truncated:
             features = self._truncated_last_layer_features(kron_stats[i]).to(qa[i].dtype)
-            total = total + truncated_kron.last_layer_covariance(
-                features, qa[i], la[i], qg[i], lg[i], scale[i], delta[i]
-            )
-        linear = [i for i, s in enumerate(kron_stats) if s.is_plain_linear and i not in truncated]
-        if linear:
+            total = total + truncated_kron.last_layer_covariance(features, qa[i], qg[i], inverses[i], delta[i])
+        if fused:
             total = total + ops.kron_predictive_variance(
-                [kron_stats[i].inputs for i in linear],
+                [kron_stats[i].inputs for i in fused],
                 # The last layer's output Jacobian is the identity: the operator's closed form.
-                [None if self.last_layer_only else kron_stats[i].output_grads for i in linear],
-                [qa[i] for i in linear],
-                [la[i] for i in linear],
-                [qg[i] for i in linear],
-                [lg[i] for i in linear],
-                scale[linear],
-                delta[linear],
-                [kron_stats[i].has_bias for i in linear],
+                [None if self.last_layer_only else kron_stats[i].output_grads for i in fused],
+                [qa[i] for i in fused],
+                [la[i] for i in fused],
+                [qg[i] for i in fused],
+                [lg[i] for i in fused],
+                scale[fused],
+                delta[fused],
+                [kron_stats[i].has_bias for i in fused],
                 full_covariance=True,
             )
-        for i, s in enumerate(kron_stats):
-            if not s.is_plain_linear:
-                total = total + self._shared_weight_covariance(s, qa[i], la[i], qg[i], lg[i], scale[i], delta[i])
+        for i in (i for i in others if i not in truncated):
+            s = kron_stats[i]
+            total = total + shared_weight_covariance(s.location_grads(), s.patches(), qa[i], qg[i], inverses[i])
         return total
 
     def _truncated_last_layer_features(self, s) -> Tensor:
@@ -310,9 +342,9 @@ class KronLaplace(ParametricLaplace):
         if trainable_bias(module) is not None:
             features = torch.cat([features, features.new_ones(features.shape[0], 1)], dim=1)
         qa, _, qg, _ = self.eigendecomposition()
-        la, lg, scale, delta = self._spectrum(self.prior_precision, self.sigma_noise)
+        delta = self.prior_precision[self._kron]
         variances = truncated_kron.last_layer_variances(
-            features.to(qa[0].dtype), qa[0], la[0], qg[0], lg[0], scale[0], delta[0]
+            features.to(qa[0].dtype), qa[0], qg[0], self._inverse_eigenvalues([0])[0], delta[0]
         )
         return (output if self.enable_backprop else output.detach()), variances.to(output.dtype)
 
@@ -325,10 +357,8 @@ class KronLaplace(ParametricLaplace):
                     f"{self.layers[self._kron[i]][0]!r}; raise max_dense_factor above {self.max_dense_factor}"
                 )
         qa, _, qg, _ = self.eigendecomposition()
-        la, lg, scale, delta = self._spectrum(self.prior_precision, self.sigma_noise)
         total = 0
-        for i, s in enumerate(stats[k] for k in self._kron):
-            inverse = _damped_inverse(la[i], lg[i], scale[i], delta[i])
+        for i, (s, inverse) in enumerate(zip((stats[k] for k in self._kron), self._inverse_eigenvalues(), strict=True)):
             if s.is_plain_linear:
                 inputs = s.patches()[:, 0].to(qa[i].dtype) @ qa[i]  # (N, d_A)
                 grads = s.output_grads.to(qa[i].dtype) @ qg[i]  # (N, C, d_G)
@@ -346,12 +376,6 @@ class KronLaplace(ParametricLaplace):
         u_rot = s.patches().to(qa.dtype) @ qa  # (N, L, d_A)
         return torch.einsum("nclj,nli->ncji", b_rot, u_rot)
 
-    @staticmethod
-    def _shared_weight_covariance(s, qa, la, qg, lg, scale, delta) -> Tensor:
-        """``J P⁻¹ Jᵀ`` of a layer applied at several locations (see :func:`shared_weight_covariance`)."""
-        inverse = _damped_inverse(la, lg, scale, delta)
-        return shared_weight_covariance(s.location_grads(), s.patches(), qa, qg, inverse)
-
     def _sample_deviations(self, n_samples: int, generator: torch.Generator | None) -> list[Tensor]:
         deviations: list[Tensor | None] = [None] * len(self.layers)
         if self._kron:
@@ -361,16 +385,17 @@ class KronLaplace(ParametricLaplace):
                 torch.randn((n_samples, g.shape[0], a.shape[0]), dtype=a.dtype, device=a.device, generator=generator)
                 for a, g in zip(qa, qg, strict=True)
             ]
-            dense = [i for i in range(len(self._kron)) if not self._truncated(i)]
-            if dense:
+            fused = [i for i in range(len(self._kron)) if self._factored(i) and not self._truncated(i)]
+            if fused:
                 solved = ops.kron_solve(
-                    *([v[i] for i in dense] for v in (qa, la, qg, lg, noise)), scale[dense], delta[dense], -0.5
+                    *([v[i] for i in fused] for v in (qa, la, qg, lg, noise)), scale[fused], delta[fused], -0.5
                 )
-                for i, d in zip(dense, solved, strict=True):
+                for i, d in zip(fused, solved, strict=True):
                     deviations[self._kron[i]] = d
-            for i in (i for i in range(len(self._kron)) if i not in dense):
+            rest = [i for i in range(len(self._kron)) if i not in fused]
+            for i, inverse in zip(rest, self._inverse_eigenvalues(rest), strict=True):
                 deviations[self._kron[i]] = truncated_kron.inverse_root_samples(
-                    noise[i], qa[i], la[i], qg[i], lg[i], scale[i], delta[i]
+                    noise[i], qa[i], qg[i], inverse, delta[i]
                 )
         if self._embedding:
             q_g, _ = self.embedding_eigendecomposition()
