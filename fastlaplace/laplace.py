@@ -7,10 +7,18 @@ import functools
 
 from torch import nn
 
-from fastlaplace.posterior import BaseLaplace, DiagLaplace, FullLaplace, FunctionalLaplace, KronLaplace, LowRankLaplace
+from fastlaplace.posterior import (
+    BaseLaplace,
+    DiagLaplace,
+    EKFACLaplace,
+    FullLaplace,
+    FunctionalLaplace,
+    KronLaplace,
+    LowRankLaplace,
+)
 
 SUBSETS_OF_WEIGHTS = ("all", "last_layer", "subnetwork")
-HESSIAN_STRUCTURES = ("diag", "kron", "full", "lowrank", "gp")
+HESSIAN_STRUCTURES = ("diag", "kron", "ekfac", "full", "lowrank", "gp")
 OPTIONS = (
     "sigma_noise",
     "prior_precision",
@@ -41,6 +49,8 @@ POSTERIORS = {
     ("all", "kron"): KronLaplace,
     ("all", "diag"): DiagLaplace,
     ("last_layer", "kron"): functools.partial(KronLaplace, last_layer_only=True),
+    ("all", "ekfac"): EKFACLaplace,
+    ("last_layer", "ekfac"): functools.partial(EKFACLaplace, last_layer_only=True),
     ("last_layer", "diag"): functools.partial(DiagLaplace, last_layer_only=True),
     ("all", "full"): FullLaplace,
     ("last_layer", "full"): functools.partial(FullLaplace, last_layer_only=True),
@@ -72,7 +82,9 @@ def Laplace(  # noqa: N802 (the name laplace-torch users call)
             ``"heteroscedastic_regression"`` (the model outputs C means, then C log-variances).
         subset_of_weights: ``"all"``, ``"last_layer"`` or ``"subnetwork"`` (with
             ``hessian_structure="full"`` and ``subnetwork_indices``).
-        hessian_structure: ``"kron"``, ``"diag"``, ``"full"``, ``"lowrank"`` or ``"gp"`` (function space).
+        hessian_structure: ``"kron"``, ``"ekfac"`` (Kron's eigenbasis with the exact curvature
+            diagonal in it, :class:`~fastlaplace.posterior.EKFACLaplace`), ``"diag"``,
+            ``"full"``, ``"lowrank"`` or ``"gp"`` (function space).
         **options: ``sigma_noise``, ``prior_precision`` (scalar or one per layer),
             ``prior_mean``, ``temperature``, ``curvature_mode`` (``"ggn"``, ``"mc"``, ``"ef"``),
             ``curvature_dtype`` (``torch.bfloat16`` / ``torch.float16``: the fit's matrix
@@ -82,10 +94,10 @@ def Laplace(  # noqa: N802 (the name laplace-torch users call)
             ``"average"``) for a last layer inside the model (sequence models),
             ``dict_key_x`` / ``dict_key_y`` (the inputs' and targets' keys in dict batches,
             default ``"input_ids"`` / ``"labels"``; the whole dict goes to the model), for
-            Kron ``kfac_approx`` (``"expand"`` or ``"reduce"``), ``damping`` (True: the prior
-            added to each factor, laplace-torch's option), ``max_dense_factor`` (default 8192)
-            and ``factor_rank`` (default 256: a factor of larger side is kept as its top
-            eigenpairs, see :class:`~fastlaplace.posterior.KronLaplace`), for a subnetwork
+            Kron and EKFAC ``kfac_approx`` (``"expand"`` or ``"reduce"``), ``max_dense_factor``
+            (default 8192) and ``factor_rank`` (default 256: a factor of larger side is kept as
+            its top eigenpairs, see :class:`~fastlaplace.posterior.KronLaplace`), for Kron alone
+            ``damping`` (True: the prior added to each factor, laplace-torch's option), for a subnetwork
             ``subnetwork_indices`` (indices into the parameters in ``named_parameters()`` order),
             for low rank ``low_rank`` (eigenpairs kept, default 10), for ``"gp"``
             (:class:`~fastlaplace.posterior.FunctionalLaplace`) ``n_subset`` (required),
@@ -122,9 +134,11 @@ def Laplace(  # noqa: N802 (the name laplace-torch users call)
         )
     if (subset_of_weights == "subnetwork") != ("subnetwork_indices" in options):
         raise TypeError("subnetwork_indices is needed with, and only with, subset_of_weights='subnetwork'")
-    for kron_only in ("kfac_approx", "damping", "max_dense_factor", "factor_rank"):
-        if kron_only in options and hessian_structure != "kron":
-            raise TypeError(f"{kron_only} applies to hessian_structure='kron' only")
+    for kron_only in ("kfac_approx", "max_dense_factor", "factor_rank"):
+        if kron_only in options and hessian_structure not in ("kron", "ekfac"):
+            raise TypeError(f"{kron_only} applies to hessian_structure='kron' or 'ekfac' only")
+    if "damping" in options and hessian_structure != "kron":
+        raise TypeError("damping applies to hessian_structure='kron' only")
     if "low_rank" in options and hessian_structure != "lowrank":
         raise TypeError("low_rank applies to hessian_structure='lowrank' only")
     for gp_only in GP_OPTIONS:

@@ -82,7 +82,7 @@ def test_one_token_expand_and_reduce_agree(generator):
 def test_kfac_approx_is_validated():
     with pytest.raises(ValueError, match="kfac_approx must be 'expand' or 'reduce'"):
         Laplace(token_model(), "classification", subset_of_weights="all", kfac_approx="mean")
-    with pytest.raises(TypeError, match="kfac_approx applies to hessian_structure='kron' only"):
+    with pytest.raises(TypeError, match="kfac_approx applies to hessian_structure='kron' or 'ekfac' only"):
         Laplace(
             token_model(), "classification", subset_of_weights="all", hessian_structure="diag", kfac_approx="reduce"
         )

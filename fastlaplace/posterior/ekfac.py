@@ -1,0 +1,189 @@
+"""Eigenvalue-corrected Kronecker-factored (EKFAC) Laplace posterior (George et al., 2018)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from fastlaplace import distributed
+from fastlaplace.posterior.kron import KronLaplace
+from fastlaplace.posterior.parametric import ParametricLaplace
+from fastlaplace.posterior.shared_weights import ROTATED_JACOBIAN_BYTES
+
+
+class EKFACLaplace(KronLaplace):
+    """K-FAC's eigenbasis with the exact curvature diagonal in it: ``P_l = Q diag(S_l / (σ² T) + δ_l) Qᵀ``.
+
+    ``Q = Q_G ⊗ Q_A`` are the eigenvectors of the layer's Kronecker factors (fitted as by
+    :class:`KronLaplace`, same ``kfac_approx``), and ``S_l`` ``(d_G, d_A)`` is the diagonal of
+    the layer's summed curvature (GGN, MC or empirical Fisher, as ``curvature_mode``) in that
+    basis::
+
+        S_l = Σ_n Σ_k (Q_Gᵀ G[n, k]ᵀ A[n] Q_A)²   (elementwise),
+
+    with ``A[n]`` ``(L, d_A)`` the inputs datum n's locations see (with a bias's ones
+    column) and ``G[n, k]`` ``(L, d_G)`` the k-th backpropagated column there: the squared
+    per-datum gradients in the eigenbasis. Where K-FAC is exact (one datum at one location)
+    ``S = λ_G λ_Aᵀ``, and Kron's scale ``1 / (σ² T N L)`` is EKFAC's ``1 / (σ² T)``: the two
+    agree. Elsewhere S is the diagonal of ``Qᵀ H Q``, the best diagonal in that basis, so
+    ``‖H − Q diag(S) Qᵀ‖_F ≤ ‖H − kron(G, A) / (N L)‖_F`` (George et al.) for the GGN and the
+    empirical Fisher. Everything else (evidence, GLM and joint predictives, samples, prior optimisation,
+    state_dict) is :class:`KronLaplace`'s with these eigenvalues (see
+    :meth:`KronLaplace._eigenvalues`).
+
+    ``fit`` makes two passes over the loader: the factors (then their eigendecomposition),
+    then ``S`` in their eigenbasis; the loader must give the same data twice (a
+    ``DataLoader``, a list; not a one-shot iterator), and ``fit(override=False)`` is refused
+    (an earlier ``S`` lies in another eigenbasis). With ``curvature_mode="mc"`` the second
+    pass draws its own labels. Under ``torch.distributed`` each rank passes over its shard and
+    ``S`` is summed over the ranks like the factors.
+
+    Layers Kron handles by other means keep Kron's handling and spectrum: Embedding,
+    LayerNorm / BatchNorm (unit-wise blocks) and layers with a sketched (truncated) factor.
+    ``damping=True`` has no EKFAC form and is refused.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        if kwargs.get("damping"):
+            raise ValueError("damping=True (the prior added to each Kronecker factor) has no EKFAC form; use kron")
+        super().__init__(*args, **kwargs)
+
+    def _reset_curvature(self) -> None:
+        super()._reset_curvature()
+        #: per Kron layer its ``(d_G, d_A)`` S, or an empty tensor where Kron's eigenvalues stay (none fitted yet)
+        self.eigenvalue_corrections: list[Tensor] = []
+
+    def fit(self, loader: Iterable, override: bool = True, progress_bar: bool | None = None) -> None:
+        """:meth:`ParametricLaplace.fit`, then a second pass over the loader for ``S``; all-or-nothing.
+
+        Raises:
+            ValueError: for ``override=False``, or a loader that does not give the same number
+                of data on its second pass; and as :meth:`ParametricLaplace.fit`.
+        """
+        if not override:
+            raise ValueError(
+                "fit(override=False) is not available for EKFAC: the earlier fit's eigenvalue corrections lie in "
+                "another eigenbasis; refit on all the data"
+            )
+        with self._unchanged_on_failure():
+            super().fit(loader, override, progress_bar)
+            self._fit_corrections(loader, progress_bar)
+
+    def _fit_corrections(self, loader: Iterable, progress_bar: bool | None) -> None:
+        """The second pass: ``S`` of every Kron layer with dense factors, in the fitted eigenbasis."""
+        qa, _, qg, _ = self.eigendecomposition()
+        corrected = [i for i in range(len(self._kron)) if not self._truncated(i)]
+        scales = [qg[i].new_zeros(qg[i].shape[0], qa[i].shape[0]) for i in corrected]
+        if progress_bar is None:
+            progress_bar = hasattr(loader, "__len__") and len(loader) >= 50
+        seen = 0
+        for batch in tqdm(loader, desc="fitting the EKFAC eigenvalues", disable=not progress_bar):
+            x, y = self._split_batch(batch)
+            self._check_targets(y, self._batch_size(x))
+            # Kron's closed-form softmax statistics carry no output-gradient columns: the general pass.
+            _, stats = ParametricLaplace._batch_statistics(self, x, y, None)
+            layers = [stats[self._kron[i]] for i in corrected]
+            _eigenvalue_corrections_(
+                scales,
+                [s.patches() for s in layers],
+                [s.location_grads() for s in layers],
+                [qa[i] for i in corrected],
+                [qg[i] for i in corrected],
+                1.0,
+                1.0,
+            )
+            seen += y.shape[0]
+        count = torch.tensor([seen], dtype=torch.float64, device=self.device)
+        distributed.all_reduce_([*scales, count])
+        if round(float(count)) != self.num_data:
+            raise ValueError(
+                f"the loader gave {round(float(count))} data on its second pass and {self.num_data} on its first: "
+                "EKFAC passes twice over the same data (a DataLoader or a list, not a one-shot iterator)"
+            )
+        corrections = [qa[i].new_zeros(0) for i in range(len(self._kron))]
+        for i, s in zip(corrected, scales, strict=True):
+            corrections[i] = s
+        self.eigenvalue_corrections = corrections
+
+    def _corrections(self) -> list[Tensor]:
+        """``eigenvalue_corrections``, with an empty tensor per Kron layer before any is fitted."""
+        if self.eigenvalue_corrections:
+            return self.eigenvalue_corrections
+        return [torch.zeros(0, dtype=self.dtype, device=self.device) for _ in self._kron]
+
+    def _factored(self, index: int) -> bool:
+        return self._corrections()[index].numel() == 0
+
+    def _eigenvalues(
+        self, prior_precision: Tensor, sigma_noise: Tensor, layers: Sequence[int] | None = None
+    ) -> list[Tensor]:
+        """``s S_l + δ_l`` (s = 1 / (σ² T)) for the corrected layers, Kron's for the others."""
+        corrections = self._corrections()
+        layers = range(len(corrections)) if layers is None else layers
+        factored = [i for i in layers if corrections[i].numel() == 0]
+        kron = dict(zip(factored, super()._eigenvalues(prior_precision, sigma_noise, factored), strict=True))
+        scale, delta = self._curvature_scale(sigma_noise), prior_precision[self._kron]
+        return [kron[i] if i in kron else scale * corrections[i] + delta[i] for i in layers]
+
+    def _curvature_tensors(self) -> list[Tensor]:
+        """One ``S`` (or an empty tensor) per Kron layer, then :meth:`KronLaplace._curvature_tensors`."""
+        return [*self._corrections(), *super()._curvature_tensors()]
+
+    def _check_curvature_values(self, tensors: list[Tensor]) -> None:
+        if any(bool((t < 0).any()) for t in tensors[: len(self._kron)] if t.is_floating_point()):
+            raise ValueError("the state's EKFAC eigenvalue corrections must be non-negative")
+        super()._check_curvature_values(tensors)
+
+    def _restore_curvature(self, tensors: list[Tensor], num_data: int) -> None:
+        count = len(self._kron)
+        corrections = tensors[:count]
+        super()._restore_curvature(tensors[count:], num_data)
+        for i, c in enumerate(corrections):
+            name = self.layers[self._kron[i]][0]
+            expected = (self.curvature.output_factors[i].shape[0], self.curvature.input_factors[i].shape[0])
+            if c.numel() and (self._truncated(i) or tuple(c.shape) != expected):
+                raise ValueError(
+                    f"the eigenvalue corrections of layer {name!r} have shape {tuple(c.shape)}; expected "
+                    f"{'none (its factors are truncated)' if self._truncated(i) else expected}"
+                )
+        self.eigenvalue_corrections = list(corrections)
+
+
+def _eigenvalue_corrections_(
+    scales: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    output_grads: Sequence[Tensor],
+    q_a: Sequence[Tensor],
+    q_g: Sequence[Tensor],
+    weight: float,
+    decay: float,
+) -> None:
+    """In place per layer: ``scales[l] ← decay scales[l] + weight Σ_{n,k} (Q_Gᵀ G[n,k]ᵀ A[n] Q_A)²``.
+
+    The per-datum gradients in the eigenbasis, squared and summed, a chunk of data at a time
+    (at most :data:`ROTATED_JACOBIAN_BYTES` of them at once).
+
+    Args:
+        scales: L tensors ``(d_G, d_A)``, updated in place (their dtype is the sums').
+        inputs: L tensors ``(N, T, d_A)`` (or ``(N, d_A)``: T = 1), with a bias's ones column.
+        output_grads: L tensors ``(N, K, T, d_G)`` (or ``(N, T, d_G)``: K = 1; ``(N, d_G)``:
+            K = T = 1).
+        q_a: L orthogonal ``(d_A, d_A)`` eigenvector matrices.
+        q_g: L orthogonal ``(d_G, d_G)`` eigenvector matrices.
+        weight: the factor on the batch's sums.
+        decay: the factor on the previous ``scales``.
+    """
+    for scale, a, g, qa, qg in zip(scales, inputs, output_grads, q_a, q_g, strict=True):
+        a = a if a.dim() == 3 else a.unsqueeze(1)
+        g = g.view(g.shape[0], 1, 1, -1) if g.dim() == 2 else g if g.dim() == 4 else g.unsqueeze(1)
+        scale.mul_(decay)
+        per_datum = g.shape[1] * scale.numel() * scale.element_size()
+        chunk = max(1, ROTATED_JACOBIAN_BYTES // per_datum)
+        for start in range(0, a.shape[0], chunk):
+            a_rot = a[start : start + chunk].to(scale.dtype) @ qa  # (n, T, d_A)
+            g_rot = g[start : start + chunk].to(scale.dtype) @ qg  # (n, K, T, d_G)
+            gradients = torch.einsum("nktj,nti->nkji", g_rot, a_rot)
+            scale.add_(gradients.square().sum((0, 1)), alpha=weight)
