@@ -9,7 +9,7 @@ from dense import augmented_jacobian, dense_ggn, layer_sizes, targets, tiny_cnn,
 from torch import nn
 
 from fastlaplace import Laplace
-from fastlaplace.posterior import EKFACLaplace, KronLaplace, ekfac
+from fastlaplace.posterior import EKFACLaplace, KronLaplace
 
 
 class TokenModel(nn.Module):
@@ -95,6 +95,16 @@ def test_eigenvalues_are_the_dense_curvature_diagonal_in_the_kron_eigenbasis(nam
     la.fit(loader(x, y))
     curvature = dense_ggn(model, x, likelihood) if mode == "ggn" else dense_empirical_fisher(model, x, y, likelihood)
     blocks = dense_blocks(curvature, layer_sizes(model))
+    for q, block, s in zip(eigenbases(la), blocks, la.eigenvalue_corrections, strict=True):
+        torch.testing.assert_close(s.flatten(), (q.T @ block @ q).diagonal())
+
+
+def test_reduced_sequence_factors_give_their_own_eigenbasis_and_the_same_diagonal_rule(generator):
+    model = TokenModel().double()
+    x, y = data((5, 3), 7, "classification", generator)
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="ekfac", kfac_approx="reduce")
+    la.fit(loader(x, y))
+    blocks = dense_blocks(dense_ggn(model, x, "classification"), layer_sizes(model))
     for q, block, s in zip(eigenbases(la), blocks, la.eigenvalue_corrections, strict=True):
         torch.testing.assert_close(s.flatten(), (q.T @ block @ q).diagonal())
 
@@ -329,25 +339,3 @@ def test_embedding_and_layernorm_keep_their_kron_blocks(generator):
         la.fit([(ids, y)])
     torch.testing.assert_close(posteriors[1].log_marginal_likelihood(), posteriors[0].log_marginal_likelihood())
     torch.testing.assert_close(posteriors[1](ids), posteriors[0](ids))
-
-
-@pytest.mark.parametrize(
-    ("input_shape", "grad_shape"),
-    [((6, 4), (6, 3)), ((6, 2, 4), (6, 2, 3)), ((6, 2, 4), (6, 5, 2, 3))],
-)
-def test_eigenvalue_corrections_function_against_an_explicit_sum(input_shape, grad_shape, monkeypatch, generator):
-    monkeypatch.setattr(ekfac, "ROTATED_JACOBIAN_BYTES", 1)  # one datum per chunk
-    a = torch.randn(input_shape, dtype=torch.float64, generator=generator)
-    g = torch.randn(grad_shape, dtype=torch.float64, generator=generator)
-    qa = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64, generator=generator))[0]
-    qg = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=generator))[0]
-    start = torch.rand(3, 4, dtype=torch.float64, generator=generator)
-    scales = [start.clone()]
-    ekfac._eigenvalue_corrections_(scales, [a], [g], [qa], [qg], 0.3, 0.9)
-    a3 = a.view(6, -1, 4)
-    g4 = g.view(6, -1, a3.shape[1], 3)
-    expected = 0.9 * start
-    for n in range(6):
-        for k in range(g4.shape[1]):
-            expected = expected + 0.3 * (qg.T @ g4[n, k].T @ a3[n] @ qa).square()
-    torch.testing.assert_close(scales[0], expected)

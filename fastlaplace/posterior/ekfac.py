@@ -8,10 +8,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fastlaplace import distributed
+from fastlaplace import distributed, ops
 from fastlaplace.posterior.kron import KronLaplace
 from fastlaplace.posterior.parametric import ParametricLaplace
-from fastlaplace.posterior.shared_weights import ROTATED_JACOBIAN_BYTES
 
 
 class EKFACLaplace(KronLaplace):
@@ -86,7 +85,7 @@ class EKFACLaplace(KronLaplace):
             # Kron's closed-form softmax statistics carry no output-gradient columns: the general pass.
             _, stats = ParametricLaplace._batch_statistics(self, x, y, None)
             layers = [stats[self._kron[i]] for i in corrected]
-            _eigenvalue_corrections_(
+            ops.ekfac_scales_(
                 scales,
                 [s.patches() for s in layers],
                 [s.location_grads() for s in layers],
@@ -142,48 +141,14 @@ class EKFACLaplace(KronLaplace):
         corrections = tensors[:count]
         super()._restore_curvature(tensors[count:], num_data)
         for i, c in enumerate(corrections):
+            if not c.numel():
+                continue
             name = self.layers[self._kron[i]][0]
+            if self._truncated(i):
+                raise ValueError(f"layer {name!r} has truncated factors and so no eigenvalue corrections")
             expected = (self.curvature.output_factors[i].shape[0], self.curvature.input_factors[i].shape[0])
-            if c.numel() and (self._truncated(i) or tuple(c.shape) != expected):
+            if tuple(c.shape) != expected:
                 raise ValueError(
-                    f"the eigenvalue corrections of layer {name!r} have shape {tuple(c.shape)}; expected "
-                    f"{'none (its factors are truncated)' if self._truncated(i) else expected}"
+                    f"the eigenvalue corrections of layer {name!r} have shape {tuple(c.shape)}; expected {expected}"
                 )
         self.eigenvalue_corrections = list(corrections)
-
-
-def _eigenvalue_corrections_(
-    scales: Sequence[Tensor],
-    inputs: Sequence[Tensor],
-    output_grads: Sequence[Tensor],
-    q_a: Sequence[Tensor],
-    q_g: Sequence[Tensor],
-    weight: float,
-    decay: float,
-) -> None:
-    """In place per layer: ``scales[l] ← decay scales[l] + weight Σ_{n,k} (Q_Gᵀ G[n,k]ᵀ A[n] Q_A)²``.
-
-    The per-datum gradients in the eigenbasis, squared and summed, a chunk of data at a time
-    (at most :data:`ROTATED_JACOBIAN_BYTES` of them at once).
-
-    Args:
-        scales: L tensors ``(d_G, d_A)``, updated in place (their dtype is the sums').
-        inputs: L tensors ``(N, T, d_A)`` (or ``(N, d_A)``: T = 1), with a bias's ones column.
-        output_grads: L tensors ``(N, K, T, d_G)`` (or ``(N, T, d_G)``: K = 1; ``(N, d_G)``:
-            K = T = 1).
-        q_a: L orthogonal ``(d_A, d_A)`` eigenvector matrices.
-        q_g: L orthogonal ``(d_G, d_G)`` eigenvector matrices.
-        weight: the factor on the batch's sums.
-        decay: the factor on the previous ``scales``.
-    """
-    for scale, a, g, qa, qg in zip(scales, inputs, output_grads, q_a, q_g, strict=True):
-        a = a if a.dim() == 3 else a.unsqueeze(1)
-        g = g.view(g.shape[0], 1, 1, -1) if g.dim() == 2 else g if g.dim() == 4 else g.unsqueeze(1)
-        scale.mul_(decay)
-        per_datum = g.shape[1] * scale.numel() * scale.element_size()
-        chunk = max(1, ROTATED_JACOBIAN_BYTES // per_datum)
-        for start in range(0, a.shape[0], chunk):
-            a_rot = a[start : start + chunk].to(scale.dtype) @ qa  # (n, T, d_A)
-            g_rot = g[start : start + chunk].to(scale.dtype) @ qg  # (n, K, T, d_G)
-            gradients = torch.einsum("nktj,nti->nkji", g_rot, a_rot)
-            scale.add_(gradients.square().sum((0, 1)), alpha=weight)
