@@ -297,7 +297,9 @@ class KronLaplace(ParametricLaplace):
         fused = [i for i, s in enumerate(kron_stats) if s.is_plain_linear and self._factored(i) and i not in truncated]
         others = [i for i in range(len(kron_stats)) if i not in fused]
         inverses = dict(zip(others, self._inverse_eigenvalues(others), strict=True))
-        for i in truncated:
+        # A last layer outside the fused operator (truncated, or eigenvalues that are not products): a closed form.
+        closed_form = [i for i in others if i in truncated or (self.last_layer_only and kron_stats[i].is_plain_linear)]
+        for i in closed_form:
             features = self._truncated_last_layer_features(kron_stats[i]).to(qa[i].dtype)
             total = total + truncated_kron.last_layer_covariance(features, qa[i], qg[i], inverses[i], delta[i])
         if fused:
@@ -314,13 +316,13 @@ class KronLaplace(ParametricLaplace):
                 [kron_stats[i].has_bias for i in fused],
                 full_covariance=True,
             )
-        for i in (i for i in others if i not in truncated):
+        for i in (i for i in others if i not in closed_form):
             s = kron_stats[i]
             total = total + shared_weight_covariance(s.location_grads(), s.patches(), qa[i], qg[i], inverses[i])
         return total
 
     def _truncated_last_layer_features(self, s) -> Tensor:
-        """``(N, d_A)`` a truncated layer's inputs (with the ones column); the GLM covers it as the last layer only."""
+        """``(N, d_A)`` a last layer's inputs (with the ones column), for the closed form; truncated layers are last."""
         if not (self.last_layer_only and s.is_plain_linear):
             raise ValueError(
                 f"layer {s.name!r} has a truncated factor (a side above max_dense_factor={self.max_dense_factor}): "
