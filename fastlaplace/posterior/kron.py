@@ -318,8 +318,22 @@ class KronLaplace(ParametricLaplace):
             )
         for i in (i for i in others if i not in closed_form):
             s = kron_stats[i]
-            total = total + shared_weight_covariance(s.location_grads(), s.patches(), qa[i], qg[i], inverses[i])
+            if s.is_plain_linear:
+                total = total + self._linear_covariance(s, qa[i], qg[i], inverses[i])
+            else:
+                total = total + shared_weight_covariance(s.location_grads(), s.patches(), qa[i], qg[i], inverses[i])
         return total
+
+    @staticmethod
+    def _linear_covariance(s, qa: Tensor, qg: Tensor, inverse: Tensor) -> Tensor:
+        """``(N, C, C)`` ``Σ_j w_nj (B Q_G)_{:,j} (B Q_G)_{:,j}ᵀ`` with ``w_nj = Σ_i (Q_Aᵀ a_n)_i² inverse_ji``.
+
+        ``J P⁻¹ Jᵀ`` of a Linear layer applied once per sample, P⁻¹'s eigenvalues any
+        ``(d_G, d_A)`` matrix: what ``kron_predictive_variance`` fuses for products.
+        """
+        weights = (s.patches()[:, 0].to(qa.dtype) @ qa).square() @ inverse.T  # (N, d_G)
+        rotated = s.output_grads.to(qa.dtype) @ qg  # (N, C, d_G)
+        return torch.einsum("ncj,nj,ndj->ncd", rotated, weights, rotated)
 
     def _truncated_last_layer_features(self, s) -> Tensor:
         """``(N, d_A)`` a last layer's inputs (with the ones column), for the closed form; truncated layers are last."""
