@@ -315,6 +315,13 @@ def test_truncated_factors_keep_kron_eigenvalues(generator):
     assert ek._truncated(0) and ek.eigenvalue_corrections[0].numel() == 0
     torch.testing.assert_close(ek.log_marginal_likelihood(), kron.log_marginal_likelihood())
     torch.testing.assert_close(ek.functional_variance(x[:3])[1], kron.functional_variance(x[:3])[1])
+    state = ek.state_dict()
+    restored = Laplace(model, "classification", hessian_structure="ekfac", max_dense_factor=4, factor_rank=5)
+    restored.load_state_dict(state)
+    torch.testing.assert_close(restored.log_marginal_likelihood(), ek.log_marginal_likelihood())
+    forged = {**state, "curvature": [torch.ones(3, 5, dtype=torch.float64), *state["curvature"][1:]]}
+    with pytest.raises(ValueError, match="has truncated factors and so no eigenvalue corrections"):
+        restored.load_state_dict(forged)
 
 
 class EmbeddingModel(nn.Module):
