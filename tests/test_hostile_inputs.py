@@ -13,7 +13,7 @@ from fastlaplace import Laplace
 from fastlaplace.marglik import marglik_training
 
 N, D, C = 12, 4, 3
-STRUCTURES = ["diag", "kron", "full", "lowrank", "gp"]
+STRUCTURES = ["diag", "kron", "ekfac", "full", "lowrank", "gp"]
 
 
 def _data(likelihood: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
