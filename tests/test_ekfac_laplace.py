@@ -109,7 +109,7 @@ def test_reduced_sequence_factors_give_their_own_eigenbasis_and_the_same_diagona
         torch.testing.assert_close(s.flatten(), (q.T @ block @ q).diagonal())
 
 
-def test_last_layer_eigenvalues_bypass_the_closed_form_softmax_factor(generator):
+def test_last_layer_eigenvalues_from_the_softmax_closed_form_equal_the_dense_ones(generator):
     model = tiny_mlp(True)
     x, y = data((3,), 7, "classification", generator)
     la = Laplace(model, "classification", subset_of_weights="last_layer", hessian_structure="ekfac")

@@ -9,8 +9,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from fastlaplace import distributed, ops
+from fastlaplace.curvature.closed_form import SoftmaxStatistics
 from fastlaplace.posterior.kron import KronLaplace
-from fastlaplace.posterior.parametric import ParametricLaplace
 
 
 class EKFACLaplace(KronLaplace):
@@ -75,6 +75,10 @@ class EKFACLaplace(KronLaplace):
         """The second pass: ``S`` of every Kron layer with dense factors, in the fitted eigenbasis."""
         qa, _, qg, _ = self.eigendecomposition()
         corrected = [i for i in range(len(self._kron)) if not self._truncated(i)]
+        corrections = [qa[i].new_zeros(0) for i in range(len(self._kron))]
+        if not corrected:  # every layer keeps Kron's eigenvalues: no second pass
+            self.eigenvalue_corrections = corrections
+            return
         scales = [qg[i].new_zeros(qg[i].shape[0], qa[i].shape[0]) for i in corrected]
         if progress_bar is None:
             progress_bar = hasattr(loader, "__len__") and len(loader) >= 50
@@ -82,18 +86,20 @@ class EKFACLaplace(KronLaplace):
         for batch in tqdm(loader, desc="fitting the EKFAC eigenvalues", disable=not progress_bar):
             x, y = self._split_batch(batch)
             self._check_targets(y, self._batch_size(x))
-            # Kron's closed-form softmax statistics carry no output-gradient columns: the general pass.
-            _, stats = ParametricLaplace._batch_statistics(self, x, y, None)
+            _, stats = self._batch_statistics(x, y, None)
             layers = [stats[self._kron[i]] for i in corrected]
-            ops.ekfac_scales_(
-                scales,
-                [s.patches() for s in layers],
-                [s.location_grads() for s in layers],
-                [qa[i] for i in corrected],
-                [qg[i] for i in corrected],
-                1.0,
-                1.0,
-            )
+            if isinstance(layers[0], SoftmaxStatistics):  # a softmax last layer, alone: no columns
+                _add_softmax_corrections_(scales[0], layers[0], qa[corrected[0]], qg[corrected[0]])
+            else:
+                ops.ekfac_scales_(
+                    scales,
+                    [s.patches() for s in layers],
+                    [s.location_grads() for s in layers],
+                    [qa[i] for i in corrected],
+                    [qg[i] for i in corrected],
+                    1.0,
+                    1.0,
+                )
             seen += y.shape[0]
         count = torch.tensor([seen], dtype=torch.float64, device=self.device)
         distributed.all_reduce_([*scales, count])
@@ -102,7 +108,6 @@ class EKFACLaplace(KronLaplace):
                 f"the loader gave {round(float(count))} data on its second pass and {self.num_data} on its first: "
                 "EKFAC passes twice over the same data (a DataLoader or a list, not a one-shot iterator)"
             )
-        corrections = [qa[i].new_zeros(0) for i in range(len(self._kron))]
         for i, s in zip(corrected, scales, strict=True):
             corrections[i] = s
         self.eigenvalue_corrections = corrections
@@ -152,3 +157,21 @@ class EKFACLaplace(KronLaplace):
                     f"the eigenvalue corrections of layer {name!r} have shape {tuple(c.shape)}; expected {expected}"
                 )
         self.eigenvalue_corrections = list(corrections)
+
+
+def _add_softmax_corrections_(scale: Tensor, s: SoftmaxStatistics, qa: Tensor, qg: Tensor) -> None:
+    """``S += Σ_n diag(Q_Gᵀ H_n Q_G) (Q_Aᵀ a_n)²ᵀ`` for a softmax last layer, ``H_n = diag(p_n) − p_n p_nᵀ``.
+
+    The exact GGN's S from the probabilities alone (``diag(Q_Gᵀ H Q_G) = p Q_G² − (p Q_G)²``),
+    as Kron's closed-form output factor, instead of ``C − 1`` Hessian-root columns per datum.
+
+    Args:
+        scale: ``(C, d_A)`` S, updated in place.
+        s: the batch's :class:`SoftmaxStatistics` (``(N, C)`` probabilities, ``(N, d_in)`` inputs).
+        qa: ``(d_A, d_A)`` eigenvectors of A.
+        qg: ``(C, C)`` eigenvectors of G.
+    """
+    p = s.probabilities.to(scale.dtype)
+    hessian_diagonals = p @ qg.square() - (p @ qg).square()  # (N, C)
+    rotated = s.patches()[:, 0].to(scale.dtype) @ qa  # (N, d_A)
+    scale.addmm_(hessian_diagonals.T, rotated.square())
