@@ -6,7 +6,6 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from fastlaplace import distributed, ops
 from fastlaplace.curvature.closed_form import SoftmaxStatistics
@@ -80,12 +79,8 @@ class EKFACLaplace(KronLaplace):
             self.eigenvalue_corrections = corrections
             return
         scales = [qg[i].new_zeros(qg[i].shape[0], qa[i].shape[0]) for i in corrected]
-        if progress_bar is None:
-            progress_bar = hasattr(loader, "__len__") and len(loader) >= 50
         seen = 0
-        for batch in tqdm(loader, desc="fitting the EKFAC eigenvalues", disable=not progress_bar):
-            x, y = self._split_batch(batch)
-            self._check_targets(y, self._batch_size(x))
+        for x, y in self._checked_batches(loader, progress_bar, "fitting the EKFAC eigenvalues"):
             _, stats = self._batch_statistics(x, y, None)
             layers = [stats[self._kron[i]] for i in corrected]
             if isinstance(layers[0], SoftmaxStatistics):  # a softmax last layer, alone: no columns

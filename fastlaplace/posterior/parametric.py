@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -104,14 +104,19 @@ class ParametricLaplace(BaseLaplace):
             self._mean = self._current_weights()
             self._fitted = True
 
-    def _fit_pass(self, loader: Iterable, progress_bar: bool | None, generator: torch.Generator | None = None) -> None:
-        """One pass over the loader: each batch's statistics go to ``_update_curvature``, its loss is added."""
+    def _checked_batches(self, loader: Iterable, progress_bar: bool | None, description: str) -> Iterator[tuple]:
+        """The loader's batches as checked ``(x, y)``, under a progress bar (by default for 50 batches or more)."""
         if progress_bar is None:
             progress_bar = hasattr(loader, "__len__") and len(loader) >= 50
-        batches = 0
-        for batch in tqdm(loader, desc="fitting the Laplace curvature", disable=not progress_bar):
+        for batch in tqdm(loader, desc=description, disable=not progress_bar):
             x, y = self._split_batch(batch)
             self._check_targets(y, self._batch_size(x))
+            yield x, y
+
+    def _fit_pass(self, loader: Iterable, progress_bar: bool | None, generator: torch.Generator | None = None) -> None:
+        """One pass over the loader: each batch's statistics go to ``_update_curvature``, its loss is added."""
+        batches = 0
+        for x, y in self._checked_batches(loader, progress_bar, "fitting the Laplace curvature"):
             output, stats = self._batch_statistics(x, y, generator)
             self._check_outputs(output, y)
             self.loss += float(self._summed_loss(output, y))
