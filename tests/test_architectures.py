@@ -124,6 +124,30 @@ def test_kron_and_low_rank_fit_tune_and_predict(name, structure, generator):
     assert torch.isfinite(la.predictive_entropy(x)).all()
 
 
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_one_row_of_position_ids_for_the_batch_is_the_same_as_one_per_sample(structure, generator):
+    class BatchPositions(Transformer):
+        def __init__(self, per_sample: bool) -> None:
+            super().__init__()
+            self.per_sample = per_sample
+
+        def forward(self, ids):
+            positions = torch.arange(ids.shape[1])[None]  # (1, T), broadcast over the batch (GPT-2's default)
+            x = self.tokens(ids) + self.positions(positions.expand(ids.shape[0], -1) if self.per_sample else positions)
+            return self.head(self.norm(self.blocks(x))[:, -1])
+
+    ids = torch.randint(0, 7, (3, 5), generator=generator)
+    y = targets("classification", 3, generator=generator)
+    fits = []
+    for per_sample in (False, True):
+        torch.manual_seed(0)
+        la = Laplace(BatchPositions(per_sample).double(), "classification", "all", structure)
+        la.fit([(ids, y)])
+        fits.append((la.log_marginal_likelihood(), *la.functional_variance(ids)))
+    for shared, own in zip(*fits, strict=True):
+        torch.testing.assert_close(shared, own, rtol=1e-12, atol=1e-12)
+
+
 def test_a_layer_shared_by_the_batch_is_refused_by_name(generator):
     class SharedPositions(Transformer):
         def forward(self, ids):

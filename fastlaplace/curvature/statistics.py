@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -287,6 +287,13 @@ def all_finite(tensor: Tensor) -> bool:
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
+def _batch_size(x: Tensor | Mapping) -> int:
+    """N of a model's inputs: a tensor's first dimension, or the largest first dimension in a dict of them."""
+    if isinstance(x, Tensor):
+        return x.shape[0]
+    return max((v.shape[0] for v in x.values() if isinstance(v, Tensor) and v.dim() > 0), default=0)
+
+
 def _input_dims(module: nn.Module) -> tuple[int, ...]:
     """The input dimensions the (possibly subclassed) supported module accepts; a Conv1D's are a Linear's."""
     return next((dims for t, dims in INPUT_DIMS.items() if isinstance(module, t)), INPUT_DIMS[nn.Linear])
@@ -322,6 +329,7 @@ def backpropagate_columns(
     """
     layers = supported_layers(model) if layers is None else layers
     captured: dict[str, tuple[Tensor, Tensor]] = {}
+    size = _batch_size(x)
 
     def capture(name):
         def hook(module, inputs, output):
@@ -330,7 +338,15 @@ def backpropagate_columns(
                     f"layer {name!r} ran more than once in one forward (a layer reused or a weight shared across "
                     "calls); its curvature is not supported: freeze it (requires_grad=False)"
                 )
-            captured[name] = (inputs[0], output)
+            ids = inputs[0]
+            if isinstance(module, nn.Embedding) and ids.dim() > 1 and ids.shape[0] == 1 < size:
+                # One row of ids for the whole batch (GPT-2's position ids, arange(T)[None]): its output is
+                # broadcast over the batch. Broadcast it here instead (the same values downstream), so that
+                # each sample's gradient reaches its own copy and the layer gets per-sample curvature.
+                ids, output = ids.expand(size, *ids.shape[1:]), output.expand(size, *output.shape[1:])
+                captured[name] = (ids, output)
+                return output
+            captured[name] = (ids, output)
 
         return hook
 
