@@ -175,6 +175,23 @@ def test_setters_refuse_out_of_range_values(structure):
         _assert_unchanged(la, before)
 
 
+@pytest.mark.parametrize("structure", ["diag", "kron", "gp"])
+def test_a_prior_or_noise_that_is_not_a_number_is_named(structure):
+    la = _fitted(structure, "regression")
+    before = _answers(la)
+    for call, name in (
+        (lambda: setattr(la, "prior_precision", "1.0"), "prior_precision"),
+        (lambda: la.log_marginal_likelihood("a"), "prior_precision"),
+        (lambda: setattr(la, "sigma_noise", "0.5"), "sigma_noise"),
+        (lambda: la.log_marginal_likelihood(None, [0.5, "x"]), "sigma_noise"),
+    ):
+        with pytest.raises(TypeError, match=f"{name} must be a number or a tensor, got"):
+            call()
+        _assert_unchanged(la, before)
+    with pytest.raises(TypeError, match="prior_precision must be a number or a tensor, got str"):
+        _posterior("kron", prior_precision="1")
+
+
 def test_a_zero_prior_that_makes_the_full_posterior_singular_is_refused():
     la = _posterior("full")
     x, y = _data("classification")

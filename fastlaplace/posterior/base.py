@@ -62,6 +62,14 @@ POSTERIOR_LIKELIHOODS = (*LIKELIHOODS, "reward_modeling")
 GAUSSIAN_OUTPUTS = ("regression", "heteroscedastic_regression")
 
 
+def _numeric(value: float | Tensor, name: str, **to) -> Tensor:
+    """``torch.as_tensor(value, **to)``, or a TypeError naming ``name`` for a value that is not numeric."""
+    try:
+        return torch.as_tensor(value, **to)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__} {value!r:.60}") from error
+
+
 def _finite_moments(mean: Tensor, spread: Tensor) -> tuple[Tensor, Tensor]:
     """The GLM's mean and (co)variance, refused when the (co)variance overflowed its dtype."""
     if not all_finite(spread):
@@ -171,7 +179,7 @@ class BaseLaplace(ABC):
     def _checked_sigma(self, value: float | Tensor) -> Tensor:
         """σ as a tensor of the posterior's dtype, checked: positive, finite, a scalar or ``(C,)`` for regression."""
         # float64 first: a Python float must not be rounded to float32 on its way to a float64 model
-        sigma = torch.as_tensor(value, dtype=torch.float64 if not isinstance(value, Tensor) else None)
+        sigma = _numeric(value, "sigma_noise", dtype=torch.float64 if not isinstance(value, Tensor) else None)
         sigma = sigma.to(dtype=self.dtype, device=self.device)
         if sigma.dim() > 1 or (sigma.dim() == 1 and self.likelihood != "regression"):
             raise ValueError(
@@ -225,7 +233,7 @@ class BaseLaplace(ABC):
         self._prior_precision, self._prior_version = prior, prior._version
 
     def _checked_prior(self, value: float | Tensor, edited: bool = False) -> Tensor:
-        value = torch.as_tensor(value, dtype=self.dtype, device=self.device)
+        value = _numeric(value, "prior_precision", dtype=self.dtype, device=self.device)
         layers, parameters = len(self.layers), sum(self.layer_sizes())
         value = value.expand(layers) if value.dim() == 0 else value
         allowed = [(layers,)] + ([(parameters,)] if self.supports_prior_per_parameter else [])
