@@ -95,6 +95,16 @@ def test_fit_refuses_bad_batches_and_keeps_the_earlier_fit(structure, likelihood
         assert la.num_data == N, name
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+@pytest.mark.parametrize("structure", ["diag", "kron", "gp"])
+def test_class_labels_of_any_integer_dtype_fit_as_int64_labels(structure, dtype):
+    expected = _answers(_fitted(structure))
+    la = _posterior(structure)
+    x, y = _data("classification")
+    la.fit([(x[:6], y[:6].to(dtype)), (x[6:], y[6:].to(dtype))])
+    _assert_unchanged(la, expected)
+
+
 @pytest.mark.parametrize("structure", STRUCTURES)
 def test_a_failed_first_fit_leaves_the_posterior_unfitted(structure):
     la = _posterior(structure)

@@ -59,6 +59,8 @@ def cpu_multiplies_natively(dtype: torch.dtype) -> bool:
 #: and heteroscedastic regression (the model outputs means and log-variances)
 POSTERIOR_LIKELIHOODS = (*LIKELIHOODS, "reward_modeling")
 #: likelihoods whose predictive is a Gaussian over the outputs f
+#: integer label dtypes read as int64 class indices
+_NARROW_INTEGERS = (torch.int8, torch.int16, torch.int32, torch.uint8)
 GAUSSIAN_OUTPUTS = ("regression", "heteroscedastic_regression")
 
 
@@ -369,6 +371,8 @@ class BaseLaplace(ABC):
             raise ValueError("a batch has no samples: the loader yielded an empty batch")
         if any(v.is_floating_point() and not bool(torch.isfinite(v).all()) for v in inputs):
             raise ValueError("a batch's inputs contain NaN or Inf")
+        if self._likelihood(True) == "classification" and y.dtype in _NARROW_INTEGERS:
+            y = y.long()  # torch's losses read int64 class indices; int32 labels (numpy's default on Windows) are common
         return self._to_device(x), y.to(self.device)
 
     def _check_targets(self, y: Tensor, n: int) -> None:
