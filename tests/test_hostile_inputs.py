@@ -282,6 +282,23 @@ def test_prior_tuning_refuses_bad_arguments_and_keeps_the_prior(structure):
         _assert_unchanged(la, before)
 
 
+@pytest.mark.parametrize("structure", ["diag", "gp"])
+def test_prior_tuning_names_a_mistyped_argument_for_any_likelihood(structure):
+    la = _fitted(structure, "regression")
+    before = _answers(la)
+    x, y = _data("regression", seed=3)
+    cases = [
+        ({"method": "marglik", "lr": "0.1"}, ValueError, "lr must be positive and finite, got '0.1'"),
+        ({"method": "gridsearch", "val_loader": [(x, y)], "grid": 3.0}, TypeError, "grid must be an iterable of"),
+        ({"method": "gridsearch", "val_loader": [(x, y)], "grid": ["a"]}, TypeError, "grid must be an iterable of"),
+        ({"method": "gridsearch", "val_loader": [(x, y)], "link_approx": "exact"}, ValueError, "link_approx must be"),
+    ]
+    for arguments, error, message in cases:
+        with pytest.raises(error, match=message):
+            la.optimize_prior_precision(**arguments)
+        _assert_unchanged(la, before)
+
+
 def test_a_grid_without_a_finite_score_keeps_the_prior(monkeypatch):
     la = _fitted("kron")
     before = _answers(la)
@@ -334,9 +351,10 @@ def test_load_state_dict_refuses_tampered_states_and_keeps_the_old_posterior(str
 # ---------------------------------------------------------------------- predictives and samples
 
 
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
 @pytest.mark.parametrize("structure", STRUCTURES)
-def test_predictives_refuse_bad_arguments(structure):
-    la = _fitted(structure)
+def test_predictives_refuse_bad_arguments(structure, likelihood):
+    la = _fitted(structure, likelihood)
     before = _answers(la)
     x, _ = _data("classification")
     with pytest.raises(ValueError, match="n_samples must be a positive integer"):
@@ -351,6 +369,8 @@ def test_predictives_refuse_bad_arguments(structure):
         la(x.numpy())
     with pytest.raises(ValueError, match="pred_type='exact' is not available"):
         la(x, pred_type="exact")
+    with pytest.raises(ValueError, match="link_approx must be 'probit', 'bridge', 'bridge_norm' or 'mc', got 'probitt'"):
+        la(x, link_approx="probitt")
     if structure != "gp":
         with pytest.raises(ValueError, match="n_samples must be a positive integer"):
             la.sample(0)

@@ -59,6 +59,8 @@ def cpu_multiplies_natively(dtype: torch.dtype) -> bool:
 #: and heteroscedastic regression (the model outputs means and log-variances)
 POSTERIOR_LIKELIHOODS = (*LIKELIHOODS, "reward_modeling")
 #: likelihoods whose predictive is a Gaussian over the outputs f
+#: the ``link_approx`` values of a classification GLM predictive
+LINK_APPROXES = ("probit", "bridge", "bridge_norm", "mc")
 #: integer label dtypes read as int64 class indices
 _NARROW_INTEGERS = (torch.int8, torch.int16, torch.int32, torch.uint8)
 GAUSSIAN_OUTPUTS = ("regression", "heteroscedastic_regression")
@@ -319,6 +321,12 @@ class BaseLaplace(ABC):
         return self._to_device(x)
 
     @staticmethod
+    def _check_link_approx(link_approx: str) -> None:
+        """Refuse an unknown ``link_approx`` for every likelihood (regression ignores a valid one, as laplace-torch)."""
+        if link_approx not in LINK_APPROXES:
+            raise ValueError(f"link_approx must be 'probit', 'bridge', 'bridge_norm' or 'mc', got {link_approx!r}")
+
+    @staticmethod
     def _check_sampling(n_samples: int, generator: torch.Generator | None) -> None:
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
@@ -511,10 +519,11 @@ class BaseLaplace(ABC):
         if method == "marglik":
             if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
                 raise ValueError(f"n_steps must be a positive integer, got {n_steps!r}")
-            if not 0 < lr < math.inf:
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
                 raise ValueError(f"lr must be positive and finite, got {lr!r}")
             self.prior_precision = self._evidence_maximiser(n_steps, lr)
             return
+        self._check_link_approx(link_approx)
         candidates = self._checked_grid(val_loader, grid)
         with self._unchanged_on_failure():
             losses = []
@@ -553,7 +562,10 @@ class BaseLaplace(ABC):
             raise ValueError(
                 "method='gridsearch' reads val_loader once per grid value: pass a DataLoader or a list, not an iterator"
             )
-        candidates = torch.logspace(-4, 4, 21).tolist() if grid is None else [float(v) for v in grid]
+        try:
+            candidates = torch.logspace(-4, 4, 21).tolist() if grid is None else [float(v) for v in grid]
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"grid must be an iterable of prior precisions (floats), got {grid!r:.60}") from error
         if not candidates:
             raise ValueError("grid is empty: give at least one prior precision")
         if not all(0 < v < math.inf for v in candidates):
@@ -668,6 +680,7 @@ class BaseLaplace(ABC):
             log-variances); :meth:`predict` gives the targets' mean and std.
         """
         self._check_sampling(n_samples, generator)
+        self._check_link_approx(link_approx)
         if pred_type not in self.pred_types:
             raise ValueError(
                 f"pred_type={pred_type!r} is not available for {type(self).__name__}; choose one of {self.pred_types}"
@@ -684,11 +697,9 @@ class BaseLaplace(ABC):
             return mean, cov
         if link_approx in ("bridge", "bridge_norm"):
             return laplace_bridge(mean, cov, normalise=link_approx == "bridge_norm")
-        if link_approx == "mc":
-            if diagonal_output:
-                cov = torch.diag_embed(cov.diagonal(dim1=1, dim2=2))
-            return sampled_softmax(mean, cov, n_samples, generator).mean(0)
-        raise ValueError(f"link_approx must be 'probit', 'bridge', 'bridge_norm' or 'mc', got {link_approx!r}")
+        if diagonal_output:  # link_approx == "mc"
+            cov = torch.diag_embed(cov.diagonal(dim1=1, dim2=2))
+        return sampled_softmax(mean, cov, n_samples, generator).mean(0)
 
     def _target_moments(
         self, x: Tensor, pred_type: str = "glm", n_samples: int = 100, generator: torch.Generator | None = None

@@ -189,6 +189,7 @@ class ParametricLaplace(BaseLaplace):
             :meth:`BaseLaplace.__call__`.
         """
         if pred_type == "nn":
+            self._check_link_approx(link_approx)
             return self._sampled_network_predictive(x, n_samples, generator, self._likelihood(fitting))
         return super().__call__(x, pred_type, joint, link_approx, n_samples, diagonal_output, generator, fitting)
 
