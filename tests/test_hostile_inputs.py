@@ -369,7 +369,9 @@ def test_predictives_refuse_bad_arguments(structure, likelihood):
         la(x.numpy())
     with pytest.raises(ValueError, match="pred_type='exact' is not available"):
         la(x, pred_type="exact")
-    with pytest.raises(ValueError, match="link_approx must be 'probit', 'bridge', 'bridge_norm' or 'mc', got 'probitt'"):
+    with pytest.raises(
+        ValueError, match="link_approx must be 'probit', 'bridge', 'bridge_norm' or 'mc', got 'probitt'"
+    ):
         la(x, link_approx="probitt")
     if structure != "gp":
         with pytest.raises(ValueError, match="n_samples must be a positive integer"):

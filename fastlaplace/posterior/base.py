@@ -380,7 +380,7 @@ class BaseLaplace(ABC):
         if any(v.is_floating_point() and not bool(torch.isfinite(v).all()) for v in inputs):
             raise ValueError("a batch's inputs contain NaN or Inf")
         if self._likelihood(True) == "classification" and y.dtype in _NARROW_INTEGERS:
-            y = y.long()  # torch's losses read int64 class indices; int32 labels (numpy's default on Windows) are common
+            y = y.long()  # torch's losses read int64 class indices; int32 labels are common
         return self._to_device(x), y.to(self.device)
 
     def _check_targets(self, y: Tensor, n: int) -> None:
