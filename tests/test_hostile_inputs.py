@@ -523,10 +523,11 @@ class _Idle(nn.Module):
         return self.head(x)
 
 
-@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
+@pytest.mark.parametrize("structure", ["kron", "diag", "full", "gp"])
 @pytest.mark.parametrize("model", [_ScaledHead, _LastRegisteredRunsFirst])
 def test_a_last_layer_that_does_not_produce_the_output_is_refused(structure, model):
-    la = Laplace(model().double(), "classification", "last_layer", structure)
+    options = {"n_subset": N} if structure == "gp" else {}
+    la = Laplace(model().double(), "classification", "last_layer", structure, **options)
     x, y = _data("classification")
     with pytest.raises(ValueError, match="does not produce the model's output"):
         la.fit([(x, y)])

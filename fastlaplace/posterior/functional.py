@@ -220,7 +220,7 @@ class FunctionalLaplace(BaseLaplace):
             for batch in self._subset_batches(loader):
                 x, y = self._split_batch(batch)
                 self._check_targets(y, self._batch_size(x))
-                output, stats = output_jacobians(self.model, x, self.layers)
+                output, stats = output_jacobians(self.model, x, self.layers, output_layer=self.last_layer_only)
                 if not bool(torch.isfinite(output).all()):
                     raise ValueError("the model's output contains NaN or Inf")
                 self._check_outputs(output, y)
