@@ -325,6 +325,11 @@ def _tampered_states(state: dict) -> dict[str, tuple[dict, str]]:
         "zero num_data": ({**state, "num_data": 0}, "num_data must be a positive integer"),
         "nan sigma": ({**state, "sigma_noise": torch.tensor(math.nan)}, "sigma_noise must be positive"),
         "other structure": ({**state, "structure": "Other"}, "the state is a Other"),
+        "curvature not a list": ({**state, "curvature": first}, "the state's curvature must be a list of tensors"),
+        "half-precision curvature": (
+            {**state, "curvature": [t.half() if t.is_floating_point() else t for t in state["curvature"]]},
+            r"the state's curvature must be float32 or float64 tensors, got torch.float16",
+        ),
     } | (
         {"negative curvature": ({**state, "curvature": [negative, *state["curvature"][1:]]}, "non-negative")}
         if state["structure"] in ("DiagLaplace", "KronLaplace", "FullLaplace")

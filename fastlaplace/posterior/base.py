@@ -799,7 +799,20 @@ class BaseLaplace(ABC):
             raise ValueError(f"the state's num_data must be a positive integer, got {num_data!r}")
         if not math.isfinite(state["loss"]):
             raise ValueError(f"the state's loss must be finite, got {state['loss']!r}")
-        curvature = [torch.as_tensor(t).to(self.device, copy=True) for t in state["curvature"]]
+        if not isinstance(state["curvature"], (list, tuple)) or not all(
+            isinstance(t, Tensor) for t in state["curvature"]
+        ):
+            raise ValueError(
+                f"the state's curvature must be a list of tensors, got {type(state['curvature']).__name__}"
+            )
+        half = [
+            t.dtype
+            for t in state["curvature"]
+            if t.is_floating_point() and t.dtype not in (torch.float32, torch.float64)
+        ]
+        if half:
+            raise ValueError(f"the state's curvature must be float32 or float64 tensors, got {half[0]}")
+        curvature = [t.to(self.device, copy=True) for t in state["curvature"]]
         self._check_curvature_values(curvature)
         prior = self._checked_prior(state["prior_precision"])
         with self._unchanged_on_failure():
