@@ -130,6 +130,11 @@ def marglik_training(
             )
 
         probe = posterior(torch.tensor(prior_prec_init), torch.tensor(sigma_noise_init))
+        if prior_structure == "diag" and not probe.supports_prior_per_parameter:
+            raise ValueError(
+                f"prior_structure='diag' needs a structure with a prior per parameter; "
+                f"hessian_structure={hessian_structure!r} takes one per layer: use 'layerwise' or 'scalar'"
+            )
         sizes = {"scalar": 1, "layerwise": len(probe.layers), "diag": sum(probe.layer_sizes())}[prior_structure]
         options = {"dtype": probe.dtype, "device": probe.device}
         log_prior = torch.full((sizes,), float(prior_prec_init), **options).log().requires_grad_(True)

@@ -424,6 +424,15 @@ def test_marglik_training_refuses_bad_hyperparameter_settings(option, value):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
 
 
+def test_marglik_training_names_a_per_parameter_prior_the_structure_cannot_take():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, 5), nn.Tanh(), nn.Linear(5, C)).double()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="prior_structure='diag' needs a structure with a prior per parameter"):
+        marglik_training(model, [_data("classification")], n_epochs=1, prior_structure="diag")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+
+
 def test_a_dense_factor_beyond_lapacks_32_bit_sizes_is_refused_by_name():
     from fastlaplace import ops
 

@@ -65,7 +65,7 @@ def test_bad_arguments_are_refused(generator):
     loader = [(torch.randn(4, 2), torch.tensor([0, 1, 2, 0]))]
     with pytest.raises(ValueError, match="prior_structure must be one of"):
         marglik_training(model, loader, prior_structure="blockwise")
-    with pytest.raises(ValueError, match="prior_precision must be a scalar or have one entry per layer"):
+    with pytest.raises(ValueError, match="prior_structure=.diag. needs a structure with a prior per parameter"):
         marglik_training(model, loader, hessian_structure="kron", prior_structure="diag", n_epochs=1)
 
 
