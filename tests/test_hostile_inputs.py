@@ -218,6 +218,21 @@ def test_the_factory_refuses_out_of_range_options(option, value):
         _posterior("kron", "regression", **{option: value})
 
 
+def test_the_factory_names_mistyped_indices_and_seeds():
+    model = nn.Sequential(nn.Linear(D, 5), nn.Tanh(), nn.Linear(5, C)).double()
+    with pytest.raises(TypeError, match="subnetwork_indices must be integers, got torch.float32"):
+        Laplace(model, "classification", "subnetwork", "full", subnetwork_indices=torch.tensor([0.0, 3.0]))
+    with pytest.raises(TypeError, match="seed must be an integer or None, got '7'"):
+        Laplace(model, "classification", "all", "gp", n_subset=4, seed="7")
+
+
+def test_the_preconditioner_refuses_a_negative_bucket_size():
+    from fastlaplace.optim import KFACPreconditioner
+
+    with pytest.raises(ValueError, match="bucket_mb must be a positive number of megabytes, got -1"):
+        KFACPreconditioner(_kfac_model(), bucket_mb=-1)
+
+
 @pytest.mark.parametrize("structure", STRUCTURES)
 def test_a_prior_edited_in_place_is_checked_when_next_read(structure):
     la = _fitted(structure)
@@ -323,6 +338,11 @@ def _tampered_states(state: dict) -> dict[str, tuple[dict, str]]:
         "negative prior": ({**state, "prior_precision": -state["prior_precision"]}, "non-negative"),
         "nan curvature": ({**state, "curvature": [nan, *state["curvature"][1:]]}, "NaN or Inf"),
         "zero num_data": ({**state, "num_data": 0}, "num_data must be a positive integer"),
+        "float num_outputs": ({**state, "num_outputs": 3.0}, "num_outputs must be a positive integer"),
+        "another output width": (
+            {**state, "num_outputs": 99},
+            r"num_outputs is 99, but this model's output width is 3",
+        ),
         "nan sigma": ({**state, "sigma_noise": torch.tensor(math.nan)}, "sigma_noise must be positive"),
         "other structure": ({**state, "structure": "Other"}, "the state is a Other"),
         "curvature not a list": ({**state, "curvature": first}, "the state's curvature must be a list of tensors"),
@@ -702,6 +722,7 @@ def test_a_glm_variance_that_overflows_float32_is_refused_not_flattened():
         ({"damping": lambda: -1.0}, "damping must be positive"),
         ({"kl_clip": lambda: math.nan}, "kl_clip must be positive"),
         ({"factor_decay": lambda: 1.5}, r"factor_decay must lie in \[0, 1\)"),
+        ({"lr": lambda: "0.1"}, "lr must return a number, got '0.1'"),
     ],
 )
 def test_a_kfac_step_with_a_bad_scheduled_setting_changes_nothing(options, message):

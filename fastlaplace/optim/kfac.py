@@ -25,8 +25,15 @@ BROADCASTS = ("eigen", "gradient")
 Schedule = float | Callable[[], float]
 
 
-def _value(setting: Schedule) -> float:
-    return float(setting()) if callable(setting) else float(setting)
+def _value(setting: Schedule, name: str) -> float:
+    """A setting's value now (a callable is called); a callable that returns no number is named."""
+    value = setting() if callable(setting) else setting
+    try:
+        if isinstance(value, (bool, str)):
+            raise TypeError
+        return float(value)  # a number, a NumPy scalar or a one-element tensor
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must return a number, got {value!r}") from None
 
 
 def _check_positive_int(value: object, name: str) -> int:
@@ -172,6 +179,8 @@ class KFACPreconditioner:
             _check_schedule(kl_clip, "kl_clip", 0.0)
         if not isinstance(lr, torch.optim.Optimizer):
             _check_schedule(lr, "lr", 0.0, low_open=False)
+        if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not 0 < bucket_mb < math.inf:
+            raise ValueError(f"bucket_mb must be a positive number of megabytes, got {bucket_mb!r}")
         self.damping = damping
         self.factor_update_steps = _check_positive_int(factor_update_steps, "factor_update_steps")
         self.inv_update_steps = _check_positive_int(inv_update_steps, "inv_update_steps")
@@ -350,7 +359,7 @@ class KFACPreconditioner:
                 f"layers {missing} ran no forward and backward with gradients enabled since the last step(); "
                 "call step() after loss.backward() (K-FAC updates its factors at this step)"
             )
-        decay = _value(self.factor_decay)
+        decay = _value(self.factor_decay, "factor_decay")
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"factor_decay must lie in [0, 1), got {decay}")
         for layer in self._layers:
@@ -446,14 +455,14 @@ class KFACPreconditioner:
 
     def _checked_damping(self) -> float:
         """δ, read now (a callable is called)."""
-        delta = _value(self.damping)
+        delta = _value(self.damping, "damping")
         if not delta > 0 or not math.isfinite(delta):
             raise ValueError(f"damping must be positive and finite, got {delta}")
         return delta
 
     def _checked_kl_clip(self) -> float:
         """The KL clip, read now (a callable is called)."""
-        clip = _value(self.kl_clip)
+        clip = _value(self.kl_clip, "kl_clip")
         if not clip > 0 or not math.isfinite(clip):
             raise ValueError(f"kl_clip must be positive and finite, got {clip}")
         return clip
@@ -539,7 +548,7 @@ class KFACPreconditioner:
         step that is taken within ``kl_clip``.
         """
         if not isinstance(self.lr, torch.optim.Optimizer):
-            return [_value(self.lr)] * len(self._layers)
+            return [_value(self.lr, "lr")] * len(self._layers)
         groups = self.lr.param_groups
         if self._groups is None or self._groups[0] != len(groups):  # which group holds each weight, cached
             where = {id(p): g for g, group in enumerate(groups) for p in group["params"]}

@@ -799,6 +799,13 @@ class BaseLaplace(ABC):
             raise ValueError(f"the state's num_data must be a positive integer, got {num_data!r}")
         if not math.isfinite(state["loss"]):
             raise ValueError(f"the state's loss must be finite, got {state['loss']!r}")
+        num_outputs = state["num_outputs"]
+        if isinstance(num_outputs, bool) or not isinstance(num_outputs, int) or num_outputs < 1:
+            raise ValueError(f"the state's num_outputs must be a positive integer, got {num_outputs!r}")
+        if self._fitted and num_outputs != self.num_outputs:  # the same model: its output width cannot change
+            raise ValueError(
+                f"the state's num_outputs is {num_outputs}, but this model's output width is {self.num_outputs}"
+            )
         if not isinstance(state["curvature"], (list, tuple)) or not all(
             isinstance(t, Tensor) for t in state["curvature"]
         ):

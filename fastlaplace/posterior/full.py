@@ -47,6 +47,8 @@ class FullLaplace(ParametricLaplace):
         self._selected = None
         if self.subnetwork_indices is not None:
             total = sum(self.layer_sizes())
+            if self.subnetwork_indices.is_floating_point() or self.subnetwork_indices.is_complex():
+                raise TypeError(f"subnetwork_indices must be integers, got {self.subnetwork_indices.dtype}")
             indices = self.subnetwork_indices.to(self.device).long()
             if indices.dim() != 1 or indices.numel() == 0 or indices.unique().numel() != indices.numel():
                 raise ValueError("subnetwork_indices must be a non-empty 1-D tensor of distinct indices")

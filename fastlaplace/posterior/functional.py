@@ -138,6 +138,8 @@ class FunctionalLaplace(BaseLaplace):
             raise ValueError("hessian_structure='gp' does not take a curvature_dtype")
         self.n_subset = n_subset
         self.independent_outputs = bool(independent_outputs)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an integer or None, got {seed!r}")
         self.seed = seed
         self.likelihood_hessian = likelihood_hessian
         super().__init__(model, likelihood, **kwargs)
