@@ -226,6 +226,14 @@ def test_the_factory_names_mistyped_indices_and_seeds():
         Laplace(model, "classification", "all", "gp", n_subset=4, seed="7")
 
 
+@pytest.mark.parametrize("structure", ["gp", "kron"])
+def test_a_model_without_a_class_dimension_is_named(structure):
+    model = nn.Sequential(nn.Linear(D, 1), nn.Flatten(0)).double()
+    la = Laplace(model, "classification", "all", structure, **({"n_subset": N} if structure == "gp" else {}))
+    with pytest.raises(ValueError, match=r"the model's output must be \(N, C\), got shape \(12,\)"):
+        la.fit([_data("classification")])
+
+
 def test_the_preconditioner_refuses_a_negative_bucket_size():
     from fastlaplace.optim import KFACPreconditioner
 

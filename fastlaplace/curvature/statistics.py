@@ -484,6 +484,8 @@ def output_jacobians(
     """
 
     def identity(out):
+        if out.dim() != 2:
+            raise ValueError(f"the model's output must be (N, C), got shape {tuple(out.shape)}")
         return torch.eye(out.shape[1], dtype=out.dtype, device=out.device).expand(out.shape[0], -1, -1)
 
     output, layers, inputs, grads = backpropagate_columns(
