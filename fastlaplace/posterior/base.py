@@ -59,11 +59,11 @@ def cpu_multiplies_natively(dtype: torch.dtype) -> bool:
 #: and heteroscedastic regression (the model outputs means and log-variances)
 POSTERIOR_LIKELIHOODS = (*LIKELIHOODS, "reward_modeling")
 #: likelihoods whose predictive is a Gaussian over the outputs f
+GAUSSIAN_OUTPUTS = ("regression", "heteroscedastic_regression")
 #: the ``link_approx`` values of a classification GLM predictive
 LINK_APPROXES = ("probit", "bridge", "bridge_norm", "mc")
 #: integer label dtypes read as int64 class indices
 _NARROW_INTEGERS = (torch.int8, torch.int16, torch.int32, torch.uint8)
-GAUSSIAN_OUTPUTS = ("regression", "heteroscedastic_regression")
 
 
 def _numeric(value: float | Tensor, name: str, **to) -> Tensor:
@@ -829,7 +829,7 @@ class BaseLaplace(ABC):
             self._reset_curvature()
             try:
                 self._restore_curvature(curvature, num_data)
-                self.num_data, self.num_outputs, self.loss = num_data, state["num_outputs"], state["loss"]
+                self.num_data, self.num_outputs, self.loss = num_data, num_outputs, state["loss"]
                 self.prior_precision = prior
                 self._mean = self._current_weights()
                 self._fitted = True
