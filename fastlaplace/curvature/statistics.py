@@ -344,9 +344,8 @@ def backpropagate_columns(
                 # broadcast over the batch. Broadcast it here instead (the same values downstream), so that
                 # each sample's gradient reaches its own copy and the layer gets per-sample curvature.
                 ids, output = ids.expand(size, *ids.shape[1:]), output.expand(size, *output.shape[1:])
-                captured[name] = (ids, output)
-                return output
             captured[name] = (ids, output)
+            return output  # the module's own output, or its broadcast
 
         return hook
 
