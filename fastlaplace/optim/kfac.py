@@ -268,13 +268,7 @@ class KFACPreconditioner:
             if self.steps % self.inv_update_steps == 0:
                 self.update_eigendecomposition()
             elif batch is not None:  # EKFAC's scales between two refreshes of the basis
-                held = [i for i, layer in enumerate(self._layers) if layer.basis is not None]
-                self.mode.update_scales(
-                    [self._layers[i] for i in held],
-                    [batch[0][i] for i in held],
-                    [batch[1][i] for i in held],
-                    batch[2],
-                )
+                self.mode.update_scales(self._layers, *batch)
             self._precondition(delta, kl)
         self.steps += 1
         self._arm_hooks()

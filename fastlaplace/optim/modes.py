@@ -90,7 +90,8 @@ class DampingMode(ABC):
         """Between two basis refreshes, blend one factor-update batch into the bases (a no-op but for EKFAC).
 
         ``weights[l]`` scales the batch's sums of layer l: ``(1 − β) / N`` times the conventions'
-        scales of its gradients and inputs, as its factors get.
+        scales of its gradients and inputs, as its factors get. Layers without a basis yet
+        (None) are left as they are.
         """
         return None  # the other modes' bases depend on the factors only
 
@@ -270,8 +271,9 @@ class EKFACDamping(EigenDamping):
 
         The scales are then averaged over the ranks (each rank's batch is its own).
         """
-        for weight in dict.fromkeys(weights):
-            chosen = [i for i, w in enumerate(weights) if w == weight]
+        held = [i for i, layer in enumerate(layers) if layer.basis is not None]
+        for weight in dict.fromkeys(weights[i] for i in held):
+            chosen = [i for i in held if weights[i] == weight]
             ops.ekfac_scales_(
                 [layers[i].basis.scales for i in chosen],
                 [statistics[i].patches() for i in chosen],
@@ -281,9 +283,9 @@ class EKFACDamping(EigenDamping):
                 weight=weight,
                 decay=decay,
             )
-        distributed.all_reduce_([layer.basis.scales for layer in layers], average=True)
-        for layer in layers:
-            layer.damped = None
+        distributed.all_reduce_([layers[i].basis.scales for i in held], average=True)
+        for i in held:
+            layers[i].damped = None
 
 
 def _with_kronecker_scales(basis: EigenBasis) -> EKFACBasis:
