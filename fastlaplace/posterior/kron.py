@@ -331,9 +331,9 @@ class KronLaplace(ParametricLaplace):
         ``J P⁻¹ Jᵀ`` of a Linear layer applied once per sample, P⁻¹'s eigenvalues any
         ``(d_G, d_A)`` matrix: what ``kron_predictive_variance`` fuses for products.
         """
-        weights = (s.patches()[:, 0].to(qa.dtype) @ qa).square() @ inverse.T  # (N, d_G)
-        rotated = s.output_grads.to(qa.dtype) @ qg  # (N, C, d_G)
-        return torch.einsum("ncj,nj,ndj->ncd", rotated, weights, rotated)
+        inputs, grads = KronLaplace._rotated_linear(s, qa, qg)
+        weights = inputs.square() @ inverse.T  # (N, d_G)
+        return torch.einsum("ncj,nj,ndj->ncd", grads, weights, grads)
 
     def _truncated_last_layer_features(self, s) -> Tensor:
         """``(N, d_A)`` a last layer's inputs (with the ones column), for the closed form; truncated layers are last."""
@@ -376,14 +376,18 @@ class KronLaplace(ParametricLaplace):
         total = 0
         for i, (s, inverse) in enumerate(zip((stats[k] for k in self._kron), self._inverse_eigenvalues(), strict=True)):
             if s.is_plain_linear:
-                inputs = s.patches()[:, 0].to(qa[i].dtype) @ qa[i]  # (N, d_A)
-                grads = s.output_grads.to(qa[i].dtype) @ qg[i]  # (N, C, d_G)
+                inputs, grads = self._rotated_linear(s, qa[i], qg[i])
                 pairs = torch.einsum("ni,mi,ji->nmj", inputs, inputs, inverse)
                 total = total + torch.einsum("ncj,nmj,mdj->ncmd", grads, pairs, grads)
             else:
                 rotated = self._rotated_jacobian(s, qa[i], qg[i])
                 total = total + torch.einsum("ncji,ji,mdji->ncmd", rotated, inverse, rotated)
         return total + self._special_covariance(stats, joint=True)
+
+    @staticmethod
+    def _rotated_linear(s, qa: Tensor, qg: Tensor) -> tuple[Tensor, Tensor]:
+        """A once-per-sample Linear layer's rotated inputs ``(N, d_A)`` and output Jacobians ``(N, C, d_G)``."""
+        return s.patches()[:, 0].to(qa.dtype) @ qa, s.output_grads.to(qa.dtype) @ qg
 
     @staticmethod
     def _rotated_jacobian(s, qa, qg) -> Tensor:
