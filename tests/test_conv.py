@@ -7,6 +7,7 @@ from torch import nn
 
 from fastlaplace import Laplace
 from fastlaplace.curvature import DiagCurvature, layer_statistics
+from fastlaplace.posterior import shared_weights
 
 
 @pytest.mark.parametrize("likelihood", ["classification", "regression"])
@@ -55,9 +56,12 @@ def test_kron_of_a_conv_with_one_output_location_is_exact_for_one_datum(generato
     torch.testing.assert_close(conv_block, dense[:size, :size])
 
 
-def test_kron_glm_covariance_of_a_cnn_equals_its_dense_form(generator):
-    model = tiny_cnn(5)
-    x = torch.randn(5, 2, 5, 5, dtype=torch.float64, generator=generator)
+@pytest.mark.parametrize("image", [5, 7])  # 7: more locations (25) than C d_G (9), the patch sum rotated after
+@pytest.mark.parametrize("locations_per_class", [0, 100])  # through the rotated Jacobian / the location kernel
+def test_kron_glm_covariance_of_a_cnn_equals_its_dense_form(image, locations_per_class, generator, monkeypatch):
+    monkeypatch.setattr(shared_weights, "LOCATIONS_PER_CLASS", locations_per_class)
+    model = tiny_cnn(image)
+    x = torch.randn(5, 2, image, image, dtype=torch.float64, generator=generator)
     la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron", prior_precision=0.5)
     la.fit([(x, targets("classification", 5, generator=generator))])
     c = la.curvature
@@ -65,13 +69,13 @@ def test_kron_glm_covariance_of_a_cnn_equals_its_dense_form(generator):
         torch.kron(g, a) / (c.num_data * locations)
         for a, g, locations in zip(c.input_factors, c.output_factors, c.locations, strict=True)
     ]
-    assert c.locations == [9, 1]
+    assert c.locations == [(image - 2) ** 2, 1]
     precision = torch.block_diag(*blocks) + 0.5 * torch.eye(sum(layer_sizes(model)), dtype=torch.float64)
-    x_test = torch.randn(2, 2, 5, 5, dtype=torch.float64, generator=generator)
+    x_test = torch.randn(2, 2, image, image, dtype=torch.float64, generator=generator)
     jac = augmented_jacobian(model, x_test)
-    torch.testing.assert_close(
-        la.functional_variance(x_test)[1], jac @ torch.linalg.solve(precision, jac.transpose(1, 2))
-    )
+    expected = jac @ torch.linalg.solve(precision, jac.transpose(1, 2))
+    torch.testing.assert_close(la.functional_variance(x_test)[1], expected)
+    torch.testing.assert_close(la.functional_variance_diagonal(x_test)[1], expected.diagonal(dim1=1, dim2=2))
 
 
 def test_grouped_convolution_is_refused_by_name():

@@ -277,17 +277,26 @@ class KronLaplace(ParametricLaplace):
         The output Jacobians at every layer of a convnet take about ``C`` times its
         activations: chunks bound that memory (a dict batch goes whole).
         """
-        if not isinstance(x, Tensor) or x.shape[0] <= PREDICTIVE_CHUNK:
-            return super().functional_variance(x)
-        means, covariances = [], []
-        for part in x.split(PREDICTIVE_CHUNK):
-            mean, covariance = super().functional_variance(part)
-            means.append(mean)
-            covariances.append(covariance)
-        return torch.cat(means), torch.cat(covariances)
+        return self._in_chunks(x, super().functional_variance)
 
-    def _jacobian_covariance(self, stats) -> Tensor:
+    def _in_chunks(self, x: Tensor, moments) -> tuple[Tensor, Tensor]:
+        """``moments(x)`` (mean and variances) over chunks of :data:`PREDICTIVE_CHUNK` inputs, concatenated."""
+        if not isinstance(x, Tensor) or x.shape[0] <= PREDICTIVE_CHUNK:
+            return moments(x)
+        means, variances = zip(*(moments(part) for part in x.split(PREDICTIVE_CHUNK)), strict=True)
+        return torch.cat(means), torch.cat(variances)
+
+    def _variances(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(N, C)`` mean and the diagonal of ``J P⁻¹ Jᵀ``, without its off-diagonal products."""
+        self._require_fit()
+        output, stats = self._output_jacobians(x)
+        return output, self._jacobian_covariance(stats, diagonal=True)
+
+    def _jacobian_covariance(self, stats, diagonal: bool = False) -> Tensor:
+        """``(N, C, C)`` ``Σ_l J_l P_l⁻¹ J_lᵀ``, or its ``(N, C)`` diagonal alone with ``diagonal``."""
         total = self._special_covariance(stats, joint=False)
+        if diagonal and isinstance(total, Tensor):
+            total = total.diagonal(dim1=1, dim2=2)
         if not self._kron:
             return total
         qa, _, qg, _ = self.eigendecomposition()
@@ -301,7 +310,10 @@ class KronLaplace(ParametricLaplace):
         closed_form = [i for i in others if i in truncated or (self.last_layer_only and kron_stats[i].is_plain_linear)]
         for i in closed_form:
             features = self._truncated_last_layer_features(kron_stats[i]).to(qa[i].dtype)
-            total = total + truncated_kron.last_layer_covariance(features, qa[i], qg[i], inverses[i], delta[i])
+            if diagonal:
+                total = total + truncated_kron.last_layer_variances(features, qa[i], qg[i], inverses[i], delta[i])
+            else:
+                total = total + truncated_kron.last_layer_covariance(features, qa[i], qg[i], inverses[i], delta[i])
         if fused:
             total = total + ops.kron_predictive_variance(
                 [kron_stats[i].inputs for i in fused],
@@ -314,25 +326,30 @@ class KronLaplace(ParametricLaplace):
                 scale[fused],
                 delta[fused],
                 [kron_stats[i].has_bias for i in fused],
-                full_covariance=True,
+                full_covariance=not diagonal,
             )
         for i in (i for i in others if i not in closed_form):
             s = kron_stats[i]
             if s.is_plain_linear:
-                total = total + self._linear_covariance(s, qa[i], qg[i], inverses[i])
+                total = total + self._linear_covariance(s, qa[i], qg[i], inverses[i], diagonal)
             else:
-                total = total + shared_weight_covariance(s.location_grads(), s.patches(), qa[i], qg[i], inverses[i])
+                total = total + shared_weight_covariance(
+                    s.location_grads(), s.patches(), qa[i], qg[i], inverses[i], diagonal
+                )
         return total
 
     @staticmethod
-    def _linear_covariance(s, qa: Tensor, qg: Tensor, inverse: Tensor) -> Tensor:
+    def _linear_covariance(s, qa: Tensor, qg: Tensor, inverse: Tensor, diagonal: bool = False) -> Tensor:
         """``(N, C, C)`` ``Σ_j w_nj (B Q_G)_{:,j} (B Q_G)_{:,j}ᵀ`` with ``w_nj = Σ_i (Q_Aᵀ a_n)_i² inverse_ji``.
 
         ``J P⁻¹ Jᵀ`` of a Linear layer applied once per sample, P⁻¹'s eigenvalues any
-        ``(d_G, d_A)`` matrix: what ``kron_predictive_variance`` fuses for products.
+        ``(d_G, d_A)`` matrix: what ``kron_predictive_variance`` fuses for products. Its
+        ``(N, C)`` diagonal alone with ``diagonal``.
         """
         inputs, grads = KronLaplace._rotated_linear(s, qa, qg)
         weights = inputs.square() @ inverse.T  # (N, d_G)
+        if diagonal:
+            return torch.einsum("ncj,nj,ncj->nc", grads, weights, grads)
         return torch.einsum("ncj,nj,ndj->ncd", grads, weights, grads)
 
     def _truncated_last_layer_features(self, s) -> Tensor:
@@ -345,9 +362,9 @@ class KronLaplace(ParametricLaplace):
         return s.patches()[:, 0]
 
     def functional_variance_diagonal(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(N, C)`` mean and GLM variances; for a last layer one GEMM with the factors, no ``(N, C, C)`` tensor."""
+        """``(N, C)`` mean and GLM variances, no ``(N, C, C)`` tensor; for a last layer one GEMM with the factors."""
         if not self.last_layer_only:
-            return super().functional_variance_diagonal(x)
+            return self._in_chunks(x, self._variances)
         self._require_fit()
         name, module = self.layers[0]
         output, features, is_output = layer_forward(
