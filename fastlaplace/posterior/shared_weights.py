@@ -42,16 +42,23 @@ def shared_weight_covariance(
     through_kernel = locations <= LOCATIONS_PER_CLASS * classes
     entries = locations * locations * sum(inverse.shape) if through_kernel else classes * inverse.numel()
     chunk = max(1, ROTATED_JACOBIAN_BYTES // (entries * inverse.element_size()))
-    products = _through_location_kernel if through_kernel else _through_rotated_jacobian
+    # One buffer for every chunk: a fresh allocation of this size is page-faulted in again each time.
+    buffer = None if through_kernel else qa.new_empty(min(chunk, n), classes * inverse.shape[0], inverse.shape[1])
     parts = []
     for start in range(0, n, chunk):
         grads = location_grads[start : start + chunk].to(qa.dtype) @ qg  # (n, C, L, d_G)
-        parts.append(products(grads, patches[start : start + chunk].to(qa.dtype), qa, inverse, diagonal))
+        u = patches[start : start + chunk].to(qa.dtype)
+        if through_kernel:
+            parts.append(_through_location_kernel(grads, u, qa, inverse, diagonal))
+        else:
+            parts.append(_through_rotated_jacobian(grads, u, qa, inverse, diagonal, buffer[: grads.shape[0]]))
     return torch.cat(parts)
 
 
-def _through_rotated_jacobian(grads: Tensor, patches: Tensor, qa: Tensor, inverse: Tensor, diagonal: bool) -> Tensor:
-    """``J̃_c`` scaled in place by ``√W``, then reduced by one batched GEMM (or its row norms).
+def _through_rotated_jacobian(
+    grads: Tensor, patches: Tensor, qa: Tensor, inverse: Tensor, diagonal: bool, out: Tensor
+) -> Tensor:
+    """``J̃_c`` formed in ``out`` ``(n, C d_G, d_A)``, scaled in place by ``√W``, then reduced by one batched GEMM.
 
     The patches are rotated before the sum over locations, or the ``(C d_G, d_A)`` sum
     after it, whichever costs fewer flops (``L d_A²`` against ``C d_G d_A²``).
@@ -59,22 +66,23 @@ def _through_rotated_jacobian(grads: Tensor, patches: Tensor, qa: Tensor, invers
     n, classes, locations, d_g = grads.shape
     grads = grads.transpose(2, 3).reshape(n, classes * d_g, locations)
     if classes * d_g < locations:
-        rotated = (grads @ patches) @ qa
+        torch.matmul(grads @ patches, qa, out=out)
     else:
-        rotated = grads @ (patches @ qa)  # (n, C d_G, d_A)
-    rotated = rotated.view(n, classes, -1).mul_(inverse.sqrt().flatten())
+        torch.bmm(grads, patches @ qa, out=out)
+    rotated = out.view(n, classes, -1).mul_(inverse.sqrt().flatten())
     if diagonal:
         return rotated.square_().sum(-1)
     return torch.bmm(rotated, rotated.transpose(1, 2))
 
 
 def _through_location_kernel(grads: Tensor, patches: Tensor, qa: Tensor, inverse: Tensor, diagonal: bool) -> Tensor:
-    """``K_pqj`` by one GEMM of the ``(n L², d_A)`` patch products with ``Wᵀ``, then contracted with ``B̃``."""
+    """``K_pqj`` for the pairs ``p ≤ q`` (it is symmetric) by one GEMM with ``Wᵀ``, then contracted with ``B̃``."""
     n, _, locations, d_g = grads.shape
-    rotated = patches @ qa  # (n, L, d_A)
-    pairs = rotated.unsqueeze(2) * rotated.unsqueeze(1)  # (n, L, L, d_A)
-    kernel = (pairs.flatten(0, 2) @ inverse.T).view(n, locations, locations, d_g)
-    weighted = torch.einsum("ncpj,npqj->ncqj", grads, kernel)
+    rotated = (patches.reshape(-1, patches.shape[-1]) @ qa).view(n, locations, -1)  # (n, L, d_A)
+    first, second = torch.triu_indices(locations, locations, device=qa.device)
+    kernel = ((rotated[:, first] * rotated[:, second]).flatten(0, 1) @ inverse.T).view(n, -1, d_g)  # (n, P, d_G)
+    kernel[:, first != second] *= 2  # each off-diagonal pair stands for (p, q) and (q, p)
     if diagonal:
-        return (weighted * grads).sum((2, 3))
-    return torch.einsum("ncqj,neqj->nce", weighted, grads)
+        return torch.einsum("ncpj,npj,ncpj->nc", grads[:, :, first], kernel, grads[:, :, second])
+    half = torch.einsum("ncpj,npj,nepj->nce", grads[:, :, first], kernel, grads[:, :, second])
+    return (half + half.transpose(1, 2)) / 2
