@@ -9,11 +9,17 @@ allocation is estimated first and refused above :data:`MEMORY_LIMIT_GIB`.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
+from torch import Tensor, nn
+
+from fastlaplace.curvature.model_io import call_model
 
 #: the largest single allocation (GiB) the fit and the predictive make before refusing; set it to allow more
 MEMORY_LIMIT_GIB = 8.0
+#: the curvature columns of one pass of a fit hold at most about this many bytes (batches are split to fit)
+CURVATURE_PASS_BYTES = 256 << 20
 
 
 class AllocationTooLargeError(MemoryError):
@@ -38,3 +44,26 @@ def check_allocation(what: str, shape: tuple[int, ...], dtype: torch.dtype, reme
             f"{what} would need {gib:.1f} GiB ({tuple(shape)} {dtype}), more than "
             f"fastlaplace.curvature.memory.MEMORY_LIMIT_GIB = {MEMORY_LIMIT_GIB:g}; {remedy}"
         )
+
+
+def column_bytes_per_sample(model: nn.Module, x: Tensor | Mapping, modules: list[nn.Module]) -> int:
+    """An upper bound on the bytes of one sample's backpropagated curvature columns.
+
+    One forward of the batch's first sample (no autograd, the random state restored)
+    measures the output of each of ``modules`` that is not the model's output (those are
+    the ones a backward reaches); each holds at most ``C`` columns, ``C`` the model's
+    outputs. 0 for a dict batch.
+    """
+    if not isinstance(x, Tensor):
+        return 0
+    outputs: list[Tensor] = []
+    handles = [m.register_forward_hook(lambda m, i, out: outputs.append(out)) for m in modules]
+    cuda = [x.device] if x.device.type == "cuda" else []
+    try:  # the probe leaves the random state (dropout) as it found it
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            logits = call_model(model, x[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    inner = sum(out[:1].numel() * out.element_size() for out in outputs if out is not logits)
+    return logits.shape[-1] * inner

@@ -1,0 +1,68 @@
+"""A fit splits batches whose curvature columns would be too large, into parts that give the same posterior."""
+
+import pytest
+import torch
+from dense import targets
+from resnets import cifar_resnet18
+from torch import nn
+
+from fastlaplace import Laplace
+from fastlaplace.curvature import memory
+from fastlaplace.posterior.parametric import ParametricLaplace
+
+
+def counted_passes(monkeypatch) -> list[int]:
+    """The batch size of every curvature pass the fits below make."""
+    sizes = []
+    original = ParametricLaplace._batch_statistics
+
+    def counting(self, x, y, generator):
+        sizes.append(y.shape[0])
+        return original(self, x, y, generator)
+
+    monkeypatch.setattr(ParametricLaplace, "_batch_statistics", counting)
+    return sizes
+
+
+@pytest.mark.parametrize("structure", ["kron", "ekfac", "diag"])
+def test_a_resnet_fitted_in_parts_of_batches_equals_the_whole_batch_fit(structure, generator, monkeypatch):
+    model = cifar_resnet18(width=2, classes=3).double().eval()
+    x = torch.randn(7, 3, 32, 32, dtype=torch.float64, generator=generator)
+    y = targets("classification", 7, generator=generator)
+    sizes = counted_passes(monkeypatch)
+    posteriors = []
+    for budget in (1 << 40, 1):  # whole batches, then one sample per pass
+        monkeypatch.setattr(memory, "CURVATURE_PASS_BYTES", budget)
+        la = Laplace(model, "classification", subset_of_weights="all", hessian_structure=structure, prior_precision=2.0)
+        la.fit([(x[:5], y[:5]), (x[5:], y[5:])])
+        posteriors.append(la)
+    passes = 2 if structure == "ekfac" else 1
+    assert sizes == [5, 2] * passes + [1] * 7 * passes
+    whole, parts = posteriors
+    for got, want in zip(parts._curvature_tensors(), whole._curvature_tensors(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(parts.log_marginal_likelihood(), whole.log_marginal_likelihood())
+    assert parts.num_data == whole.num_data == 7
+    assert parts.loss == pytest.approx(whole.loss, rel=1e-12)
+
+
+def test_batch_norm_in_training_mode_and_a_last_layer_keep_whole_batches(generator, monkeypatch):
+    monkeypatch.setattr(memory, "CURVATURE_PASS_BYTES", 1)
+    sizes = counted_passes(monkeypatch)
+    x = torch.randn(6, 3, 32, 32, dtype=torch.float64, generator=generator)
+    y = targets("classification", 6, generator=generator)
+    training = cifar_resnet18(width=2, classes=3).double().train()  # batch statistics: the batch is one unit
+    Laplace(training, "classification", subset_of_weights="all", hessian_structure="kron").fit([(x, y)])
+    model = cifar_resnet18(width=2, classes=3).double().eval()
+    Laplace(model, "classification", subset_of_weights="last_layer", hessian_structure="diag").fit([(x, y)])
+    assert sizes == [6, 6]
+
+
+def test_column_estimate_is_c_times_the_inner_outputs_and_leaves_the_random_state(generator):
+    model = nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.5), nn.Tanh(), nn.Linear(5, 3)).train()
+    x = torch.randn(10, 4, generator=generator)
+    state = torch.get_rng_state()
+    per_sample = memory.column_bytes_per_sample(model, x, [model[0], model[3]])
+    assert per_sample == 3 * 5 * 4  # 3 outputs, columns at the first layer's 5 float32 outputs (the last is the output)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert memory.column_bytes_per_sample(model, {"x": x}, [model[0]]) == 0  # dict batches are not split
