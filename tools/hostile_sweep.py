@@ -897,7 +897,7 @@ def sweep_predictive(subset: str, structure: str, likelihood: str, dtype: torch.
             lambda: la(x, diagonal_output=True),
             expect="answer",
             oracle=lambda: (clean[0], clean[1].diagonal(dim1=1, dim2=2)),
-            rtol=1e-10,
+            rtol=1e-10 if dtype == torch.float64 else 1e-5,  # the variances alone: another float32 summation order
         )
         case(
             g,
