@@ -13,7 +13,7 @@ all-layer GLM predictives form full Jacobians and are timed on 16 inputs and rep
 Row resnet18 (``--models resnet18``): CIFAR ResNet-18 (BatchNorm, eval mode) on 512 images, kron over
 all weights; its fit is also given in plain epochs (forward, backward, SGD step on the same data) and
 its GLM predictive of 64 inputs in forwards of them. A laplace-torch job that fails is recorded with its error.
-Results: benchmarks/results/models_cpu.json and .md.
+Results: benchmarks/results/models_cpu.json and .md (models_cpu_<models>.* for a run of some ``--models``).
 """
 
 from __future__ import annotations
@@ -113,6 +113,7 @@ def plain_epoch_seconds(model: nn.Module, loader: list) -> float:
 
 
 JOBS = ("fit", "predictive", "marglik")
+MODELS = ["mlp", "cnn", "resnet18"]
 
 
 def main() -> None:
@@ -121,7 +122,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--no-laplace-torch", action="store_true", help="skip the laplace-torch side")
-    parser.add_argument("--models", nargs="+", default=["mlp", "cnn", "resnet18"], help="the models whose rows run")
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS, help="the models whose rows run")
     parser.add_argument("--peak-of", type=int, help=argparse.SUPPRESS)  # internal: job 3*case+k's peak, fresh process
     args = parser.parse_args()
     if args.peak_of is not None:
@@ -202,12 +203,19 @@ def main() -> None:
         "backend": ops.build_info(),
         "date": time.strftime("%Y-%m-%d"),
     }
-    json_path = args.out / f"models_cpu{'_quick' if args.quick else ''}.json"
+    subset = "" if args.models == MODELS else "_" + "_".join(args.models)  # a partial run keeps the full one's file
+    json_path = args.out / f"models_cpu{subset}{'_quick' if args.quick else ''}.json"
     json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    described = {
+        "mlp": f"MLP 784-256-256-10 on {samples} inputs",
+        "cnn": f"CNN (conv16-conv32-fc, max-pooling) on {samples} inputs",
+        "resnet18": f"CIFAR ResNet-18 (BatchNorm, eval mode) on 512 images, predictive of {RESNET_PREDICTIVE_INPUTS}",
+    }
+    command = "python benchmarks/bench_models.py" + ("" if not subset else " --models " + " ".join(args.models))
     lines = [
-        f"MLP 784-256-256-10 and CNN (conv16-conv32-fc), {samples} inputs, batches of {BATCH}, CPU "
-        f"{args.threads} threads, torch {torch.__version__} (`python benchmarks/bench_models.py`). Predictive: "
-        f"GLM probit of {BATCH} inputs. Peak: fastlaplace's job in a fresh process.",
+        f"{'; '.join(described[name] for name in args.models)}; batches of {BATCH}, CPU {args.threads} threads, "
+        f"torch {torch.__version__} (`{command}`). Predictive: GLM probit, times per {BATCH} inputs. "
+        "Peak: fastlaplace's job in a fresh process.",
         "",
         "| model | posterior | job | fastlaplace | peak | laplace-torch | speed-up |",
         "|---|---|---|---|---|---|---|",
