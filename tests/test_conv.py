@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from dense import augmented_jacobian, dense_ggn, layer_sizes, targets, tiny_cnn
+from dense import augmented_jacobian, dense_ggn, layer_sizes, output_hessians, targets, tiny_cnn
 from torch import nn
 
 from fastlaplace import Laplace
@@ -54,6 +54,21 @@ def test_kron_of_a_conv_with_one_output_location_is_exact_for_one_datum(generato
     size = layer_sizes(model)[0]
     conv_block = torch.kron(la.curvature.output_factors[0], la.curvature.input_factors[0])
     torch.testing.assert_close(conv_block, dense[:size, :size])
+
+
+@pytest.mark.parametrize("image", [3, 5])  # one location (d_out > 2 L: rows), 9 (blocks: channel_gram)
+def test_conv_output_factor_sums_the_ggn_of_every_location(image, generator):
+    """Expand's G of a conv: Σ_n Σ_l J_nlᵀ H_n J_nl, J_nl the Jacobian of the outputs w.r.t. location l's channels."""
+    model = tiny_cnn(image)
+    x = torch.randn(4, 2, image, image, dtype=torch.float64, generator=generator)
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
+    la.fit([(x, targets("classification", 4, generator=generator))])
+    pre_activation = model[0](x)
+    head = nn.Sequential(*model[1:])
+    jac = torch.func.vmap(torch.func.jacrev(lambda z: head(z.unsqueeze(0))[0]))(pre_activation)  # (N, C, d, H, W)
+    jac = jac.flatten(3)  # (N, C, d, L)
+    expected = torch.einsum("ncdl,nce,nefl->df", jac, output_hessians(model, x, "classification"), jac)
+    torch.testing.assert_close(la.curvature.output_factors[0], expected)
 
 
 @pytest.mark.parametrize("image", [5, 7])  # 7: more locations (25) than C d_G (9), the patch sum rotated after

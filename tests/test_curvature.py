@@ -196,3 +196,16 @@ def test_mc_samples_average_to_the_exact_output_curvature(likelihood):
     assert one.shape == (3, 4, 1)
     with pytest.raises(ValueError, match="mc_samples"):
         output_gradient_columns(output, None, likelihood, "ggn", mc_samples=2)
+
+
+@pytest.mark.parametrize("column_major", [True, False])  # a stacked batch of columns, or any (N, K, d, H, W)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_channel_gram_equals_the_gram_of_the_location_rows(column_major, dtype, monkeypatch, generator):
+    monkeypatch.setattr(accumulate, "CHANNEL_GRAM_BYTES", 5 * 5 * 4 * 3)  # chunks of 3 blocks: 4 parts of 10
+    shape = (2, 5, 5, 3, 4) if column_major else (5, 2, 5, 3, 4)
+    grads = torch.randn(shape, generator=generator).to(dtype)
+    grads = grads.transpose(0, 1) if column_major else grads
+    rows = grads.to(torch.float32).movedim(2, -1).reshape(-1, 5)  # (N K H W, d)
+    got = accumulate.channel_gram(grads, torch.float32)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, rows.T @ rows)

@@ -22,6 +22,9 @@ from fastlaplace.reference import accumulation_dtype
 GATHERED_ROWS = 2048
 #: The gathering buffers of all the factors of one curvature hold at most this many bytes.
 GATHER_BYTES = 16 << 20
+#: The batched Gram of channels-first output gradients holds at most this many bytes of
+#: per-block ``(d, d)`` products at a time.
+CHANNEL_GRAM_BYTES = 16 << 20
 
 
 class KronCurvature:
@@ -49,6 +52,8 @@ class KronCurvature:
     :data:`GATHERED_ROWS` rows (:data:`GATHER_BYTES` for all of them) and multiply the
     buffer when it is full, or when ``input_factors`` / ``output_factors`` are read: the
     same sums, fewer and deeper GEMMs. Batches with more rows than the buffer skip it.
+    The ``G`` of a Conv2d with at least half as many output locations as channels is summed
+    over its gradients' ``(d, L)`` blocks instead (:func:`channel_gram`): no rows at all.
 
     A factor of side above ``max_dense_factor`` is a :class:`SketchedFactor` (for
     ``factor_rank`` eigenpairs) instead of a dense tensor; a dense one larger than
@@ -139,7 +144,8 @@ class KronCurvature:
             else:
                 rows_a.append(s.inputs.reshape(-1, s.inputs.shape[-1]))
                 ones.append(s.has_bias)
-            rows_g.append(_as_rows(grads))
+            # None: the G of this layer is the batched Gram of its channels-first blocks (no rows).
+            rows_g.append(None if self._gram_by_blocks(i, s) else _as_rows(grads))
         n = statistics[0].inputs.shape[0]
         count = len(statistics)
         # F <- beta F + alpha (batch Gram): sums (beta = alpha = 1), or the EMA of per-datum averages.
@@ -163,7 +169,7 @@ class KronCurvature:
             if not self._add_outside_operator(key, rows[j], flags[j], alphas[j], beta, statistics)
         ]
         keys, rows, flags, alphas = ([v[j] for j in fused] for v in (keys, rows, flags, alphas))
-        if self.low_precision_products and rows_g[0].dtype in (torch.bfloat16, torch.float16):
+        if self.low_precision_products and statistics[0].output_grads.dtype in (torch.bfloat16, torch.float16):
             for key, g_rows, alpha in zip(keys, rows, alphas, strict=True):
                 if key >= count:
                     factor = self._factor(key)
@@ -234,8 +240,13 @@ class KronCurvature:
         beta: float,
         statistics: Sequence[LayerStatistics],
     ) -> bool:
-        """Add a sketched or closed-form factor's share of the batch; False for a factor of the fused operator."""
+        """Add a sketched, closed-form or block-Gram factor's share of the batch; False for a fused one."""
         count, factor = len(self.names), self._factor(key)
+        if rows is None:
+            if beta != 1.0:
+                factor.mul_(beta)
+            factor.add_(channel_gram(statistics[key - count].output_grads, factor.dtype), alpha=alpha)
+            return True
         if key >= count and isinstance(statistics[key - count], SoftmaxStatistics):
             probabilities = statistics[key - count].probabilities
             if isinstance(factor, SketchedFactor):
@@ -249,6 +260,17 @@ class KronCurvature:
             factor.add_gram(rows, append_ones, alpha, beta)
             return True
         return False
+
+    def _gram_by_blocks(self, i: int, s: LayerStatistics) -> bool:
+        """Whether layer s's G is summed from its ``(d, L)`` gradient blocks (:func:`channel_gram`).
+
+        Channels-first gradients would otherwise be copied into rows first; the blocks' batched
+        products run 1.5-4x faster than copy and GEMM while they are not much thinner than
+        deep (``L >= d / 2``; measured on 2 AVX2 cores, d from 16 to 512).
+        """
+        if not s.channels_first or self.kfac_approx == "reduce" or self.low_precision_products:
+            return False
+        return not isinstance(self._output_factors[i], SketchedFactor) and 2 * s.locations >= s.output_grads.shape[2]
 
     def _factor(self, key: int) -> Tensor:
         count = len(self.names)
@@ -300,6 +322,28 @@ class KronCurvature:
         self._filled: dict[int, int] = {}
         self._ones: dict[int, bool] = {}
         self._capacity: int | None = None
+
+
+def channel_gram(grads: Tensor, dtype: torch.dtype) -> Tensor:
+    """``Σ_{n,k} X_nk X_nkᵀ`` over the ``(d, L)`` blocks of channels-first gradients, with no transposing copy.
+
+    Args:
+        grads: ``(N, K, d, *spatial)`` the output gradients of a channels-first layer.
+        dtype: the accumulation dtype (each chunk is converted before its products).
+
+    Returns:
+        ``(d, d)`` in ``dtype``.
+    """
+    d = grads.shape[2]
+    if grads.transpose(0, 1).is_contiguous():  # a column-major batch of columns: its blocks, no copy
+        grads = grads.transpose(0, 1)
+    blocks = grads.reshape(-1, d, grads[0, 0, 0].numel())
+    chunk = max(1, CHANNEL_GRAM_BYTES // (d * d * torch.finfo(dtype).bits // 8))
+    gram = torch.zeros(d, d, dtype=dtype, device=grads.device)
+    for start in range(0, blocks.shape[0], chunk):
+        part = blocks[start : start + chunk].to(dtype)
+        gram += torch.bmm(part, part.mT).sum(0)
+    return gram
 
 
 def _as_rows(t: Tensor) -> Tensor:
