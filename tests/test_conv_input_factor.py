@@ -174,27 +174,29 @@ def test_channels_last_small_images_give_the_same_factor():
     torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-10)
 
 
-def rows_path_taken(factor, x, kernel, stride, padding, dilation, bias, alpha, beta) -> bool:
-    """Run the operator and say whether it took the rows path (horizontal patches stacked, no im2col)."""
+def shifts_path_taken(factor, x, kernel, stride, padding, dilation, bias, alpha, beta) -> bool:
+    """Run the operator and say whether it took the shifts path (padded images multiplied shifted, no im2col)."""
     with torch.profiler.profile() as profile:
         ops.conv_input_factor_(factor, x, kernel, stride, padding, dilation, bias, alpha, beta)
     names = {event.name for event in profile.events()}
-    return "aten::stack" in names and "aten::im2col" not in names
+    return "aten::constant_pad_nd" in names and "aten::im2col" not in names
 
 
 @pytest.mark.parametrize(
-    "shape, kernel, stride, padding, dilation",
+    "shape, kernel, padding, dilation",
     [
-        ((3, 4, 16, 16), (3, 3), (1, 1), (1, 1), (1, 1)),  # a ResNet's 3x3 "same" convolution
-        ((2, 3, 15, 11), (3, 3), (1, 1), (0, 0), (1, 1)),  # no padding, odd sizes
-        ((2, 3, 17, 9), (3, 2), (1, 2), (2, 0), (2, 1)),  # horizontal stride, padding wider than needed, dilation
-        ((2, 2, 25, 7), (5, 3), (1, 3), (3, 1), (2, 2)),  # tall kernel: border rows on both sides
-        ((2, 2, 12, 5), (2, 1), (1, 1), (1, 0), (3, 1)),  # dilated rows beyond the image at both ends
+        ((3, 4, 16, 16), (3, 3), (1, 1), (1, 1)),  # a ResNet's 3x3 "same" convolution
+        ((4, 16, 4, 4), (3, 3), (1, 1), (1, 1)),  # its last stage: every row and column a border one
+        ((2, 3, 15, 11), (3, 3), (0, 0), (1, 1)),  # no padding, odd sizes
+        ((2, 3, 17, 9), (3, 2), (2, 0), (2, 1)),  # padding wider than needed, dilation
+        ((2, 4, 25, 7), (5, 3), (3, 1), (2, 2)),  # tall kernel: border rows on both sides
+        ((2, 6, 12, 5), (2, 1), (1, 0), (3, 1)),  # dilated rows beyond the image at both ends
+        ((2, 6, 9, 1), (3, 1), (1, 0), (1, 1)),  # one column
     ],
 )
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("beta", [0.0, 0.5])
-def test_rows_path_matches_the_reference(shape, kernel, stride, padding, dilation, bias, beta):
+def test_shifts_path_matches_the_reference(shape, kernel, padding, dilation, bias, beta):
     generator = torch.Generator().manual_seed(sum(shape) + bias)
     x = torch.randn(shape, dtype=torch.float64, generator=generator)
     x = x.transpose(2, 3).contiguous().transpose(2, 3)  # not contiguous: columns first
@@ -203,31 +205,28 @@ def test_rows_path_matches_the_reference(shape, kernel, stride, padding, dilatio
     # Only the upper triangle is read: the lower one holds garbage (NaN everywhere for beta = 0).
     old = old.triu() + 7.0 * old.tril(-1) if beta else torch.full((size, size), float("nan"), dtype=torch.float64)
     expected = old.triu() + old.triu(1).T if beta else old.clone()
-    reference.conv_input_factor_(
-        expected, x, list(kernel), list(stride), list(padding), list(dilation), bias, 0.3, beta
-    )
+    reference.conv_input_factor_(expected, x, list(kernel), [1, 1], list(padding), list(dilation), bias, 0.3, beta)
     result = old.clone()
-    taken = rows_path_taken(result, x, kernel, stride, padding, dilation, bias, 0.3, beta)
+    taken = shifts_path_taken(result, x, kernel, 1, padding, dilation, bias, 0.3, beta)
     assert taken == (ops.build_info() != "python")
     torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-10)
     assert torch.equal(result, result.T)
 
 
-def test_rows_path_in_float32_and_in_several_chunks():
-    # 200 images of 8x32x32 give 40 MB of horizontal patches in float64: two chunks of images.
+def test_shifts_path_in_float32_and_in_several_chunks():
+    # 200 images of 8x34x34 padded give 15 MB in float64: two chunks of at most 8 MB.
     generator = torch.Generator().manual_seed(5)
     x = torch.randn(200, 8, 32, 32, dtype=torch.float64, generator=generator)
     expected = torch.zeros(8 * 9 + 1, 8 * 9 + 1, dtype=torch.float64)
     reference.conv_input_factor_(expected, x, [3, 3], [1, 1], [1, 1], [1, 1], True)
     result = torch.zeros_like(expected)
-    assert rows_path_taken(result, x, 3, 1, 1, 1, True, 1.0, 1.0) == (ops.build_info() != "python")
+    assert shifts_path_taken(result, x, 3, 1, 1, 1, True, 1.0, 1.0) == (ops.build_info() != "python")
     torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-9)
     single = torch.zeros_like(expected).float()
     ops.conv_input_factor_(single, x.float(), 3, 1, 1, 1, True)
     torch.testing.assert_close(single.double(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
-def test_small_images_stay_off_the_rows_path():
-    # 4x4 images (a ResNet's last stage) have too few rows: the patches' Gram matrix is faster there.
-    factor = torch.zeros(64 * 9, 64 * 9)
-    assert not rows_path_taken(factor, torch.randn(4, 64, 4, 4), 3, 1, 1, 1, False, 1.0, 1.0)
+def test_strided_convolutions_stay_off_the_shifts_path():
+    factor = torch.zeros(16 * 9, 16 * 9)
+    assert not shifts_path_taken(factor, torch.randn(4, 16, 16, 16), 3, 2, 1, 1, False, 1.0, 1.0)
