@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from dense import dense_ggn, layer_sizes, output_hessians, targets, tiny_mlp
+from dense import dense_ggn, layer_sizes, output_hessians, targets, tiny_cnn, tiny_mlp
 from torch import nn
 
 from fastlaplace.curvature import DiagCurvature, KronCurvature, accumulate, layer_statistics, output_gradient_columns
@@ -209,3 +209,26 @@ def test_channel_gram_equals_the_gram_of_the_location_rows(column_major, dtype, 
     got = accumulate.channel_gram(grads, torch.float32)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, rows.T @ rows)
+
+
+def test_gathered_conv_inputs_give_the_factors_of_every_batch(monkeypatch, generator):
+    """Conv2d inputs gathered over batches (flushed at 3 images' bytes here) count every batch once:
+    a full gather, one left waiting until the factors are read, and a read in the middle of a fit."""
+    model = tiny_cnn(5)
+    x = torch.randn(9, 2, 5, 5, dtype=torch.float64, generator=generator)
+    y = targets("classification", 9, generator=generator)
+    batches = [layer_statistics(model, x[s : s + 1], y[s : s + 1], "classification")[1] for s in range(9)]
+    whole = KronCurvature()
+    whole.update(layer_statistics(model, x, y, "classification")[1])
+    monkeypatch.setattr(accumulate, "GATHERED_CONV_BYTES", 3 * x[0].nbytes)
+    gathered = KronCurvature()
+    for k, stats in enumerate(batches):
+        gathered.update(stats)
+        if k == 3:  # three images multiplied, one waits; the read adds it
+            assert len(gathered._conv_inputs[0][2]) == 1
+            first = KronCurvature()
+            first.update(layer_statistics(model, x[:4], y[:4], "classification")[1])
+            torch.testing.assert_close(gathered.input_factors[0], first.input_factors[0])
+    assert gathered._conv_inputs  # the last image waits for the next read
+    for got, want in zip(gathered.input_factors, whole.input_factors, strict=True):
+        torch.testing.assert_close(got, want)

@@ -22,6 +22,10 @@ from fastlaplace.reference import accumulation_dtype
 GATHERED_ROWS = 2048
 #: The gathering buffers of all the factors of one curvature hold at most this many bytes.
 GATHER_BYTES = 16 << 20
+#: Summed factors gather each Conv2d's inputs over batches, up to this many bytes per layer,
+#: for one call of the input-factor operator: a fit split into parts of a few images would
+#: otherwise pay that operator's fixed cost (a pass over the whole factor) once per part.
+GATHERED_CONV_BYTES = 8 << 20
 #: The batched Gram of channels-first output gradients holds at most this many bytes of
 #: per-block ``(d, d)`` products at a time.
 CHANNEL_GRAM_BYTES = 16 << 20
@@ -190,19 +194,29 @@ class KronCurvature:
                 beta,
             )
         for i in conv:
-            s, m = statistics[i], statistics[i].module
-            ops.conv_input_factor_(
-                self._input_factors[i],
-                s.inputs,
-                m.kernel_size,
-                m.stride,
-                m.padding,
-                m.dilation,
-                s.has_bias,
-                row_alphas[i],
-                beta,
-            )
+            s = statistics[i]
+            if self.decay is None and input_scales is None:  # plain sums: gathered
+                gathered = self._conv_inputs.setdefault(i, (s.module, s.has_bias, []))[2]
+                gathered.append(s.inputs)
+                if sum(x.nbytes for x in gathered) >= GATHERED_CONV_BYTES:
+                    self._multiply_conv_inputs([i])
+            else:
+                self._conv_input_factor(i, s.module, s.has_bias, s.inputs, row_alphas[i], beta)
         self.num_data += n
+
+    def _conv_input_factor(
+        self, i: int, m: nn.Conv2d, has_bias: bool, inputs: Tensor, alpha: float = 1.0, beta: float = 1.0
+    ) -> None:
+        """Add the patch Gram matrix of Conv2d layer i's ``(N, C, H, W)`` inputs to its input factor."""
+        ops.conv_input_factor_(
+            self._input_factors[i], inputs, m.kernel_size, m.stride, m.padding, m.dilation, has_bias, alpha, beta
+        )
+
+    def _multiply_conv_inputs(self, layers: list[int]) -> None:
+        """Add the gathered inputs of these Conv2d layers to their input factors and forget them."""
+        for i in layers:
+            m, has_bias, gathered = self._conv_inputs.pop(i)
+            self._conv_input_factor(i, m, has_bias, gathered[0] if len(gathered) == 1 else torch.cat(gathered))
 
     def _allocate(self, statistics: Sequence[LayerStatistics]) -> None:
         self.names = [s.name for s in statistics]
@@ -302,6 +316,7 @@ class KronCurvature:
 
     def _flush(self) -> None:
         self._multiply_buffers([k for k, filled in self._filled.items() if filled])
+        self._multiply_conv_inputs(list(self._conv_inputs))
 
     def _multiply_buffers(self, keys: list[int]) -> None:
         """Add the filled rows of these buffers to their factors (one fused call) and empty them."""
@@ -322,6 +337,8 @@ class KronCurvature:
         self._filled: dict[int, int] = {}
         self._ones: dict[int, bool] = {}
         self._capacity: int | None = None
+        # Per Conv2d layer index: its module, bias flag and the inputs gathered for its input factor.
+        self._conv_inputs: dict[int, tuple[nn.Conv2d, bool, list[Tensor]]] = {}
 
 
 def channel_gram(grads: Tensor, dtype: torch.dtype) -> Tensor:
