@@ -78,3 +78,110 @@ def test_every_listed_module_falls_back_under_the_batched_backward(module):
 def test_an_mlp_keeps_the_batched_backward():
     assert batches_backward(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.LayerNorm(4), nn.Linear(4, 2)))
     assert not batches_backward(max_pooling_cnn())
+
+
+def small_convnet() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 2, 3, stride=2),
+        nn.BatchNorm2d(2).eval(),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * 7 * 7, 4),
+    ).double()
+
+
+def test_parts_hold_one_column_each_and_stack_to_the_whole_batch_statistics():
+    model = cifar_resnet18(width=2, classes=4).double().eval()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 3, 32, 32, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 4, (3,), generator=generator)
+    output, whole = statistics.layer_statistics(model, x, y, "classification")
+    parted_output, parts = statistics.layer_statistic_parts(model, x, y, "classification")
+    parts = list(parts)
+    assert len(parts) == 3  # C - 1 columns, one plain backward each
+    torch.testing.assert_close(parted_output, output, rtol=0, atol=0)
+    for i, s in enumerate(whole):
+        assert all(part[i].output_grads.shape[1] == 1 for part in parts)
+        stacked = torch.cat([part[i].output_grads for part in parts], dim=1)
+        torch.testing.assert_close(stacked, s.output_grads, rtol=1e-13, atol=1e-15)
+        assert all(part[i].inputs is parts[0][i].inputs for part in parts)
+        if isinstance(s.module, nn.BatchNorm2d):  # normalised once, shared by the parts
+            assert all(part[i].normalised is parts[0][i].normalised is not None for part in parts)
+            torch.testing.assert_close(parts[0][i].normalised, s.normalised_inputs(), rtol=0, atol=0)
+
+
+def test_a_model_with_a_batched_backward_comes_in_one_part():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    _, whole = statistics.layer_statistics(model, x, y, "classification")
+    _, parts = statistics.layer_statistic_parts(model, x, y, "classification")
+    (part,) = list(parts)
+    for got, want in zip(part, whole, strict=True):
+        torch.testing.assert_close(got.output_grads, want.output_grads, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("structure", ["diag", "full", "lowrank", "kron"])
+def test_fits_in_parts_of_columns_equal_the_batched_backward(structure):
+    """Every structure's fit adds each column part once and the batch's inputs and count once."""
+
+    def fit(batched):
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(6, 3, 32, 32, generator=generator, dtype=torch.float64)
+        y = torch.randint(0, 4, (6,), generator=generator)
+        options = {"low_rank": 20} if structure == "lowrank" else {}
+        la = Laplace(small_convnet(), "classification", subset_of_weights="all", hessian_structure=structure, **options)
+        forced = mock.patch.object(statistics, "batches_backward", lambda _: batched)
+        with forced, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the legacy-vmap fallback's own warnings, off by default
+            la.fit([(x[:4], y[:4]), (x[4:], y[4:])])
+        return la
+
+    def curvature(la):
+        if structure == "lowrank":  # eigenvectors of equal eigenvalues are any basis of their space
+            return [la.eigenvectors @ torch.diag(la.eigenvalues) @ la.eigenvectors.T]
+        return la._curvature_tensors()
+
+    parts, whole = fit(False), fit(True)
+    assert parts.num_data == whole.num_data == 6
+    for got, want in zip(curvature(parts), curvature(whole), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(parts.log_marginal_likelihood(), whole.log_marginal_likelihood())
+
+
+def test_embedding_and_layer_norm_curvature_in_parts_of_columns_equal_the_whole_batch():
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding, self.norm, self.head = nn.Embedding(7, 4), nn.LayerNorm(4), nn.Linear(4, 3)
+
+        def forward(self, ids):
+            return self.head(self.norm(self.embedding(ids)).mean(1))
+
+    def fit(batched):
+        torch.manual_seed(0)
+        model = Tokens().double()
+        ids = torch.randint(0, 7, (5, 6), generator=torch.Generator().manual_seed(1))
+        y = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(2))
+        la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
+        with mock.patch.object(statistics, "batches_backward", lambda _: batched):
+            la.fit([(ids[:3], y[:3]), (ids[3:], y[3:])])
+        return la
+
+    parts, whole = fit(False), fit(True)
+    assert torch.equal(parts.embedding_curvature.counts[0], whole.embedding_curvature.counts[0])
+    for got, want in zip(parts._curvature_tensors(), whole._curvature_tensors(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-13)
+
+
+def test_running_averages_refuse_a_later_part_of_a_batch():
+    from fastlaplace.curvature import KronCurvature
+
+    model = nn.Sequential(nn.Linear(3, 2))
+    _, stats = statistics.layer_statistics(model, torch.randn(4, 3), torch.randint(0, 2, (4,)), "classification")
+    curvature = KronCurvature(decay=0.9)
+    curvature.update(stats)
+    with pytest.raises(ValueError, match="decay=None"):
+        curvature.update(stats, new_batch=False)

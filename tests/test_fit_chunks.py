@@ -14,13 +14,14 @@ from fastlaplace.posterior.parametric import ParametricLaplace
 def counted_passes(monkeypatch) -> list[int]:
     """The batch size of every curvature pass the fits below make."""
     sizes = []
-    original = ParametricLaplace._batch_statistics
+    for method in ("_batch_statistics", "_batch_statistic_parts"):  # the fit's pass, and EKFAC's second one
+        original = getattr(ParametricLaplace, method)
 
-    def counting(self, x, y, generator):
-        sizes.append(y.shape[0])
-        return original(self, x, y, generator)
+        def counting(self, x, y, generator, original=original):
+            sizes.append(y.shape[0])
+            return original(self, x, y, generator)
 
-    monkeypatch.setattr(ParametricLaplace, "_batch_statistics", counting)
+        monkeypatch.setattr(ParametricLaplace, method, counting)
     return sizes
 
 
@@ -58,11 +59,16 @@ def test_batch_norm_in_training_mode_and_a_last_layer_keep_whole_batches(generat
     assert sizes == [6, 6]
 
 
-def test_column_estimate_is_c_times_the_inner_outputs_and_leaves_the_random_state(generator):
-    model = nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.5), nn.Tanh(), nn.Linear(5, 3)).train()
+def test_pass_estimate_is_the_graph_and_the_columns_held_and_leaves_the_random_state(generator):
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
     x = torch.randn(10, 4, generator=generator)
+    # The graph saves the sample's input (4 floats) and the tanh's output (5, the last layer's input too);
+    # the columns reach the first layer's 5 float32 outputs (the last layer's are the output).
+    graph = (4 + 5) * 4
+    assert memory.pass_bytes_per_sample(model, x, [model[0], model[2]], None) == graph + 3 * 5 * 4  # all 3 columns
+    assert memory.pass_bytes_per_sample(model, x, [model[0], model[2]], 1) == graph + 5 * 4  # one at a time
+    dropout = nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.5), nn.Tanh(), nn.Linear(5, 3)).train()
     state = torch.get_rng_state()
-    per_sample = memory.column_bytes_per_sample(model, x, [model[0], model[3]])
-    assert per_sample == 3 * 5 * 4  # 3 outputs, columns at the first layer's 5 float32 outputs (the last is the output)
+    assert memory.pass_bytes_per_sample(dropout, x, [dropout[0]], 1) > graph + 5 * 4  # and the dropout's mask
     assert torch.equal(torch.get_rng_state(), state)
-    assert memory.column_bytes_per_sample(model, {"x": x}, [model[0]]) == 0  # dict batches are not split
+    assert memory.pass_bytes_per_sample(model, {"x": x}, [model[0]], None) == 0  # dict batches are not split

@@ -119,6 +119,7 @@ class KronCurvature:
         statistics: Sequence[LayerStatistics],
         output_scales: Sequence[float] | None = None,
         input_scales: Sequence[float] | None = None,
+        new_batch: bool = True,
     ) -> None:
         """Add one batch: all layers' factors in one call of the fused operator.
 
@@ -129,17 +130,26 @@ class KronCurvature:
                 batch size for a mean loss); 1 by default.
             input_scales: per layer a factor on the batch's A (kfac-pytorch's ``1 / L²`` of a
                 Conv2d in the K-FAC optimiser); 1 by default.
+            new_batch: False for a later part of the columns of the batch added last
+                (:func:`~fastlaplace.curvature.statistics.layer_statistic_parts`): only its
+                ``G`` is added, the inputs' ``A`` and the data count came with the first part.
         """
+        if not new_batch and self.decay is not None:
+            raise ValueError("a batch in parts of its columns needs summed factors (decay=None)")
         if not self.names:
             self._allocate(statistics)
         _check_same_layers(self.names, statistics)
         rows_a, rows_g, ones, conv = [], [], [], []
         for i, s in enumerate(statistics):
+            reduced = self.kfac_approx == "reduce" and s.shares_weights
             grads = s.location_grads()  # (N, K, L, d_out)
-            if self.kfac_approx == "reduce" and s.shares_weights:
+            # None: the G of this layer is the batched Gram of its channels-first blocks (no rows).
+            rows_g.append(None if self._gram_by_blocks(i, s) else _as_rows(grads.sum(2) if reduced else grads))
+            if not new_batch:
+                continue
+            if reduced:
                 rows_a.append(s.patches().mean(1))
                 ones.append(False)  # the averaged patches carry the ones column already
-                grads = grads.sum(2)
             elif s.is_conv and not isinstance(self._input_factors[i], SketchedFactor):
                 conv.append(i)  # input factor from the implicit-im2col operator
             elif s.is_conv:  # a sketched input factor takes the patches as rows
@@ -148,8 +158,6 @@ class KronCurvature:
             else:
                 rows_a.append(s.inputs.reshape(-1, s.inputs.shape[-1]))
                 ones.append(s.has_bias)
-            # None: the G of this layer is the batched Gram of its channels-first blocks (no rows).
-            rows_g.append(None if self._gram_by_blocks(i, s) else _as_rows(grads))
         n = statistics[0].inputs.shape[0]
         count = len(statistics)
         # F <- beta F + alpha (batch Gram): sums (beta = alpha = 1), or the EMA of per-datum averages.
@@ -163,7 +171,7 @@ class KronCurvature:
             row_alphas = [alpha * float(v) for alpha, v in zip(row_alphas, input_scales, strict=True)]
         scales = [1.0] * count if output_scales is None else [float(v) for v in output_scales]
         # Factors multiplied from rows, keyed i for A_i and count + i for G_i.
-        keys = [i for i in range(count) if i not in conv] + [count + i for i in range(count)]
+        keys = [i for i in range(count) if new_batch and i not in conv] + [count + i for i in range(count)]
         rows = rows_a + rows_g
         flags = ones + [False] * count
         alphas = [row_alphas[i] for i in keys[: len(rows_a)]] + [output_alpha * v * v for v in scales]
@@ -202,7 +210,7 @@ class KronCurvature:
                     self._multiply_conv_inputs([i])
             else:
                 self._conv_input_factor(i, s.module, s.has_bias, s.inputs, row_alphas[i], beta)
-        self.num_data += n
+        self.num_data += n if new_batch else 0
 
     def _conv_input_factor(
         self, i: int, m: nn.Conv2d, has_bias: bool, inputs: Tensor, alpha: float = 1.0, beta: float = 1.0
@@ -386,11 +394,18 @@ class DiagCurvature:
         self.diagonals: list[Tensor] = []
         self.num_data = 0
 
-    def update(self, statistics: Sequence[LayerStatistics]) -> None:
-        """Add one batch: the fused diagonal-GGN operator for Linear layers, per-sample gradients for Conv2d."""
+    def update(self, statistics: Sequence[LayerStatistics], new_batch: bool = True) -> None:
+        """Add one batch: the fused diagonal-GGN operator for Linear layers, per-sample gradients for Conv2d.
+
+        Args:
+            statistics: one entry per layer, the same layers in every batch.
+            new_batch: False for a later part of the columns of the batch added last
+                (:func:`~fastlaplace.curvature.statistics.layer_statistic_parts`): the data
+                count came with the first part.
+        """
         batch = [self._layer_diagonal(s) for s in statistics]
         self.names, self.diagonals = _add_batch(self.names, self.diagonals, statistics, batch)
-        self.num_data += statistics[0].inputs.shape[0]
+        self.num_data += statistics[0].inputs.shape[0] if new_batch else 0
 
     @staticmethod
     def _layer_diagonal(s: LayerStatistics) -> Tensor:
@@ -427,8 +442,15 @@ class EmbeddingCurvature:
         self.locations: list[int] = []
         self.num_data = 0
 
-    def update(self, statistics: Sequence[LayerStatistics]) -> None:
-        """Add one batch: token counts, and all layers' G in one call of the fused operator."""
+    def update(self, statistics: Sequence[LayerStatistics], new_batch: bool = True) -> None:
+        """Add one batch: token counts, and all layers' G in one call of the fused operator.
+
+        Args:
+            statistics: one entry per layer, the same layers in every batch.
+            new_batch: False for a later part of the columns of the batch added last
+                (:func:`~fastlaplace.curvature.statistics.layer_statistic_parts`): only its
+                ``G`` is added, the token counts and the data count came with the first part.
+        """
         if not self.names:
             self.names = [s.name for s in statistics]
             self.locations = [s.locations for s in statistics]
@@ -437,12 +459,13 @@ class EmbeddingCurvature:
                 self.counts.append(torch.zeros(s.module.num_embeddings, **options))
                 self.output_factors.append(torch.zeros(s.module.embedding_dim, s.module.embedding_dim, **options))
         _check_same_layers(self.names, statistics)
-        for counts, s in zip(self.counts, statistics, strict=True):
-            ids = s.inputs.flatten().long()
-            counts.index_add_(0, ids, counts.new_ones(ids.shape))
+        if new_batch:
+            for counts, s in zip(self.counts, statistics, strict=True):
+                ids = s.inputs.flatten().long()
+                counts.index_add_(0, ids, counts.new_ones(ids.shape))
         rows = [_as_rows(s.location_grads()) for s in statistics]
         ops.factor_accumulate_(self.output_factors, rows, [False] * len(rows))
-        self.num_data += statistics[0].inputs.shape[0]
+        self.num_data += statistics[0].inputs.shape[0] if new_batch else 0
 
 
 class UnitwiseCurvature:
@@ -459,15 +482,22 @@ class UnitwiseCurvature:
         self.blocks: list[Tensor] = []
         self.num_data = 0
 
-    def update(self, statistics: Sequence[LayerStatistics]) -> None:
-        """Add one batch from the per-sample gradients (``(N, K, d, k)`` per layer)."""
+    def update(self, statistics: Sequence[LayerStatistics], new_batch: bool = True) -> None:
+        """Add one batch from the per-sample gradients (``(N, K, d, k)`` per layer).
+
+        Args:
+            statistics: one entry per layer, the same layers in every batch.
+            new_batch: False for a later part of the columns of the batch added last
+                (:func:`~fastlaplace.curvature.statistics.layer_statistic_parts`): the data
+                count came with the first part.
+        """
         batch = []
         for s in statistics:
             grads = s.weight_gradients().to(accumulation_dtype(s.output_grads.dtype))
             grads = grads.unflatten(2, (s.module.weight.shape[0], -1))
             batch.append(torch.einsum("nkia,nkib->iab", grads, grads))
         self.names, self.blocks = _add_batch(self.names, self.blocks, statistics, batch)
-        self.num_data += statistics[0].inputs.shape[0]
+        self.num_data += statistics[0].inputs.shape[0] if new_batch else 0
 
 
 def _add_batch(

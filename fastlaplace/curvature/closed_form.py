@@ -82,7 +82,7 @@ def softmax_statistics(
     output = output.detach()
     empty = output.new_zeros(output.shape[0], 0, output.shape[1])
     probabilities = torch.softmax(output.to(torch.float64), dim=-1)
-    return output, [SoftmaxStatistics(name, layer, inputs.detach(), empty, probabilities)]
+    return output, [SoftmaxStatistics(name, layer, inputs.detach(), empty, probabilities=probabilities)]
 
 
 def softmax_hessian_sum(probabilities: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ kernels, and no per-node concatenation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -62,8 +62,22 @@ def backpropagate(
         return [torch.stack(grads) for grads in zip(*per_column, strict=True)]
     # Written into place column by column: stacking lists of columns would hold every result twice.
     results = [target.new_empty(len(columns), *target.shape) for target in targets]
-    for k, column in enumerate(columns):
-        grads = torch.autograd.grad(output, targets, column, retain_graph=k + 1 < len(columns))
+    for k, grads in enumerate(each_column(output, targets, columns)):
         for result, grad in zip(results, grads, strict=True):
             result[k] = grad
     return results
+
+
+def each_column(output: Tensor, targets: Sequence[Tensor], columns: Tensor) -> Iterator[tuple[Tensor, ...]]:
+    """Per column, in order, its vector-Jacobian products with ``output`` w.r.t. each target: one plain backward each.
+
+    Args:
+        output: ``(N, C)`` the model's output.
+        targets: tensors of the graph that produced ``output``.
+        columns: ``(K, N, C)`` the columns.
+
+    Yields:
+        K tuples of ``target.shape`` tensors; the graph is freed after the last.
+    """
+    for k, column in enumerate(columns):
+        yield torch.autograd.grad(output, targets, column, retain_graph=k + 1 < len(columns))

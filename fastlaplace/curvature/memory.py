@@ -18,7 +18,7 @@ from fastlaplace.curvature.model_io import call_model
 
 #: the largest single allocation (GiB) the fit and the predictive make before refusing; set it to allow more
 MEMORY_LIMIT_GIB = 8.0
-#: the curvature columns of one pass of a fit hold at most about this many bytes (batches are split to fit)
+#: one pass of a fit holds about this many bytes in its graph and curvature columns (batches are split to fit)
 CURVATURE_PASS_BYTES = 256 << 20
 
 
@@ -46,24 +46,35 @@ def check_allocation(what: str, shape: tuple[int, ...], dtype: torch.dtype, reme
         )
 
 
-def column_bytes_per_sample(model: nn.Module, x: Tensor | Mapping, modules: list[nn.Module]) -> int:
-    """An upper bound on the bytes of one sample's backpropagated curvature columns.
+def pass_bytes_per_sample(
+    model: nn.Module, x: Tensor | Mapping, modules: list[nn.Module], columns_held: int | None
+) -> int:
+    """An estimate of the bytes one sample holds during a curvature pass: its graph and its columns.
 
-    One forward of the batch's first sample (no autograd, the random state restored)
-    measures the output of each of ``modules`` that is not the model's output (those are
-    the ones a backward reaches); each holds at most ``C`` columns, ``C`` the model's
-    outputs. 0 for a dict batch.
+    One forward of the batch's first sample (the random state restored) measures the
+    tensors its graph saves for the backward and the output of each of ``modules`` that is
+    not the model's output (those are the ones a backward reaches); each of those holds
+    ``columns_held`` columns at once, all ``C`` (the model's outputs) by default. 0 for a
+    dict batch.
     """
     if not isinstance(x, Tensor):
         return 0
     outputs: list[Tensor] = []
+    saved: dict[tuple[int, int], int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        saved[t.untyped_storage().data_ptr(), t.storage_offset()] = t.nbytes
+        return t
+
     handles = [m.register_forward_hook(lambda m, i, out: outputs.append(out)) for m in modules]
     cuda = [x.device] if x.device.type == "cuda" else []
     try:  # the probe leaves the random state (dropout) as it found it
-        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+        with torch.random.fork_rng(devices=cuda), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             logits = call_model(model, x[:1])
     finally:
         for handle in handles:
             handle.remove()
     inner = sum(out[:1].numel() * out.element_size() for out in outputs if out is not logits)
-    return logits.shape[-1] * inner
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    graph = sum(size for (pointer, _), size in saved.items() if pointer not in parameters)
+    return graph + (logits.shape[-1] if columns_held is None else columns_held) * inner

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from fastlaplace.curvature.column_backward import backpropagate, batches_backward
+from fastlaplace.curvature.column_backward import backpropagate, batches_backward, each_column
 from fastlaplace.curvature.layout import is_transposed_linear, weight_block
 from fastlaplace.curvature.loss import output_gradient_columns
 from fastlaplace.curvature.model_io import call_model
@@ -91,6 +91,8 @@ class LayerStatistics:
     module: nn.Module
     inputs: Tensor
     output_grads: Tensor
+    #: a LayerNorm / BatchNorm's :meth:`normalised_inputs` when already computed (the parts of a batch share them)
+    normalised: Tensor | None = None
 
     @property
     def has_bias(self) -> bool:
@@ -150,6 +152,8 @@ class LayerStatistics:
 
     def normalised_inputs(self) -> Tensor:
         """``(N, L, d)`` what a LayerNorm / BatchNorm scales by γ: its input, normalised as the layer did."""
+        if self.normalised is not None:
+            return self.normalised
         m, x = self.module, self.inputs
         if isinstance(m, nn.LayerNorm):
             x = nn.functional.layer_norm(x, m.normalized_shape, eps=m.eps)
@@ -299,34 +303,64 @@ def _input_dims(module: nn.Module) -> tuple[int, ...]:
     return next((dims for t, dims in INPUT_DIMS.items() if isinstance(module, t)), INPUT_DIMS[nn.Linear])
 
 
-def backpropagate_columns(
+@dataclass
+class _ColumnPass:
+    """One forward with every layer's input and pre-activation captured, and the columns to backpropagate."""
+
+    output: Tensor  # what the forward returned (autocast precision), in the graph
+    exact_output: Tensor  # the output the columns were computed from
+    layers: Layers
+    inputs: list[Tensor]
+    pre_activations: list[Tensor]
+    columns: Tensor  # (K, N, C)
+
+    @property
+    def inner(self) -> list[int]:
+        """The layers a backward reaches: those whose output is not the model's output.
+
+        A layer whose output is the model's output (a last layer) gets the columns
+        themselves: no backward pass, which a last-layer posterior then does not need at all.
+        """
+        return [i for i, t in enumerate(self.pre_activations) if t is not self.output]
+
+    def checked(self, grads: list[Tensor]) -> list[Tensor]:
+        """Raise on NaN / Inf in a layer's backpropagated columns (the layer is named)."""
+        for (name, _), grad in zip(self.layers, grads, strict=True):
+            if not all_finite(grad):
+                raise ValueError(f"the output gradients of layer {name!r} contain NaN or Inf")
+        return grads
+
+    def all_columns(self, batched: bool, create_graph: bool) -> list[Tensor]:
+        """Per layer ``(K, *pre_activation.shape)`` every column backpropagated to it."""
+        grads = [self.columns] * len(self.layers)
+        inner = self.inner
+        if inner:
+            targets = [self.pre_activations[i] for i in inner]
+            backpropagated = backpropagate(self.output, targets, self.columns, batched, create_graph)
+            for i, grad in zip(inner, backpropagated, strict=True):
+                grads[i] = grad
+        return self.checked(grads)
+
+    def each_column(self) -> Iterator[list[Tensor]]:
+        """Per column k, per layer ``(1, *pre_activation.shape)``: column k backpropagated (plain backwards)."""
+        inner = self.inner
+        targets = [self.pre_activations[i] for i in inner]
+        for k, backpropagated in enumerate(each_column(self.output, targets, self.columns)):
+            grads = [self.columns[k : k + 1]] * len(self.layers)
+            for i, grad in zip(inner, backpropagated, strict=True):
+                grads[i] = grad.unsqueeze(0)
+            yield self.checked(grads)
+
+
+def _forward_for_columns(
     model: nn.Module,
     x: Tensor,
     make_columns: Callable[[Tensor], Tensor],
     layers: Layers | None,
-    compute_dtype: torch.dtype | None = None,
-    create_graph: bool = False,
-    output_layer: bool = False,
-) -> tuple[Tensor, Layers, list[Tensor], list[Tensor]]:
-    """Forward x, then backpropagate ``make_columns(output)`` (N, C, K) to the layers.
-
-    The building block of :func:`layer_statistics` and :func:`output_jacobians`, public for
-    curvature backends with columns of their own (:mod:`fastlaplace.integrations`).
-
-    The columns go back in one batched backward, or one plain backward each for models
-    whose backward torch's vmap does not batch (:mod:`fastlaplace.curvature.column_backward`).
-    With ``compute_dtype`` (bf16 / fp16) the forward and the backward run under
-    autocast, and one more forward without autograd gives the exact output the loss and
-    the columns are computed from.
-
-    With ``output_layer`` (a last-layer posterior) the last of the layers must produce the
-    model's output itself: the closed forms of a last layer take its output Jacobian as the
-    identity.
-
-    Returns the output, the layers (all supported ones by default), their inputs
-    ``(N, d_in)`` and the backpropagated columns ``(N, K, d_out)`` at their
-    pre-activations: detached, or with ``create_graph`` still differentiable w.r.t. x.
-    """
+    compute_dtype: torch.dtype | None,
+    output_layer: bool,
+) -> _ColumnPass:
+    """Forward x with every layer's input and output captured, check them, and make the ``(K, N, C)`` columns."""
     layers = supported_layers(model) if layers is None else layers
     captured: dict[str, tuple[Tensor, Tensor]] = {}
     size = _batch_size(x)
@@ -391,25 +425,52 @@ def backpropagate_columns(
                 "shape (N, T) in the dict batch) or freeze it"
             )
     columns = make_columns(exact_output).to(output.dtype).permute(2, 0, 1).contiguous()  # (K, N, C)
-    pre_activations = [captured[name][1] for name, _ in layers]
-    # A layer whose output is the model's output (a last layer) gets the columns themselves:
-    # no backward pass, which a last-layer posterior then does not need at all.
-    inner = [i for i, t in enumerate(pre_activations) if t is not output]
-    grads = [columns] * len(layers)
-    if inner:
-        targets = [pre_activations[i] for i in inner]
-        backpropagated = backpropagate(output, targets, columns, batches_backward(model), create_graph)
-        for i, grad in zip(inner, backpropagated, strict=True):
-            grads[i] = grad
-    for (name, _), grad in zip(layers, grads, strict=True):
-        if not all_finite(grad):
-            raise ValueError(f"the output gradients of layer {name!r} contain NaN or Inf")
+    return _ColumnPass(
+        output,
+        exact_output,
+        layers,
+        [captured[name][0] for name, _ in layers],
+        [captured[name][1] for name, _ in layers],
+        columns,
+    )
+
+
+def backpropagate_columns(
+    model: nn.Module,
+    x: Tensor,
+    make_columns: Callable[[Tensor], Tensor],
+    layers: Layers | None,
+    compute_dtype: torch.dtype | None = None,
+    create_graph: bool = False,
+    output_layer: bool = False,
+) -> tuple[Tensor, Layers, list[Tensor], list[Tensor]]:
+    """Forward x, then backpropagate ``make_columns(output)`` (N, C, K) to the layers.
+
+    The building block of :func:`layer_statistics` and :func:`output_jacobians`, public for
+    curvature backends with columns of their own (:mod:`fastlaplace.integrations`).
+
+    The columns go back in one batched backward, or one plain backward each for models
+    whose backward torch's vmap does not batch (:mod:`fastlaplace.curvature.column_backward`).
+    With ``compute_dtype`` (bf16 / fp16) the forward and the backward run under
+    autocast, and one more forward without autograd gives the exact output the loss and
+    the columns are computed from.
+
+    With ``output_layer`` (a last-layer posterior) the last of the layers must produce the
+    model's output itself: the closed forms of a last layer take its output Jacobian as the
+    identity.
+
+    Returns the output, the layers (all supported ones by default), their inputs
+    ``(N, d_in)`` and the backpropagated columns ``(N, K, d_out)`` at their
+    pre-activations: detached, or with ``create_graph`` still differentiable w.r.t. x.
+    """
+    forward = _forward_for_columns(model, x, make_columns, layers, compute_dtype, output_layer)
+    grads = forward.all_columns(batches_backward(model), create_graph)
 
     def keep(t: Tensor) -> Tensor:
         return t if create_graph else t.detach()
 
-    inputs = [keep(captured[name][0]) for name, _ in layers]
-    return keep(exact_output), layers, inputs, [keep(g).transpose(0, 1) for g in grads]
+    inputs = [keep(a) for a in forward.inputs]
+    return keep(forward.exact_output), forward.layers, inputs, [keep(g).transpose(0, 1) for g in grads]
 
 
 def layer_statistics(
@@ -451,6 +512,73 @@ def layer_statistics(
         ValueError: on an unsupported layer, a layer input that is not ``(N, d_in)``, or
             NaN / Inf in the output or in a layer's output gradients (the layer is named).
     """
+    columns = _curvature_columns(target, likelihood, mode, generator, output_noise)
+    output, layers, inputs, grads = backpropagate_columns(
+        model, x, columns, layers, compute_dtype, output_layer=output_layer
+    )
+    stats = [LayerStatistics(n, m, a, g) for (n, m), a, g in zip(layers, inputs, grads, strict=True)]
+    return output, stats
+
+
+def layer_statistic_parts(
+    model: nn.Module,
+    x: Tensor,
+    target: Tensor,
+    likelihood: str,
+    mode: str = "ggn",
+    generator: torch.Generator | None = None,
+    layers: Layers | None = None,
+    compute_dtype: torch.dtype | None = None,
+    output_noise: Tensor | None = None,
+    output_layer: bool = False,
+) -> tuple[Tensor, Iterator[list[LayerStatistics]]]:
+    """:func:`layer_statistics` in parts of the K columns, each backpropagated when its part is taken.
+
+    For a model whose backward torch's vmap does not batch
+    (:mod:`fastlaplace.curvature.column_backward`), each column is one plain backward
+    pass: part k holds column k alone (``output_grads`` ``(N, 1, ...)``), a view of what
+    the backward returned. Nothing stacks the K columns, and only one column of every
+    layer is held at a time if each part is dropped before the next is taken. Otherwise
+    (one batched backward, or no layer a backward reaches) there is one part with every
+    column. Every part repeats the layers' inputs. Sums over the columns (the GGN, the
+    Kronecker factor G) are the sums over the parts; what depends on the inputs alone is
+    the first part's.
+
+    Arguments as for :func:`layer_statistics`; the iterator's parts must be taken in order
+    and before the next batch's forward (the graph is retained until the last part).
+
+    Returns:
+        ``(output, parts)``: the detached ``(N, C)`` output and the parts, per part one
+        entry per layer.
+    """
+    columns = _curvature_columns(target, likelihood, mode, generator, output_noise)
+    forward = _forward_for_columns(model, x, columns, layers, compute_dtype, output_layer)
+    inputs = [a.detach() for a in forward.inputs]
+    normalised: list[Tensor | None] = [None] * len(inputs)
+
+    def part(grads: list[Tensor]) -> list[LayerStatistics]:
+        stats = [
+            LayerStatistics(n, m, a, g.detach().transpose(0, 1), x_hat)
+            for (n, m), a, g, x_hat in zip(forward.layers, inputs, grads, normalised, strict=True)
+        ]
+        for i, s in enumerate(stats):  # normalised once per batch, not once per part
+            if isinstance(s.module, AFFINE_LAYERS) and normalised[i] is None:
+                normalised[i] = s.normalised = s.normalised_inputs()
+        return stats
+
+    def parts() -> Iterator[list[LayerStatistics]]:
+        if forward.inner and not batches_backward(model):
+            yield from map(part, forward.each_column())
+        else:
+            yield part(forward.all_columns(batched=True, create_graph=False))
+
+    return forward.exact_output.detach(), parts()
+
+
+def _curvature_columns(
+    target: Tensor, likelihood: str, mode: str, generator: torch.Generator | None, output_noise: Tensor | None
+) -> Callable[[Tensor], Tensor]:
+    """The ``(N, C, K)`` columns of :func:`output_gradient_columns` of an output, divided by the per-output σ."""
 
     def columns(out: Tensor) -> Tensor:
         result = output_gradient_columns(out, target, likelihood, mode, generator)
@@ -462,11 +590,7 @@ def layer_statistics(
             )
         return result / output_noise.to(result.dtype).unsqueeze(-1)
 
-    output, layers, inputs, grads = backpropagate_columns(
-        model, x, columns, layers, compute_dtype, output_layer=output_layer
-    )
-    stats = [LayerStatistics(n, m, a, g) for (n, m), a, g in zip(layers, inputs, grads, strict=True)]
-    return output, stats
+    return columns
 
 
 def output_jacobians(

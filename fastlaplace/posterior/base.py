@@ -858,7 +858,13 @@ class BaseLaplace(ABC):
     def _reset_curvature(self) -> None: ...
 
     @abstractmethod
-    def _update_curvature(self, stats) -> None: ...
+    def _update_curvature(self, stats, new_batch: bool = True) -> None:
+        """Add a batch's statistics; ``new_batch=False`` for a later part of the last batch's columns.
+
+        Such a part adds its columns' share of the curvature (sums over the columns are sums
+        over the parts); what depends on the inputs alone and the data count came with the
+        batch's first part (:func:`~fastlaplace.curvature.statistics.layer_statistic_parts`).
+        """
 
     @abstractmethod
     def log_det_posterior(self, prior_precision: Tensor, sigma_noise: Tensor) -> Tensor:

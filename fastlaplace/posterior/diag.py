@@ -16,8 +16,8 @@ class DiagLaplace(ParametricLaplace):
     def _reset_curvature(self) -> None:
         self.curvature = DiagCurvature()
 
-    def _update_curvature(self, stats) -> None:
-        self.curvature.update(stats)
+    def _update_curvature(self, stats, new_batch: bool = True) -> None:
+        self.curvature.update(stats, new_batch)
 
     def posterior_precision(
         self, prior_precision: Tensor | None = None, sigma_noise: Tensor | None = None

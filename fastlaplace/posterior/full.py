@@ -69,7 +69,7 @@ class FullLaplace(ParametricLaplace):
         self.hessian: Tensor | None = None
         self._cholesky = None
 
-    def _update_curvature(self, stats) -> None:
+    def _update_curvature(self, stats, new_batch: bool = True) -> None:
         columns = self._columns(_weight_gradients(stats)).flatten(0, 1)  # (N*K, P)
         if self.hessian is None:
             size = columns.shape[1]

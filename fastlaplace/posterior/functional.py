@@ -234,7 +234,7 @@ class FunctionalLaplace(BaseLaplace):
             self._finish_fit()
             self._fitted = True
 
-    def _update_curvature(self, stats) -> None:
+    def _update_curvature(self, stats, new_batch: bool = True) -> None:
         """Keep one batch's layer statistics, a root R of Λ (``Λ_n = R_n R_nᵀ``) and μ = J (θ* − μ_0)."""
         output, layer_stats = stats
         n, c = output.shape

@@ -88,23 +88,32 @@ class KronLaplace(ParametricLaplace):
         self.unitwise_curvature = UnitwiseCurvature()
         self._eigen = None
 
-    def _update_curvature(self, stats) -> None:
+    def _update_curvature(self, stats, new_batch: bool = True) -> None:
         for curvature, layers in (
             (self.curvature, self._kron),
             (self.embedding_curvature, self._embedding),
             (self.unitwise_curvature, self._unitwise),
         ):
             if layers:
-                curvature.update([stats[i] for i in layers])
+                curvature.update([stats[i] for i in layers], new_batch=new_batch)
         self._eigen = None
 
-    def _batch_statistics(self, x, y, generator):
-        """A softmax last layer's batch for the closed-form output factor (see ``softmax_statistics``)."""
+    def _softmax_closed_form(self, x):
+        """A softmax last layer's batch for the closed-form output factor (see ``softmax_statistics``), or None."""
         if self.last_layer_only and self._likelihood(True) == "classification" and self.curvature_mode == "ggn":
-            closed_form = softmax_statistics(self.model, x, *self.layers[0])
-            if closed_form is not None:
-                return closed_form
-        return super()._batch_statistics(x, y, generator)
+            return softmax_statistics(self.model, x, *self.layers[0])
+        return None
+
+    def _batch_statistics(self, x, y, generator):
+        closed_form = self._softmax_closed_form(x)
+        return super()._batch_statistics(x, y, generator) if closed_form is None else closed_form
+
+    def _batch_statistic_parts(self, x, y, generator):
+        closed_form = self._softmax_closed_form(x)
+        if closed_form is None:
+            return super()._batch_statistic_parts(x, y, generator)
+        output, stats = closed_form
+        return output, iter([stats])
 
     def eigendecomposition(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
         """``(Q_A, λ_A, Q_G, λ_G)`` per Kronecker-factored layer, computed once per fit (one batched call).

@@ -105,7 +105,7 @@ class LowRankLaplace(ParametricLaplace):
         # The same sampled labels in every pass (curvature_mode="mc"), so that all passes see one H.
         return torch.Generator(device=self.device).manual_seed(0)
 
-    def _update_curvature(self, stats) -> None:
+    def _update_curvature(self, stats, new_batch: bool = True) -> None:
         if self._basis is None:
             total = sum(self.layer_sizes())
             dtype = accumulation_dtype(self.dtype)

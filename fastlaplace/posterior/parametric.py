@@ -12,8 +12,10 @@ from tqdm.auto import tqdm
 
 from fastlaplace import distributed
 from fastlaplace.curvature import LayerStatistics, layer_statistics, memory, split_heteroscedastic, trainable_bias
+from fastlaplace.curvature.column_backward import batches_backward
 from fastlaplace.curvature.layout import block_to_parameter, parameter_to_block, weight_shape
 from fastlaplace.curvature.model_io import call_model
+from fastlaplace.curvature.statistics import layer_statistic_parts
 from fastlaplace.posterior.base import BaseLaplace, _own_parameters
 
 
@@ -105,11 +107,14 @@ class ParametricLaplace(BaseLaplace):
             self._mean = self._current_weights()
             self._fitted = True
 
-    def _checked_batches(self, loader: Iterable, progress_bar: bool | None, description: str) -> Iterator[tuple]:
+    def _checked_batches(
+        self, loader: Iterable, progress_bar: bool | None, description: str, in_parts: bool = False
+    ) -> Iterator[tuple]:
         """The loader's batches as checked ``(x, y)``, under a progress bar (by default for 50 batches or more).
 
-        A batch whose curvature columns would hold more than
-        :data:`~fastlaplace.curvature.memory.CURVATURE_PASS_BYTES` goes in parts (see :meth:`_samples_per_pass`).
+        A batch whose curvature pass would hold more than
+        :data:`~fastlaplace.curvature.memory.CURVATURE_PASS_BYTES` goes in parts (see
+        :meth:`_samples_per_pass`; ``in_parts``: for :meth:`_batch_statistic_parts`).
         """
         if progress_bar is None:
             progress_bar = hasattr(loader, "__len__") and len(loader) >= 50
@@ -118,37 +123,41 @@ class ParametricLaplace(BaseLaplace):
             x, y = self._split_batch(batch)
             self._check_targets(y, self._batch_size(x))
             if samples_per_pass is None:
-                samples_per_pass = self._samples_per_pass(x)
+                samples_per_pass = self._samples_per_pass(x, in_parts)
             if not isinstance(x, Tensor) or x.shape[0] <= samples_per_pass:
                 yield x, y
             else:
                 yield from zip(x.split(samples_per_pass), y.split(samples_per_pass), strict=True)
 
-    def _samples_per_pass(self, x: Tensor) -> int:
-        """Samples per curvature pass, so that its columns hold about ``CURVATURE_PASS_BYTES`` (unbounded: inf).
+    def _samples_per_pass(self, x: Tensor, in_parts: bool) -> int:
+        """Samples per curvature pass, so that it holds about ``CURVATURE_PASS_BYTES`` (unbounded: inf).
 
-        The columns of every layer of a batch are held at once: a ResNet-18 on CIFAR images
-        needs about 80 MB per sample (5 GiB for a batch of 64). Parts of a batch give the
-        same factors (sums over the data), faster (measured: 64 images in parts of 8 1.65×).
-        Not split: a last-layer posterior (no backward), and a model with BatchNorm in
-        training mode, whose outputs depend on the whole batch.
+        A pass holds the forward's graph and the backpropagated columns of every layer: all
+        of them at once, or one at a time for a model whose columns go back in plain
+        backwards taken ``in_parts``. A ResNet-18 on CIFAR images holds about 80 MB per sample
+        with all its columns (5 GiB for a batch of 64). Parts of a batch give the same
+        factors (sums over the data). Not split: a last-layer posterior (no backward), and a
+        model with BatchNorm in training mode, whose outputs depend on the whole batch.
         """
         batch_dependent = any(
             isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in self.model.modules()
         )
         if self.last_layer_only or batch_dependent:
             return math.inf
-        per_sample = memory.column_bytes_per_sample(self.model, x, [m for _, m in self.layers])
+        one_at_a_time = in_parts and not batches_backward(self.model)
+        modules = [m for _, m in self.layers]
+        per_sample = memory.pass_bytes_per_sample(self.model, x, modules, 1 if one_at_a_time else None)
         return max(1, memory.CURVATURE_PASS_BYTES // per_sample) if per_sample else math.inf
 
     def _fit_pass(self, loader: Iterable, progress_bar: bool | None, generator: torch.Generator | None = None) -> None:
         """One pass over the loader: each batch's statistics go to ``_update_curvature``, its loss is added."""
         batches = 0
-        for x, y in self._checked_batches(loader, progress_bar, "fitting the Laplace curvature"):
-            output, stats = self._batch_statistics(x, y, generator)
+        for x, y in self._checked_batches(loader, progress_bar, "fitting the Laplace curvature", in_parts=True):
+            output, parts = self._batch_statistic_parts(x, y, generator)
             self._check_outputs(output, y)
             self.loss += float(self._summed_loss(output, y))
-            self._update_curvature(stats)
+            for j, stats in enumerate(parts):
+                self._update_curvature(stats, new_batch=j == 0)
             self.num_data += y.shape[0]
             self.num_outputs = output.shape[1]
             batches += 1
@@ -159,17 +168,25 @@ class ParametricLaplace(BaseLaplace):
         self, x: Tensor, y: Tensor, generator: torch.Generator | None
     ) -> tuple[Tensor, list[LayerStatistics]]:
         """One batch's ``(N, C)`` output and per-layer statistics (structures with closed forms override it)."""
-        return layer_statistics(
-            self.model,
-            x,
-            y,
+        return layer_statistics(self.model, x, y, *self._statistics_options(generator))
+
+    def _batch_statistic_parts(
+        self, x: Tensor, y: Tensor, generator: torch.Generator | None
+    ) -> tuple[Tensor, Iterator[list[LayerStatistics]]]:
+        """:meth:`_batch_statistics` in parts of the columns (see ``layer_statistic_parts``), for the fit."""
+        return layer_statistic_parts(self.model, x, y, *self._statistics_options(generator))
+
+    def _statistics_options(self, generator: torch.Generator | None) -> tuple:
+        """The arguments of ``layer_statistics`` after the batch: likelihood, mode, layers, precision, noise."""
+        noise = self.sigma_noise if self.noise_per_output else None
+        return (
             self._likelihood(True),
             self.curvature_mode,
             generator,
             self.layers,
             self.curvature_dtype,
-            output_noise=self.sigma_noise if self.noise_per_output else None,
-            output_layer=self.last_layer_only,
+            noise,
+            self.last_layer_only,
         )
 
     def _sum_over_ranks(self) -> None:
