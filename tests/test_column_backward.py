@@ -107,9 +107,13 @@ def test_parts_hold_one_column_each_and_stack_to_the_whole_batch_statistics():
         stacked = torch.cat([part[i].output_grads for part in parts], dim=1)
         torch.testing.assert_close(stacked, s.output_grads, rtol=1e-13, atol=1e-15)
         assert all(part[i].inputs is parts[0][i].inputs for part in parts)
-        if isinstance(s.module, nn.BatchNorm2d):  # normalised once, shared by the parts
-            assert all(part[i].normalised is parts[0][i].normalised is not None for part in parts)
-            torch.testing.assert_close(parts[0][i].normalised, s.normalised_inputs(), rtol=0, atol=0)
+        derived = parts[0][i].normalised_inputs if isinstance(s.module, nn.BatchNorm2d) else parts[0][i].patches
+        first = derived()  # computed once, and kept for the other parts of the batch
+        want = s.normalised_inputs() if isinstance(s.module, nn.BatchNorm2d) else s.patches()
+        torch.testing.assert_close(first, want, rtol=0, atol=0)
+        for part in parts:
+            got = part[i].normalised_inputs() if isinstance(s.module, nn.BatchNorm2d) else part[i].patches()
+            assert got is first
 
 
 def test_a_model_with_a_batched_backward_comes_in_one_part():

@@ -91,8 +91,9 @@ class LayerStatistics:
     module: nn.Module
     inputs: Tensor
     output_grads: Tensor
-    #: a LayerNorm / BatchNorm's :meth:`normalised_inputs` when already computed (the parts of a batch share them)
-    normalised: Tensor | None = None
+    #: where :meth:`patches` and :meth:`normalised_inputs` keep what they computed, shared by the parts of a
+    #: batch (:func:`layer_statistic_parts`); None: computed at each call
+    derived: dict[str, Tensor] | None = None
 
     @property
     def has_bias(self) -> bool:
@@ -135,6 +136,9 @@ class LayerStatistics:
 
     def patches(self) -> Tensor:
         """``(N, L, d_A)`` the input each output location sees, with the ones column of a bias."""
+        return self._derived("patches", self._patches)
+
+    def _patches(self) -> Tensor:
         if self.is_conv:
             m = self.module
             u = nn.functional.unfold(self.inputs, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)
@@ -152,8 +156,17 @@ class LayerStatistics:
 
     def normalised_inputs(self) -> Tensor:
         """``(N, L, d)`` what a LayerNorm / BatchNorm scales by γ: its input, normalised as the layer did."""
-        if self.normalised is not None:
-            return self.normalised
+        return self._derived("normalised_inputs", self._normalised_inputs)
+
+    def _derived(self, name: str, compute: Callable[[], Tensor]) -> Tensor:
+        """``compute()``, kept in :attr:`derived` (if any) for the other parts of the batch."""
+        if self.derived is None:
+            return compute()
+        if name not in self.derived:
+            self.derived[name] = compute()
+        return self.derived[name]
+
+    def _normalised_inputs(self) -> Tensor:
         m, x = self.module, self.inputs
         if isinstance(m, nn.LayerNorm):
             x = nn.functional.layer_norm(x, m.normalized_shape, eps=m.eps)
@@ -554,17 +567,13 @@ def layer_statistic_parts(
     columns = _curvature_columns(target, likelihood, mode, generator, output_noise)
     forward = _forward_for_columns(model, x, columns, layers, compute_dtype, output_layer)
     inputs = [a.detach() for a in forward.inputs]
-    normalised: list[Tensor | None] = [None] * len(inputs)
+    derived: list[dict[str, Tensor]] = [{} for _ in inputs]  # patches, normalised inputs: once per batch
 
     def part(grads: list[Tensor]) -> list[LayerStatistics]:
-        stats = [
-            LayerStatistics(n, m, a, g.detach().transpose(0, 1), x_hat)
-            for (n, m), a, g, x_hat in zip(forward.layers, inputs, grads, normalised, strict=True)
+        return [
+            LayerStatistics(n, m, a, g.detach().transpose(0, 1), kept)
+            for (n, m), a, g, kept in zip(forward.layers, inputs, grads, derived, strict=True)
         ]
-        for i, s in enumerate(stats):  # normalised once per batch, not once per part
-            if isinstance(s.module, AFFINE_LAYERS) and normalised[i] is None:
-                normalised[i] = s.normalised = s.normalised_inputs()
-        return stats
 
     def parts() -> Iterator[list[LayerStatistics]]:
         if forward.inner and not batches_backward(model):

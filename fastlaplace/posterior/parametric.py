@@ -134,8 +134,8 @@ class ParametricLaplace(BaseLaplace):
 
         A pass holds the forward's graph and the backpropagated columns of every layer: all
         of them at once, or one at a time for a model whose columns go back in plain
-        backwards taken ``in_parts``. A ResNet-18 on CIFAR images holds about 80 MB per sample
-        with all its columns (5 GiB for a batch of 64). Parts of a batch give the same
+        backwards taken ``in_parts``. A ResNet-18 on CIFAR images holds about 54 MB per sample
+        with all its columns (3.4 GiB for a batch of 64), 10 MB with one. Parts of a batch give the same
         factors (sums over the data). Not split: a last-layer posterior (no backward), and a
         model with BatchNorm in training mode, whose outputs depend on the whole batch.
         """
