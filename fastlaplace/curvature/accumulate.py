@@ -397,11 +397,7 @@ class DiagCurvature:
     def update(self, statistics: Sequence[LayerStatistics], new_batch: bool = True) -> None:
         """Add one batch: the fused diagonal-GGN operator for Linear layers, per-sample gradients for Conv2d.
 
-        Args:
-            statistics: one entry per layer, the same layers in every batch.
-            new_batch: False for a later part of the columns of the batch added last
-                (:func:`~fastlaplace.curvature.statistics.layer_statistic_parts`): the data
-                count came with the first part.
+        ``new_batch=False``: a later part of the last batch's columns, as in :meth:`KronCurvature.update`.
         """
         batch = [self._layer_diagonal(s) for s in statistics]
         self.names, self.diagonals = _add_batch(self.names, self.diagonals, statistics, batch)
@@ -485,11 +481,7 @@ class UnitwiseCurvature:
     def update(self, statistics: Sequence[LayerStatistics], new_batch: bool = True) -> None:
         """Add one batch from the per-sample gradients (``(N, K, d, k)`` per layer).
 
-        Args:
-            statistics: one entry per layer, the same layers in every batch.
-            new_batch: False for a later part of the columns of the batch added last
-                (:func:`~fastlaplace.curvature.statistics.layer_statistic_parts`): the data
-                count came with the first part.
+        ``new_batch=False``: a later part of the last batch's columns, as in :meth:`KronCurvature.update`.
         """
         batch = []
         for s in statistics:
