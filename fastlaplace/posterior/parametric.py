@@ -168,26 +168,25 @@ class ParametricLaplace(BaseLaplace):
         self, x: Tensor, y: Tensor, generator: torch.Generator | None
     ) -> tuple[Tensor, list[LayerStatistics]]:
         """One batch's ``(N, C)`` output and per-layer statistics (structures with closed forms override it)."""
-        return layer_statistics(self.model, x, y, *self._statistics_options(generator))
+        return layer_statistics(self.model, x, y, **self._statistics_options(generator))
 
     def _batch_statistic_parts(
         self, x: Tensor, y: Tensor, generator: torch.Generator | None
     ) -> tuple[Tensor, Iterator[list[LayerStatistics]]]:
         """:meth:`_batch_statistics` in parts of the columns (see ``layer_statistic_parts``), for the fit."""
-        return layer_statistic_parts(self.model, x, y, *self._statistics_options(generator))
+        return layer_statistic_parts(self.model, x, y, **self._statistics_options(generator))
 
-    def _statistics_options(self, generator: torch.Generator | None) -> tuple:
-        """The arguments of ``layer_statistics`` after the batch: likelihood, mode, layers, precision, noise."""
-        noise = self.sigma_noise if self.noise_per_output else None
-        return (
-            self._likelihood(True),
-            self.curvature_mode,
-            generator,
-            self.layers,
-            self.curvature_dtype,
-            noise,
-            self.last_layer_only,
-        )
+    def _statistics_options(self, generator: torch.Generator | None) -> dict:
+        """The keyword arguments of ``layer_statistics`` and ``layer_statistic_parts`` after the batch."""
+        return {
+            "likelihood": self._likelihood(True),
+            "mode": self.curvature_mode,
+            "generator": generator,
+            "layers": self.layers,
+            "compute_dtype": self.curvature_dtype,
+            "output_noise": self.sigma_noise if self.noise_per_output else None,
+            "output_layer": self.last_layer_only,
+        }
 
     def _sum_over_ranks(self) -> None:
         """After each rank's pass over its shard: sum the curvature, the loss and ``num_data`` over the ranks.
