@@ -8,9 +8,10 @@ the negative log marginal likelihood (Immer et al. 2021, laplace-torch's
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +51,9 @@ def marglik_training(
 
     The per-datum training loss is ``(Σ_n ℓ_n / T + ½ Σ_l δ_l ‖θ_l‖²) / N`` with ℓ the
     cross-entropy or ``‖f − y‖² / (2σ²)``, θ_l the ``[W | b]`` of the posterior's layer l.
+    The epochs train in the mode the model is given in (dropout on in training mode); the
+    posteriors are fitted with it in eval mode, as laplace-torch's, and the model is handed
+    back in its given mode (in training mode, call ``model.eval()`` before predicting).
 
     Args:
         model: the network; trained in place.
@@ -156,7 +160,8 @@ def marglik_training(
             if epoch % marglik_frequency != 0 or epoch <= n_epochs_burnin:
                 continue
             la = posterior(log_prior.exp(), log_sigma.exp())
-            la.fit(train_loader)
+            with _in_eval_mode(model):
+                la.fit(train_loader)
             for _ in range(n_hypersteps):
                 hyper_optimiser.zero_grad()
                 sigma = log_sigma.exp() if log_sigma.requires_grad else None
@@ -173,11 +178,24 @@ def marglik_training(
                 )
         model.load_state_dict(best[1])
         la = posterior(best[2], best[3])
-        la.fit(train_loader)
+        with _in_eval_mode(model):
+            la.fit(train_loader)
         return la, model, margliks, losses
     except BaseException:
         model.load_state_dict(initial_weights)  # a failed training leaves the model as it was given
         raise
+
+
+@contextlib.contextmanager
+def _in_eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode (dropout off) for the duration; every module's own mode restored after."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _expand(prior: Tensor) -> Tensor:
@@ -206,7 +224,7 @@ def _train_epoch(model, loader, size, probe, optimiser, scheduler, log_prior, lo
         x, y = probe._split_batch(batch)
         probe._check_targets(y, probe._batch_size(x))
         optimiser.zero_grad()
-        output = call_model(model, x)
+        output = call_model(model, x, training=True)
         probe._check_outputs(output, y)
         noise = sigma if probe.likelihood == "regression" else None
         data_term = summed_negative_log_likelihood(output, y, probe._likelihood(True), noise)

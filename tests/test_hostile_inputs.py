@@ -752,3 +752,46 @@ def test_a_kfac_step_with_a_bad_scheduled_setting_changes_nothing(options, messa
     expected = _kfac_step(clean_model, clean, *_kfac_batch(1))
     for e, g in zip(expected, [p.grad for p in model.parameters()], strict=True):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def _with_dropout(p: float = 0.5) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(D, 5), nn.Tanh(), nn.Dropout(p), nn.Linear(5, C)).double()
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_dropout_in_training_mode_is_refused_by_name_at_fit(structure, subset):
+    options = {"n_subset": N} if structure == "gp" else {}
+    la = Laplace(_with_dropout().train(), "classification", subset, structure, **options)
+    x, y = _data("classification")
+    with pytest.raises(ValueError, match=r"module '2' \(Dropout, p=0.5\) is in training mode.*model.eval\(\)"):
+        la.fit([(x, y)])
+    with pytest.raises(RuntimeError, match="fit"):
+        la(x)
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_dropout_switched_on_after_the_fit_is_refused_by_every_predictive(structure):
+    model = _with_dropout().eval()
+    options = {"n_subset": N} if structure == "gp" else {}
+    la = Laplace(model, "classification", "all", structure, **options)
+    x, y = _data("classification")
+    la.fit([(x, y)])
+    before = _answers(la)
+    model.train()
+    for predictive in ("probit", "mc", "bridge"):
+        with pytest.raises(ValueError, match=r"module '2' \(Dropout, p=0.5\) is in training mode"):
+            la(x, link_approx=predictive)
+    if "nn" in la.pred_types:
+        with pytest.raises(ValueError, match="Dropout"):
+            la(x, pred_type="nn", n_samples=2)
+    model.eval()
+    _assert_unchanged(la, before)
+
+
+def test_dropout_with_p_zero_is_deterministic_and_allowed():
+    la = Laplace(_with_dropout(0.0).train(), "classification", "all", "kron")
+    x, y = _data("classification")
+    la.fit([(x, y)])
+    assert torch.equal(la(x), la(x))

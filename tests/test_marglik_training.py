@@ -72,3 +72,21 @@ def test_bad_arguments_are_refused(generator):
 def test_an_empty_loader_is_refused():
     with pytest.raises(ValueError, match="the loader yielded no data"):
         marglik_training(nn.Sequential(nn.Linear(2, 3)), [], n_epochs=1)
+
+
+def test_dropout_trains_on_while_the_posteriors_are_fitted_in_eval_mode(generator):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3)).train()
+    model[0].eval()  # a module's own mode is given back as it was
+    x = torch.randn(60, 2, generator=generator)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    masks_drawn = []
+    model[2].register_forward_hook(lambda m, i, out: masks_drawn.append(m.training))
+    la, _, margliks, _ = marglik_training(model, [(x, y)], n_epochs=2, optimizer_kwargs={"lr": 0.05})
+    assert any(masks_drawn) and not all(masks_drawn)  # dropout on in the epochs, off in the fits
+    assert model.training and model[2].training and not model[0].training
+    assert all(math.isfinite(m) for m in margliks)
+    with pytest.raises(ValueError, match=r"module '2' \(Dropout, p=0.5\) is in training mode"):
+        la(x)
+    model.eval()
+    assert torch.equal(la(x), la(x))

@@ -388,3 +388,14 @@ def test_a_bert_encoder_with_lora_under_a_pooled_head(structure, generator):
     if structure == "diag":  # exact: the GGN's diagonal
         torch.testing.assert_close(la._to_parameter_order(la.posterior_precision()), ggn.diagonal() + 1)
     torch.testing.assert_close(la.functional_variance(x)[0], model(x).detach())  # the mean is the model's logits
+
+
+def test_a_gpt2_built_from_its_config_is_in_training_mode_and_its_dropout_is_named(generator):
+    model = tiny_gpt2().train()  # nn.Module's default mode; from_pretrained would have called eval()
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
+    x, y = padded_batch(generator), torch.tensor([0, 1, 2, 1])
+    with pytest.raises(ValueError, match=r"\(Dropout, p=0.1\) is in training mode: .* call model.eval\(\)"):
+        la.fit([(x, y)])
+    model.eval()
+    la.fit([(x, y)])
+    assert torch.equal(la(x), la(x))

@@ -74,6 +74,12 @@ def model(dtype: torch.dtype, outputs: int = C, width: int = H, seed: int = 0) -
     return nn.Sequential(nn.Linear(D, width), nn.Tanh(), nn.Linear(width, outputs)).to(dtype)
 
 
+def with_dropout(dtype: torch.dtype, p: float) -> nn.Module:
+    """:func:`model`'s layers with a Dropout(p) before the last."""
+    net = model(dtype)
+    return nn.Sequential(*net[:-1], nn.Dropout(p), net[-1])
+
+
 def data(likelihood: str, dtype: torch.dtype, seed: int = 0, n: int = N) -> tuple[torch.Tensor, torch.Tensor]:
     """``(n, D)`` inputs and class labels or ``(n, C)`` regression targets, seeded."""
     generator = torch.Generator().manual_seed(seed)
@@ -1103,6 +1109,20 @@ def sweep_models(structure: str, dtype: torch.dtype) -> None:
         f"{tag}: a Linear subclass with its own forward",
         lambda: fit_answers(nn.Sequential(DoubledLinear(D, C).to(dtype))),
         ("forward of its own",),
+    )
+    for subset in ("all", "last_layer"):
+        case(
+            g,
+            f"{tag}: dropout in training mode, {subset}",
+            lambda subset=subset: fit_answers(with_dropout(dtype, 0.5).train(), subset),
+            ("Dropout", "training mode", "model.eval()"),
+        )
+    case(
+        g,
+        f"{tag}: dropout p=0 in training mode",
+        lambda: fit_answers(with_dropout(dtype, 0.0).train()),
+        expect="answer",
+        oracle=lambda: clean,
     )
     frozen = model(dtype)
     frozen[0].requires_grad_(False)

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from fastlaplace.curvature.model_io import model_arguments
+from fastlaplace.curvature.model_io import check_deterministic, model_arguments
 from fastlaplace.curvature.statistics import check_plain_forward
 
 FEATURE_REDUCTIONS = ("pick_first", "pick_last", "average")
@@ -70,6 +70,7 @@ class LastLayerModel(nn.Module):
             captured.append(args[0])
             raise _FeaturesCaptured
 
+        check_deterministic(self.model)
         handle = self.layer.register_forward_pre_hook(stop)
         try:
             args, kwargs = model_arguments(self.model, x)

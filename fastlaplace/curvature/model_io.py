@@ -9,6 +9,10 @@ Outputs, read by :func:`model_logits`: a tensor is the logits; a ``ModelOutput``
 a ``logits`` attribute) gives ``.logits``, a dict its ``"logits"`` entry, a tuple or list its first
 element. A model returning anything else is wrapped by the user in a module whose forward returns
 the ``(N, C)`` logits tensor.
+
+A model is called in the mode it is in, never switched: one whose dropout is in training mode
+(random masks, so random curvature and predictions) is refused by :func:`check_deterministic`,
+except in a training step.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.modules.dropout import _DropoutNd
 
 
 def model_arguments(model: nn.Module, x: Tensor | Mapping) -> tuple[tuple, dict[str, Any]]:
@@ -52,8 +57,34 @@ def model_logits(output: Any) -> Tensor:
     return logits
 
 
-def call_model(model: nn.Module, x: Tensor | Mapping, parameters: Mapping[str, Tensor] | None = None) -> Tensor:
-    """The ``(N, C)`` logits of ``model`` on ``x``, with ``parameters`` in place of some of its own if given."""
+def check_deterministic(model: nn.Module) -> None:
+    """Refuse a model with dropout in training mode: its outputs are random draws, not the network at θ.
+
+    Attention modules (Hugging Face's among them) read their own ``training`` flag with their
+    ``nn.Dropout``'s ``p``: the Dropout module is found in either case. Dropout with ``p=0``
+    is deterministic and allowed.
+
+    Raises:
+        ValueError: naming the first such module, its type and ``p``.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, _DropoutNd) and module.training and module.p > 0:
+            raise ValueError(
+                f"module {name or 'model'!r} ({type(module).__name__}, p={module.p}) is in training mode: its random "
+                "masks would make the curvature and the predictions random; call model.eval() first "
+                "(laplace-torch's fit switches the model to eval mode itself)"
+            )
+
+
+def call_model(
+    model: nn.Module, x: Tensor | Mapping, parameters: Mapping[str, Tensor] | None = None, training: bool = False
+) -> Tensor:
+    """The ``(N, C)`` logits of ``model`` on ``x``, with ``parameters`` in place of some of its own if given.
+
+    Outside a ``training`` step the model must be deterministic (:func:`check_deterministic`).
+    """
+    if not training:
+        check_deterministic(model)
     args, kwargs = model_arguments(model, x)
     output = model(*args, **kwargs) if parameters is None else functional_call(model, dict(parameters), args, kwargs)
     return model_logits(output)
