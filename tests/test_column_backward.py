@@ -6,12 +6,13 @@ from unittest import mock
 
 import pytest
 import torch
+import torch.nn.functional as F
 from resnets import cifar_resnet18, max_pooling_cnn
 from torch import nn
 
 from fastlaplace import Laplace
-from fastlaplace.curvature import statistics
-from fastlaplace.curvature.column_backward import UNBATCHED_BACKWARD, batches_backward
+from fastlaplace.curvature import column_backward, statistics
+from fastlaplace.curvature.column_backward import UNBATCHED_BACKWARD, UNBATCHED_NODES, batches_backward, falls_back
 
 FALLBACK = "There is a performance drop because we have not yet implemented the batching rule"
 
@@ -78,6 +79,78 @@ def test_every_listed_module_falls_back_under_the_batched_backward(module):
 def test_an_mlp_keeps_the_batched_backward():
     assert batches_backward(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.LayerNorm(4), nn.Linear(4, 2)))
     assert not batches_backward(max_pooling_cnn())
+
+
+NODE_MAKERS = {
+    "NativeLayerNormBackward0": lambda t: F.layer_norm(t, t.shape[-1:]),
+    "NativeGroupNormBackward0": lambda t: F.group_norm(t, 2),
+    "GeluBackward0": F.gelu,
+    "TanhBackward0": torch.tanh,
+    "SiluBackward0": F.silu,
+    "EluBackward0": F.elu,
+    "SoftplusBackward0": F.softplus,
+    "LeakyReluBackward0": F.leaky_relu,
+    "SoftmaxBackward0": lambda t: t.softmax(-1),
+    "ScaledDotProductFlashAttentionForCpuBackward0": lambda t: F.scaled_dot_product_attention(t, t, t),
+}
+
+
+@pytest.mark.parametrize("node", sorted(UNBATCHED_NODES))
+def test_every_listed_node_falls_back_under_the_batched_backward(node):
+    x = torch.randn(2, 4, 6, 8, requires_grad=True)
+    out = NODE_MAKERS[node](x) * 2
+    assert out.grad_fn.next_functions[0][0].name() == node and falls_back(out)
+    with fallbacks_raise(), pytest.raises(UserWarning, match=FALLBACK):
+        torch.autograd.grad(out, x, torch.randn(3, *out.shape), is_grads_batched=True)
+
+
+def test_a_graph_of_batched_ops_does_not_fall_back():
+    x = torch.randn(2, 4, 6, 8, requires_grad=True)
+    out = torch.sigmoid(torch.relu(x) @ x.transpose(-1, -2)).exp()
+    assert not falls_back(out)
+    with fallbacks_raise():
+        torch.autograd.grad(out, x, torch.randn(3, *out.shape), is_grads_batched=True)
+
+
+class TokenMixer(nn.Module):
+    """A transformer's shape in miniature: Linear (and LayerNorm) over (N, T, d) tokens, mean-pooled."""
+
+    def __init__(self, activation: nn.Module, norm: bool):
+        super().__init__()
+        self.up, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.norm, self.activation = nn.LayerNorm(8) if norm else nn.Identity(), activation
+
+    def forward(self, tokens):
+        return self.head(self.activation(self.norm(self.up(tokens))).mean(1))
+
+
+@pytest.mark.parametrize(
+    ("activation", "norm", "tokens", "parts"),
+    [(nn.Tanh(), True, 32, 2), (nn.Tanh(), True, 16, 1), (nn.ReLU(), False, 32, 1)],
+    ids=["falls-back-256-rows", "falls-back-128-rows", "batched-ops-256-rows"],
+)
+def test_a_backward_that_falls_back_goes_one_column_at_a_time_from_enough_rows(activation, norm, tokens, parts):
+    """8 sequences of 32 tokens: 256 rows per column, plain backwards if the graph falls back."""
+    torch.manual_seed(0)
+    model = TokenMixer(activation, norm).double()
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(8, tokens, 4, dtype=torch.float64, generator=generator)
+    y = torch.randint(0, 3, (8,), generator=generator)
+    _, whole = statistics.layer_statistics(model, x, y, "classification")
+    _, got = statistics.layer_statistic_parts(model, x, y, "classification")
+    got = list(got)
+    assert len(got) == parts
+    for i, s in enumerate(whole):
+        stacked = torch.cat([part[i].output_grads for part in got], dim=1)
+        torch.testing.assert_close(stacked, s.output_grads, rtol=1e-13, atol=1e-15)
+
+
+def test_an_mlp_of_batched_ops_keeps_the_batched_backward_at_any_rows():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(600, 3, dtype=torch.float64), torch.randint(0, 3, (600,))
+    _, parts = statistics.layer_statistic_parts(model, x, y, "classification")
+    assert len(list(parts)) == 1
+    assert column_backward.PLAIN_BACKWARD_ROWS <= 600
 
 
 def small_convnet() -> nn.Sequential:

@@ -8,7 +8,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fastlaplace.curvature.column_backward import backpropagate, batches_backward, each_column
+from fastlaplace.curvature.column_backward import (
+    PLAIN_BACKWARD_ROWS,
+    backpropagate,
+    batches_backward,
+    each_column,
+    falls_back,
+)
 from fastlaplace.curvature.layout import is_transposed_linear, weight_block
 from fastlaplace.curvature.loss import output_gradient_columns
 from fastlaplace.curvature.model_io import call_model
@@ -354,6 +360,21 @@ class _ColumnPass:
                 grads[i] = grad
         return self.checked(grads)
 
+    def one_column_at_a_time(self, model: nn.Module) -> bool:
+        """Whether the columns go back in plain backwards, one at a time.
+
+        Always for a model whose backward torch's vmap does not batch (convolutions...);
+        for one whose graph merely falls back somewhere (LayerNorm, GELU, attention), once
+        its layers see :data:`~fastlaplace.curvature.column_backward.PLAIN_BACKWARD_ROWS`
+        rows per column (a transformer's tokens).
+        """
+        if not self.inner:
+            return False
+        if not batches_backward(model):
+            return True
+        rows = max(self.pre_activations[i].numel() // self.pre_activations[i].shape[-1] for i in self.inner)
+        return rows >= PLAIN_BACKWARD_ROWS and falls_back(self.output)
+
     def each_column(self) -> Iterator[list[Tensor]]:
         """Per column k, per layer ``(1, *pre_activation.shape)``: column k backpropagated (plain backwards)."""
         inner = self.inner
@@ -576,7 +597,7 @@ def layer_statistic_parts(
         ]
 
     def parts() -> Iterator[list[LayerStatistics]]:
-        if forward.inner and not batches_backward(model):
+        if forward.one_column_at_a_time(model):
             yield from map(part, forward.each_column())
         else:
             yield part(forward.all_columns(batched=True, create_graph=False))
