@@ -45,8 +45,11 @@ def shared_weight_covariance(
     # One buffer for every chunk: a fresh allocation of this size is page-faulted in again each time.
     buffer = None if through_kernel else qa.new_empty(min(chunk, n), classes * inverse.shape[0], inverse.shape[1])
     parts = []
+    # Rotated as (n, C, d_G, L): a convolution's gradients are laid out so (location_grads is their
+    # transposed view), and the rotated Jacobian's GEMM takes them so: neither layout is copied.
+    channel_grads = location_grads.transpose(2, 3)
     for start in range(0, n, chunk):
-        grads = location_grads[start : start + chunk].to(qa.dtype) @ qg  # (n, C, L, d_G)
+        grads = qg.T @ channel_grads[start : start + chunk].to(qa.dtype)  # (n, C, d_G, L)
         u = patches[start : start + chunk].to(qa.dtype)
         if through_kernel:
             parts.append(_through_location_kernel(grads, u, qa, inverse, diagonal))
@@ -60,11 +63,13 @@ def _through_rotated_jacobian(
 ) -> Tensor:
     """``J̃_c`` formed in ``out`` ``(n, C d_G, d_A)``, scaled in place by ``√W``, then reduced by one batched GEMM.
 
+    ``grads``: the ``(n, C, d_G, L)`` rotated output gradients.
+
     The patches are rotated before the sum over locations, or the ``(C d_G, d_A)`` sum
     after it, whichever costs fewer flops (``L d_A²`` against ``C d_G d_A²``).
     """
-    n, classes, locations, d_g = grads.shape
-    grads = grads.transpose(2, 3).reshape(n, classes * d_g, locations)
+    n, classes, d_g, locations = grads.shape
+    grads = grads.reshape(n, classes * d_g, locations)
     if classes * d_g < locations:
         torch.matmul(grads @ patches, qa, out=out)
     else:
@@ -77,12 +82,13 @@ def _through_rotated_jacobian(
 
 def _through_location_kernel(grads: Tensor, patches: Tensor, qa: Tensor, inverse: Tensor, diagonal: bool) -> Tensor:
     """``K_pqj`` for the pairs ``p ≤ q`` (it is symmetric) by one GEMM with ``Wᵀ``, then contracted with ``B̃``."""
-    n, _, locations, d_g = grads.shape
+    n, _, d_g, locations = grads.shape
     rotated = (patches.reshape(-1, patches.shape[-1]) @ qa).view(n, locations, -1)  # (n, L, d_A)
     first, second = torch.triu_indices(locations, locations, device=qa.device)
     kernel = ((rotated[:, first] * rotated[:, second]).flatten(0, 1) @ inverse.T).view(n, -1, d_g)  # (n, P, d_G)
     kernel[:, first != second] *= 2  # each off-diagonal pair stands for (p, q) and (q, p)
+    kernel = kernel.transpose(1, 2)  # (n, d_G, P), as the gradients' pairs
     if diagonal:
-        return torch.einsum("ncpj,npj,ncpj->nc", grads[:, :, first], kernel, grads[:, :, second])
-    half = torch.einsum("ncpj,npj,nepj->nce", grads[:, :, first], kernel, grads[:, :, second])
+        return torch.einsum("ncjp,njp,ncjp->nc", grads[..., first], kernel, grads[..., second])
+    half = torch.einsum("ncjp,njp,nejp->nce", grads[..., first], kernel, grads[..., second])
     return (half + half.transpose(1, 2)) / 2
