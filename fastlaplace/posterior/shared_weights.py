@@ -81,14 +81,22 @@ def _through_rotated_jacobian(
 
 
 def _through_location_kernel(grads: Tensor, patches: Tensor, qa: Tensor, inverse: Tensor, diagonal: bool) -> Tensor:
-    """``K_pqj`` for the pairs ``p ≤ q`` (it is symmetric) by one GEMM with ``Wᵀ``, then contracted with ``B̃``."""
+    """``K_pqj`` for the pairs ``p ≤ q`` (it is symmetric) by one GEMM with ``Wᵀ``, then ``B̃_j K_j B̃_jᵀ`` per feature j.
+
+    ``grads``: the ``(n, C, d_G, L)`` rotated output gradients. The kernel is mirrored into
+    ``(n, d_G, L, L)`` matrices (a few MB) so that the contraction is a batched GEMM of
+    ``(C, L)`` by ``(L, L)``, not gathers of every gradient pair.
+    """
     n, _, d_g, locations = grads.shape
     rotated = (patches.reshape(-1, patches.shape[-1]) @ qa).view(n, locations, -1)  # (n, L, d_A)
     first, second = torch.triu_indices(locations, locations, device=qa.device)
-    kernel = ((rotated[:, first] * rotated[:, second]).flatten(0, 1) @ inverse.T).view(n, -1, d_g)  # (n, P, d_G)
-    kernel[:, first != second] *= 2  # each off-diagonal pair stands for (p, q) and (q, p)
-    kernel = kernel.transpose(1, 2)  # (n, d_G, P), as the gradients' pairs
+    pairs = ((rotated[:, first] * rotated[:, second]).flatten(0, 1) @ inverse.T).view(n, -1, d_g)  # (n, P, d_G)
+    kernel = pairs.new_empty(n, d_g, locations, locations)
+    kernel[..., first, second] = pairs.transpose(1, 2)
+    kernel[..., second, first] = pairs.transpose(1, 2)
+    by_feature = grads.transpose(1, 2)  # (n, d_G, C, L)
+    weighted = by_feature @ kernel  # (n, d_G, C, L)
     if diagonal:
-        return torch.einsum("ncjp,njp,ncjp->nc", grads[..., first], kernel, grads[..., second])
-    half = torch.einsum("ncjp,njp,nejp->nce", grads[..., first], kernel, grads[..., second])
-    return (half + half.transpose(1, 2)) / 2
+        return (weighted * by_feature).sum((1, 3))
+    covariance = (weighted @ by_feature.transpose(2, 3)).sum(1)
+    return (covariance + covariance.transpose(1, 2)) / 2
