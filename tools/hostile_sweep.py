@@ -825,6 +825,16 @@ def sweep_predictive(subset: str, structure: str, likelihood: str, dtype: torch.
     for name, call, keywords in bad:
         case(g, f"{tag}: {name}", call, keywords, state=st)
     clean = la(x)
+
+    def under_inference_mode():
+        fresh = fitted(subset, structure, likelihood, dtype)
+        with torch.inference_mode():
+            first = fresh(x.clone())  # caches made here
+        if structure != "gp":
+            fresh.optimize_prior_precision(method="marglik", n_steps=2)  # must differentiate through them
+        return first
+
+    case(g, f"{tag}: under torch.inference_mode", under_inference_mode, expect="answer", oracle=lambda: clean)
     nan_x = x.clone()
     nan_x[2, 0] = math.nan
 

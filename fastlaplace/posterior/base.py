@@ -28,6 +28,7 @@ from fastlaplace.curvature import (
 from fastlaplace.curvature.loss import check_class_labels
 from fastlaplace.curvature.memory import check_allocation
 from fastlaplace.curvature.statistics import all_finite
+from fastlaplace.posterior.inference_mode import shield_public_methods
 from fastlaplace.predictive import laplace_bridge, probit, sampled_softmax
 
 
@@ -101,6 +102,10 @@ class BaseLaplace(ABC):
     (regression only), T the temperature and δ the prior precision (a scalar, one per
     layer or one per parameter). Subclasses define the structure of H.
     """
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        shield_public_methods(cls)  # every posterior's own methods run outside torch.inference_mode
 
     def __init__(
         self,
@@ -334,10 +339,16 @@ class BaseLaplace(ABC):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
     def _to_device(self, x: Tensor | Mapping) -> Tensor | Mapping:
+        """Inputs on the posterior's device, as ordinary tensors (one made under inference mode is copied)."""
+
+        def moved(t: Tensor) -> Tensor:
+            t = t.to(self.device)
+            return t.clone() if t.is_inference() else t  # an inference tensor cannot be saved for a backward
+
         if isinstance(x, Mapping):
             # the targets are the posterior's to read, not the model's (an HF model would compute a loss)
-            return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in x.items() if k != self.dict_key_y}
-        return x.to(self.device)
+            return {k: moved(v) if isinstance(v, Tensor) else v for k, v in x.items() if k != self.dict_key_y}
+        return moved(x)
 
     def _batch_size(self, x: Tensor | Mapping) -> int:
         """N of a batch's inputs; a dict batch's inputs are under ``dict_key_x`` (laplace-torch's rule)."""
@@ -877,3 +888,6 @@ class BaseLaplace(ABC):
     @abstractmethod
     def _jacobian_cross_covariance(self, stats) -> Tensor:
         """``(N, C, N, C)``: ``J P⁻¹ Jᵀ`` between every pair of samples."""
+
+
+shield_public_methods(BaseLaplace)
