@@ -14,6 +14,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.pytorch_utils import Conv1D
 
 from fastlaplace import Laplace
+from fastlaplace.curvature import statistics
 from fastlaplace.optim import KFACPreconditioner
 
 
@@ -399,3 +400,30 @@ def test_a_gpt2_built_from_its_config_is_in_training_mode_and_its_dropout_is_nam
     model.eval()
     la.fit([(x, y)])
     assert torch.equal(la(x), la(x))
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag"])
+def test_gpt2_lora_curvature_is_the_same_in_plain_backwards_per_column(structure, generator, monkeypatch):
+    """From PLAIN_BACKWARD_ROWS token rows GPT-2 (LayerNorm, GELU, attention fall back) goes column by column."""
+    model = tiny_gpt2()
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True, task_type="SEQ_CLS")
+    peft_model = get_peft_model(model, config).double().eval()
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.3, generator=generator)
+    x, y = padded_batch(generator), torch.tensor([0, 1, 2, 1])
+
+    def fit(rows: int):
+        monkeypatch.setattr(statistics, "PLAIN_BACKWARD_ROWS", rows)
+        la = Laplace(peft_model, "classification", subset_of_weights="all", hessian_structure=structure)
+        la.fit([(x, y)])
+        return la
+
+    _, parts = statistics.layer_statistic_parts(peft_model, x, y, "classification")
+    assert len(list(parts)) == 1  # 4 sequences of 6 tokens: 24 rows, batched
+    monkeypatch.setattr(statistics, "PLAIN_BACKWARD_ROWS", 24)
+    _, parts = statistics.layer_statistic_parts(peft_model, x, y, "classification")
+    assert len(list(parts)) == 2  # C - 1 columns, one plain backward each
+    plain, batched = fit(24), fit(10**9)
+    for got, want in zip(plain._curvature_tensors(), batched._curvature_tensors(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
