@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from fastlaplace.curvature.column_backward import (
 from fastlaplace.curvature.layout import is_transposed_linear, weight_block
 from fastlaplace.curvature.loss import output_gradient_columns
 from fastlaplace.curvature.model_io import call_model
+from fastlaplace.curvature.pointwise import collapsed_pointwise_modules
 
 #: layers with Kronecker factors (a weight applied to input vectors); transformers' Conv1D too
 #: (see :func:`has_kron_factors`), recognised without importing transformers
@@ -393,8 +395,14 @@ def _forward_for_columns(
     layers: Layers | None,
     compute_dtype: torch.dtype | None,
     output_layer: bool,
+    collapse_pointwise: bool = False,
 ) -> _ColumnPass:
-    """Forward x with every layer's input and output captured, check them, and make the ``(K, N, C)`` columns."""
+    """Forward x with every layer's input and output captured, check them, and make the ``(K, N, C)`` columns.
+
+    With ``collapse_pointwise`` (a pass backpropagated without ``create_graph``), activations
+    written as chains of elementwise ops go back as one product per column
+    (:mod:`fastlaplace.curvature.pointwise`).
+    """
     layers = supported_layers(model) if layers is None else layers
     captured: dict[str, tuple[Tensor, Tensor]] = {}
     size = _batch_size(x)
@@ -419,8 +427,9 @@ def _forward_for_columns(
 
     handles = [module.register_forward_hook(capture(name)) for name, module in layers]
     device = layers[0][1].weight.device.type
+    collapsed = collapsed_pointwise_modules(model) if collapse_pointwise else nullcontext()
     try:
-        with torch.enable_grad(), torch.autocast(device, compute_dtype, enabled=compute_dtype is not None):
+        with torch.enable_grad(), torch.autocast(device, compute_dtype, enabled=compute_dtype is not None), collapsed:
             output = call_model(model, x)
     finally:
         for handle in handles:
@@ -586,7 +595,7 @@ def layer_statistic_parts(
         entry per layer.
     """
     columns = _curvature_columns(target, likelihood, mode, generator, output_noise)
-    forward = _forward_for_columns(model, x, columns, layers, compute_dtype, output_layer)
+    forward = _forward_for_columns(model, x, columns, layers, compute_dtype, output_layer, collapse_pointwise=True)
     inputs = [a.detach() for a in forward.inputs]
     derived: list[dict[str, Tensor]] = [{} for _ in inputs]  # patches, normalised inputs: once per batch
 
