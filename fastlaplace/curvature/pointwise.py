@@ -94,7 +94,8 @@ class _Pointwise:
     def times(self, column: Tensor) -> Tensor:
         """``column ⊙ f'(input)``; the first call backpropagates ones through the chain and frees it."""
         if self.derivative is None:
-            (self.derivative,) = torch.autograd.grad(self.output, self.input, torch.ones_like(self.output))
+            ones = torch.ones((), dtype=self.output.dtype, device=self.output.device).expand_as(self.output)
+            (self.derivative,) = torch.autograd.grad(self.output, self.input, ones)
             self.output = self.input = None
         return column * self.derivative
 
