@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +20,7 @@ from fastlaplace.curvature.layout import is_transposed_linear, weight_block
 from fastlaplace.curvature.loss import output_gradient_columns
 from fastlaplace.curvature.model_io import call_model
 from fastlaplace.curvature.pointwise import collapsed_pointwise_modules
+from fastlaplace.curvature.relu_max_pool import relu_max_pool_folded
 
 #: layers with Kronecker factors (a weight applied to input vectors); transformers' Conv1D too
 #: (see :func:`has_kron_factors`), recognised without importing transformers
@@ -395,13 +396,14 @@ def _forward_for_columns(
     layers: Layers | None,
     compute_dtype: torch.dtype | None,
     output_layer: bool,
-    collapse_pointwise: bool = False,
+    shortcuts: bool = False,
 ) -> _ColumnPass:
     """Forward x with every layer's input and output captured, check them, and make the ``(K, N, C)`` columns.
 
-    With ``collapse_pointwise`` (a pass backpropagated without ``create_graph``), activations
-    written as chains of elementwise ops go back as one product per column
-    (:mod:`fastlaplace.curvature.pointwise`).
+    With ``shortcuts`` (a pass backpropagated without ``create_graph``), activations written
+    as chains of elementwise ops go back as one product per column
+    (:mod:`fastlaplace.curvature.pointwise`), and max-pooling of a ReLU's output straight to
+    the ReLU's input (:mod:`fastlaplace.curvature.relu_max_pool`).
     """
     layers = supported_layers(model) if layers is None else layers
     captured: dict[str, tuple[Tensor, Tensor]] = {}
@@ -427,10 +429,13 @@ def _forward_for_columns(
 
     handles = [module.register_forward_hook(capture(name)) for name, module in layers]
     device = layers[0][1].weight.device.type
-    collapsed = collapsed_pointwise_modules(model) if collapse_pointwise else nullcontext()
     try:
-        with torch.enable_grad(), torch.autocast(device, compute_dtype, enabled=compute_dtype is not None), collapsed:
-            output = call_model(model, x)
+        with torch.enable_grad(), torch.autocast(device, compute_dtype, enabled=compute_dtype is not None):
+            with ExitStack() as stack:
+                if shortcuts:
+                    stack.enter_context(collapsed_pointwise_modules(model))
+                    stack.enter_context(relu_max_pool_folded(model))
+                output = call_model(model, x)
     finally:
         for handle in handles:
             handle.remove()
@@ -595,7 +600,7 @@ def layer_statistic_parts(
         entry per layer.
     """
     columns = _curvature_columns(target, likelihood, mode, generator, output_noise)
-    forward = _forward_for_columns(model, x, columns, layers, compute_dtype, output_layer, collapse_pointwise=True)
+    forward = _forward_for_columns(model, x, columns, layers, compute_dtype, output_layer, shortcuts=True)
     inputs = [a.detach() for a in forward.inputs]
     derived: list[dict[str, Tensor]] = [{} for _ in inputs]  # patches, normalised inputs: once per batch
 
