@@ -32,7 +32,7 @@ class _MaxPoolOfRelu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input: Tensor, pooled: Tensor, node) -> Tensor:
         ctx.save_for_backward(input)
-        ctx.positive = pooled > 0
+        ctx.positive = (pooled > 0).to(pooled.dtype)  # a product with a bool mask would convert it per column
         ctx.indices = node._saved_result1
         ctx.window = (
             node._saved_kernel_size,
