@@ -134,3 +134,22 @@ def test_hooks_are_removed_even_when_the_forward_raises():
     la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
     la.fit(data())
     assert all(not m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("enable_backprop", [False, True], ids=["predictive", "differentiable-predictive"])
+def test_glm_predictive_with_collapsed_activation_equals_the_native_one(enable_backprop):
+    x = torch.randn(7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    results = []
+    for model in (mlp(ComposedTanhGelu()), mlp(nn.GELU(approximate="tanh"))):
+        la = Laplace(
+            model, "classification", subset_of_weights="all", hessian_structure="kron", enable_backprop=enable_backprop
+        )
+        la.fit(data())
+        mean, variance = la.functional_variance(x)
+        gradient = torch.autograd.grad(variance.sum(), x)[0] if enable_backprop else None
+        results.append((mean, variance, gradient))
+    (mean, variance, gradient), (expected_mean, expected_variance, expected_gradient) = results
+    torch.testing.assert_close(mean, expected_mean, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(variance, expected_variance, rtol=1e-10, atol=1e-14)
+    if enable_backprop:  # the variance's gradient needs f'' of the activation: no shortcut under create_graph
+        torch.testing.assert_close(gradient, expected_gradient, rtol=1e-10, atol=1e-14)

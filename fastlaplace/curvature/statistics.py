@@ -499,9 +499,10 @@ def backpropagate_columns(
 
     The columns go back in one batched backward, or one plain backward each for models
     whose backward torch's vmap does not batch (:mod:`fastlaplace.curvature.column_backward`).
-    With ``compute_dtype`` (bf16 / fp16) the forward and the backward run under
-    autocast, and one more forward without autograd gives the exact output the loss and
-    the columns are computed from.
+    Without ``create_graph`` the backward takes the shortcuts of :func:`_forward_for_columns`
+    (composed activations, a ReLU's max-pooling). With ``compute_dtype`` (bf16 / fp16) the
+    forward and the backward run under autocast, and one more forward without autograd
+    gives the exact output the loss and the columns are computed from.
 
     With ``output_layer`` (a last-layer posterior) the last of the layers must produce the
     model's output itself: the closed forms of a last layer take its output Jacobian as the
@@ -511,7 +512,7 @@ def backpropagate_columns(
     ``(N, d_in)`` and the backpropagated columns ``(N, K, d_out)`` at their
     pre-activations: detached, or with ``create_graph`` still differentiable w.r.t. x.
     """
-    forward = _forward_for_columns(model, x, make_columns, layers, compute_dtype, output_layer)
+    forward = _forward_for_columns(model, x, make_columns, layers, compute_dtype, output_layer, not create_graph)
     grads = forward.all_columns(batches_backward(model), create_graph)
 
     def keep(t: Tensor) -> Tensor:
