@@ -4,7 +4,20 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
+
+class TinyRMSNorm(nn.Module):
+    """An RMSNorm written as Hugging Face's ``LlamaRMSNorm`` is (its own class, ``variance_epsilon``), in any dtype."""
+
+    def __init__(self, size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.RMSNorm, TinyRMSNorm, nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 def tiny_mlp(bias: bool, classes: int = 3) -> nn.Module:

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from dense import augmented_jacobian, dense_ggn, layer_sizes, targets
+from dense import TinyRMSNorm, augmented_jacobian, dense_ggn, layer_sizes, targets
 from torch import nn
 
 from fastlaplace import Laplace
@@ -24,6 +24,15 @@ def token_model() -> nn.Module:
         model[1].weight.uniform_(0.5, 1.5)
         model[1].bias.uniform_(-0.5, 0.5)
     return model
+
+
+def rms_norm_token_model(norm: type[nn.Module]) -> nn.Module:
+    """Embedding -> an RMSNorm (torch's, or one written as Hugging Face's) -> Linear on every token -> mean -> head."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(7, 4), norm(4), nn.Linear(4, 4), nn.Tanh(), MeanOverTokens(), nn.Linear(4, 3))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+    return model.double()
 
 
 def batchnorm_cnn() -> nn.Module:
@@ -56,6 +65,8 @@ MODELS = {
     "tokens": (token_model, token_ids),
     "batchnorm_cnn": (batchnorm_cnn, lambda n, g: torch.randn(n, 2, 5, 5, dtype=torch.float64, generator=g)),
     "batchnorm_mlp": (batchnorm_mlp, lambda n, g: torch.randn(n, 3, dtype=torch.float64, generator=g)),
+    "rms_norm": (lambda: rms_norm_token_model(nn.RMSNorm), token_ids),
+    "hf_rms_norm": (lambda: rms_norm_token_model(TinyRMSNorm), token_ids),
 }
 
 
@@ -134,6 +145,37 @@ def test_kron_blocks_of_a_transformer_are_kfac_and_unitwise(generator):
     restored = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
     restored.load_state_dict(la.state_dict())
     torch.testing.assert_close(restored(x), la(x))
+
+
+@pytest.mark.parametrize("norm", [nn.RMSNorm, TinyRMSNorm], ids=["torch", "hugging-face-like"])
+def test_kron_blocks_of_an_rms_norm_are_its_exact_per_feature_curvature(norm, generator):
+    model = rms_norm_token_model(norm)
+    x = token_ids(3, generator)
+    y = targets("classification", 3, generator=generator)
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
+    la.fit([(x[:2], y[:2]), (x[2:], y[2:])])
+    ggn = dense_ggn(model, x, "classification")
+    sizes = layer_sizes(model)
+    rms_norm = ggn[sizes[0] : sizes[0] + sizes[1], sizes[0] : sizes[0] + sizes[1]]
+    torch.testing.assert_close(la.unitwise_curvature.blocks[0], rms_norm.diagonal().reshape(-1, 1, 1))
+    restored = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
+    restored.load_state_dict(la.state_dict())
+    torch.testing.assert_close(restored(x), la(x))
+
+
+class OffsetRMSNorm(TinyRMSNorm):
+    """Gemma's form: ``(1 + weight) * x / rms(x)``, whose curvature in the weight is not an RMSNorm's scale."""
+
+    def forward(self, x):
+        return (1 + self.weight) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+def test_a_layer_named_rms_norm_with_another_formula_is_refused_by_name(generator):
+    model = rms_norm_token_model(OffsetRMSNorm)
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
+    x, y = token_ids(2, generator), targets("classification", 2, generator=generator)
+    with pytest.raises(ValueError, match=r"layer '1' \(OffsetRMSNorm\) is taken for an RMSNorm by its name, but"):
+        la.fit([(x, y)])
 
 
 def test_batchnorm_in_training_mode_uses_the_batch_statistics(generator):

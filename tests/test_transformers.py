@@ -1,5 +1,6 @@
 """HuggingFace models as users pass them: GPT-2 Conv1D, ModelOutput / dict / tuple outputs, dict batches, LoRA."""
 
+import copy
 import subprocess
 import sys
 
@@ -427,3 +428,56 @@ def test_gpt2_lora_curvature_is_the_same_in_plain_backwards_per_column(structure
     plain, batched = fit(24), fit(10**9)
     for got, want in zip(plain._curvature_tensors(), batched._curvature_tensors(), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=3, pad_token_id=0, max_position_embeddings=16,
+    )  # fmt: skip
+    model = LlamaForSequenceClassification(config).double().eval()
+    model.model.embed_tokens.weight.requires_grad_(False)
+    with torch.no_grad():  # away from the ones of the initialisation
+        for module in model.modules():
+            if type(module).__name__ == "LlamaRMSNorm":
+                module.weight.uniform_(0.5, 1.5)
+    return model
+
+
+def test_llama_rms_norms_get_the_curvature_of_torch_rms_norms(generator):
+    model = tiny_llama()
+    x, y = padded_batch(generator), torch.tensor([0, 1, 2, 1])
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
+    la.fit([(x, y)])
+    names = [n for n, m in model.named_modules() if type(m).__name__ == "LlamaRMSNorm"]
+    assert la.unitwise_curvature.names == names and len(names) == 5
+    # the same model with torch's RMSNorm in their places, whose curvature the dense tests check
+    model = copy.deepcopy(model)
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        hf = model.get_submodule(name)
+        torch_norm = nn.RMSNorm(hf.weight.shape[0], eps=hf.variance_epsilon).double()
+        torch_norm.weight.data.copy_(hf.weight.data)
+        setattr(model.get_submodule(parent), child, torch_norm)
+    expected = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
+    expected.fit([(x, y)])
+    # LlamaRMSNorm normalises in float32 even in a float64 model: equal to float32's rounding
+    for got, want in zip(la.unitwise_curvature.blocks, expected.unitwise_curvature.blocks, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(la.log_marginal_likelihood(), expected.log_marginal_likelihood(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        la(x, pred_type="glm", link_approx="probit"), expected(x, pred_type="glm", link_approx="probit")
+    )
+
+
+def test_a_per_token_head_without_feature_reduction_is_told_about_it(generator):
+    data = [(padded_batch(generator), torch.tensor([0, 1, 2, 1]))]
+    la = Laplace(tiny_gpt2(), "classification", hessian_structure="kron")  # the head found by the first batch
+    with pytest.raises(ValueError, match=r"'score' does not produce the model's output.*feature_reduction='pick_last'"):
+        la.fit(data)
+    named = Laplace(tiny_gpt2(), "classification", hessian_structure="kron", last_layer_name="score")
+    with pytest.raises(ValueError, match=r"'score' gets features of shape \(4, 6, 16\), one per token.*'pick_last'"):
+        named.fit(data)

@@ -93,7 +93,14 @@ class LastLayerModel(nn.Module):
 
     def forward(self, x: Tensor | Mapping) -> Tensor:
         """``(N, C)`` the last layer's output on the (reduced) features."""
-        return self.layer(self.features(x))
+        features = self.features(x)
+        if features.dim() > 2:
+            raise ValueError(
+                f"the last layer {self.layer_name!r} gets features of shape {tuple(features.shape)}, one per token; "
+                "its posterior needs one per sample: feature_reduction='pick_last' (the last real token, as a "
+                "Hugging Face sequence classifier picks), 'pick_first' or 'average'"
+            )
+        return self.layer(features)
 
 
 def reduce_tokens(features: Tensor, reduction: str, mask: Tensor | None = None) -> Tensor:

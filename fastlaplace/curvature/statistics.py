@@ -25,8 +25,8 @@ from fastlaplace.curvature.relu_max_pool import relu_max_pool_folded
 #: layers with Kronecker factors (a weight applied to input vectors); transformers' Conv1D too
 #: (see :func:`has_kron_factors`), recognised without importing transformers
 KRON_LAYERS = (nn.Linear, nn.Conv2d)
-#: layers that scale and shift each feature of a normalised input
-AFFINE_LAYERS = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
+#: layers that scale (and shift) each feature of a normalised input
+AFFINE_LAYERS = (nn.LayerNorm, nn.RMSNorm, nn.BatchNorm1d, nn.BatchNorm2d)
 SUPPORTED_LAYERS = (*KRON_LAYERS, nn.Embedding, *AFFINE_LAYERS)
 #: the input dimensions each layer type accepts
 INPUT_DIMS = {
@@ -34,11 +34,62 @@ INPUT_DIMS = {
     nn.Conv2d: (4,),
     nn.Embedding: (1, 2),
     nn.LayerNorm: (2, 3),
+    nn.RMSNorm: (2, 3),
     nn.BatchNorm1d: (2,),
     nn.BatchNorm2d: (4,),
 }
-#: the name the error messages give transformers' Conv1D among the supported layers
+#: the names the error messages give transformers' Conv1D and RMSNorm classes among the supported layers
 TRANSPOSED_LINEAR_NAME = "transformers Conv1D"
+RMS_NORM_LIKE_NAME = "transformers *RMSNorm (weight * x / rms(x))"
+
+
+def is_rms_norm_like(module: nn.Module) -> bool:
+    """Whether the module is a Hugging Face RMSNorm (``LlamaRMSNorm``, ``MistralRMSNorm``...): by its class name.
+
+    Those classes are not ``nn.RMSNorm``: recognised by a name ending in ``RMSNorm``, one
+    ``(d,)`` parameter ``weight`` and an ``eps`` or ``variance_epsilon``. That the output is
+    ``weight * x / rms(x)`` (not, say, Gemma's ``(1 + weight) * ...``) is checked on every
+    batch of a curvature pass (:func:`check_rms_norm_output`).
+    """
+    if isinstance(module, nn.RMSNorm) or not type(module).__name__.endswith("RMSNorm"):
+        return False
+    parameters = dict(module.named_parameters(recurse=False))
+    return (
+        list(parameters) == ["weight"] and parameters["weight"].dim() == 1 and isinstance(_rms_norm_eps(module), float)
+    )
+
+
+def is_affine(module: nn.Module) -> bool:
+    """Whether the layer scales (and shifts) each feature of a normalised input: unit-wise curvature blocks."""
+    return isinstance(module, AFFINE_LAYERS) or is_rms_norm_like(module)
+
+
+def _rms_norm_eps(module: nn.Module) -> float | None:
+    """The ε of an RMSNorm (torch's, or a Hugging Face class's ``variance_epsilon``); None: torch's default."""
+    return getattr(module, "variance_epsilon", getattr(module, "eps", None))
+
+
+def normalised(module: nn.Module, x: Tensor) -> Tensor:
+    """``x`` normalised as a LayerNorm or an RMSNorm (``module``) does, before its scale: same shape."""
+    if isinstance(module, nn.LayerNorm):
+        return nn.functional.layer_norm(x, module.normalized_shape, eps=module.eps)
+    return nn.functional.rms_norm(x, x.shape[-1:], eps=_rms_norm_eps(module))
+
+
+def check_rms_norm_output(name: str, module: nn.Module, x: Tensor, output: Tensor) -> None:
+    """Raise unless a Hugging Face RMSNorm's ``output`` is ``weight * x / rms(x)`` (to rounding in its dtype)."""
+    with torch.no_grad():
+        # Hugging Face normalises in float32 whatever the input's dtype, and casts back before the weight
+        expected = module.weight * normalised(module, x.to(torch.promote_types(x.dtype, torch.float32))).to(x.dtype)
+        eps = max(torch.finfo(output.dtype).eps, torch.finfo(torch.float32).eps)
+        tolerance = 64 * eps * (1 + expected.abs())
+        if output.shape == expected.shape and bool(((output - expected).abs() <= tolerance).all()):
+            return
+    raise ValueError(
+        f"layer {name!r} ({type(module).__name__}) is taken for an RMSNorm by its name, but its output is not "
+        "weight * x / rms(x) (a weight offset such as Gemma's (1 + weight), or another formula); its curvature is "
+        "not supported: freeze it (requires_grad=False)"
+    )
 
 
 def has_kron_factors(module: nn.Module) -> bool:
@@ -48,7 +99,7 @@ def has_kron_factors(module: nn.Module) -> bool:
 
 def is_supported(module: nn.Module) -> bool:
     """Whether the layer is of a supported type (or a subclass of one)."""
-    return isinstance(module, SUPPORTED_LAYERS) or is_transposed_linear(module)
+    return isinstance(module, SUPPORTED_LAYERS) or is_transposed_linear(module) or is_rms_norm_like(module)
 
 
 Layers = list[tuple[str, nn.Module]]
@@ -177,8 +228,8 @@ class LayerStatistics:
 
     def _normalised_inputs(self) -> Tensor:
         m, x = self.module, self.inputs
-        if isinstance(m, nn.LayerNorm):
-            x = nn.functional.layer_norm(x, m.normalized_shape, eps=m.eps)
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+            x = normalised(m, x)
             return x if x.dim() == 3 else x.unsqueeze(1)
         batch_statistics = m.training or m.running_mean is None
         x = nn.functional.batch_norm(
@@ -219,7 +270,7 @@ class LayerStatistics:
             ids = self.inputs if self.inputs.dim() == 2 else self.inputs.unsqueeze(1)
             one_hot = nn.functional.one_hot(ids.long(), self.module.num_embeddings).to(grads.dtype)
             return torch.einsum("nklo,nlv->nkvo", grads, one_hot).flatten(2)
-        if isinstance(self.module, AFFINE_LAYERS):
+        if is_affine(self.module):
             parts = [torch.einsum("nklo,nlo->nko", grads, self.normalised_inputs().to(grads.dtype))]
             if self.has_bias:
                 parts.append(grads.sum(2))
@@ -251,9 +302,9 @@ def supported_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
                 f"layer {name!r} ({type(module).__name__}) has trainable parameters but is not "
                 f"supported; supported layers: {kinds} (set requires_grad=False to leave it out)"
             )
-        if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1:
+        if isinstance(module, nn.LayerNorm | nn.RMSNorm) and len(module.normalized_shape) != 1:
             raise ValueError(
-                f"layer {name!r} (LayerNorm) must normalise the last dimension only, got "
+                f"layer {name!r} ({type(module).__name__}) must normalise the last dimension only, got "
                 f"normalized_shape={tuple(module.normalized_shape)}"
             )
         if not module.weight.requires_grad:
@@ -268,7 +319,7 @@ def supported_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _supported_kinds() -> str:
-    return ", ".join([*(t.__name__ for t in SUPPORTED_LAYERS), TRANSPOSED_LINEAR_NAME])
+    return ", ".join([*(t.__name__ for t in SUPPORTED_LAYERS), TRANSPOSED_LINEAR_NAME, RMS_NORM_LIKE_NAME])
 
 
 def check_plain_forward(name: str, module: nn.Module) -> None:
@@ -322,6 +373,8 @@ def _batch_size(x: Tensor | Mapping) -> int:
 
 def _input_dims(module: nn.Module) -> tuple[int, ...]:
     """The input dimensions the (possibly subclassed) supported module accepts; a Conv1D's are a Linear's."""
+    if is_rms_norm_like(module):
+        return INPUT_DIMS[nn.RMSNorm]
     return next((dims for t, dims in INPUT_DIMS.items() if isinstance(module, t)), INPUT_DIMS[nn.Linear])
 
 
@@ -452,13 +505,22 @@ def _forward_for_columns(
             "(requires_grad=False) to leave them out"
         )
     if output_layer and captured[layers[-1][0]][1] is not output:
+        per_token = captured[layers[-1][0]][1].dim() > output.dim()
         raise ValueError(
             f"the last-layer posterior's layer {layers[-1][0]!r} does not produce the model's output (the model "
             "computes further from it, or another module runs after it); name the layer that does with "
             "last_layer_name, or make it the model's last operation"
+            + (
+                "; a head applied to every token whose outputs the model then picks from (a Hugging Face sequence "
+                "classifier's score) takes feature_reduction='pick_last' with last_layer_name"
+                if per_token
+                else ""
+            )
         )
     for name, module in layers:
         a = captured[name][0]
+        if is_rms_norm_like(module):
+            check_rms_norm_output(name, module, a, captured[name][1])
         allowed = _input_dims(module)
         if a.dim() not in allowed:
             raise ValueError(

@@ -12,7 +12,7 @@ from fastlaplace.curvature.accumulate import EmbeddingCurvature, KronCurvature, 
 from fastlaplace.curvature.big_factors import SketchedFactor, restored_factor, stored_factor
 from fastlaplace.curvature.closed_form import layer_forward, softmax_statistics
 from fastlaplace.curvature.eigen import factor_eigh
-from fastlaplace.curvature.statistics import AFFINE_LAYERS, has_kron_factors, trainable_bias
+from fastlaplace.curvature.statistics import has_kron_factors, is_affine, trainable_bias
 from fastlaplace.posterior import blocks, truncated_kron
 from fastlaplace.posterior.parametric import ParametricLaplace
 from fastlaplace.posterior.shared_weights import shared_weight_covariance
@@ -75,7 +75,7 @@ class KronLaplace(ParametricLaplace):
         modules = [m for _, m in self.layers]
         self._kron = [i for i, m in enumerate(modules) if has_kron_factors(m)]
         self._embedding = [i for i, m in enumerate(modules) if isinstance(m, nn.Embedding)]
-        self._unitwise = [i for i, m in enumerate(modules) if isinstance(m, AFFINE_LAYERS)]
+        self._unitwise = [i for i, m in enumerate(modules) if is_affine(m)]
 
     def _reset_curvature(self) -> None:
         self.curvature = KronCurvature(
