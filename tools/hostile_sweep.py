@@ -1082,6 +1082,32 @@ class DoubledLinear(nn.Linear):
         return nn.functional.linear(x, 2 * self.weight, self.bias)
 
 
+class OffsetRMSNorm(nn.Module):
+    """Named as Hugging Face names its RMSNorms, but Gemma's ``(1 + weight) * x / rms(x)``."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(size))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x):  # noqa: D102
+        return (1 + self.weight) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+
+class ComposedTanhGelu(nn.Module):
+    """GPT-2's ``gelu_new`` written as Hugging Face writes it (eight elementwise nodes)."""
+
+    def forward(self, x):  # noqa: D102
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def with_layers(dtype: torch.dtype, norm: nn.Module | None = None, activation: nn.Module | None = None) -> nn.Module:
+    """:func:`model`'s weights with a norm after the first layer and another activation."""
+    net = model(dtype)
+    layers = [net[0], *([norm.to(dtype)] if norm is not None else []), activation or net[1], net[2]]
+    return nn.Sequential(*layers)
+
+
 def sweep_models(structure: str, dtype: torch.dtype) -> None:
     """Models whose outputs or layers are odd."""
     g = "models"
@@ -1133,6 +1159,36 @@ def sweep_models(structure: str, dtype: torch.dtype) -> None:
         lambda: fit_answers(with_dropout(dtype, 0.0).train()),
         expect="answer",
         oracle=lambda: clean,
+    )
+    case(
+        g,
+        f"{tag}: an RMSNorm",
+        lambda: fit_answers(with_layers(dtype, nn.RMSNorm(H))),
+        expect="answer",
+    )
+    case(
+        g,
+        f"{tag}: a layer named RMSNorm with Gemma's (1 + weight)",
+        lambda: fit_answers(with_layers(dtype, OffsetRMSNorm(H))),
+        ("OffsetRMSNorm", "weight * x / rms(x)", "freeze"),
+    )
+    case(
+        g,
+        f"{tag}: an RMSNorm over two dimensions",
+        lambda: fit_answers(
+            nn.Sequential(
+                nn.Linear(D, 2 * H), nn.Unflatten(1, (2, H)), nn.RMSNorm((2, H)), nn.Flatten(), nn.Linear(2 * H, C)
+            ).to(dtype)
+        ),  # fmt: skip
+        ("last dimension",),
+    )
+    case(
+        g,
+        f"{tag}: gelu_new as elementwise ops (collapsed in the backward)",
+        lambda: fit_answers(with_layers(dtype, activation=ComposedTanhGelu())),
+        expect="answer",
+        oracle=lambda: fit_answers(with_layers(dtype, activation=nn.GELU(approximate="tanh"))),
+        rtol=1e-4 if dtype == torch.float32 else 1e-9,
     )
     frozen = model(dtype)
     frozen[0].requires_grad_(False)
