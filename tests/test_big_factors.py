@@ -171,3 +171,26 @@ def test_oversized_allocations_are_refused_with_layer_size_and_option(monkeypatc
     assert la(x).shape == (12, CLASSES)  # the probit needs the variances alone
     with pytest.raises(AllocationTooLargeError, match=r"Hessian-root columns.*curvature_mode='mc'"):
         output_gradient_columns(torch.zeros(12, CLASSES), y, "classification", "ggn")
+
+
+def test_an_all_weights_glm_over_many_outputs_is_refused_with_what_avoids_it(monkeypatch):
+    model, (x, y) = head_model(), data(12)
+    kron = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron", curvature_mode="mc")
+    diag = Laplace(model, "classification", subset_of_weights="all", hessian_structure="diag")
+    for la in (kron, diag):
+        la.fit([(x, y)])
+    expected = kron(x[:2], pred_type="glm", link_approx="probit")
+    # Kron's probit: (C, 8, C) float64 identity columns per chunk of 8 inputs are 100 KiB, one input's 12.5 KiB
+    monkeypatch.setattr(memory, "MEMORY_LIMIT_GIB", 50 / 2**20)
+    with pytest.raises(
+        AllocationTooLargeError, match=r"identity columns, one backward per output \(C = 40\).*pred_type='nn'.*fewer"
+    ):
+        kron(x, pred_type="glm", link_approx="probit")
+    torch.testing.assert_close(kron(x[:2], pred_type="glm", link_approx="probit"), expected)  # small enough
+    # a diagonal posterior's probit needs the (N, C, C) covariance: Kron is the way to the variances alone
+    with pytest.raises(AllocationTooLargeError, match=r"\(N, C, C\).*pred_type='nn'.*hessian_structure='kron'"):
+        diag(x, pred_type="glm", link_approx="probit")
+    monkeypatch.setattr(memory, "MEMORY_LIMIT_GIB", 10 / 2**20)  # not even one input: no "fewer inputs"
+    with pytest.raises(AllocationTooLargeError, match=r"a last-layer posterior \(its GLM needs no columns\)$"):
+        kron(x[:1], pred_type="glm", link_approx="probit")
+    assert kron(x, pred_type="nn", n_samples=3).shape == (12, CLASSES)

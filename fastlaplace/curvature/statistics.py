@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fastlaplace.curvature import memory
 from fastlaplace.curvature.column_backward import (
     PLAIN_BACKWARD_ROWS,
     backpropagate,
@@ -18,6 +19,7 @@ from fastlaplace.curvature.column_backward import (
 )
 from fastlaplace.curvature.layout import is_transposed_linear, weight_block
 from fastlaplace.curvature.loss import output_gradient_columns
+from fastlaplace.curvature.memory import check_allocation
 from fastlaplace.curvature.model_io import call_model
 from fastlaplace.curvature.norms import RMS_NORM_LIKE_NAME, check_rms_norm_output, is_rms_norm_like, normalised
 from fastlaplace.curvature.pointwise import collapsed_pointwise_modules
@@ -672,7 +674,16 @@ def output_jacobians(
     def identity(out):
         if out.dim() != 2:
             raise ValueError(f"the model's output must be (N, C), got shape {tuple(out.shape)}")
-        return torch.eye(out.shape[1], dtype=out.dtype, device=out.device).expand(out.shape[0], -1, -1)
+        n, c = out.shape
+        one_input_fits = c * c * out.element_size() <= memory.MEMORY_LIMIT_GIB * 2**30
+        check_allocation(
+            f"the output Jacobians' identity columns, one backward per output (C = {c})",
+            (c, n, c),
+            out.dtype,
+            "use pred_type='nn' (the sampling predictive) or a last-layer posterior (its GLM needs no columns)"
+            + (", or fewer inputs per call" if one_input_fits else ""),
+        )
+        return torch.eye(c, dtype=out.dtype, device=out.device).expand(n, -1, -1)
 
     output, layers, inputs, grads = backpropagate_columns(
         model, x, identity, layers, create_graph=create_graph, output_layer=output_layer

@@ -18,6 +18,7 @@ from fastlaplace.curvature import (
     MODES,
     LastLayerModel,
     last_layer,
+    memory,
     output_jacobians,
     split_heteroscedastic,
     summed_negative_log_likelihood,
@@ -172,6 +173,8 @@ class BaseLaplace(ABC):
     supports_prior_per_parameter = False
     #: the ``pred_type`` values of :meth:`__call__`
     pred_types: tuple[str, ...] = ("glm",)
+    #: whether :meth:`functional_variance_diagonal` (the probit link, ``diagonal_output``) skips the covariance
+    variances_without_covariance = False
 
     @property
     def sigma_noise(self) -> Tensor:
@@ -624,10 +627,20 @@ class BaseLaplace(ABC):
             "the (N, C, C) output Jacobians and GLM covariance",
             (self._batch_size(x), self.num_outputs, self.num_outputs),
             self.dtype,
-            "use diagonal_output=True (regression) or link_approx='probit' for the (N, C) variances alone",
+            self._covariance_remedy(),
         )
         output, stats = self._output_jacobians(x)
         return output, self._jacobian_covariance(stats)
+
+    def _covariance_remedy(self) -> str:
+        """What avoids an ``(N, C, C)`` covariance too large to hold, for this structure."""
+        alone = "link_approx='probit' or diagonal_output=True (regression), which need the (N, C) variances alone"
+        if self.variances_without_covariance:
+            remedy = f"use {alone}, or pred_type='nn' (the sampling predictive)"
+        else:
+            remedy = f"use pred_type='nn' (the sampling predictive), or hessian_structure='kron' with {alone}"
+        one_input = self.num_outputs**2 * torch.empty((), dtype=self.dtype).element_size()
+        return remedy + (", or fewer inputs per call" if one_input <= memory.MEMORY_LIMIT_GIB * 2**30 else "")
 
     def functional_variance_diagonal(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The ``(N, C)`` mean and ``(N, C)`` variances of the GLM (structures may skip the covariance)."""

@@ -57,6 +57,8 @@ class KronLaplace(ParametricLaplace):
     probabilities, never from ``(N, C, C − 1)`` Hessian-root columns.
     """
 
+    variances_without_covariance = True
+
     supports_prior_per_parameter = False  # δ must be constant within a layer's eigenbasis
 
     def __init__(
