@@ -481,3 +481,27 @@ def test_a_per_token_head_without_feature_reduction_is_told_about_it(generator):
     named = Laplace(tiny_gpt2(), "classification", hessian_structure="kron", last_layer_name="score")
     with pytest.raises(ValueError, match=r"'score' gets features of shape \(4, 6, 16\), one per token.*'pick_last'"):
         named.fit(data)
+
+
+def test_llama_all_weights_diag_equals_the_dense_ggn(generator):
+    """RMSNorm, rotary positions, the SiLU-gated MLP and grouped-query attention, against torch.func."""
+    model = tiny_llama()
+    x, y = padded_batch(generator), torch.tensor([0, 1, 2, 1])
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="diag")
+    la.fit([(x, y)])
+    got = torch.cat([d.flatten() for d in la.curvature.diagonals])  # no bias anywhere: the weights' own order
+    trainable = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    frozen = {k: v.detach() for k, v in model.named_parameters() if not v.requires_grad}
+
+    def logits(params, ids, mask):  # one sequence: the attention mask's code paths do not vmap
+        return functional_call(model, {**params, **frozen}, (), {"input_ids": ids[None], "attention_mask": mask[None]})
+
+    jacobians = []
+    for ids, mask in zip(x["input_ids"], x["attention_mask"], strict=True):
+        jac = jacrev(lambda p, ids=ids, mask=mask: logits(p, ids, mask).logits[0])(trainable)
+        jacobians.append(torch.cat([j.flatten(1) for j in jac.values()], dim=-1))
+    jac = torch.stack(jacobians)
+    p = model(**x).logits.detach().softmax(-1)
+    expected = torch.einsum("ncp,ncd,ndp->p", jac, torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2), jac)
+    assert [n for n, _ in la.layers] == [k.removesuffix(".weight") for k in trainable]
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-12)  # RMSNorm normalises in float32
