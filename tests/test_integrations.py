@@ -259,7 +259,9 @@ def test_unsupported_layers_are_named():
 
     model = nn.Sequential(nn.Linear(3, 4).double(), Scale())
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 4, (5,))
-    with pytest.raises(ValueError, match=r"FastGGN: layer '1' \(Scale\) has trainable parameters but is not supported"):
+    with pytest.raises(
+        ValueError, match=r"FastGGN: layer '1' \(Scale\) has trainable parameters \['alpha'\] but is not supported"
+    ):
         FastGGN(model, "classification").diag(x, y)
     normed = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)).double()
     with pytest.raises(ValueError, match=r"FastEF.kron: layer '1' \(LayerNorm\) has no Kronecker factors"):

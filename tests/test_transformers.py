@@ -505,3 +505,43 @@ def test_llama_all_weights_diag_equals_the_dense_ggn(generator):
     expected = torch.einsum("ncp,ncd,ndp->p", jac, torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2), jac)
     assert [n for n, _ in la.layers] == [k.removesuffix(".weight") for k in trainable]
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-12)  # RMSNorm normalises in float32
+
+
+def test_a_vit_names_its_raw_embedding_parameters_and_without_them_equals_the_dense_ggn(generator):
+    """Hugging Face's ViT: a strided Conv2d patch embedding, LayerNorm, attention and GELU."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=16, patch_size=8, num_channels=3, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=16, num_labels=3,
+    )  # fmt: skip
+    model = ViTForImageClassification(config).double().eval()
+    x = torch.randn(5, 3, 16, 16, dtype=torch.float64, generator=generator)
+    y = torch.randint(0, 3, (5,), generator=generator)
+    with pytest.raises(ValueError, match=r"'vit.embeddings' \(ViTEmbeddings\).*\['cls_token', 'position_embeddings'\]"):
+        Laplace(model, "classification", subset_of_weights="all", hessian_structure="diag")
+    model.vit.embeddings.cls_token.requires_grad_(False)
+    model.vit.embeddings.position_embeddings.requires_grad_(False)
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="diag")
+    la.fit([(x[:3], y[:3]), (x[3:], y[3:])])
+    got = torch.cat([d.flatten() for d in la.curvature.diagonals])  # per layer [W | b] rows
+    jac = parameter_jacobian(LogitsOf(model), x)  # named_parameters() order: each weight, then its bias
+    p = model(x).logits.softmax(-1).detach()
+    ggn = torch.einsum("ncp,ncd,ndp->p", jac, torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2), jac)
+    expected, start = [], 0
+    for _, module in la.layers:
+        d_out, size = module.weight.shape[0], module.weight.numel()
+        weight, bias = ggn[start : start + size], ggn[start + size : start + size + d_out]
+        expected.append(torch.cat([weight.view(d_out, -1), bias.view(d_out, 1)], dim=1).flatten())
+        start += size + d_out
+    torch.testing.assert_close(got, torch.cat(expected), rtol=1e-10, atol=1e-14)
+
+
+class LogitsOf(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).logits

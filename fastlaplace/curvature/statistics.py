@@ -256,9 +256,10 @@ def supported_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
             )
         if not is_supported(module):
             kinds = _supported_kinds()
+            own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
             raise ValueError(
-                f"layer {name!r} ({type(module).__name__}) has trainable parameters but is not "
-                f"supported; supported layers: {kinds} (set requires_grad=False to leave it out)"
+                f"layer {name!r} ({type(module).__name__}) has trainable parameters {own} but is not "
+                f"supported; supported layers: {kinds} (set requires_grad=False on them to leave them out)"
             )
         if isinstance(module, nn.LayerNorm | nn.RMSNorm) and len(module.normalized_shape) != 1:
             raise ValueError(
