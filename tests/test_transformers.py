@@ -545,3 +545,35 @@ class LogitsOf(nn.Module):
 
     def forward(self, x):
         return self.model(x).logits
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_a_layer_that_runs_but_does_not_reach_the_output_has_zero_curvature(structure, generator):
+    """All of a BERT under a mean-pooled head: its pooler runs in the forward, its output is dropped."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    model = MeanPooledClassifier(BertModel(config).double().eval(), 3)
+    x, y = padded_batch(generator), torch.tensor([0, 1, 2, 1])
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure=structure)
+    la.fit([(x, y)])
+    names = [name for name, _ in la.layers]
+    assert "encoder.pooler.dense" in names
+    trainable = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+
+    def logits(params, ids, mask):
+        return functional_call(model, params, ({"input_ids": ids[None], "attention_mask": mask[None]},))[0]
+
+    per_sample = [jacrev(logits)(trainable, x["input_ids"][n], x["attention_mask"][n]) for n in range(4)]
+    jac = torch.stack([torch.cat([j.flatten(1) for j in sample.values()], dim=-1) for sample in per_sample])
+    p = model(x).detach().softmax(-1)
+    ggn = torch.einsum("ncp,ncd,ndp->p", jac, torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2), jac)
+    pooler = torch.cat([torch.full((v.numel(),), "pooler" in k) for k, v in trainable.items()])
+    assert pooler.sum() == 16 * 16 + 16 and ggn[pooler].abs().max() == 0
+    if structure == "diag":  # exact, with the pooler's entries 0
+        torch.testing.assert_close(la._to_parameter_order(la.posterior_precision()), ggn + 1)
+    else:  # the pooler's output factor G is 0: its block is the prior's
+        linear = [name for name, module in la.layers if isinstance(module, nn.Linear)]
+        assert la.curvature.output_factors[linear.index("encoder.pooler.dense")].abs().max() == 0
+    torch.testing.assert_close(la.functional_variance(x)[0], model(x).detach())

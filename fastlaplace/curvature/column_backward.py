@@ -91,11 +91,12 @@ def backpropagate(
         Per target, ``(K, *target.shape)`` the backpropagated columns.
     """
     if batched:
-        return list(torch.autograd.grad(output, targets, columns, is_grads_batched=True, create_graph=create_graph))
+        grads = torch.autograd.grad(
+            output, targets, columns, is_grads_batched=True, create_graph=create_graph, allow_unused=True
+        )
+        return [_zeros_if_unused(g, t, len(columns)) for g, t in zip(grads, targets, strict=True)]
     if create_graph:
-        per_column = [
-            torch.autograd.grad(output, targets, column, retain_graph=True, create_graph=True) for column in columns
-        ]
+        per_column = [_vjp(output, targets, column, retain_graph=True, create_graph=True) for column in columns]
         return [torch.stack(grads) for grads in zip(*per_column, strict=True)]
     # Written into place column by column: stacking lists of columns would hold every result twice.
     results = [target.new_empty(len(columns), *target.shape) for target in targets]
@@ -117,4 +118,21 @@ def each_column(output: Tensor, targets: Sequence[Tensor], columns: Tensor) -> I
         K tuples of ``target.shape`` tensors; the graph is freed after the last.
     """
     for k, column in enumerate(columns):
-        yield torch.autograd.grad(output, targets, column, retain_graph=k + 1 < len(columns))
+        yield _vjp(output, targets, column, retain_graph=k + 1 < len(columns))
+
+
+def _vjp(output: Tensor, targets: Sequence[Tensor], column: Tensor, **options) -> tuple[Tensor, ...]:
+    """One column's vector-Jacobian products w.r.t. each target; zeros for a target the output does not depend on."""
+    grads = torch.autograd.grad(output, targets, column, allow_unused=True, **options)
+    return tuple(_zeros_if_unused(g, t) for g, t in zip(grads, targets, strict=True))
+
+
+def _zeros_if_unused(grad: Tensor | None, target: Tensor, columns: int | None = None) -> Tensor:
+    """``grad``, or the exact gradient of a target the output does not depend on: zeros.
+
+    Such a target is the output of a layer whose result the model drops (BERT's pooler
+    under a mean-pooled head): its curvature is 0. Batched: ``(columns, *target.shape)``.
+    """
+    if grad is not None:
+        return grad
+    return target.new_zeros(target.shape if columns is None else (columns, *target.shape))
