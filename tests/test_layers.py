@@ -26,6 +26,13 @@ def token_model() -> nn.Module:
     return model
 
 
+def padded_token_model() -> nn.Module:
+    """:func:`token_model` with ``padding_idx=0``: torch never updates row 0 (ids 0 still feed the mean)."""
+    model = token_model()
+    model[0].padding_idx = 0
+    return model
+
+
 def rms_norm_token_model(norm: type[nn.Module]) -> nn.Module:
     """Embedding -> an RMSNorm (torch's, or one written as Hugging Face's) -> Linear on every token -> mean -> head."""
     torch.manual_seed(0)
@@ -65,6 +72,7 @@ MODELS = {
     "tokens": (token_model, token_ids),
     "batchnorm_cnn": (batchnorm_cnn, lambda n, g: torch.randn(n, 2, 5, 5, dtype=torch.float64, generator=g)),
     "batchnorm_mlp": (batchnorm_mlp, lambda n, g: torch.randn(n, 3, dtype=torch.float64, generator=g)),
+    "padding_idx": (padded_token_model, token_ids),
     "rms_norm": (lambda: rms_norm_token_model(nn.RMSNorm), token_ids),
     "hf_rms_norm": (lambda: rms_norm_token_model(TinyRMSNorm), token_ids),
 }
@@ -89,6 +97,18 @@ def test_exact_structures_equal_the_dense_ggn(name, structure, generator):
     x_test = make_inputs(3, generator)
     jac = augmented_jacobian(model, x_test)
     torch.testing.assert_close(la.functional_variance(x_test)[1], jac @ torch.linalg.solve(precision, jac.mT))
+
+
+def test_kron_leaves_the_padding_row_of_an_embedding_to_the_prior(generator):
+    model = padded_token_model()
+    x = token_ids(4, generator)
+    assert (x == 0).any()
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
+    la.fit([(x, targets("classification", 4, generator=generator))])
+    counts = la.embedding_curvature.counts[0]
+    assert counts[0] == 0 and counts.sum() == (x != 0).sum()
+    draws = la.sample(200, generator=torch.Generator().manual_seed(0))[:, :4]  # row 0: the prior's N(0, 1 / δ)
+    torch.testing.assert_close(draws.var(0), torch.ones(4, dtype=torch.float64), rtol=0.3, atol=0)
 
 
 def test_full_rank_low_rank_posterior_with_embedding_and_layernorm(generator):

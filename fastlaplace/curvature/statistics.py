@@ -167,10 +167,22 @@ class LayerStatistics:
         return u
 
     def location_grads(self) -> Tensor:
-        """``(N, K, L, d_out)`` the backpropagated columns at every output location."""
+        """``(N, K, L, d_out)`` the backpropagated columns at every output location.
+
+        An Embedding's ``padding_idx`` tokens get zeros: torch never updates that row (its
+        gradient is 0 by definition), so they reach no weight of the posterior.
+        """
         if self.channels_first:
             return self.output_grads.flatten(3).transpose(2, 3)
-        return self.output_grads if self.output_grads.dim() == 4 else self.output_grads.unsqueeze(2)
+        grads = self.output_grads if self.output_grads.dim() == 4 else self.output_grads.unsqueeze(2)
+        if getattr(self.module, "padding_idx", None) is None or not isinstance(self.module, nn.Embedding):
+            return grads
+        kept = self.token_ids() != self.module.padding_idx
+        return grads * kept.to(grads.dtype)[:, None, :, None]
+
+    def token_ids(self) -> Tensor:
+        """An Embedding's ``(N, L)`` token ids."""
+        return (self.inputs if self.inputs.dim() == 2 else self.inputs.unsqueeze(1)).long()
 
     def normalised_inputs(self) -> Tensor:
         """``(N, L, d)`` what a LayerNorm / BatchNorm scales by γ: its input, normalised as the layer did."""
@@ -213,7 +225,7 @@ class LayerStatistics:
             the batch, and ``(P, K, d)`` the columns summed over the pair's tokens.
         """
         vocabulary = self.module.num_embeddings
-        ids = (self.inputs if self.inputs.dim() == 2 else self.inputs.unsqueeze(1)).long()
+        ids = self.token_ids()
         pair = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1) * vocabulary + ids
         pairs, which = torch.unique(pair.flatten(), return_inverse=True)
         grads = self.location_grads().transpose(1, 2).flatten(0, 1)  # (N L, K, d)
@@ -225,8 +237,7 @@ class LayerStatistics:
         """``(N, K, d_out * d_A)``: each column as a gradient w.r.t. :func:`weight_matrix`, row-major."""
         grads = self.location_grads()
         if isinstance(self.module, nn.Embedding):
-            ids = self.inputs if self.inputs.dim() == 2 else self.inputs.unsqueeze(1)
-            one_hot = nn.functional.one_hot(ids.long(), self.module.num_embeddings).to(grads.dtype)
+            one_hot = nn.functional.one_hot(self.token_ids(), self.module.num_embeddings).to(grads.dtype)
             return torch.einsum("nklo,nlv->nkvo", grads, one_hot).flatten(2)
         if is_affine(self.module):
             parts = [torch.einsum("nklo,nlo->nko", grads, self.normalised_inputs().to(grads.dtype))]
