@@ -183,6 +183,10 @@ def main() -> None:
                         f"{model_name} {optimizer_name:4s} lr={run.lr:g}: test accuracy per epoch {curve} "
                         f"({run.seconds:.1f} s)"
                     )
+        if dist.is_initialized():
+            # Every rank past its last collective before any tears the group down: a rank that left
+            # first made gloo abort the other at exit ("terminate called without an active exception").
+            dist.barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
