@@ -457,9 +457,8 @@ class EmbeddingCurvature:
         _check_same_layers(self.names, statistics)
         if new_batch:
             for counts, s in zip(self.counts, statistics, strict=True):
-                ids = s.token_ids().flatten()
-                if s.module.padding_idx is not None:  # a row torch never updates (see LayerStatistics.location_grads)
-                    ids = ids[ids != s.module.padding_idx]
+                ids, kept = s.token_ids(), s.kept_tokens()
+                ids = ids.flatten() if kept is None else ids[kept]
                 counts.index_add_(0, ids, counts.new_ones(ids.shape))
         rows = [_as_rows(s.location_grads()) for s in statistics]
         ops.factor_accumulate_(self.output_factors, rows, [False] * len(rows))

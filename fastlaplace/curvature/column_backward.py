@@ -13,7 +13,7 @@ kernels, and no per-node concatenation.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -52,18 +52,24 @@ UNBATCHED_NODES = frozenset(
 PLAIN_BACKWARD_ROWS = 256
 
 
-def falls_back(output: Tensor) -> bool:
-    """Whether the autograd graph behind ``output`` has a node of :data:`UNBATCHED_NODES`."""
+def graph_nodes(output: Tensor, stop: Callable[[object], bool] = lambda node: False) -> Iterator[object]:
+    """Each autograd node behind ``output`` once, depth first, not passing a node for which ``stop`` holds.
+
+    A generator: a caller that has seen enough stops walking.
+    """
     seen, stack = set(), [output.grad_fn]
     while stack:
         node = stack.pop()
-        if node is None or node in seen:
+        if node is None or node in seen or stop(node):
             continue
-        if node.name() in UNBATCHED_NODES:
-            return True
         seen.add(node)
+        yield node
         stack.extend(parent for parent, _ in node.next_functions)
-    return False
+
+
+def falls_back(output: Tensor) -> bool:
+    """Whether the autograd graph behind ``output`` has a node of :data:`UNBATCHED_NODES`."""
+    return any(node.name() in UNBATCHED_NODES for node in graph_nodes(output))
 
 
 def batches_backward(model: nn.Module) -> bool:

@@ -26,6 +26,15 @@ class AllocationTooLargeError(MemoryError):
     """An allocation was refused before it was made: it would exceed :data:`MEMORY_LIMIT_GIB`."""
 
 
+def _gib(shape: tuple[int, ...], dtype: torch.dtype) -> float:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size() / 2**30
+
+
+def fits(shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+    """Whether a tensor of ``shape`` elements of ``dtype`` stays within :data:`MEMORY_LIMIT_GIB`."""
+    return _gib(shape, dtype) <= MEMORY_LIMIT_GIB
+
+
 def check_allocation(what: str, shape: tuple[int, ...], dtype: torch.dtype, remedy: str) -> None:
     """Refuse an allocation of ``shape`` elements of ``dtype`` larger than :data:`MEMORY_LIMIT_GIB`.
 
@@ -38,7 +47,7 @@ def check_allocation(what: str, shape: tuple[int, ...], dtype: torch.dtype, reme
     Raises:
         AllocationTooLargeError: with ``what``, the size in GiB, the limit and ``remedy``.
     """
-    gib = math.prod(shape) * torch.empty((), dtype=dtype).element_size() / 2**30
+    gib = _gib(shape, dtype)
     if gib > MEMORY_LIMIT_GIB:
         raise AllocationTooLargeError(
             f"{what} would need {gib:.1f} GiB ({tuple(shape)} {dtype}), more than "

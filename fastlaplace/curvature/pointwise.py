@@ -23,6 +23,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from fastlaplace.curvature.column_backward import graph_nodes
+
 #: backward nodes of elementwise ops (the Jacobian of each w.r.t. its graph inputs is diagonal)
 ELEMENTWISE_NODES = frozenset(
     {
@@ -68,19 +70,17 @@ def elementwise_chain(output: Tensor, input: Tensor) -> bool:
     """
     if output.shape != input.shape or output.grad_fn is None or output is input:
         return False
-    stop = input.grad_fn
-    seen, stack = set(), [output.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        if node is stop or (stop is None and getattr(node, "variable", None) is input):
-            continue
+    source = input.grad_fn
+
+    def is_input(node) -> bool:  # the input's own node, or the accumulator of an input that is a leaf
+        return node is source or (source is None and getattr(node, "variable", None) is input)
+
+    count = 0
+    for node in graph_nodes(output, stop=is_input):
         if node.name() not in ELEMENTWISE_NODES:
             return False
-        seen.add(node)
-        stack.extend(parent for parent, _ in node.next_functions)
-    return len(seen) >= 2
+        count += 1
+    return count >= 2
 
 
 class _Pointwise:

@@ -169,20 +169,27 @@ class LayerStatistics:
     def location_grads(self) -> Tensor:
         """``(N, K, L, d_out)`` the backpropagated columns at every output location.
 
-        An Embedding's ``padding_idx`` tokens get zeros: torch never updates that row (its
-        gradient is 0 by definition), so they reach no weight of the posterior.
+        An Embedding's ``padding_idx`` tokens get zeros (see :meth:`kept_tokens`).
         """
         if self.channels_first:
             return self.output_grads.flatten(3).transpose(2, 3)
         grads = self.output_grads if self.output_grads.dim() == 4 else self.output_grads.unsqueeze(2)
-        if getattr(self.module, "padding_idx", None) is None or not isinstance(self.module, nn.Embedding):
-            return grads
-        kept = self.token_ids() != self.module.padding_idx
-        return grads * kept.to(grads.dtype)[:, None, :, None]
+        kept = self.kept_tokens()
+        return grads if kept is None else grads * kept.to(grads.dtype)[:, None, :, None]
 
     def token_ids(self) -> Tensor:
         """An Embedding's ``(N, L)`` token ids."""
         return (self.inputs if self.inputs.dim() == 2 else self.inputs.unsqueeze(1)).long()
+
+    def kept_tokens(self) -> Tensor | None:
+        """An Embedding's ``(N, L)`` tokens that are not its ``padding_idx`` (None: every token, or no Embedding).
+
+        torch never updates the ``padding_idx`` row (its gradient is 0 by definition): those
+        tokens reach no weight of the posterior.
+        """
+        if not isinstance(self.module, nn.Embedding) or self.module.padding_idx is None:
+            return None
+        return self.token_ids() != self.module.padding_idx
 
     def normalised_inputs(self) -> Tensor:
         """``(N, L, d)`` what a LayerNorm / BatchNorm scales by γ: its input, normalised as the layer did."""
@@ -687,13 +694,12 @@ def output_jacobians(
         if out.dim() != 2:
             raise ValueError(f"the model's output must be (N, C), got shape {tuple(out.shape)}")
         n, c = out.shape
-        one_input_fits = c * c * out.element_size() <= memory.MEMORY_LIMIT_GIB * 2**30
         check_allocation(
             f"the output Jacobians' identity columns, one backward per output (C = {c})",
             (c, n, c),
             out.dtype,
             "use pred_type='nn' (the sampling predictive) or a last-layer posterior (its GLM needs no columns)"
-            + (", or fewer inputs per call" if one_input_fits else ""),
+            + (", or fewer inputs per call" if memory.fits((c, c), out.dtype) else ""),
         )
         return torch.eye(c, dtype=out.dtype, device=out.device).expand(n, -1, -1)
 

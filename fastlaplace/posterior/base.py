@@ -639,8 +639,8 @@ class BaseLaplace(ABC):
             remedy = f"use {alone}, or pred_type='nn' (the sampling predictive)"
         else:
             remedy = f"use pred_type='nn' (the sampling predictive), or hessian_structure='kron' with {alone}"
-        one_input = self.num_outputs**2 * torch.empty((), dtype=self.dtype).element_size()
-        return remedy + (", or fewer inputs per call" if one_input <= memory.MEMORY_LIMIT_GIB * 2**30 else "")
+        one_input = (self.num_outputs, self.num_outputs)
+        return remedy + (", or fewer inputs per call" if memory.fits(one_input, self.dtype) else "")
 
     def functional_variance_diagonal(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The ``(N, C)`` mean and ``(N, C)`` variances of the GLM (structures may skip the covariance)."""
