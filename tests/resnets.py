@@ -63,3 +63,52 @@ def max_pooling_cnn(classes: int = 10) -> nn.Sequential:
         nn.Flatten(),
         nn.Linear(32 * 6 * 6, classes),
     )
+
+
+class InPlaceBasicBlock(nn.Module):
+    """torchvision's ``BasicBlock`` as written there: one ``ReLU(inplace=True)`` module and ``out += identity``."""
+
+    def __init__(self, channels: int, inplace: bool = True) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=inplace)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.inplace = inplace
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(N, C, H, W)`` → ``(N, C, H, W)``."""
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.inplace:
+            out += x
+        else:
+            out = out + x
+        return self.relu(out)
+
+
+def torchvision_style_resnet(width: int = 4, classes: int = 3, inplace: bool = True) -> nn.Sequential:
+    """A tiny ResNet written as torchvision's: stem conv, BatchNorm, ``ReLU(inplace=True)``, 3x3 stride-2 max-pooling,
+    one :class:`InPlaceBasicBlock`, average pooling and a Linear head, float64, eval mode: ``(N, 3, H, W)`` →
+    ``(N, classes)``. ``inplace=False``: the same network (same weights) with every in-place op out of place.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, width, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=inplace),
+        nn.MaxPool2d(3, 2, 1),
+        InPlaceBasicBlock(width, inplace),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(width, classes),
+    ).double()
+    with torch.no_grad():  # BatchNorm that is not the identity
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    return model.eval()

@@ -1023,7 +1023,7 @@ def sweep_state(subset: str, structure: str, likelihood: str, dtype: torch.dtype
 
 
 class Wrapped(nn.Module):
-    """``model()`` whose output is wrapped: ``"tuple"``, ``"dict"``, ``"scaled"`` (3 × logits) or ``"1d"``."""
+    """``model()``, its output wrapped: ``"tuple"``, ``"dict"``, ``"scaled"`` (3 × logits, or in place), ``"1d"``."""
 
     def __init__(self, kind: str, dtype: torch.dtype, outputs: int = C):
         super().__init__()
@@ -1031,6 +1031,8 @@ class Wrapped(nn.Module):
 
     def forward(self, x):  # noqa: D102
         out = self.net(x)
+        if self.kind == "scaled in place":
+            return out.mul_(3)
         return {
             "tuple": (out, x),
             "dict": {"logits": out, "x": x},
@@ -1080,6 +1082,20 @@ class DoubledLinear(nn.Linear):
 
     def forward(self, x):  # noqa: D102
         return nn.functional.linear(x, 2 * self.weight, self.bias)
+
+
+class InputChangedInPlace(nn.Module):
+    """``model()`` whose first layer's input is doubled in place after that layer ran."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.net = model(dtype)
+
+    def forward(self, x):  # noqa: D102
+        hidden = self.net[1](self.net[0](x))
+        out = self.net[2](hidden)
+        hidden.mul_(2)
+        return out
 
 
 class OffsetRMSNorm(nn.Module):
@@ -1134,6 +1150,32 @@ def sweep_models(structure: str, dtype: torch.dtype) -> None:
         f"{tag}: last layer of a scaled output",
         lambda: fit_answers(Wrapped("scaled", dtype), "last_layer"),
         ("does not produce the model's output",),
+    )
+    case(
+        g,
+        f"{tag}: last layer of an output scaled in place",
+        lambda: fit_answers(Wrapped("scaled in place", dtype), "last_layer"),
+        ("does not produce the model's output", "in place"),
+    )
+    case(
+        g,
+        f"{tag}: all weights, output scaled in place",
+        lambda: fit_answers(Wrapped("scaled in place", dtype)),
+        expect="answer",
+        oracle=lambda: fit_answers(Wrapped("scaled", dtype)),
+    )
+    case(
+        g,
+        f"{tag}: a layer input changed in place after the layer",
+        lambda: fit_answers(InputChangedInPlace(dtype)),
+        ("net.2", "changed in place", "out of place"),
+    )
+    case(
+        g,
+        f"{tag}: an in-place ReLU after a LayerNorm",
+        lambda: fit_answers(with_layers(dtype, nn.LayerNorm(H), nn.ReLU(inplace=True))),
+        expect="answer",
+        oracle=lambda: fit_answers(with_layers(dtype, nn.LayerNorm(H), nn.ReLU())),
     )
     case(g, f"{tag}: (N,) output", lambda: fit_answers(Wrapped("1d", dtype)), ("(N, C)", "output", "shape"))
     case(g, f"{tag}: (N, C, 1) output", lambda: fit_answers(Wrapped("3d", dtype)), ("(N, C)", "output", "shape"))

@@ -50,7 +50,9 @@ def layer_forward(
         ValueError: if the model never calls the layer, its output is not ``(N, C)`` or not finite.
     """
     captured = []
-    handle = layer.register_forward_hook(lambda module, inputs, output: captured.append((inputs[0], output)))
+    handle = layer.register_forward_hook(
+        lambda module, inputs, output: captured.append((inputs[0], output, output._version))
+    )
     try:
         with torch.set_grad_enabled(grad):
             output = call_model(model, x)
@@ -62,8 +64,8 @@ def layer_forward(
         raise ValueError(f"the model's output must be (N, C), got shape {tuple(output.shape)}")
     if not all_finite(output):
         raise ValueError("the model's output contains NaN or Inf")
-    inputs, layer_output = captured[-1]
-    return output, inputs, layer_output is output
+    inputs, layer_output, version = captured[-1]
+    return output, inputs, layer_output is output and output._version == version  # no in-place op after the layer
 
 
 def softmax_statistics(

@@ -14,9 +14,11 @@ kernels, and no per-node concatenation.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 #: modules whose backward has no batching rule in torch's legacy vmap (checked in tests/test_column_backward.py)
 UNBATCHED_BACKWARD = (
@@ -52,6 +54,29 @@ UNBATCHED_NODES = frozenset(
 PLAIN_BACKWARD_ROWS = 256
 
 
+class Target(NamedTuple):
+    """A tensor of the graph as its producer returned it: the autograd edge it had then, and its version.
+
+    An in-place op later in the forward (``ReLU(inplace=True)`` after a BatchNorm, ``+=``)
+    moves the tensor itself onto that op's node: a backward to the tensor would give the
+    gradient w.r.t. the op's result, one to :attr:`edge` gives it w.r.t. the value the
+    producer returned.
+    """
+
+    tensor: Tensor
+    edge: GradientEdge
+    version: int
+
+    @classmethod
+    def of(cls, tensor: Tensor) -> Target:
+        """``tensor`` as it is now (it must require grad)."""
+        return cls(tensor, get_gradient_edge(tensor), tensor._version)
+
+    def is_unchanged(self, tensor: Tensor) -> bool:
+        """Whether ``tensor`` is this target's tensor, not modified in place since."""
+        return tensor is self.tensor and tensor._version == self.version
+
+
 def graph_nodes(output: Tensor, stop: Callable[[object], bool] = lambda node: False) -> Iterator[object]:
     """Each autograd node behind ``output`` once, depth first, not passing a node for which ``stop`` holds.
 
@@ -82,13 +107,14 @@ def batches_backward(model: nn.Module) -> bool:
 
 
 def backpropagate(
-    output: Tensor, targets: Sequence[Tensor], columns: Tensor, batched: bool, create_graph: bool = False
+    output: Tensor, targets: Sequence[Target], columns: Tensor, batched: bool, create_graph: bool = False
 ) -> list[Tensor]:
     """The vector-Jacobian products of K columns with ``output`` w.r.t. each target.
 
     Args:
         output: ``(N, C)`` the model's output.
-        targets: tensors of the graph that produced ``output`` (the layers' pre-activations).
+        targets: tensors of the graph that produced ``output`` (the layers' pre-activations), as
+            their producers returned them.
         columns: ``(K, N, C)`` the columns.
         batched: one batched backward (``is_grads_batched``), or K plain ones.
         create_graph: keep the results differentiable.
@@ -98,26 +124,31 @@ def backpropagate(
     """
     if batched:
         grads = torch.autograd.grad(
-            output, targets, columns, is_grads_batched=True, create_graph=create_graph, allow_unused=True
+            output,
+            [t.edge for t in targets],
+            columns,
+            is_grads_batched=True,
+            create_graph=create_graph,
+            allow_unused=True,
         )
-        return [_zeros_if_unused(g, t, len(columns)) for g, t in zip(grads, targets, strict=True)]
+        return [_zeros_if_unused(g, t.tensor, len(columns)) for g, t in zip(grads, targets, strict=True)]
     if create_graph:
         per_column = [_vjp(output, targets, column, retain_graph=True, create_graph=True) for column in columns]
         return [torch.stack(grads) for grads in zip(*per_column, strict=True)]
     # Written into place column by column: stacking lists of columns would hold every result twice.
-    results = [target.new_empty(len(columns), *target.shape) for target in targets]
+    results = [target.tensor.new_empty(len(columns), *target.tensor.shape) for target in targets]
     for k, grads in enumerate(each_column(output, targets, columns)):
         for result, grad in zip(results, grads, strict=True):
             result[k] = grad
     return results
 
 
-def each_column(output: Tensor, targets: Sequence[Tensor], columns: Tensor) -> Iterator[tuple[Tensor, ...]]:
+def each_column(output: Tensor, targets: Sequence[Target], columns: Tensor) -> Iterator[tuple[Tensor, ...]]:
     """Per column, in order, its vector-Jacobian products with ``output`` w.r.t. each target: one plain backward each.
 
     Args:
         output: ``(N, C)`` the model's output.
-        targets: tensors of the graph that produced ``output``.
+        targets: tensors of the graph that produced ``output``, as their producers returned them.
         columns: ``(K, N, C)`` the columns.
 
     Yields:
@@ -127,10 +158,10 @@ def each_column(output: Tensor, targets: Sequence[Tensor], columns: Tensor) -> I
         yield _vjp(output, targets, column, retain_graph=k + 1 < len(columns))
 
 
-def _vjp(output: Tensor, targets: Sequence[Tensor], column: Tensor, **options) -> tuple[Tensor, ...]:
+def _vjp(output: Tensor, targets: Sequence[Target], column: Tensor, **options) -> tuple[Tensor, ...]:
     """One column's vector-Jacobian products w.r.t. each target; zeros for a target the output does not depend on."""
-    grads = torch.autograd.grad(output, targets, column, allow_unused=True, **options)
-    return tuple(_zeros_if_unused(g, t) for g, t in zip(grads, targets, strict=True))
+    grads = torch.autograd.grad(output, [t.edge for t in targets], column, allow_unused=True, **options)
+    return tuple(_zeros_if_unused(g, t.tensor) for g, t in zip(grads, targets, strict=True))
 
 
 def _zeros_if_unused(grad: Tensor | None, target: Tensor, columns: int | None = None) -> Tensor:

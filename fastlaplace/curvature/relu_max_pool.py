@@ -26,13 +26,22 @@ from torch import Tensor, nn
 MAX_POOL_NODE = "MaxPool2DWithIndicesBackward0"
 
 
+class _Pooling:
+    """One max-pooling as the fold needs it: its output, and its node (the window maxima's indices, the window)."""
+
+    def __init__(self, output: Tensor) -> None:
+        self.output = output
+        self.node = output.grad_fn
+
+
 class _MaxPoolOfRelu(torch.autograd.Function):
     """``max_pool2d(relu(x))`` with the backward ``scatter(column ⊙ [pooled > 0])`` to x."""
 
     @staticmethod
-    def forward(ctx, input: Tensor, pooled: Tensor, node) -> Tensor:
+    def forward(ctx, input: Tensor, pooling: _Pooling) -> Tensor:
+        node = pooling.node
         ctx.save_for_backward(input)
-        ctx.positive = (pooled > 0).to(pooled.dtype)  # a product with a bool mask would convert it per column
+        ctx.positive = (pooling.output > 0).to(input.dtype)  # a product with a bool mask would convert it per column
         ctx.indices = node._saved_result1
         ctx.window = (
             node._saved_kernel_size,
@@ -41,13 +50,14 @@ class _MaxPoolOfRelu(torch.autograd.Function):
             node._saved_dilation,
             node._saved_ceil_mode,
         )
-        return pooled
+        # Not an input returned as is: the model may change the result in place (``pooled += ...``).
+        return pooling.output.detach()
 
     @staticmethod
-    def backward(ctx, column: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx, column: Tensor) -> tuple[Tensor, None]:
         (input,) = ctx.saved_tensors
         masked = column * ctx.positive
-        return torch.ops.aten.max_pool2d_with_indices_backward(masked, input, *ctx.window, ctx.indices), None, None
+        return torch.ops.aten.max_pool2d_with_indices_backward(masked, input, *ctx.window, ctx.indices), None
 
 
 @contextmanager
@@ -69,7 +79,7 @@ def relu_max_pool_folded(model: nn.Module) -> Iterator[None]:
         source = relu_inputs.get(inputs[0].grad_fn)
         if source is None:
             return None
-        return _MaxPoolOfRelu.apply(source, output.detach(), output.grad_fn)
+        return _MaxPoolOfRelu.apply(source, _Pooling(output))
 
     handles = [
         module.register_forward_hook(remember if isinstance(module, nn.ReLU) else fold)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from fastlaplace.curvature import memory
 from fastlaplace.curvature.column_backward import (
     PLAIN_BACKWARD_ROWS,
+    Target,
     backpropagate,
     batches_backward,
     each_column,
@@ -363,7 +364,7 @@ class _ColumnPass:
     exact_output: Tensor  # the output the columns were computed from
     layers: Layers
     inputs: list[Tensor]
-    pre_activations: list[Tensor]
+    pre_activations: list[Target]
     columns: Tensor  # (K, N, C)
 
     @property
@@ -373,7 +374,7 @@ class _ColumnPass:
         A layer whose output is the model's output (a last layer) gets the columns
         themselves: no backward pass, which a last-layer posterior then does not need at all.
         """
-        return [i for i, t in enumerate(self.pre_activations) if t is not self.output]
+        return [i for i, t in enumerate(self.pre_activations) if not t.is_unchanged(self.output)]
 
     def checked(self, grads: list[Tensor]) -> list[Tensor]:
         """Raise on NaN / Inf in a layer's backpropagated columns (the layer is named)."""
@@ -405,7 +406,7 @@ class _ColumnPass:
             return False
         if not batches_backward(model):
             return True
-        rows = max(self.pre_activations[i].numel() // self.pre_activations[i].shape[-1] for i in self.inner)
+        rows = max(t.numel() // t.shape[-1] for t in (self.pre_activations[i].tensor for i in self.inner))
         return rows >= PLAIN_BACKWARD_ROWS and falls_back(self.output)
 
     def each_column(self) -> Iterator[list[Tensor]]:
@@ -436,7 +437,7 @@ def _forward_for_columns(
     the ReLU's input (:mod:`fastlaplace.curvature.relu_max_pool`).
     """
     layers = supported_layers(model) if layers is None else layers
-    captured: dict[str, tuple[Tensor, Tensor]] = {}
+    captured: dict[str, tuple[Tensor, int, Target]] = {}  # per layer: its input, the input's version, its output
     size = _batch_size(x)
 
     def capture(name):
@@ -452,7 +453,7 @@ def _forward_for_columns(
                 # broadcast over the batch. Broadcast it here instead (the same values downstream), so that
                 # each sample's gradient reaches its own copy and the layer gets per-sample curvature.
                 ids, output = ids.expand(size, *ids.shape[1:]), output.expand(size, *output.shape[1:])
-            captured[name] = (ids, output)
+            captured[name] = (ids, ids._version, Target.of(output))
             return output  # the module's own output, or its broadcast
 
         return hook
@@ -481,12 +482,20 @@ def _forward_for_columns(
             f"layers {idle} have trainable parameters but did not run in the model's forward; freeze them "
             "(requires_grad=False) to leave them out"
         )
-    if output_layer and captured[layers[-1][0]][1] is not output:
-        per_token = captured[layers[-1][0]][1].dim() > output.dim()
+    for name, _ in layers:
+        ids, version, _ = captured[name]
+        if ids._version != version:
+            raise ValueError(
+                f"the input of layer {name!r} was changed in place after the layer ran (an in-place op of the "
+                "model's forward, such as ReLU(inplace=True) or +=, on that tensor); its curvature needs the values "
+                "the layer saw: make that op out of place"
+            )
+    if output_layer and not captured[layers[-1][0]][2].is_unchanged(output):
+        per_token = captured[layers[-1][0]][2].tensor.dim() > output.dim()
         raise ValueError(
             f"the last-layer posterior's layer {layers[-1][0]!r} does not produce the model's output (the model "
-            "computes further from it, or another module runs after it); name the layer that does with "
-            "last_layer_name, or make it the model's last operation"
+            "computes further from it, in place or not, or another module runs after it); name the layer that does "
+            "with last_layer_name, or make it the model's last operation"
             + (
                 "; a head applied to every token whose outputs the model then picks from (a Hugging Face sequence "
                 "classifier's score) takes feature_reduction='pick_last' with last_layer_name"
@@ -497,7 +506,7 @@ def _forward_for_columns(
     for name, module in layers:
         a = captured[name][0]
         if is_rms_norm_like(module):
-            check_rms_norm_output(name, module, a, captured[name][1])
+            check_rms_norm_output(name, module, a, captured[name][2].tensor)
         allowed = _input_dims(module)
         if a.dim() not in allowed:
             raise ValueError(
@@ -517,7 +526,7 @@ def _forward_for_columns(
         exact_output,
         layers,
         [captured[name][0] for name, _ in layers],
-        [captured[name][1] for name, _ in layers],
+        [captured[name][2] for name, _ in layers],
         columns,
     )
 
