@@ -6,7 +6,6 @@ from dense import TinyRMSNorm, augmented_jacobian, dense_ggn, layer_sizes, targe
 from torch import nn
 
 from fastlaplace import Laplace
-from fastlaplace.curvature import layer_statistics
 
 
 class MeanOverTokens(nn.Module):
@@ -198,14 +197,27 @@ def test_a_layer_named_rms_norm_with_another_formula_is_refused_by_name(generato
         la.fit([(x, y)])
 
 
-def test_batchnorm_in_training_mode_uses_the_batch_statistics(generator):
-    model = batchnorm_mlp().train()
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+@pytest.mark.parametrize("tracked", [True, False], ids=["training-mode", "no-running-statistics"])
+def test_batchnorm_normalising_by_the_batch_is_refused_and_left_as_it_was(subset, tracked, generator):
+    # Each output would depend on the whole batch: Σ_k g_k g_kᵀ of the batch's columns then mixes the
+    # samples (not the GGN), and every forward would update the running statistics.
+    model = batchnorm_mlp()
+    fitted = Laplace(model, "classification", subset_of_weights=subset, hessian_structure="diag")
     x = torch.randn(6, 3, dtype=torch.float64, generator=generator)
-    _, stats = layer_statistics(model, x, targets("classification", 6, generator=generator), "classification")
-    normalised = stats[1].normalised_inputs()[:, 0]
-    hidden = model[0](x).detach()
-    expected = (hidden - hidden.mean(0)) / (hidden.var(0, unbiased=False) + model[1].eps).sqrt()
-    torch.testing.assert_close(normalised, expected)
+    fitted.fit([(x, targets("classification", 6, generator=generator))])
+    if tracked:
+        model.train()
+    else:
+        model[1].running_mean = model[1].running_var = None
+    buffers = [b.clone() for b in model.buffers()]
+    la = Laplace(model, "classification", subset_of_weights=subset, hessian_structure="diag")
+    reason = "is in training mode" if tracked else "has no running statistics"
+    with pytest.raises(ValueError, match=rf"module '1' \(BatchNorm1d\) {reason}: it normalises by each batch"):
+        la.fit([(x, targets("classification", 6, generator=generator))])
+    with pytest.raises(ValueError, match=reason):
+        fitted(x, pred_type="glm")
+    assert all(torch.equal(b, c) for b, c in zip(model.buffers(), buffers, strict=True))
 
 
 def test_layernorm_over_several_dimensions_is_refused():

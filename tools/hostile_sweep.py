@@ -1197,6 +1197,12 @@ def sweep_models(structure: str, dtype: torch.dtype) -> None:
         )
     case(
         g,
+        f"{tag}: BatchNorm in training mode",
+        lambda: fit_answers(with_layers(dtype, nn.BatchNorm1d(H)).train()),
+        ("BatchNorm1d", "training mode", "model.eval()"),
+    )
+    case(
+        g,
         f"{tag}: dropout p=0 in training mode",
         lambda: fit_answers(with_dropout(dtype, 0.0).train()),
         expect="answer",

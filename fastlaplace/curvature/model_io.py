@@ -11,8 +11,8 @@ element. A model returning anything else is wrapped by the user in a module whos
 the ``(N, C)`` logits tensor.
 
 A model is called in the mode it is in, never switched: one whose dropout is in training mode
-(random masks, so random curvature and predictions) is refused by :func:`check_deterministic`,
-except in a training step.
+(random masks, so random curvature and predictions) or whose BatchNorm normalises by the
+batch's statistics is refused by :func:`check_deterministic`, except in a training step.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
 
@@ -58,14 +59,17 @@ def model_logits(output: Any) -> Tensor:
 
 
 def check_deterministic(model: nn.Module) -> None:
-    """Refuse a model with dropout in training mode: its outputs are random draws, not the network at θ.
+    """Refuse a model with dropout in training mode, or BatchNorm normalising by the batch's statistics.
 
-    Attention modules (Hugging Face's among them) read their own ``training`` flag with their
-    ``nn.Dropout``'s ``p``: the Dropout module is found in either case. Dropout with ``p=0``
-    is deterministic and allowed.
+    Dropout's outputs are random draws, not the network at θ. Attention modules (Hugging
+    Face's among them) read their own ``training`` flag with their ``nn.Dropout``'s ``p``:
+    the Dropout module is found in either case. Dropout with ``p=0`` is deterministic and
+    allowed. A BatchNorm in training mode (or without running statistics) makes each
+    output depend on the whole batch, so there is no per-sample curvature, and each
+    forward would update its running statistics: a buffer of the user's model.
 
     Raises:
-        ValueError: naming the first such module, its type and ``p``.
+        ValueError: naming the first such module, its type (and a dropout's ``p``).
     """
     for name, module in model.named_modules():
         if isinstance(module, _DropoutNd) and module.training and module.p > 0:
@@ -73,6 +77,19 @@ def check_deterministic(model: nn.Module) -> None:
                 f"module {name or 'model'!r} ({type(module).__name__}, p={module.p}) is in training mode: its random "
                 "masks would make the curvature and the predictions random; call model.eval() first "
                 "(laplace-torch's fit switches the model to eval mode itself)"
+            )
+        if isinstance(module, _BatchNorm) and (module.training or module.running_mean is None):
+            tracked = module.running_mean is not None
+            raise ValueError(
+                f"module {name or 'model'!r} ({type(module).__name__}) "
+                + ("is in training mode" if tracked else "has no running statistics")
+                + ": it normalises by each batch's statistics, so a sample's output depends on the rest of its batch "
+                "(no per-sample curvature)"
+                + (
+                    "; every forward would also update its running statistics: call model.eval() first"
+                    if tracked
+                    else ""
+                )
             )
 
 

@@ -209,14 +209,8 @@ class LayerStatistics:
         if not isinstance(m, nn.modules.batchnorm._BatchNorm):
             x = normalised(m, x)
             return x if x.dim() == 3 else x.unsqueeze(1)
-        batch_statistics = m.training or m.running_mean is None
-        x = nn.functional.batch_norm(
-            x,
-            None if batch_statistics else m.running_mean,
-            None if batch_statistics else m.running_var,
-            training=batch_statistics,
-            eps=m.eps,
-        )
+        # Running statistics: a BatchNorm normalising by the batch's own is refused (model_io.check_deterministic).
+        x = nn.functional.batch_norm(x, m.running_mean, m.running_var, training=False, eps=m.eps)
         return x.flatten(2).transpose(1, 2) if x.dim() == 4 else x.unsqueeze(1)
 
     def token_pairs(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:

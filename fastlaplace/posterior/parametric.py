@@ -14,7 +14,7 @@ from fastlaplace import distributed
 from fastlaplace.curvature import LayerStatistics, layer_statistics, memory, split_heteroscedastic, trainable_bias
 from fastlaplace.curvature.column_backward import batches_backward
 from fastlaplace.curvature.layout import block_to_parameter, parameter_to_block, weight_shape
-from fastlaplace.curvature.model_io import call_model
+from fastlaplace.curvature.model_io import call_model, check_deterministic
 from fastlaplace.curvature.statistics import layer_statistic_parts
 from fastlaplace.posterior.base import BaseLaplace, _own_parameters
 
@@ -136,13 +136,10 @@ class ParametricLaplace(BaseLaplace):
         of them at once, or one at a time for a model whose columns go back in plain
         backwards taken ``in_parts``. A ResNet-18 on CIFAR images holds about 54 MB per sample
         with all its columns (3.4 GiB for a batch of 64), 10 MB with one. Parts of a batch give the same
-        factors (sums over the data). Not split: a last-layer posterior (no backward), and a
-        model with BatchNorm in training mode, whose outputs depend on the whole batch.
+        factors (sums over the data). Not split: a last-layer posterior (no backward).
         """
-        batch_dependent = any(
-            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in self.model.modules()
-        )
-        if self.last_layer_only or batch_dependent:
+        check_deterministic(self.model)  # before the one-sample forward: dropout, BatchNorm's batch statistics
+        if self.last_layer_only:
             return math.inf
         one_at_a_time = in_parts and not batches_backward(self.model)
         modules = [m for _, m in self.layers]
