@@ -17,7 +17,17 @@ class TinyRMSNorm(nn.Module):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
 
-LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.RMSNorm, TinyRMSNorm, nn.BatchNorm1d, nn.BatchNorm2d)
+LAYERS = (
+    nn.Linear,
+    nn.Conv2d,
+    nn.Embedding,
+    nn.LayerNorm,
+    nn.RMSNorm,
+    TinyRMSNorm,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.GroupNorm,
+)
 
 
 def tiny_mlp(bias: bool, classes: int = 3) -> nn.Module:

@@ -8,7 +8,7 @@ computes from them (evidence, GLM covariance marginal and joint, samples, state_
 import pytest
 import torch
 from dense import augmented_jacobian, dense_ggn, layer_sizes, targets
-from test_layers import MeanOverTokens, batchnorm_cnn, batchnorm_mlp, token_ids, token_model
+from test_layers import MeanOverTokens, batchnorm_cnn, batchnorm_mlp, groupnorm_cnn, token_ids, token_model
 from torch import nn
 
 from fastlaplace import Laplace
@@ -37,13 +37,14 @@ MODELS = {
     "embedding": (embedding_model, token_ids),
     "batchnorm_cnn": (batchnorm_cnn, lambda n, g: torch.randn(n, 2, 5, 5, **DOUBLE, generator=g)),
     "batchnorm_mlp": (batchnorm_mlp, lambda n, g: torch.randn(n, 3, **DOUBLE, generator=g)),
+    "groupnorm_cnn": (groupnorm_cnn, lambda n, g: torch.randn(n, 2, 5, 5, **DOUBLE, generator=g)),
     "layernorm_without_bias": (layernorm_without_bias, lambda n, g: torch.randint(0, 6, (n, 4), generator=g)),
 }
 
 
 def modules(model: nn.Module) -> list[nn.Module]:
     """The posterior's layers in model order (all trainable here)."""
-    kinds = (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
+    kinds = (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)
     return [m for m in model.modules() if isinstance(m, kinds)]
 
 
@@ -148,7 +149,11 @@ def test_unitwise_blocks_equal_the_dense_ggn_sub_blocks(name, generator):
     la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
     la.fit([(x[:3], y[:3]), (x[3:], y[3:])])
     exact = sub_blocks(dense_ggn(model, x, "classification"), layer_sizes(model))
-    norms = [i for i, m in enumerate(modules(model)) if isinstance(m, (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d))]
+    norms = [
+        i
+        for i, m in enumerate(modules(model))
+        if isinstance(m, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.GroupNorm))
+    ]
     assert len(norms) == len(la.unitwise_curvature.blocks)
     for i, blocks in zip(norms, la.unitwise_curvature.blocks, strict=True):
         width = 1 if name == "layernorm_without_bias" else 2

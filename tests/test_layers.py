@@ -48,6 +48,16 @@ def batchnorm_cnn() -> nn.Module:
     return model.eval()
 
 
+def groupnorm_cnn() -> nn.Module:
+    """Conv2d -> GroupNorm(2 groups of 2 channels) -> Tanh -> Linear: per-sample statistics, no running ones."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(), nn.Linear(36, 3)).double()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    return model
+
+
 def batchnorm_mlp() -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)).double()
@@ -71,6 +81,7 @@ MODELS = {
     "tokens": (token_model, token_ids),
     "batchnorm_cnn": (batchnorm_cnn, lambda n, g: torch.randn(n, 2, 5, 5, dtype=torch.float64, generator=g)),
     "batchnorm_mlp": (batchnorm_mlp, lambda n, g: torch.randn(n, 3, dtype=torch.float64, generator=g)),
+    "groupnorm_cnn": (groupnorm_cnn, lambda n, g: torch.randn(n, 2, 5, 5, dtype=torch.float64, generator=g)),
     "padding_idx": (padded_token_model, token_ids),
     "rms_norm": (lambda: rms_norm_token_model(nn.RMSNorm), token_ids),
     "hf_rms_norm": (lambda: rms_norm_token_model(TinyRMSNorm), token_ids),

@@ -30,7 +30,7 @@ from fastlaplace.curvature.relu_max_pool import relu_max_pool_folded
 #: (see :func:`has_kron_factors`), recognised without importing transformers
 KRON_LAYERS = (nn.Linear, nn.Conv2d)
 #: layers that scale (and shift) each feature of a normalised input
-AFFINE_LAYERS = (nn.LayerNorm, nn.RMSNorm, nn.BatchNorm1d, nn.BatchNorm2d)
+AFFINE_LAYERS = (nn.LayerNorm, nn.RMSNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)
 SUPPORTED_LAYERS = (*KRON_LAYERS, nn.Embedding, *AFFINE_LAYERS)
 #: the input dimensions each layer type accepts
 INPUT_DIMS = {
@@ -41,6 +41,7 @@ INPUT_DIMS = {
     nn.RMSNorm: (2, 3),
     nn.BatchNorm1d: (2,),
     nn.BatchNorm2d: (4,),
+    nn.GroupNorm: (4,),
 }
 #: the name the error messages give transformers' Conv1D among the supported layers
 TRANSPOSED_LINEAR_NAME = "transformers Conv1D"
@@ -131,8 +132,8 @@ class LayerStatistics:
 
     @property
     def channels_first(self) -> bool:
-        """Whether outputs are ``(N, C, H, W)`` (Conv2d, BatchNorm2d)."""
-        return isinstance(self.module, (nn.Conv2d, nn.BatchNorm2d))
+        """Whether outputs are ``(N, C, H, W)`` (Conv2d, BatchNorm2d, GroupNorm)."""
+        return isinstance(self.module, (nn.Conv2d, nn.BatchNorm2d, nn.GroupNorm))
 
     @property
     def shares_weights(self) -> bool:
@@ -193,7 +194,7 @@ class LayerStatistics:
         return self.token_ids() != self.module.padding_idx
 
     def normalised_inputs(self) -> Tensor:
-        """``(N, L, d)`` what a LayerNorm / BatchNorm scales by γ: its input, normalised as the layer did."""
+        """``(N, L, d)`` what a norm layer scales by γ: its input, normalised as the layer did."""
         return self._derived("normalised_inputs", self._normalised_inputs)
 
     def _derived(self, name: str, compute: Callable[[], Tensor]) -> Tensor:
@@ -206,11 +207,14 @@ class LayerStatistics:
 
     def _normalised_inputs(self) -> Tensor:
         m, x = self.module, self.inputs
-        if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, nn.GroupNorm):  # each sample's groups of channels by their own statistics
+            x = nn.functional.group_norm(x, m.num_groups, eps=m.eps)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            # Running statistics: a BatchNorm normalising by the batch's own is refused (model_io.check_deterministic).
+            x = nn.functional.batch_norm(x, m.running_mean, m.running_var, training=False, eps=m.eps)
+        else:
             x = normalised(m, x)
             return x if x.dim() == 3 else x.unsqueeze(1)
-        # Running statistics: a BatchNorm normalising by the batch's own is refused (model_io.check_deterministic).
-        x = nn.functional.batch_norm(x, m.running_mean, m.running_var, training=False, eps=m.eps)
         return x.flatten(2).transpose(1, 2) if x.dim() == 4 else x.unsqueeze(1)
 
     def token_pairs(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:

@@ -75,7 +75,7 @@ class KFACPreconditioner:
     float64 model) whatever autocast computes the forward in.
 
     Other trainable layers that :func:`~fastlaplace.curvature.supported_layers` accepts
-    (Embedding, LayerNorm, BatchNorm) and those in ``skip_layers`` keep their plain
+    (Embedding, the norm layers) and those in ``skip_layers`` keep their plain
     gradients; any other trainable layer raises a ValueError naming it, unless skipped.
 
     Under ``torch.distributed`` (for instance with DistributedDataParallel, whose

@@ -38,7 +38,7 @@ class KronLaplace(ParametricLaplace):
       counts) and ``G_l`` (see :class:`EmbeddingCurvature`): ``P_l = kron(diag(c_l), G_l) /
       (N L_l σ² T) + δ_l``, eigenbasis ``I ⊗ Q_G``; every token is a sample whatever
       ``kfac_approx``. Exact for one datum of one token.
-    - LayerNorm, BatchNorm1d/2d: the exact unit-wise blocks ``P_li = H_li / (σ² T) + δ_l I``
+    - LayerNorm, RMSNorm, BatchNorm1d/2d, GroupNorm: the exact unit-wise blocks ``P_li = H_li / (σ² T) + δ_l I``
       of each feature's ``(γ_i, β_i)`` (``(2, 2)``, or ``(1, 1)`` without a bias; see
       :class:`UnitwiseCurvature`), inverted and factored in closed form.
 
