@@ -435,7 +435,8 @@ def _forward_for_columns(
     the ReLU's input (:mod:`fastlaplace.curvature.relu_max_pool`).
     """
     layers = supported_layers(model) if layers is None else layers
-    captured: dict[str, tuple[Tensor, int, Target]] = {}  # per layer: its input, the input's version, its output
+    # Per layer: its input, the input's version, its output (None: not in the autograd graph)
+    captured: dict[str, tuple[Tensor, int, Target | None]] = {}
     size = _batch_size(x)
 
     def capture(name):
@@ -451,7 +452,7 @@ def _forward_for_columns(
                 # broadcast over the batch. Broadcast it here instead (the same values downstream), so that
                 # each sample's gradient reaches its own copy and the layer gets per-sample curvature.
                 ids, output = ids.expand(size, *ids.shape[1:]), output.expand(size, *output.shape[1:])
-            captured[name] = (ids, ids._version, Target.of(output))
+            captured[name] = (ids, ids._version, Target.of(output) if output.requires_grad else None)
             return output  # the module's own output, or its broadcast
 
         return hook
@@ -481,7 +482,13 @@ def _forward_for_columns(
             "(requires_grad=False) to leave them out"
         )
     for name, _ in layers:
-        ids, version, _ = captured[name]
+        ids, version, target = captured[name]
+        if target is None:
+            raise ValueError(
+                f"layer {name!r} ran without autograd (under torch.no_grad, or inside a reentrant "
+                "torch.utils.checkpoint): no gradient reaches it; run it with gradients enabled (a checkpoint "
+                "with use_reentrant=False works)"
+            )
         if ids._version != version:
             raise ValueError(
                 f"the input of layer {name!r} was changed in place after the layer ran (an in-place op of the "

@@ -1,7 +1,10 @@
-"""In-place ops in a model's forward (torchvision's ``ReLU(inplace=True)``, ``out += x``) against dense brute force.
+"""Forward passes as real models write them, against dense brute force or an equivalent plain model.
 
-An in-place op on a layer's output moves that tensor onto the op's autograd node: the
-curvature must still backpropagate to the value the layer returned.
+In-place ops (torchvision's ``ReLU(inplace=True)``, ``out += x``): an in-place op on a layer's
+output moves that tensor onto the op's autograd node, and the curvature must still
+backpropagate to the value the layer returned. Activation checkpointing: recomputed in the
+backward (``use_reentrant=False``) it gives the same posterior; a reentrant checkpoint runs
+its layers without autograd and is refused by name.
 """
 
 import pytest
@@ -9,6 +12,7 @@ import torch
 from dense import augmented_jacobian, dense_ggn, targets
 from resnets import torchvision_style_resnet
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fastlaplace import Laplace
 
@@ -142,3 +146,39 @@ def test_in_place_op_after_a_shortcut(pooling, generator):
     torch.testing.assert_close(la.posterior_precision(), precision)
     jac = augmented_jacobian(model, x)
     torch.testing.assert_close(la.functional_variance(x)[1], jac @ torch.linalg.solve(precision, jac.mT))
+
+
+class Checkpointed(nn.Module):
+    """A Linear-Tanh block run plainly (``reentrant=None``) or under ``torch.utils.checkpoint``, then a head."""
+
+    def __init__(self, reentrant: bool | None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.block = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh())
+        self.head = nn.Linear(5, 3)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        if self.reentrant is None:
+            return self.head(self.block(x))
+        return self.head(checkpoint(self.block, x, use_reentrant=self.reentrant))
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad=True")  # the reentrant checkpoint's
+@pytest.mark.parametrize("structure", ["diag", "kron", "full"])
+def test_activation_checkpointing(structure, generator):
+    x = torch.randn(6, 3, dtype=torch.float64, generator=generator)
+    data = [(x, targets("classification", 6, generator=generator))]
+    fitted = []
+    for reentrant in (None, False):
+        la = Laplace(
+            Checkpointed(reentrant).double(), "classification", subset_of_weights="all", hessian_structure=structure
+        )
+        la.fit(data)
+        fitted.append(la)
+    plain, recomputed = fitted
+    torch.testing.assert_close(recomputed.log_marginal_likelihood(), plain.log_marginal_likelihood())
+    torch.testing.assert_close(recomputed.functional_variance(x)[1], plain.functional_variance(x)[1])
+    la = Laplace(Checkpointed(True).double(), "classification", subset_of_weights="all", hessian_structure=structure)
+    with pytest.raises(ValueError, match="layer 'block.0' ran without autograd .*use_reentrant=False"):
+        la.fit(data)
