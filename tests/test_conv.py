@@ -3,10 +3,12 @@
 import pytest
 import torch
 from dense import augmented_jacobian, dense_ggn, layer_sizes, output_hessians, targets, tiny_cnn
+from test_layers import grouped_cnn
 from torch import nn
 
 from fastlaplace import Laplace
-from fastlaplace.curvature import DiagCurvature, layer_statistics
+from fastlaplace.curvature import DiagCurvature, layer_statistics, memory
+from fastlaplace.optim import KFACPreconditioner
 from fastlaplace.posterior import shared_weights
 
 
@@ -93,7 +95,44 @@ def test_kron_glm_covariance_of_a_cnn_equals_its_dense_form(image, locations_per
     torch.testing.assert_close(la.functional_variance_diagonal(x_test)[1], expected.diagonal(dim1=1, dim2=2))
 
 
-def test_grouped_convolution_is_refused_by_name():
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2))
-    with pytest.raises(ValueError, match=r"layer '0' \(Conv2d\) needs groups=1"):
+@pytest.mark.parametrize(
+    "conv, message",
+    [
+        (
+            nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect"),
+            r"needs padding_mode='zeros'; got padding_mode='reflect'",
+        ),
+        (nn.Conv2d(2, 4, 2, padding="same"), r"has padding='same' with an even kernel \(2, 2\)"),
+    ],
+    ids=["reflect", "same-even-kernel"],
+)
+def test_unsupported_convolutions_are_refused_by_name(conv, message):
+    model = nn.Sequential(conv, nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"layer '0' \(Conv2d\) " + message):
         Laplace(model, "classification", subset_of_weights="all")
+
+
+def test_kfac_preconditions_one_group_convolutions_and_leaves_grouped_ones_their_gradient(generator):
+    model = grouped_cnn()
+    pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=1, damping=0.1)
+    assert [layer.name for layer in pre._layers] == ["0", "9"]  # the 'same'-padded conv and the head
+    x = torch.randn(6, 2, 5, 5, dtype=torch.float64, generator=generator)
+    y = targets("classification", 6, generator=generator)
+    nn.functional.cross_entropy(model(x), y).backward()
+    plain = {name: p.grad.clone() for name, p in model.named_parameters()}
+    pre.step()
+    for name, p in model.named_parameters():
+        if name.startswith(("3.", "5.", "1.")):  # the grouped convolutions and the BatchNorm: untouched
+            torch.testing.assert_close(p.grad, plain[name], rtol=0, atol=0)
+        else:
+            assert not torch.allclose(p.grad, plain[name])
+
+
+def test_grouped_convolution_blocks_too_large_are_refused_before_the_fit(monkeypatch):
+    monkeypatch.setattr(memory, "MEMORY_LIMIT_GIB", 1e-6)  # 1 KiB; the depthwise layer's blocks are 4 x 9 x 9
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4, bias=False), nn.Flatten(), nn.Linear(4, 2, bias=False))
+    with pytest.raises(
+        memory.AllocationTooLargeError,
+        match=r"layer '0''s unit-wise curvature blocks would need .*\(4, 9, 9\).*'diag'",
+    ):
+        Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")

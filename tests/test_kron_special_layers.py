@@ -8,7 +8,15 @@ computes from them (evidence, GLM covariance marginal and joint, samples, state_
 import pytest
 import torch
 from dense import augmented_jacobian, dense_ggn, layer_sizes, targets
-from test_layers import MeanOverTokens, batchnorm_cnn, batchnorm_mlp, groupnorm_cnn, token_ids, token_model
+from test_layers import (
+    MeanOverTokens,
+    batchnorm_cnn,
+    batchnorm_mlp,
+    grouped_cnn,
+    groupnorm_cnn,
+    token_ids,
+    token_model,
+)
 from torch import nn
 
 from fastlaplace import Laplace
@@ -38,6 +46,7 @@ MODELS = {
     "batchnorm_cnn": (batchnorm_cnn, lambda n, g: torch.randn(n, 2, 5, 5, **DOUBLE, generator=g)),
     "batchnorm_mlp": (batchnorm_mlp, lambda n, g: torch.randn(n, 3, **DOUBLE, generator=g)),
     "groupnorm_cnn": (groupnorm_cnn, lambda n, g: torch.randn(n, 2, 5, 5, **DOUBLE, generator=g)),
+    "grouped_cnn": (grouped_cnn, lambda n, g: torch.randn(n, 2, 5, 5, **DOUBLE, generator=g)),
     "layernorm_without_bias": (layernorm_without_bias, lambda n, g: torch.randint(0, 6, (n, 4), generator=g)),
 }
 
@@ -66,7 +75,7 @@ def claimed_blocks(la, model, damping: bool = False) -> list[torch.Tensor]:
     unitwise = iter(la.unitwise_curvature.blocks)
     result = []
     for layer, module in enumerate(modules(model)):
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if isinstance(module, nn.Linear) or isinstance(module, nn.Conv2d) and module.groups == 1:
             a, g, locations = next(kron)
             left, right, s = g, a, scale / (la.num_data * locations)
         elif isinstance(module, nn.Embedding):
@@ -149,15 +158,18 @@ def test_unitwise_blocks_equal_the_dense_ggn_sub_blocks(name, generator):
     la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
     la.fit([(x[:3], y[:3]), (x[3:], y[3:])])
     exact = sub_blocks(dense_ggn(model, x, "classification"), layer_sizes(model))
-    norms = [
+    unitwise = [
         i
         for i, m in enumerate(modules(model))
         if isinstance(m, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.GroupNorm))
+        or isinstance(m, nn.Conv2d)
+        and m.groups > 1
     ]
-    assert len(norms) == len(la.unitwise_curvature.blocks)
-    for i, blocks in zip(norms, la.unitwise_curvature.blocks, strict=True):
-        width = 1 if name == "layernorm_without_bias" else 2
-        assert blocks.shape == (modules(model)[i].weight.shape[0], width, width)
+    assert len(unitwise) == len(la.unitwise_curvature.blocks)
+    for i, blocks in zip(unitwise, la.unitwise_curvature.blocks, strict=True):
+        module = modules(model)[i]
+        width = module.weight[0].numel() + (module.bias is not None)  # one output unit's weights and bias
+        assert blocks.shape == (module.weight.shape[0], width, width)
         expected = torch.stack([exact[i][j : j + width, j : j + width] for j in range(0, exact[i].shape[0], width)])
         assert expected[:, 0, -1].abs().max() > 1e-4 or width == 1  # the γ-β coupling is present
         torch.testing.assert_close(blocks, expected)
@@ -219,7 +231,7 @@ def test_evidence_is_differentiable_in_a_prior_per_layer(generator):
 
 
 @pytest.mark.parametrize("damping", [False, True])
-@pytest.mark.parametrize("name", ["tokens", "embedding", "batchnorm_mlp", "layernorm_without_bias"])
+@pytest.mark.parametrize("name", ["tokens", "embedding", "batchnorm_mlp", "layernorm_without_bias", "grouped_cnn"])
 def test_samples_have_the_claimed_covariance(name, damping, generator):
     make_model, make_inputs = MODELS[name]
     model = make_model()
@@ -269,7 +281,7 @@ def test_state_dict_round_trip(generator):
     )
 
 
-@pytest.mark.parametrize("name", ["batchnorm_mlp", "batchnorm_cnn"])
+@pytest.mark.parametrize("name", ["batchnorm_mlp", "batchnorm_cnn", "grouped_cnn"])
 def test_glm_covariance_gradient_in_the_input_equals_the_dense_one(name, generator):
     make_model, make_inputs = MODELS[name]
     model = make_model()

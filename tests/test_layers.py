@@ -58,6 +58,25 @@ def groupnorm_cnn() -> nn.Module:
     return model
 
 
+def grouped_cnn() -> nn.Module:
+    """Conv2d (padding 'same'), BatchNorm, ReLU6, a depthwise 3 x 3 Conv2d, a 2-group 1 x 1 Conv2d, a pooled Linear."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding="same"),
+        nn.BatchNorm2d(4),
+        nn.ReLU6(),
+        nn.Conv2d(4, 4, 3, padding=1, groups=4),
+        nn.Tanh(),
+        nn.Conv2d(4, 6, 1, groups=2, bias=False),
+        nn.Tanh(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 3),
+    ).double()
+    _set_batchnorm_state(model[1])
+    return model.eval()
+
+
 def batchnorm_mlp() -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)).double()
@@ -82,6 +101,7 @@ MODELS = {
     "batchnorm_cnn": (batchnorm_cnn, lambda n, g: torch.randn(n, 2, 5, 5, dtype=torch.float64, generator=g)),
     "batchnorm_mlp": (batchnorm_mlp, lambda n, g: torch.randn(n, 3, dtype=torch.float64, generator=g)),
     "groupnorm_cnn": (groupnorm_cnn, lambda n, g: torch.randn(n, 2, 5, 5, dtype=torch.float64, generator=g)),
+    "grouped_cnn": (grouped_cnn, lambda n, g: torch.randn(n, 2, 5, 5, dtype=torch.float64, generator=g)),
     "padding_idx": (padded_token_model, token_ids),
     "rms_norm": (lambda: rms_norm_token_model(nn.RMSNorm), token_ids),
     "hf_rms_norm": (lambda: rms_norm_token_model(TinyRMSNorm), token_ids),

@@ -13,7 +13,7 @@ from fastlaplace.curvature.closed_form import SoftmaxStatistics, softmax_hessian
 from fastlaplace.curvature.eigen import MAX_EIGH_SIDE
 from fastlaplace.curvature.layout import weight_shape
 from fastlaplace.curvature.memory import check_allocation
-from fastlaplace.curvature.statistics import LayerStatistics
+from fastlaplace.curvature.statistics import LayerStatistics, conv_padding
 from fastlaplace.reference import accumulation_dtype
 
 #: Summed factors (no ``decay``) gather the rows of their Gram matrices over batches, up to
@@ -217,7 +217,7 @@ class KronCurvature:
     ) -> None:
         """Add the patch Gram matrix of Conv2d layer i's ``(N, C, H, W)`` inputs to its input factor."""
         ops.conv_input_factor_(
-            self._input_factors[i], inputs, m.kernel_size, m.stride, m.padding, m.dilation, has_bias, alpha, beta
+            self._input_factors[i], inputs, m.kernel_size, m.stride, conv_padding(m), m.dilation, has_bias, alpha, beta
         )
 
     def _multiply_conv_inputs(self, layers: list[int]) -> None:
@@ -466,12 +466,13 @@ class EmbeddingCurvature:
 
 
 class UnitwiseCurvature:
-    """Exact GGN blocks of each feature's ``(γ_i, β_i)`` of LayerNorm / BatchNorm layers (unit-wise).
+    """Exact GGN blocks of each output unit's weights: norm layers' ``(γ_i, β_i)``, a grouped Conv2d's filters.
 
-    Layer l gets ``(d, k, k)`` blocks ``H_li = Σ_n Σ_k w_nki w_nkiᵀ`` with
-    ``w_nki = [Σ_t g_nkti x̂_nti, Σ_t g_nkti]`` the per-sample gradient of column k w.r.t.
-    feature i's pair (x̂ the normalised input, t over locations): the GGN restricted to each
-    pair, exact for any data. k = 2, or 1 (γ alone) without a trainable bias.
+    Layer l gets ``(d, k, k)`` blocks ``H_li = Σ_n Σ_k w_nki w_nkiᵀ`` with ``w_nki`` the
+    per-sample gradient of column k w.r.t. unit i's weights: ``[Σ_t g_nkti x̂_nti, Σ_t g_nkti]``
+    for a norm layer (x̂ the normalised input, t over locations; k = 2, or 1 without a
+    trainable bias), output channel i's filter (and bias) for a grouped convolution. The GGN
+    restricted to each unit, exact for any data.
     """
 
     def __init__(self) -> None:
@@ -495,10 +496,14 @@ class UnitwiseCurvature:
 def _feature_gram(grads: Tensor) -> Tensor:
     """``(d, k, k)`` ``Σ_m w_mia w_mib`` per feature i of ``(M, d, k)`` per-sample gradients w.
 
-    Products of the gradients' columns summed over the leading dimension: an einsum or a
-    batched GEMM over i would first transpose all ``M d k`` values (5x slower for a
-    LayerNorm(256) with 9 columns of 512 samples).
+    For the norm layers' k <= 2, products of the gradients' columns summed over the leading
+    dimension: a batched GEMM over i would first transpose all ``M d k`` values (5x slower
+    for a LayerNorm(256) with 9 columns of 512 samples). A grouped convolution's k (10 for a
+    3 x 3 depthwise filter with a bias) takes the batched GEMM.
     """
+    if grads.shape[-1] > 2:
+        per_feature = grads.transpose(0, 1)  # (d, M, k)
+        return per_feature.mT @ per_feature
     pairs = range(grads.shape[-1])
     return torch.stack([torch.stack([(grads[..., a] * grads[..., b]).sum(0) for b in pairs], -1) for a in pairs], -2)
 

@@ -53,8 +53,36 @@ def is_affine(module: nn.Module) -> bool:
 
 
 def has_kron_factors(module: nn.Module) -> bool:
-    """Whether the layer is a Linear, Conv2d or transformers Conv1D (Kronecker-factored curvature)."""
-    return isinstance(module, KRON_LAYERS) or is_transposed_linear(module)
+    """Whether the layer is a Linear, Conv2d (one group) or transformers Conv1D (Kronecker-factored curvature)."""
+    return (isinstance(module, KRON_LAYERS) and not is_grouped_conv(module)) or is_transposed_linear(module)
+
+
+def is_grouped_conv(module: nn.Module) -> bool:
+    """Whether the layer is a Conv2d with ``groups > 1`` (a depthwise convolution among them)."""
+    return isinstance(module, nn.Conv2d) and module.groups > 1
+
+
+def has_unitwise_blocks(module: nn.Module) -> bool:
+    """Whether the Kron posterior gives the layer one exact block per output unit: norm layers, grouped Conv2d.
+
+    A grouped convolution's output channel sees only its group's ``C_in / groups`` input
+    channels: its ``(C_in / groups · kh · kw [+ 1])`` weights are one small block (10 for a
+    3 x 3 depthwise filter with a bias), kept exactly instead of Kronecker-factored.
+    """
+    return is_affine(module) or is_grouped_conv(module)
+
+
+def conv_padding(module: nn.Conv2d) -> tuple[int, int]:
+    """The Conv2d's zero padding as numbers: ``"valid"`` is 0, ``"same"`` half the dilated kernel.
+
+    ``"same"`` with an even dilated kernel, which torch pads unevenly, is refused by
+    :func:`supported_layers`.
+    """
+    if module.padding == "valid":
+        return (0, 0)
+    if module.padding == "same":
+        return tuple(d * (k - 1) // 2 for d, k in zip(module.dilation, module.kernel_size, strict=True))
+    return tuple(module.padding)
 
 
 def is_supported(module: nn.Module) -> bool:
@@ -161,7 +189,7 @@ class LayerStatistics:
     def _patches(self) -> Tensor:
         if self.is_conv:
             m = self.module
-            u = nn.functional.unfold(self.inputs, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)
+            u = nn.functional.unfold(self.inputs, m.kernel_size, m.dilation, conv_padding(m), m.stride).transpose(1, 2)
         else:
             u = self.inputs if self.inputs.dim() == 3 else self.inputs.unsqueeze(1)
         if self.has_bias:
@@ -250,7 +278,16 @@ class LayerStatistics:
             if self.has_bias:
                 parts.append(grads.sum(2))
             return torch.stack(parts, dim=-1).flatten(2)
-        return torch.einsum("nklo,nla->nkoa", grads, self.patches().to(self.output_grads.dtype)).flatten(2)
+        patches = self.patches().to(self.output_grads.dtype)
+        if not is_grouped_conv(self.module):
+            return torch.einsum("nklo,nla->nkoa", grads, patches).flatten(2)
+        # Output channel o of group j sees input features [j a, (j + 1) a) of the patch, a = C_in / groups · kh · kw.
+        groups, a = self.module.groups, self.module.weight[0].numel()
+        per_group = patches[..., : groups * a].unflatten(-1, (groups, a))  # (N, L, groups, a)
+        weights = torch.einsum("nklgo,nlga->nkgoa", grads.unflatten(-1, (groups, -1)), per_group).flatten(2, 3)
+        if self.has_bias:
+            weights = torch.cat([weights, grads.sum(2).unsqueeze(-1)], dim=-1)
+        return weights.flatten(2)
 
 
 def supported_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -264,13 +301,19 @@ def supported_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if not any(p.requires_grad for p in module.parameters(recurse=False)):
             continue
-        if isinstance(module, nn.Conv2d) and (
-            module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)
-        ):
-            raise ValueError(
-                f"layer {name!r} (Conv2d) needs groups=1, padding_mode='zeros' and numeric padding; got "
-                f"groups={module.groups}, padding_mode={module.padding_mode!r}, padding={module.padding!r}"
-            )
+        if isinstance(module, nn.Conv2d):
+            if module.padding_mode != "zeros":
+                raise ValueError(
+                    f"layer {name!r} (Conv2d) needs padding_mode='zeros'; got padding_mode={module.padding_mode!r}"
+                )
+            if module.padding == "same" and any(
+                d * (k - 1) % 2 for d, k in zip(module.dilation, module.kernel_size, strict=True)
+            ):
+                raise ValueError(
+                    f"layer {name!r} (Conv2d) has padding='same' with an even kernel {tuple(module.kernel_size)} "
+                    f"(dilation {tuple(module.dilation)}), which torch pads unevenly: not supported; pad the input "
+                    "explicitly"
+                )
         if not is_supported(module):
             kinds = _supported_kinds()
             own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]

@@ -32,7 +32,7 @@ Layout and scale (what laplace-torch's BackPACK and Curvlinops backends return):
   ``½‖f − y‖²`` (laplace-torch's convention, kept here).
 
 Layers: ``kron`` covers Linear and Conv2d layers (Conv2d with ``groups=1`` and zero
-padding); ``diag`` and ``full`` also Embedding, LayerNorm and BatchNorm (as
+padding); ``diag`` and ``full`` also Embedding, the norm layers and grouped Conv2d (as
 :func:`fastlaplace.curvature.supported_layers`). A layer of another type with trainable
 parameters is refused by name.
 """
@@ -64,7 +64,7 @@ from fastlaplace.curvature import (
     supported_layers,
 )
 from fastlaplace.curvature.layout import block_to_parameter, weight_shape
-from fastlaplace.curvature.statistics import KRON_LAYERS, backpropagate_columns
+from fastlaplace.curvature.statistics import backpropagate_columns, has_kron_factors
 from fastlaplace.reference import accumulation_dtype
 
 __all__ = ["FastCurvatureInterface", "FastEF", "FastGGN"]
@@ -249,7 +249,7 @@ class FastCurvatureInterface:
             raise ValueError(f"{name}: {error}") from error
         if kron:
             for layer_name, module in layers:
-                if not isinstance(module, KRON_LAYERS):
+                if not has_kron_factors(module):
                     raise ValueError(
                         f"{name}.kron: layer {layer_name!r} ({type(module).__name__}) has no Kronecker factors in "
                         "laplace-torch's Kron layout (Linear and Conv2d only); use hessian_structure='diag' or "

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from fastlaplace.curvature import supported_layers, trainable_bias
 from fastlaplace.curvature.layout import is_transposed_linear, weight_shape
-from fastlaplace.curvature.statistics import KRON_LAYERS
+from fastlaplace.curvature.statistics import has_kron_factors
 
 
 @dataclass
@@ -120,7 +120,7 @@ def _skipped(name: str, module: nn.Module, skip: list[str | type]) -> bool:
 
 
 def preconditioned_layers(model: nn.Module, skip_layers: Iterable[str | type[nn.Module]]) -> list[PreconditionedLayer]:
-    """The model's Linear, Conv2d and Conv1D layers that are not skipped, validated by :func:`supported_layers`.
+    """The model's Linear, one-group Conv2d and Conv1D layers not skipped, validated by :func:`supported_layers`.
 
     Raises:
         ValueError: on an unsupported trainable layer that is not skipped (named), a
@@ -152,7 +152,7 @@ def preconditioned_layers(model: nn.Module, skip_layers: Iterable[str | type[nn.
     kron = [
         PreconditionedLayer(name, m, m.weight, trainable_bias(m), weight_shape(m)[1], is_transposed_linear(m))
         for name, m in layers
-        if isinstance(m, KRON_LAYERS) or is_transposed_linear(m)
+        if has_kron_factors(m)
     ]
     if not kron:
         raise ValueError("the model has no trainable Linear or Conv2d layer left to precondition")

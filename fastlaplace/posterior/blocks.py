@@ -2,8 +2,9 @@
 
 Embedding: ``P = kron(diag(s c), G) + δ`` has the eigenbasis ``I ⊗ Q_G`` (no V × V matrix):
 its eigenvalues ``s c_v μ_j + δ`` are given as a ``(V, d)`` table of their reciprocals.
-LayerNorm / BatchNorm: one ``(k, k)`` precision per feature (k = 2 for ``(γ_i, β_i)``, 1 for
-γ alone), inverted, factored and log-determined in closed form.
+Norm layers: one ``(k, k)`` precision per feature (k = 2 for ``(γ_i, β_i)``, 1 for γ alone),
+inverted, factored and log-determined in closed form; a grouped Conv2d: one per output
+channel (k its filter's weights, and bias), through batched Cholesky factors.
 """
 
 from __future__ import annotations
@@ -47,12 +48,19 @@ def embedding_inverse_root(noise: Tensor, q_g: Tensor, inverse: Tensor) -> Tenso
 
 
 def unitwise_logdet(precision: Tensor) -> Tensor:
-    """``Σ_i log det P_i`` of ``(d, k, k)`` blocks (k = 1 or 2), a scalar."""
+    """``Σ_i log det P_i`` of ``(d, k, k)`` blocks, a scalar (-inf where a block is not positive definite)."""
+    if precision.shape[-1] > 2:
+        factor, info = torch.linalg.cholesky_ex(precision)
+        if bool((info > 0).any()):
+            return precision.new_tensor(-torch.inf)
+        return 2 * factor.diagonal(dim1=-2, dim2=-1).log().sum()
     return _determinant(precision).log().sum()
 
 
 def unitwise_inverse(precision: Tensor) -> Tensor:
-    """``(d, k, k)`` inverses of ``(d, k, k)`` blocks: ``1 / a``, or the adjugate over the determinant."""
+    """``(d, k, k)`` inverses of ``(d, k, k)`` blocks: ``1 / a``, the adjugate over the determinant, or Cholesky's."""
+    if precision.shape[-1] > 2:
+        return torch.cholesky_inverse(_cholesky(precision))
     if precision.shape[-1] == 1:
         return precision.reciprocal()
     a, b, c = precision[:, 0, 0], precision[:, 0, 1], precision[:, 1, 1]
@@ -70,6 +78,9 @@ def unitwise_inverse_root(precision: Tensor, noise: Tensor) -> Tensor:
     Returns:
         ``(n, d, k)``.
     """
+    if precision.shape[-1] > 2:
+        factor = _cholesky(precision)  # (d, k, k)
+        return torch.linalg.solve_triangular(factor.mT, noise.permute(1, 2, 0), upper=True).permute(2, 0, 1)
     a = precision[:, 0, 0]
     if precision.shape[-1] == 1:
         return noise * a.rsqrt().unsqueeze(-1)
@@ -93,6 +104,17 @@ def unitwise_jacobian_covariance(s: LayerStatistics, inverse: Tensor, joint: boo
     """
     jac = s.weight_gradients().to(inverse.dtype).unflatten(2, (inverse.shape[0], -1))  # (N, C, d, k)
     return torch.einsum("ncia,iab,meib->ncme" if joint else "ncia,iab,neib->nce", jac, inverse, jac)
+
+
+def _cholesky(precision: Tensor) -> Tensor:
+    """``(d, k, k)`` lower Cholesky factors; a block that is not positive definite is refused by name."""
+    factor, info = torch.linalg.cholesky_ex(precision)
+    if bool((info > 0).any()):
+        raise ValueError(
+            "a grouped Conv2d's per-channel precision block is not positive definite (a prior precision of 0 where "
+            "the data do not determine every filter weight): use a positive prior_precision"
+        )
+    return factor
 
 
 def _determinant(precision: Tensor) -> Tensor:

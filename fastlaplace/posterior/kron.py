@@ -12,7 +12,9 @@ from fastlaplace.curvature.accumulate import EmbeddingCurvature, KronCurvature, 
 from fastlaplace.curvature.big_factors import SketchedFactor, restored_factor, stored_factor
 from fastlaplace.curvature.closed_form import layer_forward, softmax_statistics
 from fastlaplace.curvature.eigen import factor_eigh
-from fastlaplace.curvature.statistics import has_kron_factors, is_affine, trainable_bias
+from fastlaplace.curvature.layout import weight_shape
+from fastlaplace.curvature.memory import check_allocation
+from fastlaplace.curvature.statistics import has_kron_factors, has_unitwise_blocks, trainable_bias
 from fastlaplace.posterior import blocks, truncated_kron
 from fastlaplace.posterior.parametric import ParametricLaplace
 from fastlaplace.posterior.shared_weights import shared_weight_covariance
@@ -77,7 +79,14 @@ class KronLaplace(ParametricLaplace):
         modules = [m for _, m in self.layers]
         self._kron = [i for i, m in enumerate(modules) if has_kron_factors(m)]
         self._embedding = [i for i, m in enumerate(modules) if isinstance(m, nn.Embedding)]
-        self._unitwise = [i for i, m in enumerate(modules) if is_affine(m)]
+        self._unitwise = [i for i, m in enumerate(modules) if has_unitwise_blocks(m)]
+        for i in self._unitwise:  # a grouped Conv2d's blocks grow with its group's width
+            name, module = self.layers[i]
+            width = weight_shape(module)[1] + (trainable_bias(module) is not None)
+            check_allocation(
+                f"layer {name!r}'s unit-wise curvature blocks", (module.weight.shape[0], width, width),
+                accumulation_dtype(module.weight.dtype), "use hessian_structure='diag' (or freeze the layer)",
+            )  # fmt: skip
 
     def _reset_curvature(self) -> None:
         self.curvature = KronCurvature(
@@ -230,7 +239,7 @@ class KronLaplace(ParametricLaplace):
         return [_damped_inverse(*spectrum).T for spectrum in zip(counts, mu, scale, delta, strict=True)]
 
     def _unitwise_precisions(self, prior_precision: Tensor, sigma_noise: Tensor) -> list[Tensor]:
-        """``(d, k, k)`` per LayerNorm / BatchNorm: ``s H_li + δ_l I``."""
+        """``(d, k, k)`` per layer with unit-wise blocks: ``s H_li + δ_l I``."""
         if not self._unitwise:
             return []
         scale = self._curvature_scale(sigma_noise)

@@ -70,6 +70,10 @@ def _through_rotated_jacobian(
     """
     n, classes, d_g, locations = grads.shape
     grads = grads.reshape(n, classes * d_g, locations)
+    if torch.is_grad_enabled() and (grads.requires_grad or patches.requires_grad):  # differentiable: no out= buffers
+        jac = grads @ patches @ qa if classes * d_g < locations else grads @ (patches @ qa)
+        rotated = jac.view(n, classes, -1) * inverse.sqrt().flatten()
+        return rotated.square().sum(-1) if diagonal else rotated @ rotated.transpose(1, 2)
     if classes * d_g < locations:
         torch.matmul(grads @ patches, qa, out=out)
     else:
