@@ -577,3 +577,47 @@ def test_a_layer_that_runs_but_does_not_reach_the_output_has_zero_curvature(stru
         linear = [name for name, module in la.layers if isinstance(module, nn.Linear)]
         assert la.curvature.output_factors[linear.index("encoder.pooler.dense")].abs().max() == 0
     torch.testing.assert_close(la.functional_variance(x)[0], model(x).detach())
+
+
+def hugging_face_convnet(kind: str) -> nn.Module:
+    """Hugging Face's ResNet (BatchNorm, ``hidden_state += residual``), MobileNetV2 (depthwise Conv2d, ReLU6) or
+    RegNet (grouped Conv2d, squeeze-excitation): tiny configurations, float64, eval mode, read through ``.logits``.
+    """
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "resnet":
+        config = transformers.ResNetConfig(embedding_size=4, hidden_sizes=[4, 8], depths=[1, 1], num_labels=3)
+        model = transformers.ResNetForImageClassification(config)
+    elif kind == "mobilenet_v2":
+        config = transformers.MobileNetV2Config(image_size=16, depth_multiplier=0.25, num_labels=3)
+        model = transformers.MobileNetV2ForImageClassification(config)
+    else:
+        config = transformers.RegNetConfig(
+            embedding_size=4, hidden_sizes=[4, 8], depths=[1, 1], groups_width=4, num_labels=3
+        )
+        model = transformers.RegNetForImageClassification(config)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    return LogitsOf(model.double().eval())
+
+
+@pytest.mark.parametrize("kind", ["resnet", "mobilenet_v2", "regnet"])
+def test_hugging_face_convnets_diag_equals_the_dense_ggn(kind, generator):
+    model = hugging_face_convnet(kind)
+    if kind == "mobilenet_v2":  # 242k weights: the dense Jacobian of its first and last blocks only
+        layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.BatchNorm2d | nn.Linear)]
+        for module in layers[6:-6]:
+            module.requires_grad_(False)
+    grouped = any(isinstance(m, nn.Conv2d) and m.groups > 1 and m.weight.requires_grad for m in model.modules())
+    assert grouped == (kind != "resnet")
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64, generator=generator)
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="diag")
+    la.fit([(x, torch.tensor([0, 1, 2]))])
+    jac = torch.stack([parameter_jacobian(model, x[n : n + 1])[0] for n in range(3)])  # HF's code does not vmap
+    p = model(x).detach().softmax(-1)
+    ggn = torch.einsum("ncp,ncd,ndp->p", jac, torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2), jac)
+    torch.testing.assert_close(la._to_parameter_order(la.posterior_precision()), ggn + 1)
