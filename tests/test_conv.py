@@ -136,3 +136,15 @@ def test_grouped_convolution_blocks_too_large_are_refused_before_the_fit(monkeyp
         match=r"layer '0''s unit-wise curvature blocks would need .*\(4, 9, 9\).*'diag'",
     ):
         Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
+
+
+def test_a_singular_grouped_convolution_block_is_refused_by_name(generator):
+    model = grouped_cnn()  # one image: the depthwise filters' 10 x 10 blocks have rank at most 2
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron", prior_precision=0.0)
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, generator=generator)
+    la.fit([(x, targets("classification", 1, generator=generator))])
+    for call in (lambda: la(x), lambda: la.sample(2)):
+        with pytest.raises(ValueError, match="grouped Conv2d's per-channel precision block is not positive definite"):
+            call()
+    with pytest.raises(ValueError, match="needs a positive prior precision"):
+        la.log_marginal_likelihood()
