@@ -182,3 +182,43 @@ def test_activation_checkpointing(structure, generator):
     la = Laplace(Checkpointed(True).double(), "classification", subset_of_weights="all", hessian_structure=structure)
     with pytest.raises(ValueError, match="layer 'block.0' ran without autograd .*use_reentrant=False"):
         la.fit(data)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth as timm and torchvision write it: in training mode, each sample's branch dropped at random."""
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        keep = (torch.rand(x.shape[0], 1, dtype=x.dtype) > 0.1).to(x.dtype)
+        return x * keep / 0.9
+
+
+class ResidualWithDropPath(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.norm, self.drop, self.head = nn.Linear(3, 4), nn.LayerNorm(4), DropPath(), nn.Linear(4, 3)
+
+    def forward(self, x):
+        hidden = torch.tanh(self.norm(self.first(x)))
+        return self.head(hidden + self.drop(hidden))
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron", "gp"])
+def test_a_model_that_draws_random_numbers_is_refused_and_the_random_state_kept(structure, generator):
+    model = ResidualWithDropPath().double()
+    x = torch.randn(6, 3, dtype=torch.float64, generator=generator)
+    data = [(x, targets("classification", 6, generator=generator))]
+    options = {"n_subset": 6} if structure == "gp" else {}
+    la = Laplace(model.eval(), "classification", subset_of_weights="all", hessian_structure=structure, **options)
+    la.fit(data)  # eval mode: the drop-path is the identity
+    model.train()
+    state = torch.get_rng_state()
+    for call in (
+        lambda: la(x),
+        lambda: Laplace(model, "classification", hessian_structure=structure, **options).fit(data),
+    ):
+        with pytest.raises(ValueError, match="the model's forward draws random numbers.*call model.eval"):
+            call()
+        assert torch.equal(torch.get_rng_state(), state)

@@ -1098,6 +1098,15 @@ class InputChangedInPlace(nn.Module):
         return out
 
 
+class DropPath(nn.Module):
+    """Stochastic depth: in training mode each sample's input kept with probability 0.9 (no Dropout module)."""
+
+    def forward(self, x):  # noqa: D102
+        if not self.training:
+            return x
+        return x * (torch.rand(x.shape[0], 1, dtype=x.dtype) > 0.1).to(x.dtype) / 0.9
+
+
 class OffsetRMSNorm(nn.Module):
     """Named as Hugging Face names its RMSNorms, but Gemma's ``(1 + weight) * x / rms(x)``."""
 
@@ -1200,6 +1209,12 @@ def sweep_models(structure: str, dtype: torch.dtype) -> None:
         f"{tag}: BatchNorm in training mode",
         lambda: fit_answers(with_layers(dtype, nn.BatchNorm1d(H)).train()),
         ("BatchNorm1d", "training mode", "model.eval()"),
+    )
+    case(
+        g,
+        f"{tag}: a drop-path in training mode",
+        lambda: fit_answers(with_layers(dtype, DropPath()).train()),
+        ("draws random numbers", "model.eval()"),
     )
     case(
         g,

@@ -12,14 +12,17 @@ the ``(N, C)`` logits tensor.
 
 A model is called in the mode it is in, never switched: one whose dropout is in training mode
 (random masks, so random curvature and predictions) or whose BatchNorm normalises by the
-batch's statistics is refused by :func:`check_deterministic`, except in a training step.
+batch's statistics is refused by :func:`check_deterministic`, and a call that draws random
+numbers (any other random module) by :func:`no_random_draws`, except in a training step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -93,15 +96,46 @@ def check_deterministic(model: nn.Module) -> None:
             )
 
 
+@contextmanager
+def no_random_draws(x: Tensor | Mapping) -> Iterator[None]:
+    """Refuse a model call that draws random numbers: the model is random in its current mode.
+
+    :func:`check_deterministic` names the modules known to be (dropout, BatchNorm); any other
+    (torchvision's ``StochasticDepth`` and timm's ``DropPath`` in training mode, a random
+    mask of the user's) advances the random generator (of the CPU, or of the CUDA device
+    the inputs are on) during the call. Then the generator's state is put back and a
+    ValueError raised. A deterministic forward draws nothing, whatever it computes.
+    """
+    tensors = [x] if isinstance(x, Tensor) else [v for v in x.values() if isinstance(v, Tensor)]
+    cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+    before = [torch.get_rng_state(), *(torch.cuda.get_rng_state(i) for i in cuda)]
+    yield
+    after = [torch.get_rng_state(), *(torch.cuda.get_rng_state(i) for i in cuda)]
+    if all(torch.equal(a, b) for a, b in zip(before, after, strict=True)):
+        return
+    torch.set_rng_state(before[0])
+    for i, state in zip(cuda, before[1:], strict=True):
+        torch.cuda.set_rng_state(state, i)
+    raise ValueError(
+        "the model's forward draws random numbers: a module of it is random in its current mode (stochastic depth "
+        "or drop-path in training mode, a random mask), so the curvature and the predictions would be; call "
+        "model.eval() first"
+    )
+
+
 def call_model(
     model: nn.Module, x: Tensor | Mapping, parameters: Mapping[str, Tensor] | None = None, training: bool = False
 ) -> Tensor:
     """The ``(N, C)`` logits of ``model`` on ``x``, with ``parameters`` in place of some of its own if given.
 
-    Outside a ``training`` step the model must be deterministic (:func:`check_deterministic`).
+    Outside a ``training`` step the model must be deterministic (:func:`check_deterministic`,
+    :func:`no_random_draws`).
     """
     if not training:
         check_deterministic(model)
     args, kwargs = model_arguments(model, x)
-    output = model(*args, **kwargs) if parameters is None else functional_call(model, dict(parameters), args, kwargs)
+    with nullcontext() if training else no_random_draws(x):
+        output = (
+            model(*args, **kwargs) if parameters is None else functional_call(model, dict(parameters), args, kwargs)
+        )
     return model_logits(output)
