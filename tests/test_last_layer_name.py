@@ -89,3 +89,27 @@ def test_bad_names_and_reductions_are_refused(generator):
     )
     with pytest.raises(ValueError, match=r"needs \(N, T, d\) features, got \(2, 4\)"):
         la.fit([(torch.randn(2, 3, dtype=torch.float64), torch.tensor([0, 1]))])
+
+
+class RandomTokens(Tokens):
+    """Tokens whose features are randomly masked while ``random`` is set (a custom dropout, no Dropout module)."""
+
+    random = False
+
+    def forward(self, ids):
+        features = self.body(ids)
+        return self.head(features * (torch.rand_like(features) > 0.5) if self.random else features)
+
+
+def test_reduced_features_of_a_model_that_draws_random_numbers_are_refused(generator):
+    ids = torch.randint(0, 7, (4, 5), generator=generator)
+    model = RandomTokens().double()
+    la = Laplace(model, "classification", last_layer_name="head", feature_reduction="average")
+    la.fit([(ids, targets("classification", 4, generator=generator))])
+    model.random = True
+    state = torch.get_rng_state()
+    with pytest.raises(ValueError, match="the model's forward draws random numbers"):
+        la(ids)
+    assert torch.equal(torch.get_rng_state(), state)
+    with pytest.raises(ValueError, match="the model's forward draws random numbers"):
+        la(ids, pred_type="nn", n_samples=3)
