@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import sys
 import types
+import warnings
 
 import torch
 from torch import nn
@@ -40,6 +41,7 @@ TORCHVISION = [
     "shufflenet_v2_x0_5",
     "regnet_x_400mf",
     "convnext_tiny",
+    "vit_b_16",
 ]
 HUGGING_FACE = ["hf:resnet", "hf:mobilenet_v2", "hf:regnet"]
 CLASSES = 5
@@ -94,7 +96,7 @@ def prepared(model: nn.Module) -> nn.Module:
             if isinstance(module, nn.BatchNorm2d):
                 module.running_mean.uniform_(-0.1, 0.1)
                 module.running_var.uniform_(0.5, 1.5)
-    kinds = (nn.Conv2d, nn.BatchNorm2d, nn.Linear, nn.LayerNorm, nn.GroupNorm)
+    kinds = (nn.Conv2d, nn.BatchNorm2d, nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention)
     layers = [
         m for m in model.modules() if isinstance(m, kinds) and next(m.parameters(recurse=False), None) is not None
     ]
@@ -128,6 +130,7 @@ def relative_error(model: nn.Module, size: int) -> tuple[float, int]:
 
 def main(names: list[str]) -> int:
     """Check the named models (all that are installed by default); print one line each."""
+    warnings.filterwarnings("ignore", message="There is a performance drop")  # torch.func through attention
     tv = torchvision_models()
     names = names or [*(TORCHVISION if tv is not None else []), *HUGGING_FACE]
     for name in names:
@@ -136,7 +139,8 @@ def main(names: list[str]) -> int:
             if name.startswith("hf:"):
                 model, size = hugging_face_model(name[3:]), 32
             else:
-                model, size = tv.get_model(name, num_classes=CLASSES), 64
+                model = tv.get_model(name, num_classes=CLASSES)
+                size = getattr(model, "image_size", 64)  # a ViT takes its own image size
             error, weights = relative_error(prepared(model), size)
             print(f"{name}: relative error {error:.1e} over {weights:,} weights")
         except ValueError as refusal:

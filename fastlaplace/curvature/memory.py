@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from fastlaplace.curvature.attention import through_projections
 from fastlaplace.curvature.model_io import call_model
 
 #: the largest single allocation (GiB) the fit and the predictive make before refusing; set it to allow more
@@ -78,7 +79,11 @@ def pass_bytes_per_sample(
     handles = [m.register_forward_hook(lambda m, i, out: outputs.append(out)) for m in modules]
     cuda = [x.device] if x.device.type == "cuda" else []
     try:  # the probe leaves the random state (dropout) as it found it
-        with torch.random.fork_rng(devices=cuda), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with (
+            torch.random.fork_rng(devices=cuda),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+            through_projections(model, modules),
+        ):
             logits = call_model(model, x[:1])
     finally:
         for handle in handles:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from fastlaplace.curvature import memory
+from fastlaplace.curvature.attention import in_projection, through_projections
 from fastlaplace.curvature.column_backward import (
     PLAIN_BACKWARD_ROWS,
     Target,
@@ -301,6 +302,8 @@ def supported_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if not any(p.requires_grad for p in module.parameters(recurse=False)):
             continue
+        if isinstance(module, nn.MultiheadAttention):  # its raw input projection, as a Linear layer
+            name, module = f"{name}.in_proj", in_projection(name, module)
         if isinstance(module, nn.Conv2d):
             if module.padding_mode != "zeros":
                 raise ValueError(
@@ -505,6 +508,7 @@ def _forward_for_columns(
     try:
         with torch.enable_grad(), torch.autocast(device, compute_dtype, enabled=compute_dtype is not None):
             with ExitStack() as stack:
+                stack.enter_context(through_projections(model, [m for _, m in layers]))
                 if shortcuts:
                     stack.enter_context(collapsed_pointwise_modules(model))
                     stack.enter_context(relu_max_pool_folded(model))
@@ -562,6 +566,12 @@ def _forward_for_columns(
                 f"it accepts inputs with {' or '.join(map(str, allowed))} dimensions (batch first)"
             )
         if a.shape[0] != exact_output.shape[0]:
+            if a.dim() == 3 and a.shape[1] == exact_output.shape[0]:
+                raise ValueError(
+                    f"layer {name!r} got an input of shape {tuple(a.shape)}: sequence first, (T, N, d), for the "
+                    f"batch of {exact_output.shape[0]}; layers take the batch first: build the model with "
+                    "batch_first=True (nn.TransformerEncoderLayer, nn.MultiheadAttention)"
+                )
             raise ValueError(
                 f"layer {name!r} got an input of shape {tuple(a.shape)}, not one row per sample of the batch of "
                 f"{exact_output.shape[0]}: a layer shared by the whole batch (such as a position embedding of "

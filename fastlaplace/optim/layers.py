@@ -149,10 +149,17 @@ def preconditioned_layers(model: nn.Module, skip_layers: Iterable[str | type[nn.
     finally:
         for p in frozen:
             p.requires_grad_(True)
+    # An nn.MultiheadAttention's projections run inside its functional forward, never as modules: plain gradients.
+    attention = {
+        f"{n}.{part}"
+        for n, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+        for part in ("in_proj", "out_proj")
+    }
     kron = [
         PreconditionedLayer(name, m, m.weight, trainable_bias(m), weight_shape(m)[1], is_transposed_linear(m))
         for name, m in layers
-        if has_kron_factors(m)
+        if has_kron_factors(m) and name not in attention
     ]
     if not kron:
         raise ValueError("the model has no trainable Linear or Conv2d layer left to precondition")
