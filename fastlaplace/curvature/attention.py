@@ -39,7 +39,6 @@ class InProjection(nn.Linear):
         self.weight = attention.in_proj_weight
         if attention.in_proj_bias is not None:
             self.bias = attention.in_proj_bias
-        self._attention = weakref.ref(attention)
 
 
 def in_projection(name: str, attention: nn.MultiheadAttention) -> InProjection:
@@ -105,8 +104,10 @@ def _self_attention(attention: nn.MultiheadAttention, projection: InProjection):
                 "(cross-attention): only self-attention is supported; freeze it (requires_grad=False)"
             )
         batched = query.dim() == 3
-        x = query if not batched else query if attention.batch_first else query.transpose(0, 1)
-        x = x if batched else x.unsqueeze(0)  # (N, L, E)
+        if not batched:
+            x = query.unsqueeze(0)
+        else:
+            x = query if attention.batch_first else query.transpose(0, 1)  # (N, L, E)
         n, length, _ = x.shape
         heads = attention.num_heads
         q, k, v = projection(x).view(n, length, 3, heads, -1).permute(2, 0, 3, 1, 4)  # each (N, h, L, E / h)
