@@ -179,11 +179,11 @@ def test_options_are_validated(likelihood, mode, message):
         output_gradient_columns(torch.zeros(2, 3), torch.zeros(2, 3), likelihood, mode)
 
 
-def test_inputs_of_more_than_three_dimensions_are_refused_with_the_layer_name():
-    model = nn.Sequential(nn.Linear(3, 2), nn.Flatten()).double()
-    with pytest.raises(ValueError, match=r"layer '0' \(Linear\) got an input of shape \(2, 4, 5, 3\); it accepts"):
+def test_inputs_of_more_than_four_dimensions_are_refused_with_the_layer_name():
+    model = nn.Sequential(nn.Linear(3, 2), nn.Flatten()).double()  # (N, H, W, d): tokens; one more: refused
+    with pytest.raises(ValueError, match=r"layer '0' \(Linear\) got an input of shape \(2, 4, 5, 1, 3\); it accepts"):
         layer_statistics(
-            model, torch.randn(2, 4, 5, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.long), "classification"
+            model, torch.randn(2, 4, 5, 1, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.long), "classification"
         )
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastlaplace import Laplace
+from fastlaplace.optim import KFACPreconditioner
 
 
 def _images(n, generator):
@@ -222,3 +223,34 @@ def test_a_model_that_draws_random_numbers_is_refused_and_the_random_state_kept(
         with pytest.raises(ValueError, match="the model's forward draws random numbers.*call model.eval"):
             call()
         assert torch.equal(torch.get_rng_state(), state)
+
+
+class ChannelsLast(nn.Module):
+    """A Linear-Tanh-Linear on (N, H, W, d) image tokens, or on the same tokens flattened to (N, H W, d)."""
+
+    def __init__(self, flatten: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.norm, self.second, self.flatten = nn.Linear(3, 5), nn.LayerNorm(5), nn.Linear(5, 2), flatten
+
+    def forward(self, x):
+        x = x.flatten(1, 2) if self.flatten else x
+        return self.second(torch.tanh(self.norm(self.first(x)))).mean(tuple(range(1, x.dim() - 1)))
+
+
+def test_channels_last_tokens_are_the_flattened_tokens(generator):
+    x = torch.randn(4, 3, 2, 3, dtype=torch.float64, generator=generator)
+    y = targets("classification", 4, classes=2, generator=generator)
+    answers = []
+    for flatten in (False, True):
+        model = ChannelsLast(flatten).double()
+        la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
+        la.fit([(x, y)])
+        answers.append([la.log_marginal_likelihood(), la.functional_variance(x)[1]])
+        model = ChannelsLast(flatten).double()  # K-FAC's hooks on a model of its own
+        pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=1, damping=0.1)
+        nn.functional.cross_entropy(model(x), y).backward()
+        pre.step()
+        answers[-1] += [p.grad for p in model.parameters()]
+    for grid, flat in zip(*answers, strict=True):
+        torch.testing.assert_close(grid, flat)

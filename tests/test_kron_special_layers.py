@@ -12,6 +12,7 @@ from test_layers import (
     MeanOverTokens,
     batchnorm_cnn,
     batchnorm_mlp,
+    convnext_cnn,
     grouped_cnn,
     groupnorm_cnn,
     token_ids,
@@ -47,6 +48,7 @@ MODELS = {
     "batchnorm_mlp": (batchnorm_mlp, lambda n, g: torch.randn(n, 3, **DOUBLE, generator=g)),
     "groupnorm_cnn": (groupnorm_cnn, lambda n, g: torch.randn(n, 2, 5, 5, **DOUBLE, generator=g)),
     "grouped_cnn": (grouped_cnn, lambda n, g: torch.randn(n, 2, 5, 5, **DOUBLE, generator=g)),
+    "convnext_cnn": (convnext_cnn, lambda n, g: torch.randn(n, 2, 6, 6, **DOUBLE, generator=g)),
     "layernorm_without_bias": (layernorm_without_bias, lambda n, g: torch.randint(0, 6, (n, 4), generator=g)),
 }
 

@@ -77,6 +77,48 @@ def grouped_cnn() -> nn.Module:
     return model.eval()
 
 
+class LayerNorm2d(nn.LayerNorm):
+    """torchvision's and timm's ConvNeXt LayerNorm2d: a LayerNorm over the channels of (N, C, H, W) images."""
+
+    def forward(self, x):
+        x = nn.functional.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """A depthwise 3 x 3 Conv2d, then LayerNorm and two Linear layers on the channels-last image, and a residual."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.depthwise = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+        self.norm, self.up, self.down = (
+            nn.LayerNorm(channels),
+            nn.Linear(channels, 2 * channels),
+            nn.Linear(2 * channels, channels),
+        )
+
+    def forward(self, x):
+        h = self.down(nn.functional.gelu(self.up(self.norm(self.depthwise(x).permute(0, 2, 3, 1)))))
+        return x + h.permute(0, 3, 1, 2)
+
+
+def convnext_cnn() -> nn.Module:
+    """A stem Conv2d and LayerNorm2d, one ConvNeXt block, average pooling and a head: channels-last Linear layers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 2, stride=2),
+        LayerNorm2d(4),
+        ConvNeXtBlock(4),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).double()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    return model
+
+
 def batchnorm_mlp() -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)).double()
@@ -102,6 +144,7 @@ MODELS = {
     "batchnorm_mlp": (batchnorm_mlp, lambda n, g: torch.randn(n, 3, dtype=torch.float64, generator=g)),
     "groupnorm_cnn": (groupnorm_cnn, lambda n, g: torch.randn(n, 2, 5, 5, dtype=torch.float64, generator=g)),
     "grouped_cnn": (grouped_cnn, lambda n, g: torch.randn(n, 2, 5, 5, dtype=torch.float64, generator=g)),
+    "convnext_cnn": (convnext_cnn, lambda n, g: torch.randn(n, 2, 6, 6, dtype=torch.float64, generator=g)),
     "padding_idx": (padded_token_model, token_ids),
     "rms_norm": (lambda: rms_norm_token_model(nn.RMSNorm), token_ids),
     "hf_rms_norm": (lambda: rms_norm_token_model(TinyRMSNorm), token_ids),
@@ -292,3 +335,21 @@ def test_only_trainable_parameters_are_covered(generator):
     precision = ggn + torch.eye(ggn.shape[0], dtype=torch.float64)
     assert [name for name, _ in la.layers] == ["lora_a", "lora_b", "head"]
     torch.testing.assert_close(la.functional_variance(x)[1], full_jac @ torch.linalg.solve(precision, full_jac.mT))
+
+
+class NotALayerNorm2d(nn.LayerNorm):
+    """Named as a LayerNorm2d, but normalising each channel over the image instead."""
+
+    def forward(self, x):
+        return nn.functional.layer_norm(x, x.shape[-2:]) * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+NotALayerNorm2d.__name__ = "LayerNorm2d"
+
+
+def test_a_layer_named_layer_norm_2d_with_another_formula_is_refused(generator):
+    model = nn.Sequential(nn.Conv2d(2, 4, 1), NotALayerNorm2d(4), nn.Flatten(), nn.Linear(36, 3)).double()
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="diag")
+    x = torch.randn(3, 2, 3, 3, dtype=torch.float64, generator=generator)
+    with pytest.raises(ValueError, match=r"layer '1' \(LayerNorm2d\) is taken for a LayerNorm over the channels"):
+        la.fit([(x, targets("classification", 3, generator=generator))])

@@ -1,4 +1,4 @@
-"""What LayerNorm and RMSNorm layers scale by their weight, and the Hugging Face RMSNorm classes recognised by name."""
+"""What LayerNorm and RMSNorm layers scale by their weight; the RMSNorm and LayerNorm2d classes recognised by name."""
 
 from __future__ import annotations
 
@@ -28,6 +28,36 @@ def is_rms_norm_like(module: nn.Module) -> bool:
 def _rms_norm_eps(module: nn.Module) -> float | None:
     """The ε of an RMSNorm (torch's, or a Hugging Face class's ``variance_epsilon``); None: torch's default."""
     return getattr(module, "variance_epsilon", getattr(module, "eps", None))
+
+
+def is_layer_norm_2d(module: nn.Module) -> bool:
+    """Whether the module is a ``LayerNorm2d`` (torchvision's and timm's, in ConvNeXt): by its class name.
+
+    A LayerNorm subclass over the channels of ``(N, C, H, W)`` images, written as the
+    LayerNorm of the channels-last permutation, permuted back. That its output is exactly
+    that is checked on every batch of a curvature pass (:func:`check_layer_norm_2d_output`).
+    """
+    return isinstance(module, nn.LayerNorm) and type(module).__name__ == "LayerNorm2d"
+
+
+def layer_norm_2d(module: nn.LayerNorm, x: Tensor, affine: bool = True) -> Tensor:
+    """``(N, H, W, C)`` the channels of ``(N, C, H, W)`` images ``x`` normalised (and scaled, shifted if ``affine``)."""
+    weight, bias = (module.weight, module.bias) if affine else (None, None)
+    return nn.functional.layer_norm(x.permute(0, 2, 3, 1), module.normalized_shape, weight, bias, module.eps)
+
+
+def check_layer_norm_2d_output(name: str, module: nn.LayerNorm, x: Tensor, output: Tensor) -> None:
+    """Raise unless a ``LayerNorm2d``'s ``output`` is the LayerNorm of its channels (to rounding in its dtype)."""
+    with torch.no_grad():
+        expected = layer_norm_2d(module, x).permute(0, 3, 1, 2)
+        tolerance = 64 * torch.finfo(output.dtype).eps * (1 + expected.abs())
+        if output.shape == expected.shape and bool(((output - expected).abs() <= tolerance).all()):
+            return
+    raise ValueError(
+        f"layer {name!r} ({type(module).__name__}) is taken for a LayerNorm over the channels of (N, C, H, W) "
+        "images by its name, but its output is not that; its curvature is not supported: freeze it "
+        "(requires_grad=False)"
+    )
 
 
 def normalised(module: nn.Module, x: Tensor) -> Tensor:

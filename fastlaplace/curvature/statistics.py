@@ -23,7 +23,15 @@ from fastlaplace.curvature.layout import is_transposed_linear, weight_block
 from fastlaplace.curvature.loss import output_gradient_columns
 from fastlaplace.curvature.memory import check_allocation
 from fastlaplace.curvature.model_io import call_model
-from fastlaplace.curvature.norms import RMS_NORM_LIKE_NAME, check_rms_norm_output, is_rms_norm_like, normalised
+from fastlaplace.curvature.norms import (
+    RMS_NORM_LIKE_NAME,
+    check_layer_norm_2d_output,
+    check_rms_norm_output,
+    is_layer_norm_2d,
+    is_rms_norm_like,
+    layer_norm_2d,
+    normalised,
+)
 from fastlaplace.curvature.pointwise import collapsed_pointwise_modules
 from fastlaplace.curvature.relu_max_pool import relu_max_pool_folded
 
@@ -35,11 +43,11 @@ AFFINE_LAYERS = (nn.LayerNorm, nn.RMSNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.Gr
 SUPPORTED_LAYERS = (*KRON_LAYERS, nn.Embedding, *AFFINE_LAYERS)
 #: the input dimensions each layer type accepts
 INPUT_DIMS = {
-    nn.Linear: (2, 3),
+    nn.Linear: (2, 3, 4),
     nn.Conv2d: (4,),
     nn.Embedding: (1, 2),
-    nn.LayerNorm: (2, 3),
-    nn.RMSNorm: (2, 3),
+    nn.LayerNorm: (2, 3, 4),
+    nn.RMSNorm: (2, 3, 4),
     nn.BatchNorm1d: (2,),
     nn.BatchNorm2d: (4,),
     nn.GroupNorm: (4,),
@@ -161,8 +169,8 @@ class LayerStatistics:
 
     @property
     def channels_first(self) -> bool:
-        """Whether outputs are ``(N, C, H, W)`` (Conv2d, BatchNorm2d, GroupNorm)."""
-        return isinstance(self.module, (nn.Conv2d, nn.BatchNorm2d, nn.GroupNorm))
+        """Whether outputs are ``(N, C, H, W)`` (Conv2d, BatchNorm2d, GroupNorm, LayerNorm2d)."""
+        return is_channels_first(self.module)
 
     @property
     def shares_weights(self) -> bool:
@@ -238,6 +246,8 @@ class LayerStatistics:
         m, x = self.module, self.inputs
         if isinstance(m, nn.GroupNorm):  # each sample's groups of channels by their own statistics
             x = nn.functional.group_norm(x, m.num_groups, eps=m.eps)
+        elif is_layer_norm_2d(m):  # each pixel's channels
+            return layer_norm_2d(m, x, affine=False).flatten(1, 2)
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             # Running statistics: a BatchNorm normalising by the batch's own is refused (model_io.check_deterministic).
             x = nn.functional.batch_norm(x, m.running_mean, m.running_var, training=False, eps=m.eps)
@@ -344,14 +354,32 @@ def _supported_kinds() -> str:
     return ", ".join([*(t.__name__ for t in SUPPORTED_LAYERS), TRANSPOSED_LINEAR_NAME, RMS_NORM_LIKE_NAME])
 
 
+def is_channels_first(module: nn.Module) -> bool:
+    """Whether the layer works on ``(N, C, H, W)`` images: Conv2d, BatchNorm2d, GroupNorm, LayerNorm2d."""
+    return isinstance(module, nn.Conv2d | nn.BatchNorm2d | nn.GroupNorm) or is_layer_norm_2d(module)
+
+
+def as_tokens(module: nn.Module, tensor: Tensor, first: int = 1) -> Tensor:
+    """A token layer's ``(..., H, W, d)`` grid of tokens from dimension ``first`` on as ``(..., H W, d)``.
+
+    A Linear or a norm applied to channels-last images (ConvNeXt's and Swin's blocks) sees
+    each of the ``H W`` positions as a token; channels-first layers keep their layout.
+    """
+    if tensor.dim() <= first + 2 or is_channels_first(module):
+        return tensor
+    return tensor.flatten(first, -2)
+
+
 def check_plain_forward(name: str, module: nn.Module) -> None:
     """Refuse a subclass of a supported layer with a forward of its own: its curvature is not the base's.
+
+    A ``LayerNorm2d`` is the exception: its output is checked on every batch instead.
 
     Raises:
         ValueError: naming the layer and its class.
     """
     base = next((t for t in INPUT_DIMS if isinstance(module, t)), None)
-    if base is not None and type(module).forward is not base.forward:
+    if base is not None and type(module).forward is not base.forward and not is_layer_norm_2d(module):
         raise ValueError(
             f"layer {name!r} ({type(module).__name__}) subclasses {base.__name__} with a forward of its own, whose "
             f"curvature is not a {base.__name__}'s; freeze it (requires_grad=False) or use a plain {base.__name__}"
@@ -397,6 +425,8 @@ def _input_dims(module: nn.Module) -> tuple[int, ...]:
     """The input dimensions the (possibly subclassed) supported module accepts; a Conv1D's are a Linear's."""
     if is_rms_norm_like(module):
         return INPUT_DIMS[nn.RMSNorm]
+    if is_layer_norm_2d(module):
+        return (4,)
     return next((dims for t, dims in INPUT_DIMS.items() if isinstance(module, t)), INPUT_DIMS[nn.Linear])
 
 
@@ -421,11 +451,11 @@ class _ColumnPass:
         return [i for i, t in enumerate(self.pre_activations) if not t.is_unchanged(self.output)]
 
     def checked(self, grads: list[Tensor]) -> list[Tensor]:
-        """Raise on NaN / Inf in a layer's backpropagated columns (the layer is named)."""
+        """Raise on NaN / Inf in a layer's backpropagated columns (the layer is named); grids of tokens flattened."""
         for (name, _), grad in zip(self.layers, grads, strict=True):
             if not all_finite(grad):
                 raise ValueError(f"the output gradients of layer {name!r} contain NaN or Inf")
-        return grads
+        return [as_tokens(m, g, first=2) for (_, m), g in zip(self.layers, grads, strict=True)]
 
     def all_columns(self, batched: bool, create_graph: bool) -> list[Tensor]:
         """Per layer ``(K, *pre_activation.shape)`` every column backpropagated to it."""
@@ -559,6 +589,8 @@ def _forward_for_columns(
         a = captured[name][0]
         if is_rms_norm_like(module):
             check_rms_norm_output(name, module, a, captured[name][2].tensor)
+        if is_layer_norm_2d(module) and a.dim() == 4:
+            check_layer_norm_2d_output(name, module, a, captured[name][2].tensor)
         allowed = _input_dims(module)
         if a.dim() not in allowed:
             raise ValueError(
@@ -583,7 +615,7 @@ def _forward_for_columns(
         output,
         exact_output,
         layers,
-        [captured[name][0] for name, _ in layers],
+        [as_tokens(module, captured[name][0]) for name, module in layers],
         [captured[name][2] for name, _ in layers],
         columns,
     )

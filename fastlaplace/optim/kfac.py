@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from fastlaplace import distributed
 from fastlaplace.curvature import KronCurvature, LayerStatistics
-from fastlaplace.curvature.statistics import INPUT_DIMS, all_finite
+from fastlaplace.curvature.statistics import INPUT_DIMS, all_finite, as_tokens
 from fastlaplace.optim.conventions import CONVENTIONS, Conventions
 from fastlaplace.optim.layers import PreconditionedLayer, preconditioned_layers
 from fastlaplace.optim.modes import MODES, DampedInverses, EigenBasis
@@ -340,6 +340,7 @@ class KFACPreconditioner:
                         f"layer {layer.name!r}: the batch's {what} contain NaN or Inf; the batch is dropped and "
                         "the factors are left as they were (skip the optimiser step for it)"
                     )
+            inputs, grads = as_tokens(layer.module, inputs), as_tokens(layer.module, grads)  # (N, H, W, d): tokens
             statistics.append(LayerStatistics(layer.name, layer.module, inputs, grads.unsqueeze(1)))  # K = 1 column
             scales.append(grad_scale)
         frozen = [layer.name for layer in self._layers if not layer.weight.requires_grad]
