@@ -52,9 +52,7 @@ def groupnorm_cnn() -> nn.Module:
     """Conv2d -> GroupNorm(2 groups of 2 channels) -> Tanh -> Linear: per-sample statistics, no running ones."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(), nn.Linear(36, 3)).double()
-    with torch.no_grad():
-        model[1].weight.uniform_(0.5, 1.5)
-        model[1].bias.uniform_(-0.5, 0.5)
+    _set_affine(model[1])
     return model
 
 
@@ -113,9 +111,7 @@ def convnext_cnn() -> nn.Module:
         nn.Flatten(),
         nn.Linear(4, 3),
     ).double()
-    with torch.no_grad():
-        model[1].weight.uniform_(0.5, 1.5)
-        model[1].bias.uniform_(-0.5, 0.5)
+    _set_affine(model[1])
     return model
 
 
@@ -130,6 +126,12 @@ def _set_batchnorm_state(norm):
     with torch.no_grad():
         norm.running_mean.uniform_(-0.5, 0.5)
         norm.running_var.uniform_(0.5, 2.0)
+    _set_affine(norm)
+
+
+def _set_affine(norm):
+    """A norm layer's scale and shift drawn away from (1, 0)."""
+    with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
         norm.bias.uniform_(-0.5, 0.5)
 

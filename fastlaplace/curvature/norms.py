@@ -49,9 +49,7 @@ def layer_norm_2d(module: nn.LayerNorm, x: Tensor, affine: bool = True) -> Tenso
 def check_layer_norm_2d_output(name: str, module: nn.LayerNorm, x: Tensor, output: Tensor) -> None:
     """Raise unless a ``LayerNorm2d``'s ``output`` is the LayerNorm of its channels (to rounding in its dtype)."""
     with torch.no_grad():
-        expected = layer_norm_2d(module, x).permute(0, 3, 1, 2)
-        tolerance = 64 * torch.finfo(output.dtype).eps * (1 + expected.abs())
-        if output.shape == expected.shape and bool(((output - expected).abs() <= tolerance).all()):
+        if _close(output, layer_norm_2d(module, x).permute(0, 3, 1, 2), torch.finfo(output.dtype).eps):
             return
     raise ValueError(
         f"layer {name!r} ({type(module).__name__}) is taken for a LayerNorm over the channels of (N, C, H, W) "
@@ -72,12 +70,15 @@ def check_rms_norm_output(name: str, module: nn.Module, x: Tensor, output: Tenso
     with torch.no_grad():
         # Hugging Face normalises in float32 whatever the input's dtype, and casts back before the weight
         expected = module.weight * normalised(module, x.to(torch.promote_types(x.dtype, torch.float32))).to(x.dtype)
-        eps = max(torch.finfo(output.dtype).eps, torch.finfo(torch.float32).eps)
-        tolerance = 64 * eps * (1 + expected.abs())
-        if output.shape == expected.shape and bool(((output - expected).abs() <= tolerance).all()):
+        if _close(output, expected, max(torch.finfo(output.dtype).eps, torch.finfo(torch.float32).eps)):
             return
     raise ValueError(
         f"layer {name!r} ({type(module).__name__}) is taken for an RMSNorm by its name, but its output is not "
         "weight * x / rms(x) (a weight offset such as Gemma's (1 + weight), or another formula); its curvature is "
         "not supported: freeze it (requires_grad=False)"
     )
+
+
+def _close(output: Tensor, expected: Tensor, eps: float) -> bool:
+    """Whether a norm layer's ``output`` is ``expected`` to 64 roundings of relative size ``eps``."""
+    return output.shape == expected.shape and bool(((output - expected).abs() <= 64 * eps * (1 + expected.abs())).all())
