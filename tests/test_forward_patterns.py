@@ -11,6 +11,7 @@ import pytest
 import torch
 from dense import augmented_jacobian, dense_ggn, targets
 from resnets import torchvision_style_resnet
+from test_layers import batchnorm_cnn
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -254,3 +255,24 @@ def test_channels_last_tokens_are_the_flattened_tokens(generator):
         answers[-1] += [p.grad for p in model.parameters()]
     for grid, flat in zip(*answers, strict=True):
         torch.testing.assert_close(grid, flat)
+
+
+@pytest.mark.parametrize("convnet", [False, True])  # a batched backward (crashed before), plain ones (silent)
+def test_a_laplace_posterior_between_kfac_steps_leaves_the_factors_alone(convnet, generator):
+    x = torch.randn(6, *((2, 5, 5) if convnet else (3, 2, 3)), dtype=torch.float64, generator=generator)
+    y = targets("classification", 6, classes=3 if convnet else 2, generator=generator)
+    grads = []
+    for with_laplace in (False, True):
+        model = batchnorm_cnn() if convnet else ChannelsLast(False).double()
+        pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=1, damping=0.1)
+        for step in range(2):
+            if with_laplace and step == 1:  # a validation fit and GLM predictive in the training loop
+                la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
+                la.fit([(x, y)])
+                la(x)
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            pre.step()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, interleaved in zip(*grads, strict=True):
+        torch.testing.assert_close(interleaved, plain, rtol=0, atol=0)

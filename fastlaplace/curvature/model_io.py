@@ -96,6 +96,24 @@ def check_deterministic(model: nn.Module) -> None:
             )
 
 
+_library_calls = 0  # model calls the library is making (fits, predictives, evidence), not training steps
+
+
+def in_library_call() -> bool:
+    """Whether the library is calling a model outside a training step (K-FAC's capture hooks then stand aside)."""
+    return _library_calls > 0
+
+
+@contextmanager
+def _library_call() -> Iterator[None]:
+    global _library_calls
+    _library_calls += 1
+    try:
+        yield
+    finally:
+        _library_calls -= 1
+
+
 @contextmanager
 def no_random_draws(x: Tensor | Mapping) -> Iterator[None]:
     """Refuse a model call that draws random numbers: the model is random in its current mode.
@@ -134,7 +152,7 @@ def call_model(
     if not training:
         check_deterministic(model)
     args, kwargs = model_arguments(model, x)
-    with nullcontext() if training else no_random_draws(x):
+    with nullcontext() if training else _library_call(), nullcontext() if training else no_random_draws(x):
         output = (
             model(*args, **kwargs) if parameters is None else functional_call(model, dict(parameters), args, kwargs)
         )

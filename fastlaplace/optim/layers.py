@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from fastlaplace.curvature import supported_layers, trainable_bias
 from fastlaplace.curvature.layout import is_transposed_linear, weight_shape
+from fastlaplace.curvature.model_io import in_library_call
 from fastlaplace.curvature.statistics import has_kron_factors
 
 
@@ -62,8 +63,8 @@ class PreconditionedLayer:
         """A forward hook that keeps the input and, from the backward, the output gradient while ``capturing()``."""
 
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            if not torch.is_grad_enabled() or not capturing() or not output.requires_grad:
-                return
+            if not torch.is_grad_enabled() or not capturing() or not output.requires_grad or in_library_call():
+                return  # a Laplace fit or predictive on the same model is not a training step
             capture = Capture(inputs[0].detach())
             self.captures.append(capture)
 
