@@ -18,6 +18,7 @@ numbers (any other random module) by :func:`no_random_draws`, except in a traini
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -96,22 +97,21 @@ def check_deterministic(model: nn.Module) -> None:
             )
 
 
-_library_calls = 0  # model calls the library is making (fits, predictives, evidence), not training steps
+_library_calls = threading.local()  # per thread: model calls the library is making (fits, predictives), not training
 
 
 def in_library_call() -> bool:
-    """Whether the library is calling a model outside a training step (K-FAC's capture hooks then stand aside)."""
-    return _library_calls > 0
+    """Whether this thread's library is calling a model outside a training step (K-FAC's hooks then stand aside)."""
+    return getattr(_library_calls, "depth", 0) > 0
 
 
 @contextmanager
 def _library_call() -> Iterator[None]:
-    global _library_calls
-    _library_calls += 1
+    _library_calls.depth = getattr(_library_calls, "depth", 0) + 1
     try:
         yield
     finally:
-        _library_calls -= 1
+        _library_calls.depth -= 1
 
 
 @contextmanager
