@@ -106,10 +106,12 @@ def in_library_call() -> bool:
 
 
 @contextmanager
-def _library_call() -> Iterator[None]:
+def _library_call(x: Tensor | Mapping) -> Iterator[None]:
+    """A model call of the library on ``x``: marked for K-FAC's hooks, refused if it draws random numbers."""
     _library_calls.depth = getattr(_library_calls, "depth", 0) + 1
     try:
-        yield
+        with no_random_draws(x):
+            yield
     finally:
         _library_calls.depth -= 1
 
@@ -152,7 +154,7 @@ def call_model(
     if not training:
         check_deterministic(model)
     args, kwargs = model_arguments(model, x)
-    with nullcontext() if training else _library_call(), nullcontext() if training else no_random_draws(x):
+    with nullcontext() if training else _library_call(x):
         output = (
             model(*args, **kwargs) if parameters is None else functional_call(model, dict(parameters), args, kwargs)
         )

@@ -14,7 +14,7 @@ from fastlaplace import distributed
 from fastlaplace.curvature import LayerStatistics, layer_statistics, memory, split_heteroscedastic, trainable_bias
 from fastlaplace.curvature.column_backward import batches_backward
 from fastlaplace.curvature.layout import block_to_parameter, parameter_to_block, weight_shape
-from fastlaplace.curvature.model_io import call_model, check_deterministic
+from fastlaplace.curvature.model_io import call_model
 from fastlaplace.curvature.statistics import layer_statistic_parts
 from fastlaplace.posterior.base import BaseLaplace, _own_parameters
 
@@ -138,7 +138,6 @@ class ParametricLaplace(BaseLaplace):
         with all its columns (3.4 GiB for a batch of 64), 10 MB with one. Parts of a batch give the same
         factors (sums over the data). Not split: a last-layer posterior (no backward).
         """
-        check_deterministic(self.model)  # before the one-sample forward: dropout, BatchNorm's batch statistics
         if self.last_layer_only:
             return math.inf
         one_at_a_time = in_parts and not batches_backward(self.model)
