@@ -144,7 +144,7 @@ def test_conv_input_factor_of_small_and_large_images_matches_the_reference(
     shape, kernel, stride, padding, dilation, bias, beta
 ):
     # Many small images take the pixel-Gram path of the CPU kernel, the large ones the patch path
-    # (the rows path, vertical stride 1 on large images, has tests of its own below).
+    # (the cells path, stride 1 on large images, has tests of its own below).
     generator = torch.Generator().manual_seed(sum(shape))
     x = torch.randn(shape, dtype=torch.float64, generator=generator)
     size = shape[1] * kernel[0] * kernel[1] + bias
@@ -174,12 +174,12 @@ def test_channels_last_small_images_give_the_same_factor():
     torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-10)
 
 
-def shifts_path_taken(factor, x, kernel, stride, padding, dilation, bias, alpha, beta) -> bool:
-    """Run the operator and say whether it took the shifts path (padded images multiplied shifted, no im2col)."""
+def cells_path_taken(factor, x, kernel, stride, padding, dilation, bias, alpha, beta) -> bool:
+    """Run the operator and say whether it took the cells path (pixel pairs per shift, no im2col)."""
     with torch.profiler.profile() as profile:
         ops.conv_input_factor_(factor, x, kernel, stride, padding, dilation, bias, alpha, beta)
     names = {event.name for event in profile.events()}
-    return "aten::constant_pad_nd" in names and "aten::im2col" not in names
+    return "fastlaplace::conv_input_factor_cells" in names and "aten::im2col" not in names
 
 
 @pytest.mark.parametrize(
@@ -196,7 +196,7 @@ def shifts_path_taken(factor, x, kernel, stride, padding, dilation, bias, alpha,
 )
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("beta", [0.0, 0.5])
-def test_shifts_path_matches_the_reference(shape, kernel, padding, dilation, bias, beta):
+def test_cells_path_matches_the_reference(shape, kernel, padding, dilation, bias, beta):
     generator = torch.Generator().manual_seed(sum(shape) + bias)
     x = torch.randn(shape, dtype=torch.float64, generator=generator)
     x = x.transpose(2, 3).contiguous().transpose(2, 3)  # not contiguous: columns first
@@ -207,26 +207,51 @@ def test_shifts_path_matches_the_reference(shape, kernel, padding, dilation, bia
     expected = old.triu() + old.triu(1).T if beta else old.clone()
     reference.conv_input_factor_(expected, x, list(kernel), [1, 1], list(padding), list(dilation), bias, 0.3, beta)
     result = old.clone()
-    taken = shifts_path_taken(result, x, kernel, 1, padding, dilation, bias, 0.3, beta)
+    taken = cells_path_taken(result, x, kernel, 1, padding, dilation, bias, 0.3, beta)
     assert taken == (ops.build_info() != "python")
     torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-10)
     assert torch.equal(result, result.T)
 
 
-def test_shifts_path_in_float32_and_in_several_chunks():
-    # 200 images of 8x34x34 padded give 15 MB in float64: two chunks of at most 8 MB.
+def test_cells_path_in_float32_and_in_several_chunks():
+    # 200 images of 8x32x32 give 13 MB in float64: two chunks of at most 8 MB.
     generator = torch.Generator().manual_seed(5)
     x = torch.randn(200, 8, 32, 32, dtype=torch.float64, generator=generator)
     expected = torch.zeros(8 * 9 + 1, 8 * 9 + 1, dtype=torch.float64)
     reference.conv_input_factor_(expected, x, [3, 3], [1, 1], [1, 1], [1, 1], True)
     result = torch.zeros_like(expected)
-    assert shifts_path_taken(result, x, 3, 1, 1, 1, True, 1.0, 1.0) == (ops.build_info() != "python")
+    assert cells_path_taken(result, x, 3, 1, 1, 1, True, 1.0, 1.0) == (ops.build_info() != "python")
     torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-9)
     single = torch.zeros_like(expected).float()
     ops.conv_input_factor_(single, x.float(), 3, 1, 1, 1, True)
     torch.testing.assert_close(single.double(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
-def test_strided_convolutions_stay_off_the_shifts_path():
+def test_strided_convolutions_stay_off_the_cells_path():
     factor = torch.zeros(16 * 9, 16 * 9)
-    assert not shifts_path_taken(factor, torch.randn(4, 16, 16, 16), 3, 2, 1, 1, False, 1.0, 1.0)
+    assert not cells_path_taken(factor, torch.randn(4, 16, 16, 16), 3, 2, 1, 1, False, 1.0, 1.0)
+
+
+@given(
+    channels=st.integers(1, 3),
+    size=st.tuples(st.integers(9, 14), st.integers(9, 14)),
+    kernel=st.sampled_from([(2, 2), (3, 3), (3, 1), (1, 3), (2, 3), (5, 3)]),
+    padding=st.tuples(st.integers(0, 3), st.integers(0, 3)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    images=st.integers(1, 3),
+    bias=st.booleans(),
+    beta=st.sampled_from([0.0, 0.7]),
+)
+def test_property_cells_path_over_odd_geometries(channels, size, kernel, padding, dilation, images, bias, beta):
+    # Images of 81 to 196 pixels and a few channels: the cells path is the cheapest for every
+    # such stride-1 geometry, whatever windows its padding and dilation cut.
+    x = torch.randn(images, channels, *size, dtype=torch.float64)
+    features = channels * kernel[0] * kernel[1] + bias
+    old = random_spd(features) if beta else torch.full((features, features), float("nan"), dtype=torch.float64)
+    expected = old.clone()
+    reference.conv_input_factor_(expected, x, list(kernel), [1, 1], list(padding), list(dilation), bias, 0.5, beta)
+    result = old.clone()
+    taken = cells_path_taken(result, x, kernel, 1, padding, dilation, bias, 0.5, beta)
+    assert taken == (ops.build_info() != "python")
+    torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(result, result.T)

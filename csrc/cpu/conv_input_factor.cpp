@@ -11,20 +11,22 @@
 //   T[(pixel of o under offset k, c), (pixel of o under offset k', c')], the pixels
 //   both inside the image (padding contributes zeros). For the 4x4 and 8x8 images of
 //   a small CNN this is several times fewer flops, with no unfolded copy at all.
-// - shifts (stride 1, on the CPU): the C x C block of kernel offsets (k, k') sums
-//   x(c, p) x(c', p + s) over the pixels p that offset k visits, s = k' - k. Over all
-//   pixels that sum is one product of the channel-first images with themselves shifted
-//   by s (flattened, with zero rows and columns after each image so that a shift never
-//   pairs two unrelated pixels); the pixels offset k does not visit are a few border
-//   rows and columns, whose own products are subtracted (their crossings added back).
-//   One product per shift, (2kh-1)(2kw-1)/2 of them: about 13 C^2 multiply-adds per
-//   pixel for a 3x3 kernel instead of 40 for the patches, no unfolded copy, and GEMMs
-//   as deep as the batch's pixels (2-3x faster on a ResNet-18's convolutions).
+// - cells (stride 1, on the CPU): the C x C block of kernel offsets (k, k') sums
+//   x(:, p) x(:, p + s)^T over the pixels p that offset k visits with a partner p + s
+//   that k' visits, s = k' - k: a rectangle of pixels (a window). The windows of all
+//   offset pairs with one shift s cut the image into cells (rectangles each window
+//   covers whole or not at all); each cell's product is a few GEMMs as deep as its
+//   images' pixels, and each block the sum of its window's cells. Every pixel pair is
+//   multiplied once: (2kh-1)(2kw-1)/2 shifts, about 13 C^2 multiply-adds per pixel for
+//   a 3x3 kernel instead of 40 for the patches, no unfolded copy and no product with
+//   the zero padding.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/im2col.h>
-#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -42,9 +44,9 @@ namespace {
 // Unfolded patches of this many bytes at most exist at a time: the full unfolded
 // batch is kh*kw times the input.
 constexpr int64_t kPatchBytes = 8 << 20;
-// Padded channel-first images of this many bytes at most exist at a time (the shifts
-// path): about the input's size.
-constexpr int64_t kShiftBytes = 8 << 20;
+// Images of this many bytes at most are transposed at a time (the cells path): about
+// the input's size.
+constexpr int64_t kCellBytes = 8 << 20;
 // The pixel Gram matrix T is (H*W*C)^2: used only while it stays this small.
 constexpr int64_t kPixelGramBytes = 32 << 20;
 // Cost of one scalar addition of the gather, in GEMM multiply-adds (a GEMM runs many
@@ -170,181 +172,226 @@ std::pair<int64_t, int64_t> visited(int64_t k, int64_t dilation, int64_t padding
   return {std::max<int64_t>(start, 0), std::min<int64_t>(start + out, size)};
 }
 
-// The image rows (or columns) some kernel row leaves out: the union of [0, size) minus
-// each kernel row's visited range.
-std::vector<int64_t> left_out(int64_t kernel, int64_t dilation, int64_t padding, int64_t out,
-                              int64_t size) {
-  std::vector<bool> out_of_some(size, false);
-  for (int64_t k = 0; k < kernel; ++k) {
-    const auto [lo, hi] = visited(k, dilation, padding, out, size);
-    for (int64_t i = 0; i < size; ++i) out_of_some[i] = out_of_some[i] || i < lo || i >= hi;
-  }
-  std::vector<int64_t> rows;
-  for (int64_t i = 0; i < size; ++i) {
-    if (out_of_some[i]) rows.push_back(i);
-  }
-  return rows;
+// The pixels p (along one axis) that kernel offset k visits with partner p + shift
+// visited by offset k + s: [lo, hi), possibly empty.
+std::pair<int64_t, int64_t> window(const std::vector<std::pair<int64_t, int64_t>>& visits,
+                                   int64_t k, int64_t s, int64_t shift) {
+  return {std::max(visits[k].first, visits[k + s].first - shift),
+          std::min(visits[k].second, visits[k + s].second - shift)};
 }
 
-// Multiply-adds of the shifts path (stride 1): per shift, the whole-image product and
-// the left-out rows', columns' and corners' products.
-double shift_path_cost(const ConvGeometry& g, int64_t images) {
-  const double rows = static_cast<double>(
-      left_out(g.kh, g.dilation[0], g.padding[0], g.out_h, g.height).size());
-  const double cols = static_cast<double>(
-      left_out(g.kw, g.dilation[1], g.padding[1], g.out_w, g.width).size());
-  const double padded = static_cast<double>(g.height + (g.kh - 1) * g.dilation[0]) *
-                        (g.width + (g.kw - 1) * g.dilation[1]);
-  const double shifts = static_cast<double>(g.kw + (g.kh - 1) * (2 * g.kw - 1));
-  const double depth = padded + rows * g.width + cols * g.height + rows * cols;
-  return shifts * images * depth * g.channels * g.channels;
+// The cut of the windows at every window's ends, less the pieces no window covers:
+// segments that each window covers whole or not at all.
+std::vector<std::pair<int64_t, int64_t>> segments(
+    const std::vector<std::pair<int64_t, int64_t>>& windows) {
+  std::vector<int64_t> cuts;
+  for (const auto& [lo, hi] : windows) {
+    if (lo < hi) {
+      cuts.push_back(lo);
+      cuts.push_back(hi);
+    }
+  }
+  std::sort(cuts.begin(), cuts.end());
+  cuts.erase(std::unique(cuts.begin(), cuts.end()), cuts.end());
+  std::vector<std::pair<int64_t, int64_t>> result;
+  for (size_t i = 0; i + 1 < cuts.size(); ++i) {
+    const bool covered = std::any_of(windows.begin(), windows.end(), [&](const auto& w) {
+      return w.first <= cuts[i] && cuts[i + 1] <= w.second;
+    });
+    if (covered) result.emplace_back(cuts[i], cuts[i + 1]);
+  }
+  return result;
 }
 
-// factor <- beta factor + alpha update, both read on and above the diagonal only and the
-// result written to both triangles (exactly symmetric), in one pass of 64 x 64 tiles.
-// beta == 0 ignores the old factor (NaN included). Each thread owns the tiles of its
-// rows on and above the diagonal and their mirrors: no two threads touch one entry.
+// The kernel offsets' shifts (sy, sx) for offset pairs k <= k' in row-major order, and
+// per shift the first offsets (ky, kx) of its pairs.
+struct Shift {
+  int64_t sy, sx;
+  std::vector<int64_t> kys, kxs;
+};
+
+std::vector<Shift> offset_shifts(int64_t kh, int64_t kw) {
+  std::vector<Shift> shifts;
+  for (int64_t sy = 0; sy < kh; ++sy) {
+    for (int64_t sx = sy == 0 ? 0 : 1 - kw; sx < kw; ++sx) {
+      Shift shift{sy, sx, {}, {}};
+      for (int64_t ky = 0; ky + sy < kh; ++ky) shift.kys.push_back(ky);
+      for (int64_t kx = std::max<int64_t>(0, -sx); kx < kw && kx + sx < kw; ++kx) shift.kxs.push_back(kx);
+      shifts.push_back(std::move(shift));
+    }
+  }
+  return shifts;
+}
+
+// Multiply-adds of the cells path (stride 1): every pixel pair (p, p + s) that some
+// offset pair reaches, once, over C^2 channel pairs and the images.
+double cell_path_cost(const ConvGeometry& g, int64_t images) {
+  std::vector<std::pair<int64_t, int64_t>> rows_of(g.kh), cols_of(g.kw);
+  for (int64_t k = 0; k < g.kh; ++k) rows_of[k] = visited(k, g.dilation[0], g.padding[0], g.out_h, g.height);
+  for (int64_t k = 0; k < g.kw; ++k) cols_of[k] = visited(k, g.dilation[1], g.padding[1], g.out_w, g.width);
+  double pairs = 0.0;
+  for (const Shift& shift : offset_shifts(g.kh, g.kw)) {
+    std::vector<std::pair<int64_t, int64_t>> rows, cols;
+    for (int64_t ky : shift.kys) rows.push_back(window(rows_of, ky, shift.sy, shift.sy * g.dilation[0]));
+    for (int64_t kx : shift.kxs) cols.push_back(window(cols_of, kx, shift.sx, shift.sx * g.dilation[1]));
+    double height = 0.0, width = 0.0;
+    for (const auto& [lo, hi] : segments(rows)) height += static_cast<double>(hi - lo);
+    for (const auto& [lo, hi] : segments(cols)) width += static_cast<double>(hi - lo);
+    pairs += height * width;
+  }
+  return pairs * images * g.channels * g.channels;
+}
+
+// factor <- beta factor + alpha (the batch's patch Gram matrix), from its blocks:
+// values[pair(k, k')] the C x C block of kernel offsets k <= k' (row-major), `sums` the
+// ones column's C*kh*kw entries (empty without a bias) and `count` its corner. The old
+// factor is read on and above the diagonal only and the result written to both
+// triangles (exactly symmetric); beta == 0 ignores the old factor (NaN included). The
+// pass goes by tiles of a few channels' features (all their kernel offsets), each tile
+// and its mirror written row by row; each thread owns the tiles of its rows on and above
+// the diagonal and their mirrors.
 template <typename scalar_t>
-void add_symmetric(const at::Tensor& factor, const at::Tensor& update, double alpha, double beta) {
-  constexpr int64_t kTile = 64;
-  const int64_t size = factor.size(0), tiles = (size + kTile - 1) / kTile;
+void add_blocks(const at::Tensor& factor, const at::Tensor& values, const std::vector<int64_t>& pair,
+                int64_t offsets, const std::vector<double>& sums, double count, double alpha, double beta) {
+  const int64_t size = factor.size(0), channels = values.size(1), features = channels * offsets;
+  const int64_t tile_channels = std::max<int64_t>(1, 64 / offsets), tile = tile_channels * offsets;
+  const int64_t tiles = (channels + tile_channels - 1) / tile_channels;
   scalar_t* f = factor.mutable_data_ptr<scalar_t>();
-  const scalar_t* u = update.const_data_ptr<scalar_t>();
+  const scalar_t* v = values.const_data_ptr<scalar_t>();
+  auto combine = [&](int64_t i, int64_t j, double value) {
+    const double old = beta == 0 ? 0.0 : beta * static_cast<double>(f[i * size + j]);
+    return static_cast<scalar_t>(old + alpha * value);
+  };
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> mirror(tile * tile);
     for (int64_t ti = begin; ti < end; ++ti) {
+      const int64_t ca = ti * tile_channels, ca_end = std::min(channels, ca + tile_channels);
       for (int64_t tj = ti; tj < tiles; ++tj) {
-        for (int64_t i = ti * kTile; i < std::min(size, (ti + 1) * kTile); ++i) {
-          for (int64_t j = std::max(i, tj * kTile); j < std::min(size, (tj + 1) * kTile); ++j) {
-            const double old = beta == 0 ? 0.0 : beta * static_cast<double>(f[i * size + j]);
-            const scalar_t value = static_cast<scalar_t>(old + alpha * static_cast<double>(u[i * size + j]));
-            f[i * size + j] = value;
-            f[j * size + i] = value;
+        const int64_t cb = tj * tile_channels, cb_end = std::min(channels, cb + tile_channels);
+        const int64_t i0 = ca * offsets, j0 = cb * offsets;
+        for (int64_t c = ca; c < ca_end; ++c) {
+          for (int64_t k = 0; k < offsets; ++k) {
+            const int64_t i = c * offsets + k;
+            for (int64_t c2 = std::max(c, cb); c2 < cb_end; ++c2) {
+              // Entries on and above the diagonal only: within one channel, offsets k2 >= k.
+              for (int64_t k2 = c2 == c ? k : 0; k2 < offsets; ++k2) {
+                const int64_t j = c2 * offsets + k2;
+                const scalar_t block_value =
+                    k <= k2 ? v[(pair[k * offsets + k2] * channels + c) * channels + c2]
+                            : v[(pair[k2 * offsets + k] * channels + c2) * channels + c];
+                const scalar_t result = combine(i, j, static_cast<double>(block_value));
+                f[i * size + j] = result;
+                mirror[(j - j0) * tile + (i - i0)] = result;
+              }
+            }
+          }
+        }
+        for (int64_t c2 = cb; c2 < cb_end; ++c2) {
+          for (int64_t k2 = 0; k2 < offsets; ++k2) {
+            const int64_t j = c2 * offsets + k2;
+            const int64_t i_end = std::min(ca_end * offsets, j + 1);
+            for (int64_t i = i0; i < i_end; ++i) f[j * size + i] = mirror[(j - j0) * tile + (i - i0)];
           }
         }
       }
     }
   });
+  if (size > features) {  // the ones column and its corner
+    for (int64_t i = 0; i <= features; ++i) {
+      const scalar_t result = combine(i, features, i == features ? count : sums[i]);
+      f[i * size + features] = result;
+      f[features * size + i] = result;
+    }
+  }
 }
 
-// The shifts path (stride 1): see the file comment. Only the upper triangle of the old
+// The cells path (stride 1): see the file comment. Only the upper triangle of the old
 // factor is read, and the result is exactly symmetric, as on the other paths.
-void shift_factor(const at::Tensor& factor, const at::Tensor& input, const ConvGeometry& g,
-                  bool append_ones, double alpha, double beta) {
+void cell_factor(const at::Tensor& factor, const at::Tensor& input, const ConvGeometry& g,
+                 bool append_ones, double alpha, double beta) {
+  RECORD_FUNCTION("fastlaplace::conv_input_factor_cells", c10::ArrayRef<const c10::IValue>{});
   const int64_t images = input.size(0), channels = g.channels, height = g.height;
-  const int64_t width = g.width, kh = g.kh, kw = g.kw, features = g.features();
-  const int64_t dh = g.dilation[0], dw = g.dilation[1];
-  // Zero rows below and columns right of each image, as many as the kernel reaches: a
-  // shift of the flattened images then pairs a pixel with its shifted pixel or a zero.
-  const int64_t padded_h = height + (kh - 1) * dh, padded_w = width + (kw - 1) * dw;
+  const int64_t width = g.width, kh = g.kh, kw = g.kw, offsets = g.offsets();
   std::vector<std::pair<int64_t, int64_t>> rows_of(kh), cols_of(kw);
-  for (int64_t k = 0; k < kh; ++k) rows_of[k] = visited(k, dh, g.padding[0], g.out_h, height);
-  for (int64_t k = 0; k < kw; ++k) cols_of[k] = visited(k, dw, g.padding[1], g.out_w, width);
-  // The batch's patch Gram matrix, built here and added to the factor at the end; its
-  // (C, kh, kw, C, kh, kw) view.
-  const at::Tensor update = at::zeros(factor.sizes(), factor.options());
-  const at::Tensor blocks = update.narrow(0, 0, features)
-                                .narrow(1, 0, features)
-                                .unflatten(0, {channels, kh, kw})
-                                .unflatten(3, {channels, kh, kw});
-  const int64_t bytes_per_image = channels * padded_h * padded_w * factor.element_size();
-  const int64_t chunk = std::max<int64_t>(1, kShiftBytes / std::max<int64_t>(1, bytes_per_image));
+  for (int64_t k = 0; k < kh; ++k) rows_of[k] = visited(k, g.dilation[0], g.padding[0], g.out_h, height);
+  for (int64_t k = 0; k < kw; ++k) cols_of[k] = visited(k, g.dilation[1], g.padding[1], g.out_w, width);
+  // The blocks of offset pairs k <= k', each a contiguous C x C matrix: values[pair[k K + k']].
+  std::vector<int64_t> pair(offsets * offsets, -1);
+  int64_t pairs = 0;
+  for (int64_t k = 0; k < offsets; ++k) {
+    for (int64_t k2 = k; k2 < offsets; ++k2) pair[k * offsets + k2] = pairs++;
+  }
+  const at::Tensor values = at::empty({pairs, channels, channels}, factor.options());
+  const int64_t bytes_per_image = channels * height * width * factor.element_size();
+  const int64_t chunk = std::max<int64_t>(1, kCellBytes / std::max<int64_t>(1, bytes_per_image));
   const at::Tensor pixel_sums = at::zeros({channels, height, width}, factor.options());
+  const std::vector<Shift> shifts = offset_shifts(kh, kw);
   for (int64_t start = 0; start < images; start += chunk) {
     const int64_t count = std::min(chunk, images - start);
     const at::Tensor x_chunk = input.narrow(0, start, count).to(factor.scalar_type());
     if (append_ones) pixel_sums.add_(x_chunk.sum(0));
-    // (C, count, Hp, Wp), channels first: each channel's images are one row of `flat`.
-    const at::Tensor x = at::constant_pad_nd(x_chunk, {0, padded_w - width, 0, padded_h - height})
-                             .transpose(0, 1)
-                             .contiguous();
-    const at::Tensor flat = x.view({channels, -1});
-    const at::Tensor planes = x.view({channels, count, padded_h * padded_w});
-    const int64_t length = flat.size(1);
-    // Shifts (sy, sx) of the second pixel's kernel offset from the first's, half of them:
-    // the other half are the transposed blocks.
-    for (int64_t sy = 0; sy < kh; ++sy) {
-      for (int64_t sx = sy == 0 ? 0 : 1 - kw; sx < kw; ++sx) {
-        const int64_t dy = sy * dh, dx = sx * dw, shift = dy * padded_w + dx;
-        const at::Tensor whole =
-            at::mm(flat.narrow(1, 0, length - shift), flat.narrow(1, shift, length - shift).t());
-        // The products of a left-out row r, column c or pixel (r, c) with their shifted
-        // pixels; computed once per shift, on first use.
-        std::vector<at::Tensor> row_terms(height), col_terms(width), corner_terms(height * width);
-        auto row_term = [&](int64_t r) {
-          if (!row_terms[r].defined()) {
-            const at::Tensor first = planes.narrow(2, r * padded_w, width).reshape({channels, -1});
-            const at::Tensor second =
-                planes.narrow(2, r * padded_w + shift, width).reshape({channels, -1});
-            row_terms[r] = at::mm(first, second.t());
-          }
-          return row_terms[r];
-        };
-        auto col_term = [&](int64_t c) {
-          if (!col_terms[c].defined()) {
-            const at::Tensor first = x.select(3, c).narrow(2, 0, height).reshape({channels, -1});
-            const at::Tensor second = x.select(3, c + dx).narrow(2, dy, height).reshape({channels, -1});
-            col_terms[c] = at::mm(first, second.t());
-          }
-          return col_terms[c];
-        };
-        auto corner_term = [&](int64_t r, int64_t c) {
-          at::Tensor& term = corner_terms[r * width + c];
-          if (!term.defined()) {
-            term = at::mm(x.select(3, c).select(2, r), x.select(3, c + dx).select(2, r + dy).t());
-          }
-          return term;
-        };
-        for (int64_t ki = 0; ki + sy < kh; ++ki) {
-          for (int64_t kj = std::max<int64_t>(0, -sx); kj < kw && kj + sx < kw; ++kj) {
-            const at::Tensor block = blocks.select(1, ki).select(1, kj).select(2, ki + sy).select(2, kj + sx);
-            block.add_(whole);
-            const auto [r0, r1] = rows_of[ki];
-            const auto [c0, c1] = cols_of[kj];
-            // Pixels whose shifted partner lies left of the image pair with zeros: skipped.
-            auto paired = [&](int64_t c) { return c + dx >= 0 && c + dx < width; };
-            for (int64_t r = 0; r < height; ++r) {
-              if (r < r0 || r >= r1) block.sub_(row_term(r));
-            }
-            for (int64_t c = 0; c < width; ++c) {
-              if ((c < c0 || c >= c1) && paired(c)) {
-                block.sub_(col_term(c));
-                for (int64_t r = 0; r < height; ++r) {
-                  if (r < r0 || r >= r1) block.add_(corner_term(r, c));
-                }
-              }
+    // (H, C, W, N): the images of one pixel row and a run of its columns are one
+    // (C, columns * N) matrix, leading dimension W * N.
+    const at::Tensor x = x_chunk.permute({2, 1, 3, 0}).contiguous();
+    for (const Shift& shift : shifts) {
+      const int64_t dy = shift.sy * g.dilation[0], dx = shift.sx * g.dilation[1];
+      std::vector<std::pair<int64_t, int64_t>> row_windows, col_windows;
+      for (int64_t ky : shift.kys) row_windows.push_back(window(rows_of, ky, shift.sy, dy));
+      for (int64_t kx : shift.kxs) col_windows.push_back(window(cols_of, kx, shift.sx, dx));
+      const auto row_cells = segments(row_windows), col_cells = segments(col_windows);
+      // cells[i][j]: sum over the images and the pixels p of row cell i x column cell j
+      // of x(:, p) x(:, p + s)^T.
+      std::vector<std::vector<at::Tensor>> cells(row_cells.size(),
+                                                 std::vector<at::Tensor>(col_cells.size()));
+      for (size_t i = 0; i < row_cells.size(); ++i) {
+        for (size_t j = 0; j < col_cells.size(); ++j) {
+          // The cell's pixel rows as a batch of (C, columns * N) matrices: one batched GEMM
+          // (threads share its rows where C alone is too small to split), then their sum.
+          const auto [r0, r1] = row_cells[i];
+          const auto [c0, c1] = col_cells[j];
+          const at::Tensor first = x.narrow(0, r0, r1 - r0).narrow(2, c0, c1 - c0).flatten(2);
+          const at::Tensor second = x.narrow(0, r0 + dy, r1 - r0).narrow(2, c0 + dx, c1 - c0).flatten(2);
+          cells[i][j] = r1 - r0 == 1 ? at::mm(first[0], second[0].t()) : at::bmm(first, second.transpose(1, 2)).sum(0);
+        }
+      }
+      for (size_t a = 0; a < shift.kys.size(); ++a) {
+        for (size_t b = 0; b < shift.kxs.size(); ++b) {
+          const int64_t k = shift.kys[a] * kw + shift.kxs[b];
+          const int64_t k2 = (shift.kys[a] + shift.sy) * kw + shift.kxs[b] + shift.sx;
+          const at::Tensor block = values.select(0, pair[k * offsets + k2]);
+          if (start == 0) block.zero_();
+          for (size_t i = 0; i < row_cells.size(); ++i) {
+            if (row_cells[i].first < row_windows[a].first || row_cells[i].second > row_windows[a].second) continue;
+            for (size_t j = 0; j < col_cells.size(); ++j) {
+              if (col_cells[j].first < col_windows[b].first || col_cells[j].second > col_windows[b].second) continue;
+              block.add_(cells[i][j]);
             }
           }
         }
       }
     }
   }
-  // The blocks below the offsets' diagonal, mirrored (a diagonal one holds both halves).
-  for (int64_t k = 0; k < kh * kw; ++k) {
-    for (int64_t k2 = k + 1; k2 < kh * kw; ++k2) {
-      const at::Tensor upper = blocks.select(1, k / kw).select(1, k % kw).select(2, k2 / kw).select(2, k2 % kw);
-      blocks.select(1, k2 / kw).select(1, k2 % kw).select(2, k / kw).select(2, k % kw).copy_(upper.t());
-    }
-  }
+  // The ones column: each patch feature summed over images and positions, the pixel
+  // sums over the rows and columns its kernel offset visits; corner N*L.
+  std::vector<double> sums;
   if (append_ones) {
-    // The ones column: each patch feature summed over images and positions, the pixel
-    // sums over the rows and columns its kernel offset visits; corner N*L.
-    const at::Tensor sums = at::zeros({channels, kh, kw}, factor.options());
+    const at::Tensor feature_sums = at::zeros({channels, kh, kw}, at::kDouble);
     for (int64_t ki = 0; ki < kh; ++ki) {
       for (int64_t kj = 0; kj < kw; ++kj) {
         const auto [r0, r1] = rows_of[ki];
         const auto [c0, c1] = cols_of[kj];
         if (r1 > r0 && c1 > c0) {
-          sums.select(1, ki).select(1, kj).copy_(
+          feature_sums.select(1, ki).select(1, kj).copy_(
               pixel_sums.narrow(1, r0, r1 - r0).narrow(2, c0, c1 - c0).sum({1, 2}));
         }
       }
     }
-    update.narrow(0, features, 1).narrow(1, 0, features).squeeze(0).copy_(sums.flatten());
-    update.narrow(1, features, 1).narrow(0, 0, features).squeeze(1).copy_(sums.flatten());
-    update.narrow(0, features, 1).narrow(1, features, 1).fill_(static_cast<double>(images) * g.positions());
+    const at::Tensor flat = feature_sums.flatten().contiguous();
+    sums.assign(flat.const_data_ptr<double>(), flat.const_data_ptr<double>() + flat.numel());
   }
-  AT_DISPATCH_FLOATING_TYPES(factor.scalar_type(), "conv_input_factor_combine", [&] {
-    add_symmetric<scalar_t>(factor, update, alpha, beta);
+  AT_DISPATCH_FLOATING_TYPES(factor.scalar_type(), "conv_input_factor_cells", [&] {
+    add_blocks<scalar_t>(factor, values, pair, offsets, sums, static_cast<double>(images) * g.positions(),
+                         alpha, beta);
   });
 }
 
@@ -390,17 +437,17 @@ void conv_input_factor_aten(const at::Tensor& factor, const at::Tensor& input,
     const double patch_cost = static_cast<double>(images) * positions * features * features;
     const double pixel_cost = pixel_path_cost(g, images, factor.element_size());
     const bool unit_stride = g.stride[0] == 1 && g.stride[1] == 1;
-    const double shift_cost = unit_stride ? shift_path_cost(g, images) : -1.0;
-    const bool shifts_cheaper = shift_cost >= 0 && shift_cost < patch_cost;
-    const double best_other = shifts_cheaper ? shift_cost : patch_cost;
+    const double cell_cost = unit_stride ? cell_path_cost(g, images) : -1.0;
+    const bool cells_cheaper = cell_cost >= 0 && cell_cost < patch_cost;
+    const double best_other = cells_cheaper ? cell_cost : patch_cost;
     if (pixel_cost >= 0 && pixel_cost < best_other) {
       AT_DISPATCH_FLOATING_TYPES(factor.scalar_type(), "conv_input_factor_pixels", [&] {
         pixel_factor<scalar_t>(factor, input, g, append_ones, alpha, beta);
       });
       return;
     }
-    if (shifts_cheaper) {
-      shift_factor(factor, input, g, append_ones, alpha, beta);
+    if (cells_cheaper) {
+      cell_factor(factor, input, g, append_ones, alpha, beta);
       return;
     }
   }
