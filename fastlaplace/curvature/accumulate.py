@@ -144,7 +144,9 @@ class KronCurvature:
             reduced = self.kfac_approx == "reduce" and s.shares_weights
             grads = s.location_grads()  # (N, K, L, d_out)
             # None: the G of this layer is the batched Gram of its channels-first blocks (no rows).
-            rows_g.append(None if self._gram_by_blocks(i, s) else _as_rows(grads.sum(2) if reduced else grads))
+            rows_g.append(
+                None if self._gram_by_blocks(i, s) else _nonzero_rows(_as_rows(grads.sum(2) if reduced else grads))
+            )
             if not new_batch:
                 continue
             if reduced:
@@ -384,6 +386,23 @@ def _as_rows(t: Tensor) -> Tensor:
     if t.dim() > 2 and t.stride(-1) != 1:
         return t.movedim(-1, 0).reshape(t.shape[-1], -1).T
     return t.reshape(-1, t.shape[-1])
+
+
+def _nonzero_rows(rows: Tensor) -> Tensor:
+    """``(R, d)`` rows less those that are all zero, when they are row-major on the CPU (else as they are).
+
+    A zero row adds nothing to a Gram matrix but its share of the GEMM. Token-wise output
+    gradients have many: the right padding of sequences that a causal or masked model
+    never reads back (a third of a GPT-2 batch's tokens), the tokens a classifier head does
+    not pool. Finding them costs a pass over the rows, against ``d`` multiply-adds per
+    element for the GEMM; a convolution's channels-first gradients (a location is rarely
+    zero in every channel) would pay a strided pass for nothing, and on a GPU the count
+    would cost a host synchronisation.
+    """
+    if rows.device.type != "cpu" or not rows.is_contiguous():
+        return rows
+    nonzero = rows.ne(0).any(1)
+    return rows if bool(nonzero.all()) else rows[nonzero]
 
 
 class DiagCurvature:
