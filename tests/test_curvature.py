@@ -234,3 +234,18 @@ def test_gathered_conv_inputs_give_the_factors_of_every_batch(monkeypatch, gener
     assert gathered._conv_inputs  # the last image waits for the next read
     for got, want in zip(gathered.input_factors, whole.input_factors, strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_zero_output_gradient_rows_are_dropped_before_the_gram_and_the_factor_is_unchanged():
+    # Right-padded tokens that no output reads back: their rows of every column are exactly 0.
+    grads = torch.randn(4, 2, 6, 5, dtype=torch.float64)
+    grads[:, :, 4:] = 0.0
+    grads[1, 0, 2] = 0.0
+    rows = grads.reshape(-1, 5)
+    kept = accumulate._nonzero_rows(rows)
+    assert kept.shape == (4 * 2 * 4 - 1, 5)
+    torch.testing.assert_close(kept.T @ kept, rows.T @ rows, rtol=1e-14, atol=1e-14)
+    dense_rows = torch.randn(7, 5)
+    assert accumulate._nonzero_rows(dense_rows) is dense_rows  # nothing to drop: no copy
+    channels_first = torch.zeros(5, 7).T  # a convolution's transposed rows are left as they are
+    assert accumulate._nonzero_rows(channels_first) is channels_first
