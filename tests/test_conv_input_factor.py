@@ -205,11 +205,16 @@ def test_cells_path_matches_the_reference(shape, kernel, padding, dilation, bias
     # Only the upper triangle is read: the lower one holds garbage (NaN everywhere for beta = 0).
     old = old.triu() + 7.0 * old.tril(-1) if beta else torch.full((size, size), float("nan"), dtype=torch.float64)
     expected = old.triu() + old.triu(1).T if beta else old.clone()
-    reference.conv_input_factor_(expected, x, list(kernel), [1, 1], list(padding), list(dilation), bias, 0.3, beta)
+    assert_cells_path_matches(expected, old, x, kernel, padding, dilation, bias, 0.3, beta, atol=1e-10)
+
+
+def assert_cells_path_matches(expected, old, x, kernel, padding, dilation, bias, alpha, beta, atol) -> None:
+    """The operator on ``old`` takes the cells path and gives ``expected`` as the reference updates it, symmetric."""
+    reference.conv_input_factor_(expected, x, list(kernel), [1, 1], list(padding), list(dilation), bias, alpha, beta)
     result = old.clone()
-    taken = cells_path_taken(result, x, kernel, 1, padding, dilation, bias, 0.3, beta)
+    taken = cells_path_taken(result, x, kernel, 1, padding, dilation, bias, alpha, beta)
     assert taken == (ops.build_info() != "python")
-    torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(result, expected, rtol=1e-12, atol=atol)
     assert torch.equal(result, result.T)
 
 
@@ -248,10 +253,4 @@ def test_property_cells_path_over_odd_geometries(channels, size, kernel, padding
     x = torch.randn(images, channels, *size, dtype=torch.float64)
     features = channels * kernel[0] * kernel[1] + bias
     old = random_spd(features) if beta else torch.full((features, features), float("nan"), dtype=torch.float64)
-    expected = old.clone()
-    reference.conv_input_factor_(expected, x, list(kernel), [1, 1], list(padding), list(dilation), bias, 0.5, beta)
-    result = old.clone()
-    taken = cells_path_taken(result, x, kernel, 1, padding, dilation, bias, 0.5, beta)
-    assert taken == (ops.build_info() != "python")
-    torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-12)
-    assert torch.equal(result, result.T)
+    assert_cells_path_matches(old.clone(), old, x, kernel, padding, dilation, bias, 0.5, beta, atol=1e-12)
