@@ -203,20 +203,40 @@ std::vector<std::pair<int64_t, int64_t>> segments(
   return result;
 }
 
-// The kernel offsets' shifts (sy, sx) for offset pairs k <= k' in row-major order, and
-// per shift the first offsets (ky, kx) of its pairs.
-struct Shift {
-  int64_t sy, sx;
+// The image rows (axis 0) or columns (axis 1) each kernel offset visits, per offset.
+std::vector<std::pair<int64_t, int64_t>> visits(const ConvGeometry& g, int axis) {
+  const int64_t kernel = axis == 0 ? g.kh : g.kw, out = axis == 0 ? g.out_h : g.out_w;
+  const int64_t size = axis == 0 ? g.height : g.width;
+  std::vector<std::pair<int64_t, int64_t>> result(kernel);
+  for (int64_t k = 0; k < kernel; ++k) result[k] = visited(k, g.dilation[axis], g.padding[axis], out, size);
+  return result;
+}
+
+// One shift (sy, sx) of the kernel offsets' pairs k <= k' (row-major order): its pixel
+// shift (dy, dx), the first offsets (ky, kx) of its pairs with their row and column
+// windows, and the cells those windows cut.
+struct ShiftCells {
+  int64_t sy, sx, dy, dx;
   std::vector<int64_t> kys, kxs;
+  std::vector<std::pair<int64_t, int64_t>> row_windows, col_windows, row_cells, col_cells;
 };
 
-std::vector<Shift> offset_shifts(int64_t kh, int64_t kw) {
-  std::vector<Shift> shifts;
-  for (int64_t sy = 0; sy < kh; ++sy) {
-    for (int64_t sx = sy == 0 ? 0 : 1 - kw; sx < kw; ++sx) {
-      Shift shift{sy, sx, {}, {}};
-      for (int64_t ky = 0; ky + sy < kh; ++ky) shift.kys.push_back(ky);
-      for (int64_t kx = std::max<int64_t>(0, -sx); kx < kw && kx + sx < kw; ++kx) shift.kxs.push_back(kx);
+std::vector<ShiftCells> shift_cells(const ConvGeometry& g) {
+  const auto rows_of = visits(g, 0), cols_of = visits(g, 1);
+  std::vector<ShiftCells> shifts;
+  for (int64_t sy = 0; sy < g.kh; ++sy) {
+    for (int64_t sx = sy == 0 ? 0 : 1 - g.kw; sx < g.kw; ++sx) {
+      ShiftCells shift{sy, sx, sy * g.dilation[0], sx * g.dilation[1], {}, {}, {}, {}, {}, {}};
+      for (int64_t ky = 0; ky + sy < g.kh; ++ky) {
+        shift.kys.push_back(ky);
+        shift.row_windows.push_back(window(rows_of, ky, sy, shift.dy));
+      }
+      for (int64_t kx = std::max<int64_t>(0, -sx); kx < g.kw && kx + sx < g.kw; ++kx) {
+        shift.kxs.push_back(kx);
+        shift.col_windows.push_back(window(cols_of, kx, sx, shift.dx));
+      }
+      shift.row_cells = segments(shift.row_windows);
+      shift.col_cells = segments(shift.col_windows);
       shifts.push_back(std::move(shift));
     }
   }
@@ -226,17 +246,11 @@ std::vector<Shift> offset_shifts(int64_t kh, int64_t kw) {
 // Multiply-adds of the cells path (stride 1): every pixel pair (p, p + s) that some
 // offset pair reaches, once, over C^2 channel pairs and the images.
 double cell_path_cost(const ConvGeometry& g, int64_t images) {
-  std::vector<std::pair<int64_t, int64_t>> rows_of(g.kh), cols_of(g.kw);
-  for (int64_t k = 0; k < g.kh; ++k) rows_of[k] = visited(k, g.dilation[0], g.padding[0], g.out_h, g.height);
-  for (int64_t k = 0; k < g.kw; ++k) cols_of[k] = visited(k, g.dilation[1], g.padding[1], g.out_w, g.width);
   double pairs = 0.0;
-  for (const Shift& shift : offset_shifts(g.kh, g.kw)) {
-    std::vector<std::pair<int64_t, int64_t>> rows, cols;
-    for (int64_t ky : shift.kys) rows.push_back(window(rows_of, ky, shift.sy, shift.sy * g.dilation[0]));
-    for (int64_t kx : shift.kxs) cols.push_back(window(cols_of, kx, shift.sx, shift.sx * g.dilation[1]));
+  for (const ShiftCells& shift : shift_cells(g)) {
     double height = 0.0, width = 0.0;
-    for (const auto& [lo, hi] : segments(rows)) height += static_cast<double>(hi - lo);
-    for (const auto& [lo, hi] : segments(cols)) width += static_cast<double>(hi - lo);
+    for (const auto& [lo, hi] : shift.row_cells) height += static_cast<double>(hi - lo);
+    for (const auto& [lo, hi] : shift.col_cells) width += static_cast<double>(hi - lo);
     pairs += height * width;
   }
   return pairs * images * g.channels * g.channels;
@@ -312,9 +326,6 @@ void cell_factor(const at::Tensor& factor, const at::Tensor& input, const ConvGe
   RECORD_FUNCTION("fastlaplace::conv_input_factor_cells", c10::ArrayRef<const c10::IValue>{});
   const int64_t images = input.size(0), channels = g.channels, height = g.height;
   const int64_t width = g.width, kh = g.kh, kw = g.kw, offsets = g.offsets();
-  std::vector<std::pair<int64_t, int64_t>> rows_of(kh), cols_of(kw);
-  for (int64_t k = 0; k < kh; ++k) rows_of[k] = visited(k, g.dilation[0], g.padding[0], g.out_h, height);
-  for (int64_t k = 0; k < kw; ++k) cols_of[k] = visited(k, g.dilation[1], g.padding[1], g.out_w, width);
   // The blocks of offset pairs k <= k', each a contiguous C x C matrix: values[pair[k K + k']].
   std::vector<int64_t> pair(offsets * offsets, -1);
   int64_t pairs = 0;
@@ -325,7 +336,7 @@ void cell_factor(const at::Tensor& factor, const at::Tensor& input, const ConvGe
   const int64_t bytes_per_image = channels * height * width * factor.element_size();
   const int64_t chunk = std::max<int64_t>(1, kCellBytes / std::max<int64_t>(1, bytes_per_image));
   const at::Tensor pixel_sums = at::zeros({channels, height, width}, factor.options());
-  const std::vector<Shift> shifts = offset_shifts(kh, kw);
+  const std::vector<ShiftCells> shifts = shift_cells(g);
   for (int64_t start = 0; start < images; start += chunk) {
     const int64_t count = std::min(chunk, images - start);
     const at::Tensor x_chunk = input.narrow(0, start, count).to(factor.scalar_type());
@@ -333,12 +344,8 @@ void cell_factor(const at::Tensor& factor, const at::Tensor& input, const ConvGe
     // (H, C, W, N): the images of one pixel row and a run of its columns are one
     // (C, columns * N) matrix, leading dimension W * N.
     const at::Tensor x = x_chunk.permute({2, 1, 3, 0}).contiguous();
-    for (const Shift& shift : shifts) {
-      const int64_t dy = shift.sy * g.dilation[0], dx = shift.sx * g.dilation[1];
-      std::vector<std::pair<int64_t, int64_t>> row_windows, col_windows;
-      for (int64_t ky : shift.kys) row_windows.push_back(window(rows_of, ky, shift.sy, dy));
-      for (int64_t kx : shift.kxs) col_windows.push_back(window(cols_of, kx, shift.sx, dx));
-      const auto row_cells = segments(row_windows), col_cells = segments(col_windows);
+    for (const ShiftCells& shift : shifts) {
+      const auto &row_cells = shift.row_cells, &col_cells = shift.col_cells;
       // cells[i][j]: sum over the images and the pixels p of row cell i x column cell j
       // of x(:, p) x(:, p + s)^T.
       std::vector<std::vector<at::Tensor>> cells(row_cells.size(),
@@ -350,7 +357,8 @@ void cell_factor(const at::Tensor& factor, const at::Tensor& input, const ConvGe
           const auto [r0, r1] = row_cells[i];
           const auto [c0, c1] = col_cells[j];
           const at::Tensor first = x.narrow(0, r0, r1 - r0).narrow(2, c0, c1 - c0).flatten(2);
-          const at::Tensor second = x.narrow(0, r0 + dy, r1 - r0).narrow(2, c0 + dx, c1 - c0).flatten(2);
+          const at::Tensor second =
+              x.narrow(0, r0 + shift.dy, r1 - r0).narrow(2, c0 + shift.dx, c1 - c0).flatten(2);
           cells[i][j] = r1 - r0 == 1 ? at::mm(first[0], second[0].t()) : at::bmm(first, second.transpose(1, 2)).sum(0);
         }
       }
@@ -360,10 +368,11 @@ void cell_factor(const at::Tensor& factor, const at::Tensor& input, const ConvGe
           const int64_t k2 = (shift.kys[a] + shift.sy) * kw + shift.kxs[b] + shift.sx;
           const at::Tensor block = values.select(0, pair[k * offsets + k2]);
           if (start == 0) block.zero_();
+          const auto &rows = shift.row_windows[a], &cols = shift.col_windows[b];
           for (size_t i = 0; i < row_cells.size(); ++i) {
-            if (row_cells[i].first < row_windows[a].first || row_cells[i].second > row_windows[a].second) continue;
+            if (row_cells[i].first < rows.first || row_cells[i].second > rows.second) continue;
             for (size_t j = 0; j < col_cells.size(); ++j) {
-              if (col_cells[j].first < col_windows[b].first || col_cells[j].second > col_windows[b].second) continue;
+              if (col_cells[j].first < cols.first || col_cells[j].second > cols.second) continue;
               block.add_(cells[i][j]);
             }
           }
@@ -375,6 +384,7 @@ void cell_factor(const at::Tensor& factor, const at::Tensor& input, const ConvGe
   // sums over the rows and columns its kernel offset visits; corner N*L.
   std::vector<double> sums;
   if (append_ones) {
+    const auto rows_of = visits(g, 0), cols_of = visits(g, 1);
     const at::Tensor feature_sums = at::zeros({channels, kh, kw}, at::kDouble);
     for (int64_t ki = 0; ki < kh; ++ki) {
       for (int64_t kj = 0; kj < kw; ++kj) {
