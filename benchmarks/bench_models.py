@@ -13,7 +13,9 @@ all-layer GLM predictives form full Jacobians and are timed on 16 inputs and rep
 Row resnet18 (``--models resnet18``): CIFAR ResNet-18 (BatchNorm, eval mode) on 512 images, kron over
 all weights; its fit is also given in plain epochs (forward, backward, SGD step on the same data) and
 its GLM predictive of 64 inputs in forwards of them (both units measured before and after the jobs, the
-faster kept). A laplace-torch job that fails is recorded with its error.
+faster kept), each beside the backprop it cannot skip, in the same unit and the same parts of a batch:
+the forward and C - 1 column backwards (fit), C (predictive), with no curvature work. A laplace-torch job that fails is
+recorded with its error.
 Results: benchmarks/results/models_cpu.json and .md (models_cpu_<models>.* for a run of some ``--models``).
 """
 
@@ -36,6 +38,7 @@ from torch import nn
 
 import fastlaplace.ops as ops
 from fastlaplace import Laplace
+from fastlaplace.posterior.kron import PREDICTIVE_CHUNK
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from resnets import cifar_resnet18, max_pooling_cnn  # noqa: E402  (the tests' models, not copies)
@@ -113,12 +116,57 @@ def plain_epoch_seconds(model: nn.Module, loader: list) -> float:
     return fastest(epoch, 1)
 
 
+def column_backward_seconds(model: nn.Module, batches: list[torch.Tensor], columns: int) -> float:
+    """Forward each batch and backpropagate ``columns`` output vectors to every Conv2d, BatchNorm and Linear output.
+
+    The backprop an exact method cannot skip: ``C − 1`` columns per batch for a GGN fit, ``C``
+    (the output Jacobian) for a GLM predictive; no curvature work at all. Pass the batches in
+    the parts the measured job takes: the same backprop in whole 128-image batches ran slower
+    than a whole fit in its 27-image parts (4.1 against 4.2 plain epochs, one run).
+    """
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear))]
+
+    def run() -> None:
+        for x in batches:
+            outputs: list[torch.Tensor] = []
+            handles = [m.register_forward_hook(lambda _m, _i, out, kept=outputs: kept.append(out)) for m in layers]
+            try:
+                output = model(x)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for k in range(columns):
+                torch.autograd.grad(output, outputs, torch.randn_like(output), retain_graph=k + 1 < columns)
+
+    return fastest(run, 1)
+
+
 def resnet_baseline(model: nn.Module, loader: list) -> dict[str, float]:
-    """The ResNet row's units: a plain epoch (fit) and the forward of the predictive's inputs, per 128 (predictive)."""
+    """The ResNet row's units, per job: a plain epoch (fit) and the forward of the predictive's inputs, per 128
+    (predictive); and with ``_floor`` the backprop each job cannot skip (:func:`column_backward_seconds`)."""
     inputs = loader[0][0][:RESNET_PREDICTIVE_INPUTS]
     with torch.no_grad():
         forward = fastest(lambda: model(inputs), 3) * BATCH / inputs.shape[0]
-    return {"fit": plain_epoch_seconds(model, loader), "predictive": forward}
+    classes = int(max(y.max() for _, y in loader)) + 1
+    # The fit's own parts of a batch (bounded by the memory of a pass), the predictive's chunks
+    fit_part = Laplace(model, "classification", "all", "kron")._samples_per_pass(loader[0][0], True)
+    fit_parts = [part for x, _ in loader for part in x.split(fit_part)]
+    predictive_parts = list(inputs.split(PREDICTIVE_CHUNK))
+    return {
+        "fit": plain_epoch_seconds(model, loader),
+        "predictive": forward,
+        "fit_floor": column_backward_seconds(model, fit_parts, classes - 1),
+        "predictive_floor": column_backward_seconds(model, predictive_parts, classes) * BATCH / inputs.shape[0],
+    }
+
+
+def in_units(row: dict) -> str:
+    """A ResNet row's time in its unit (plain epochs, forwards), with its backprop floor in the same unit."""
+    unit = "epochs" if row["job"] == "fit" else "forwards"
+    text = f"{row['seconds'] / row['baseline_seconds']:.1f} {unit}"
+    if row["floor_seconds"] is not None:
+        text += f"; its column backprop alone {row['floor_seconds'] / row['baseline_seconds']:.1f}"
+    return text
 
 
 JOBS = ("fit", "predictive", "marglik")
@@ -189,13 +237,15 @@ def main() -> None:
                     "laplace_torch_seconds": reference,
                     "laplace_torch_note": skipped,
                     "baseline_seconds": None if baseline is None else baseline.get(job),
+                    "floor_seconds": None if baseline is None else baseline.get(f"{job}_floor"),
                 }
             )
         if baseline is not None:  # measured again after the jobs, the faster kept: a busy moment inflates one
             again = resnet_baseline(model, loader)
             for row in case_rows:
-                if row["baseline_seconds"] is not None:
-                    row["baseline_seconds"] = min(row["baseline_seconds"], again[row["job"]])
+                for key, unit in (("baseline_seconds", row["job"]), ("floor_seconds", f"{row['job']}_floor")):
+                    if row[key] is not None:
+                        row[key] = min(row[key], again[unit])
         for row in case_rows:
             seconds, reference, peak = row["seconds"], row["laplace_torch_seconds"], row["peak_mib"]
             versus = (
@@ -204,8 +254,7 @@ def main() -> None:
                 else f"  laplace-torch {reference * 1e3:10.1f} ms  ({reference / seconds:6.1f}x)"
             )
             if row["baseline_seconds"] is not None:
-                unit = "epochs" if row["job"] == "fit" else "forwards"
-                versus += f"  ({seconds / row['baseline_seconds']:.1f} {unit})"
+                versus += f"  ({in_units(row)})"
             print(
                 f"{name} {structure:4s} {subset:10s} {row['job']:10s} {seconds * 1e3:9.2f} ms  "
                 f"peak {peak:6.1f} MiB{versus}"
@@ -243,8 +292,7 @@ def main() -> None:
         if r["laplace_torch_note"]:
             versus = f"{r['laplace_torch_note']} | —"
         if r["baseline_seconds"]:
-            unit = "epochs" if r["job"] == "fit" else "forwards"
-            versus += f" ({r['seconds'] / r['baseline_seconds']:.1f} {unit})"
+            versus += f" ({in_units(r)})"
         lines.append(
             f"| {r['model']} | {r['structure']}, {r['subset']} | {r['job']} | {r['seconds'] * 1e3:.2f} ms "
             f"| {r['peak_mib']:.1f} MiB | {versus} |"
