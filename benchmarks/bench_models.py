@@ -14,8 +14,8 @@ Row resnet18 (``--models resnet18``): CIFAR ResNet-18 (BatchNorm, eval mode) on 
 all weights; its fit is also given in plain epochs (forward, backward, SGD step on the same data) and
 its GLM predictive of 64 inputs in forwards of them (both units measured before and after the jobs, the
 faster kept), each beside the backprop it cannot skip, in the same unit and the same parts of a batch:
-the forward and C - 1 column backwards (fit), C (predictive), with no curvature work. A laplace-torch job that fails is
-recorded with its error.
+the forward and C - 1 column backwards (fit), C (predictive), with no curvature work. A laplace-torch
+job that fails is recorded with its error.
 Results: benchmarks/results/models_cpu.json and .md (models_cpu_<models>.* for a run of some ``--models``).
 """
 
@@ -147,7 +147,7 @@ def resnet_baseline(model: nn.Module, loader: list) -> dict[str, float]:
     inputs = loader[0][0][:RESNET_PREDICTIVE_INPUTS]
     with torch.no_grad():
         forward = fastest(lambda: model(inputs), 3) * BATCH / inputs.shape[0]
-    classes = int(max(y.max() for _, y in loader)) + 1
+        classes = model(inputs[:1]).shape[1]
     # The fit's own parts of a batch (bounded by the memory of a pass), the predictive's chunks
     fit_part = Laplace(model, "classification", "all", "kron")._samples_per_pass(loader[0][0], True)
     fit_parts = [part for x, _ in loader for part in x.split(fit_part)]
